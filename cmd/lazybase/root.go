@@ -26,6 +26,7 @@ func newRootCmd() *cobra.Command {
 	root.PersistentFlags().StringVar(&level, "log-level", "info", "log level (debug, info, warn, error)")
 	root.AddCommand(
 		newVersionCmd(),
+		newConvertCmd(),
 	)
 	// Errors go to stderr once, prefixed like other container tools.
 	root.SetErr(os.Stderr)

@@ -1,0 +1,112 @@
+package imageio
+
+import (
+	"crypto/tls"
+	"fmt"
+	"net/http"
+	"runtime"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+)
+
+// Option configures a Client.
+type Option func(*options) error
+
+type options struct {
+	plainHTTP bool
+	insecure  bool
+	userAgent string
+	jobs      int
+	keychain  authn.Keychain
+	transport http.RoundTripper
+	backoff   *remote.Backoff
+}
+
+// WithPlainHTTP allows plain HTTP to every registry, not only loopback ones.
+func WithPlainHTTP(b bool) Option {
+	return func(o *options) error { o.plainHTTP = b; return nil }
+}
+
+// WithInsecure skips TLS certificate verification.
+func WithInsecure(b bool) Option {
+	return func(o *options) error { o.insecure = b; return nil }
+}
+
+// WithUserAgent sets the User-Agent sent to registries.
+func WithUserAgent(ua string) Option {
+	return func(o *options) error { o.userAgent = ua; return nil }
+}
+
+// WithJobs sets how many blobs are transferred at the same time.
+func WithJobs(n int) Option {
+	return func(o *options) error {
+		if n <= 0 {
+			return fmt.Errorf("jobs must be positive, got %d", n)
+		}
+		o.jobs = n
+		return nil
+	}
+}
+
+// WithKeychain sets where registry credentials come from. The default is
+// authn.DefaultKeychain (docker config and credential helpers).
+func WithKeychain(kc authn.Keychain) Option {
+	return func(o *options) error { o.keychain = kc; return nil }
+}
+
+// WithTransport sets the base HTTP transport. The transport policy (plain
+// HTTP for loopback registries only) is applied on top of it; WithInsecure
+// has no effect on a transport given here.
+func WithTransport(rt http.RoundTripper) Option {
+	return func(o *options) error { o.transport = rt; return nil }
+}
+
+// WithRetryBackoff sets how failed registry requests are retried.
+func WithRetryBackoff(b remote.Backoff) Option {
+	return func(o *options) error { o.backoff = &b; return nil }
+}
+
+// Client reads and writes images under one transport policy.
+type Client struct {
+	o         options
+	transport http.RoundTripper
+}
+
+// New returns a Client.
+func New(opts ...Option) (*Client, error) {
+	o := options{
+		userAgent: "lazybase",
+		jobs:      runtime.GOMAXPROCS(0),
+		keychain:  authn.DefaultKeychain,
+	}
+	for _, opt := range opts {
+		if opt == nil {
+			continue
+		}
+		if err := opt(&o); err != nil {
+			return nil, err
+		}
+	}
+	base := o.transport
+	if base == nil {
+		t := remote.DefaultTransport.(*http.Transport).Clone()
+		t.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: o.insecure} //nolint:gosec // --insecure asks for it
+		base = t
+	}
+	return &Client{o: o, transport: &policyTransport{inner: base, plainHTTP: o.plainHTTP}}, nil
+}
+
+func (c *Client) remoteOptions(ctxOpt remote.Option) []remote.Option {
+	opts := []remote.Option{
+		ctxOpt,
+		remote.WithTransport(c.transport),
+		remote.WithAuthFromKeychain(c.o.keychain),
+		remote.WithUserAgent(c.o.userAgent),
+		remote.WithJobs(c.o.jobs),
+	}
+	if c.o.backoff != nil {
+		opts = append(opts, remote.WithRetryBackoff(*c.o.backoff))
+	}
+	return opts
+}

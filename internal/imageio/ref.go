@@ -1,0 +1,76 @@
+package imageio
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strings"
+
+	"github.com/google/go-containerregistry/pkg/name"
+)
+
+// LayoutPrefix starts a reference to an OCI image layout directory.
+const LayoutPrefix = "oci:"
+
+// Ref is a parsed source or destination reference.
+type Ref struct {
+	// Registry is set for registry references.
+	Registry name.Reference
+	// Path is the OCI layout directory of a layout reference.
+	Path string
+	// Tag is the optional tag (org.opencontainers.image.ref.name) of a
+	// layout reference.
+	Tag string
+}
+
+// IsLayout reports whether r names an OCI layout directory.
+func (r Ref) IsLayout() bool { return r.Registry == nil }
+
+// String returns the reference as it would be written on the command line.
+func (r Ref) String() string {
+	if r.Registry != nil {
+		return r.Registry.String()
+	}
+	if r.Tag != "" {
+		return LayoutPrefix + r.Path + ":" + r.Tag
+	}
+	return LayoutPrefix + r.Path
+}
+
+// ParseRef parses a registry reference or "oci:PATH[:TAG]". Registry
+// references to loopback hosts (or to any host with WithPlainHTTP) may use
+// plain HTTP; others use HTTPS only.
+func (c *Client) ParseRef(s string) (Ref, error) {
+	if rest, ok := strings.CutPrefix(s, LayoutPrefix); ok {
+		return parseLayoutRef(s, rest)
+	}
+	ref, err := name.ParseReference(s)
+	if err != nil {
+		return Ref{}, fmt.Errorf("parsing reference %q: %w", s, err)
+	}
+	if AllowsPlainHTTP(ref.Context().RegistryStr(), c.o.plainHTTP) {
+		// name.Insecure lets go-containerregistry fall back to http
+		// after trying https; the policy transport enforces the rest.
+		ref, err = name.ParseReference(s, name.Insecure)
+		if err != nil {
+			return Ref{}, fmt.Errorf("parsing reference %q: %w", s, err)
+		}
+	}
+	return Ref{Registry: ref}, nil
+}
+
+func parseLayoutRef(s, rest string) (Ref, error) {
+	p, tag := rest, ""
+	// The tag follows the last colon, unless what follows it looks like
+	// a path (so "oci:/a:b/c" is the directory "/a:b/c").
+	if i := strings.LastIndexByte(rest, ':'); i >= 0 && !strings.ContainsAny(rest[i+1:], `/\`) {
+		p, tag = rest[:i], rest[i+1:]
+		if tag == "" {
+			return Ref{}, fmt.Errorf("parsing reference %q: empty tag after ':'", s)
+		}
+	}
+	if p == "" {
+		return Ref{}, fmt.Errorf("parsing reference %q: %w", s, errors.New("empty OCI layout path"))
+	}
+	return Ref{Path: filepath.Clean(p), Tag: tag}, nil
+}

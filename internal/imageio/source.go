@@ -1,0 +1,136 @@
+package imageio
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+)
+
+// AnnotationRefName names a manifest in an OCI layout's index.json.
+const AnnotationRefName = "org.opencontainers.image.ref.name"
+
+// Source is an opened source: an image or an index.
+type Source struct {
+	Ref Ref
+	// Descriptor is the source manifest's descriptor.
+	Descriptor v1.Descriptor
+	// Image is set when the source is an image manifest.
+	Image v1.Image
+	// Index is set when the source is an index.
+	Index v1.ImageIndex
+}
+
+// Open resolves ref and returns the image or index it names.
+func (c *Client) Open(ctx context.Context, ref Ref) (*Source, error) {
+	var (
+		src *Source
+		err error
+	)
+	if ref.IsLayout() {
+		src, err = c.openLayout(ref)
+	} else {
+		src, err = c.openRemote(ctx, ref)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading %s: %w", ref, err)
+	}
+	return src, nil
+}
+
+func (c *Client) openRemote(ctx context.Context, ref Ref) (*Source, error) {
+	desc, err := remote.Get(ref.Registry, c.remoteOptions(remote.WithContext(ctx))...)
+	if err != nil {
+		return nil, classify(err)
+	}
+	src := &Source{Ref: ref, Descriptor: desc.Descriptor}
+	switch {
+	case desc.MediaType.IsIndex():
+		src.Index, err = desc.ImageIndex()
+	case desc.MediaType.IsImage():
+		src.Image, err = desc.Image()
+	default:
+		return nil, fmt.Errorf("manifest %s: unsupported media type %q", desc.Digest, desc.MediaType)
+	}
+	if err != nil {
+		return nil, classify(err)
+	}
+	return src, nil
+}
+
+func (c *Client) openLayout(ref Ref) (*Source, error) {
+	if _, err := os.Stat(filepath.Join(ref.Path, "index.json")); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("not an OCI image layout (no index.json in %s)", ref.Path)
+		}
+		return nil, err
+	}
+	p, err := layout.FromPath(ref.Path)
+	if err != nil {
+		return nil, err
+	}
+	ii, err := p.ImageIndex()
+	if err != nil {
+		return nil, err
+	}
+	im, err := ii.IndexManifest()
+	if err != nil {
+		return nil, fmt.Errorf("index.json: %w", err)
+	}
+	var found []v1.Descriptor
+	for _, d := range im.Manifests {
+		if ref.Tag == "" || d.Annotations[AnnotationRefName] == ref.Tag {
+			found = append(found, d)
+		}
+	}
+	switch {
+	case len(found) == 0 && ref.Tag != "":
+		return nil, fmt.Errorf("no manifest tagged %q; the layout holds: %s", ref.Tag, listManifests(im.Manifests))
+	case len(found) == 0:
+		return nil, errors.New("the layout holds no manifest")
+	case len(found) > 1 && ref.Tag == "":
+		return nil, fmt.Errorf("the layout holds %d manifests, name one with oci:PATH:TAG: %s", len(found), listManifests(found))
+	case len(found) > 1:
+		return nil, fmt.Errorf("%d manifests are tagged %q: %s", len(found), ref.Tag, listManifests(found))
+	}
+	d := found[0]
+	src := &Source{Ref: ref, Descriptor: d}
+	switch {
+	case d.MediaType.IsIndex():
+		src.Index, err = ii.ImageIndex(d.Digest)
+	case d.MediaType.IsImage():
+		src.Image, err = ii.Image(d.Digest)
+	default:
+		return nil, fmt.Errorf("manifest %s: unsupported media type %q", d.Digest, d.MediaType)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("manifest %s: %w", d.Digest, err)
+	}
+	return src, nil
+}
+
+func listManifests(ds []v1.Descriptor) string {
+	var parts []string
+	for _, d := range ds {
+		s := d.Digest.String() + " (" + string(d.MediaType)
+		if n := d.Annotations[AnnotationRefName]; n != "" {
+			s += ", tag " + n
+		} else {
+			s += ", untagged"
+		}
+		if d.Platform != nil {
+			s += ", " + d.Platform.String()
+		}
+		parts = append(parts, s+")")
+	}
+	if len(parts) == 0 {
+		return "nothing"
+	}
+	return strings.Join(parts, ", ")
+}
