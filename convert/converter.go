@@ -32,6 +32,11 @@ type Converter struct {
 		blobReads, decompressions, converted, reused atomic.Int64
 	}
 	closed atomic.Bool
+
+	gzip     *GzipCompressor
+	zstdOnce sync.Once
+	zstd     *zstdCodec
+	zstdErr  error
 }
 
 // Stats counts the work a Converter did.
@@ -63,6 +68,12 @@ func New(opts ...Option) (*Converter, error) {
 		jobs:   make(chan struct{}, o.jobs),
 	}
 	c.pool = newPool(o.workers)
+	if o.format == FormatEStargz {
+		if c.gzip, err = NewGzipCompressor(o.level); err != nil {
+			c.Close()
+			return nil, err
+		}
+	}
 	return c, nil
 }
 

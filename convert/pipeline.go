@@ -1,23 +1,581 @@
 package convert
 
 import (
+	"archive/tar"
+	"bufio"
+	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
+	"fmt"
+	"hash"
 	"io"
+	"os"
+	"path"
+	"strconv"
+	"strings"
+	"time"
 
+	"github.com/containerd/log"
+	"github.com/containerd/stargz-snapshotter/estargz"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/partial"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+	kgzip "github.com/klauspost/compress/gzip"
+	"github.com/klauspost/compress/zstd"
+	digest "github.com/opencontainers/go-digest"
 )
 
-type pool struct{}
+// ErrUnsupportedMediaType is returned for layers whose media type the
+// converter cannot read.
+var ErrUnsupportedMediaType = errors.New("unsupported layer media type")
 
-func newPool(workers int) *pool { return &pool{} }
-func (p *pool) close()          {}
+type compression int
 
-func (c *Converter) convertLayer(ctx context.Context, src v1.Layer, dgst, diffID v1.Hash) (*Layer, error) {
-	return nil, errors.New("not implemented")
+const (
+	compNone compression = iota
+	compGzip
+	compZstd
+)
+
+func sourceCompression(mt types.MediaType) (compression, error) {
+	switch mt {
+	case types.DockerLayer, types.OCILayer:
+		return compGzip, nil
+	case types.OCILayerZStd:
+		return compZstd, nil
+	case types.OCIUncompressedLayer, types.DockerUncompressedLayer:
+		return compNone, nil
+	}
+	return 0, fmt.Errorf("%w %q", ErrUnsupportedMediaType, mt)
 }
 
+func (c *Converter) codec() (memberCodec, error) {
+	if c.opts.format == FormatZstdChunked {
+		c.zstdOnce.Do(func() { c.zstd, c.zstdErr = newZstdCodec(c.opts.level, c.opts.workers) })
+		return c.zstd, c.zstdErr
+	}
+	return c.gzip, nil
+}
+
+func (c *Converter) outputMediaType() types.MediaType {
+	if c.opts.format == FormatZstdChunked {
+		return types.OCILayerZStd
+	}
+	return types.OCILayer
+}
+
+func (c *Converter) convertLayer(ctx context.Context, src v1.Layer, dgst, diffID v1.Hash) (_ *Layer, retErr error) {
+	start := time.Now()
+	defer func() {
+		if retErr != nil {
+			retErr = fmt.Errorf("layer %s: %w", dgst, retErr)
+			c.opts.progress(Event{Kind: LayerFailed, Layer: dgst, Err: retErr})
+		}
+	}()
+	mt, err := src.MediaType()
+	if err != nil {
+		return nil, fmt.Errorf("reading media type: %w", err)
+	}
+	comp, err := sourceCompression(mt)
+	if err != nil {
+		return nil, err
+	}
+	size, err := src.Size()
+	if err != nil {
+		return nil, fmt.Errorf("reading size: %w", err)
+	}
+	var srcAnn map[string]string
+	if d, err := partial.Descriptor(src); err == nil {
+		srcAnn = d.Annotations
+	}
+	ctx = log.WithLogger(ctx, log.G(ctx).WithField("layer", dgst.String()))
+	c.opts.progress(Event{Kind: LayerStarted, Layer: dgst, Total: size})
+
+	res := LayerResult{Source: v1.Descriptor{MediaType: mt, Size: size, Digest: dgst}}
+	out, err := os.CreateTemp(c.dir, "layer-*")
+	if err != nil {
+		return nil, fmt.Errorf("creating output file: %w", err)
+	}
+	defer func() {
+		out.Close()
+		if retErr != nil {
+			os.Remove(out.Name())
+		}
+	}()
+
+	rc, err := src.Compressed()
+	if err != nil {
+		return nil, fmt.Errorf("opening blob: %w", err)
+	}
+	c.stats.blobReads.Add(1)
+	defer rc.Close()
+	blob := &sourceReader{r: rc, h: sha256.New(), ctx: ctx, total: size, layer: dgst, progress: c.opts.progress}
+
+	reuse := !c.opts.force && c.opts.format == FormatEStargz && comp == compGzip && srcAnn[AnnotationTOCDigest] != ""
+	var l *Layer
+	if reuse {
+		l, err = c.reuseLayer(ctx, blob, out, srcAnn, diffID, &res)
+	} else {
+		l, err = c.rebuildLayer(ctx, blob, comp, out, srcAnn, diffID, &res)
+	}
+	if err != nil {
+		return nil, err
+	}
+	l.result.setDuration(time.Since(start))
+	r := l.Result()
+	c.opts.progress(Event{Kind: LayerDone, Layer: dgst, Total: size, Complete: size, Result: &r})
+	log.G(ctx).WithFields(log.Fields{
+		"output": l.desc.Digest.String(), "reused": l.result.Reused,
+		"seconds": strconv.FormatFloat(l.result.Seconds, 'f', 2, 64),
+	}).Debug("converted layer")
+	return l, nil
+}
+
+// finishSource drains the blob and checks its digest and size.
+func finishSource(blob *sourceReader, want v1.Hash, wantSize int64) error {
+	if _, err := io.Copy(io.Discard, blob); err != nil {
+		return fmt.Errorf("reading blob: %w", err)
+	}
+	got := v1.Hash{Algorithm: "sha256", Hex: fmt.Sprintf("%x", blob.h.Sum(nil))}
+	if want.Algorithm == "sha256" && got != want {
+		return fmt.Errorf("blob digest mismatch: content is %s (%d bytes), manifest says %s", got, blob.n, want)
+	}
+	if blob.n != wantSize {
+		return fmt.Errorf("blob size mismatch: read %d bytes, manifest says %d", blob.n, wantSize)
+	}
+	return nil
+}
+
+func checkDiffID(got digest.Digest, want v1.Hash) error {
+	if want == (v1.Hash{}) || got.String() == want.String() {
+		return nil
+	}
+	return fmt.Errorf("diffID mismatch: uncompressed content is %s, config says %s", got, want)
+}
+
+// reuseLayer keeps a layer that already is eStargz after verifying it.
+func (c *Converter) reuseLayer(ctx context.Context, blob *sourceReader, out *os.File, srcAnn map[string]string, diffID v1.Hash, res *LayerResult) (*Layer, error) {
+	tocDigest, err := digest.Parse(srcAnn[AnnotationTOCDigest])
+	if err != nil {
+		return nil, fmt.Errorf("annotation %s: %w", AnnotationTOCDigest, err)
+	}
+	if _, err := io.Copy(out, blob); err != nil {
+		return nil, fmt.Errorf("reading blob: %w", err)
+	}
+	if err := finishSource(blob, res.Source.Digest, res.Source.Size); err != nil {
+		return nil, err
+	}
+	v, err := VerifyEStargz(out, blob.n, tocDigest)
+	if err != nil {
+		return nil, fmt.Errorf("existing eStargz layer is invalid (use force to rebuild it): %w", err)
+	}
+	if err := checkDiffID(v.DiffID, diffID); err != nil {
+		return nil, err
+	}
+	c.stats.reused.Add(1)
+	ann := copyMap(srcAnn)
+	ann[AnnotationUncompressedSize] = strconv.FormatInt(v.UncompressedSize, 10)
+	h, _ := v1.NewHash(v.DiffID.String())
+	res.Reused = true
+	res.DiffID = h
+	res.TOCDigest = tocDigest.String()
+	res.UncompressedSize = v.UncompressedSize
+	res.SourceUncompressedSize = v.UncompressedSize
+	res.Output = v1.Descriptor{MediaType: types.OCILayer, Size: blob.n, Digest: res.Source.Digest, Annotations: ann}
+	log.G(ctx).Debug("layer already is valid eStargz; reusing it")
+	return &Layer{path: out.Name(), desc: res.Output, diffID: h, result: *res}, nil
+}
+
+// rebuildLayer converts a layer, reading and decompressing its blob once.
+func (c *Converter) rebuildLayer(ctx context.Context, blob *sourceReader, comp compression, out *os.File, srcAnn map[string]string, diffID v1.Hash, res *LayerResult) (*Layer, error) {
+	codec, err := c.codec()
+	if err != nil {
+		return nil, err
+	}
+	br := bufio.NewReaderSize(blob, 1<<20)
+	var u io.Reader
+	switch comp {
+	case compGzip:
+		zr, err := kgzip.NewReader(br)
+		if err != nil {
+			return nil, fmt.Errorf("decompressing: %w", err)
+		}
+		defer zr.Close()
+		u = zr
+	case compZstd:
+		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1))
+		if err != nil {
+			return nil, fmt.Errorf("decompressing: %w", err)
+		}
+		defer zr.Close()
+		u = zr
+	default:
+		u = br
+	}
+	if comp != compNone {
+		c.stats.decompressions.Add(1)
+	}
+	srcDiff := &hashingReader{r: u, h: sha256.New()}
+
+	odig := sha256.New()
+	ow := bufio.NewWriterSize(io.MultiWriter(out, odig), 1<<20)
+	w := newLayerWriter(ctx, ow, codec, c.pool, c.opts.chunkSize, 2*c.opts.workers+2)
+
+	var files []string
+	if c.opts.prefetch != nil {
+		files = c.opts.prefetch.PrefetchFiles(diffID, res.Source.Digest)
+	}
+	if len(files) == 0 {
+		err = c.streamEntries(ctx, srcDiff, w)
+	} else {
+		err = c.spoolEntries(ctx, srcDiff, w, files, res)
+	}
+	if err != nil {
+		w.abort()
+		return nil, err
+	}
+	if _, err := io.Copy(io.Discard, srcDiff); err != nil {
+		w.abort()
+		return nil, fmt.Errorf("decompressing: %w", err)
+	}
+	if err := finishSource(blob, res.Source.Digest, res.Source.Size); err != nil {
+		w.abort()
+		return nil, err
+	}
+	if err := checkDiffID(digest.NewDigest(digest.SHA256, srcDiff.h), diffID); err != nil {
+		w.abort()
+		return nil, err
+	}
+	tocDigest, codecAnn, err := w.finish()
+	if err != nil {
+		return nil, err
+	}
+	if err := ow.Flush(); err != nil {
+		return nil, fmt.Errorf("writing output: %w", err)
+	}
+	c.stats.converted.Add(1)
+
+	ann := map[string]string{}
+	for k, v := range srcAnn {
+		switch k {
+		case AnnotationTOCDigest, AnnotationUncompressedSize,
+			AnnotationZstdChunkedManifestChecksum, AnnotationZstdChunkedManifestPosition:
+			// stale: describe the source, not the output
+		default:
+			ann[k] = v
+		}
+	}
+	for k, v := range codecAnn {
+		ann[k] = v
+	}
+	ann[AnnotationTOCDigest] = tocDigest.String()
+	ann[AnnotationUncompressedSize] = strconv.FormatInt(w.usize, 10)
+	ann[AnnotationSourceLayer] = res.Source.Digest.String()
+
+	outDigest := v1.Hash{Algorithm: "sha256", Hex: fmt.Sprintf("%x", odig.Sum(nil))}
+	outDiff, _ := v1.NewHash(digest.NewDigest(digest.SHA256, w.diffHash).String())
+	res.Output = v1.Descriptor{MediaType: c.outputMediaType(), Size: w.written, Digest: outDigest, Annotations: ann}
+	res.DiffID = outDiff
+	res.TOCDigest = tocDigest.String()
+	res.UncompressedSize = w.usize
+	res.SourceUncompressedSize = srcDiff.n
+	return &Layer{path: out.Name(), desc: res.Output, diffID: outDiff, result: *res}, nil
+}
+
+var landmarkPayload = []byte{0xf}
+
+func landmark(name string) *tar.Header {
+	return &tar.Header{Name: name, Typeflag: tar.TypeReg, Size: int64(len(landmarkPayload))}
+}
+
+// entryFilter validates source entries and tells which to drop.
+type entryFilter struct {
+	seen map[string]bool
+}
+
+// check validates h and reports whether it belongs in the output.
+func (f *entryFilter) check(ctx context.Context, h *tar.Header) (keep bool, err error) {
+	if h.Typeflag == tar.TypeXGlobalHeader {
+		log.G(ctx).WithField("path", h.Name).Debug("dropping PAX global header")
+		return false, nil
+	}
+	clean, err := safePath(h.Name)
+	if err != nil {
+		return false, err
+	}
+	switch clean {
+	case estargz.TOCTarName, estargz.PrefetchLandmark, estargz.NoPrefetchLandmark:
+		return false, nil // left by an earlier conversion; rebuilt here
+	}
+	switch h.Typeflag {
+	case tar.TypeReg, tar.TypeDir, tar.TypeSymlink, tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
+	case tar.TypeLink:
+		target, err := safePath(h.Linkname)
+		if err != nil {
+			return false, fmt.Errorf("hardlink %q: target: %w", h.Name, err)
+		}
+		if !f.seen[target] {
+			return false, fmt.Errorf("hardlink %q: target %q is not in the layer before it", h.Name, h.Linkname)
+		}
+	default:
+		return false, fmt.Errorf("file %q: unsupported tar entry type %q", h.Name, h.Typeflag)
+	}
+	f.seen[clean] = true
+	return true, nil
+}
+
+// safePath cleans a tar path and rejects paths that leave the layer root.
+func safePath(name string) (string, error) {
+	if name == "" {
+		return "", errors.New("empty path in tar entry")
+	}
+	if strings.ContainsRune(name, 0) {
+		return "", fmt.Errorf("path %q contains NUL", name)
+	}
+	if path.IsAbs(name) {
+		return "", fmt.Errorf("path %q is absolute", name)
+	}
+	c := path.Clean(name)
+	if c == ".." || strings.HasPrefix(c, "../") {
+		return "", fmt.Errorf("path %q escapes the layer root", name)
+	}
+	return c, nil
+}
+
+// streamEntries converts in source order, with no prefetch list: nothing is
+// buffered beyond the batches being compressed.
+func (c *Converter) streamEntries(ctx context.Context, u io.Reader, w *layerWriter) error {
+	if err := w.writeEntry(landmark(estargz.NoPrefetchLandmark), bytes.NewReader(landmarkPayload)); err != nil {
+		return err
+	}
+	tr := tar.NewReader(u)
+	f := &entryFilter{seen: map[string]bool{}}
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		h, err := tr.Next()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("reading tar: %w", err)
+		}
+		keep, err := f.check(ctx, h)
+		if err != nil {
+			return err
+		}
+		if !keep {
+			continue
+		}
+		if err := w.writeEntry(h, tr); err != nil {
+			return fmt.Errorf("file %q: %w", h.Name, err)
+		}
+	}
+}
+
+type spooled struct {
+	h       *tar.Header
+	off     int64
+	clean   string
+	dropped bool
+}
+
+// spoolEntries converts with a prefetch list: the decompressed tar is spooled
+// to a temporary file as it is read, then written prioritized files first.
+func (c *Converter) spoolEntries(ctx context.Context, u io.Reader, w *layerWriter, files []string, res *LayerResult) error {
+	tmp, err := os.CreateTemp(c.dir, "src-*.tar")
+	if err != nil {
+		return fmt.Errorf("creating spool file: %w", err)
+	}
+	defer func() {
+		tmp.Close()
+		os.Remove(tmp.Name())
+	}()
+	bw := bufio.NewWriterSize(tmp, 1<<20)
+	cr := &hashingReader{r: io.TeeReader(u, bw)}
+	tr := tar.NewReader(cr)
+	f := &entryFilter{seen: map[string]bool{}}
+	var ents []*spooled
+	byName := map[string]int{}
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		h, err := tr.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("reading tar: %w", err)
+		}
+		keep, err := f.check(ctx, h)
+		if err != nil {
+			return err
+		}
+		if !keep {
+			continue
+		}
+		e := &spooled{h: h, off: cr.n, clean: path.Clean(h.Name)}
+		if i, ok := byName[e.clean]; ok {
+			ents[i].dropped = true // a later entry of the same name wins
+		}
+		byName[e.clean] = len(ents)
+		ents = append(ents, e)
+	}
+	if _, err := io.Copy(io.Discard, cr); err != nil {
+		return fmt.Errorf("reading tar: %w", err)
+	}
+	if err := bw.Flush(); err != nil {
+		return fmt.Errorf("writing spool file: %w", err)
+	}
+
+	picked := map[int]bool{}
+	var order []int
+	var move func(name string, depth int) bool
+	move = func(name string, depth int) bool {
+		if depth > 256 {
+			return false
+		}
+		i, ok := byName[name]
+		if !ok {
+			return false
+		}
+		if name != "." {
+			if p := path.Dir(name); p != "." {
+				move(p, depth+1)
+			} else {
+				move(".", depth+1)
+			}
+		}
+		if e := ents[i]; e.h.Typeflag == tar.TypeLink {
+			move(path.Clean(e.h.Linkname), depth+1)
+		}
+		if !picked[i] {
+			picked[i] = true
+			order = append(order, i)
+		}
+		return true
+	}
+	prioritized := 0
+	for _, name := range files {
+		if move(path.Clean(name), 0) {
+			prioritized++
+		} else {
+			res.MissingPrefetch = append(res.MissingPrefetch, name)
+		}
+	}
+	if len(res.MissingPrefetch) > 0 {
+		log.G(ctx).WithField("missing", len(res.MissingPrefetch)).Warn("prefetch list names files the layer does not hold")
+	}
+	res.Prefetch = prioritized
+	emit := func(e *spooled) error {
+		var r io.Reader = emptyReader{}
+		if e.h.Typeflag == tar.TypeReg {
+			r = io.NewSectionReader(tmp, e.off, e.h.Size)
+		}
+		if err := w.writeEntry(e.h, r); err != nil {
+			return fmt.Errorf("file %q: %w", e.h.Name, err)
+		}
+		return nil
+	}
+	for _, i := range order {
+		if err := emit(ents[i]); err != nil {
+			return err
+		}
+	}
+	mark := estargz.PrefetchLandmark
+	if len(order) == 0 {
+		mark = estargz.NoPrefetchLandmark
+	}
+	if err := w.writeEntry(landmark(mark), bytes.NewReader(landmarkPayload)); err != nil {
+		return err
+	}
+	for i, e := range ents {
+		if picked[i] || e.dropped {
+			continue
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := emit(e); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// emptyReader is an empty reader.
+type emptyReader struct{}
+
+func (emptyReader) Read([]byte) (int, error) { return 0, io.EOF }
+
+// sourceReader reads a source blob once, hashing it and reporting progress.
+type sourceReader struct {
+	r        io.Reader
+	h        hash.Hash
+	n        int64
+	ctx      context.Context
+	total    int64
+	layer    v1.Hash
+	last     int64
+	progress func(Event)
+}
+
+func (s *sourceReader) Read(p []byte) (int, error) {
+	if err := s.ctx.Err(); err != nil {
+		return 0, err
+	}
+	n, err := s.r.Read(p)
+	s.h.Write(p[:n])
+	s.n += int64(n)
+	if s.n-s.last >= 1<<20 || (err == io.EOF && s.n != s.last) {
+		s.last = s.n
+		s.progress(Event{Kind: LayerProgress, Layer: s.layer, Total: s.total, Complete: s.n})
+	}
+	return n, err
+}
+
+// hashingReader counts and optionally hashes what passes through it.
+type hashingReader struct {
+	r io.Reader
+	h hash.Hash
+	n int64
+}
+
+func (h *hashingReader) Read(p []byte) (int, error) {
+	n, err := h.r.Read(p)
+	if h.h != nil {
+		h.h.Write(p[:n])
+	}
+	h.n += int64(n)
+	return n, err
+}
+
+// decompressed returns the uncompressed stream of a converted blob.
 func decompressed(f io.ReadCloser, mt types.MediaType) (io.ReadCloser, error) {
-	return nil, errors.New("not implemented")
+	switch mt {
+	case types.OCILayerZStd:
+		zr, err := zstd.NewReader(f)
+		if err != nil {
+			f.Close()
+			return nil, err
+		}
+		return &readCloser{Reader: zr, close: func() error { zr.Close(); return f.Close() }}, nil
+	default:
+		zr, err := kgzip.NewReader(f)
+		if err != nil {
+			f.Close()
+			return nil, err
+		}
+		return &readCloser{Reader: zr, close: func() error { zr.Close(); return f.Close() }}, nil
+	}
 }
+
+type readCloser struct {
+	io.Reader
+	close func() error
+}
+
+func (r *readCloser) Close() error { return r.close() }
