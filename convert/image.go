@@ -370,12 +370,14 @@ type index struct {
 
 var _ v1.ImageIndex = (*index)(nil)
 
-func (i *index) MediaType() (types.MediaType, error)         { return types.OCIImageIndex, nil }
-func (i *index) Digest() (v1.Hash, error)                    { return sha256Hash(i.raw), nil }
-func (i *index) Size() (int64, error)                        { return int64(len(i.raw)), nil }
-func (i *index) IndexManifest() (*v1.IndexManifest, error)   { return i.manifest.DeepCopy(), nil }
-func (i *index) RawManifest() ([]byte, error)                { return i.raw, nil }
-func (i *index) ImageIndex(h v1.Hash) (v1.ImageIndex, error) { return nil, fmt.Errorf("no index %s", h) }
+func (i *index) MediaType() (types.MediaType, error)       { return types.OCIImageIndex, nil }
+func (i *index) Digest() (v1.Hash, error)                  { return sha256Hash(i.raw), nil }
+func (i *index) Size() (int64, error)                      { return int64(len(i.raw)), nil }
+func (i *index) IndexManifest() (*v1.IndexManifest, error) { return i.manifest.DeepCopy(), nil }
+func (i *index) RawManifest() ([]byte, error)              { return i.raw, nil }
+func (i *index) ImageIndex(h v1.Hash) (v1.ImageIndex, error) {
+	return nil, fmt.Errorf("no index %s", h)
+}
 func (i *index) Image(h v1.Hash) (v1.Image, error) {
 	if img, ok := i.images[h]; ok {
 		return img, nil
