@@ -27,6 +27,7 @@ func newRootCmd() *cobra.Command {
 	root.AddCommand(
 		newVersionCmd(),
 		newConvertCmd(),
+		newDemoCmd(),
 	)
 	// Errors go to stderr once, prefixed like other container tools.
 	root.SetErr(os.Stderr)
