@@ -15,6 +15,10 @@ build:
 test:
 	$(GO) test -count=1 -timeout 20m ./...
 
+# demo: in-process registry, sample image from local files, convert, verify.
+demo:
+	$(GO) run -ldflags "$(LDFLAGS)" ./cmd/lazybase demo
+
 lint:
 	$(GO) vet ./...
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
