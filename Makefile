@@ -19,6 +19,17 @@ test:
 demo:
 	$(GO) run -ldflags "$(LDFLAGS)" ./cmd/lazybase demo
 
+# bench: the converter against estargz.Build on the reference images
+# (BENCHFLAGS: -runs N -baseline-runs M -images debian,golang).
+bench:
+	LAZYBASE_CACHE=$(CACHE) $(GO) run ./internal/cmd/convbench $(BENCHFLAGS)
+
+# refimages: build the debian-like and golang-like reference images into
+# $(CACHE)/refimages (the first build needs root and debootstrap).
+.PHONY: refimages
+refimages:
+	LAZYBASE_CACHE=$(CACHE) $(GO) run ./internal/cmd/convbench -refimages
+
 lint:
 	$(GO) vet ./...
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \

@@ -1,0 +1,65 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
+
+	"github.com/lazybase/lazybase/convert"
+)
+
+// childResult is what a child process reports about one lazybase conversion.
+type childResult struct {
+	Seconds float64 `json:"seconds"`
+	Digest  string  `json:"digest"`
+	// OutputSizes are the converted layers' blob sizes, from the converted
+	// manifest's descriptors, in manifest order.
+	OutputSizes []int64 `json:"outputSizes"`
+	// LayerSeconds are the per-layer times the converter reports.
+	LayerSeconds []float64 `json:"layerSeconds"`
+	// SourceUncompressed is the uncompressed size of the source layers as
+	// the converter counted it.
+	SourceUncompressed int64 `json:"sourceUncompressed"`
+}
+
+// runChild converts the image with the given digest in the OCI layout dir
+// and writes a childResult as JSON to w.
+func runChild(ctx context.Context, dir, digest string, w io.Writer) error {
+	h, err := v1.NewHash(digest)
+	if err != nil {
+		return fmt.Errorf("child: digest %q: %w", digest, err)
+	}
+	img, err := layout.Path(dir).Image(h)
+	if err != nil {
+		return fmt.Errorf("child: image %s in %s: %w", h, dir, err)
+	}
+	start := time.Now()
+	c, err := convert.New()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	res, err := c.Image(ctx, img)
+	if err != nil {
+		return fmt.Errorf("child: converting %s: %w", h, err)
+	}
+	m, err := res.Image.Manifest()
+	if err != nil {
+		return fmt.Errorf("child: converted manifest: %w", err)
+	}
+	out := childResult{Digest: res.Digest.String()}
+	for _, l := range m.Layers {
+		out.OutputSizes = append(out.OutputSizes, l.Size)
+	}
+	out.Seconds = time.Since(start).Seconds()
+	for _, l := range res.Layers {
+		out.LayerSeconds = append(out.LayerSeconds, l.Seconds)
+		out.SourceUncompressed += l.SourceUncompressedSize
+	}
+	return json.NewEncoder(w).Encode(out)
+}
