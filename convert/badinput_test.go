@@ -1,0 +1,389 @@
+package convert_test
+
+import (
+	"archive/tar"
+	"context"
+	"io/fs"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/stargz-snapshotter/estargz"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/lazybase/lazybase/convert"
+	"github.com/lazybase/lazybase/internal/testimage"
+)
+
+// badLayer is a bad input with what its error must mention.
+type badLayer struct {
+	name  string
+	layer *testimage.Layer
+	// diffID passed to Converter.Layer; zero means the honest one when it
+	// can be computed.
+	diffID v1.Hash
+	// mention lists strings the error must contain besides the layer
+	// digest; any one of anyOf must also be there when set.
+	mention []string
+	anyOf   []string
+}
+
+func entriesWith(extra ...testimage.Entry) []testimage.Entry {
+	es := testimage.Files("ok.txt", "fine\n", "dir/file", "also fine\n")
+	return append(es, extra...)
+}
+
+func hdr(typ byte, name, link string) testimage.Entry {
+	h := &tar.Header{Typeflag: typ, Name: name, Linkname: link, Mode: 0o644, ModTime: testimage.Epoch}
+	var data []byte
+	if typ == tar.TypeReg {
+		data = []byte("payload of " + name + "\n")
+		h.Size = int64(len(data))
+	}
+	return testimage.Entry{Header: h, Data: data}
+}
+
+func mustGzipLayer(t testing.TB, es []testimage.Entry) *testimage.Layer {
+	t.Helper()
+	l, err := testimage.EntriesLayer(es)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+func mustEStargz(t testing.TB) *testimage.Layer {
+	t.Helper()
+	tarball := testimage.MustTar(testimage.Entries(7, testimage.WithoutLargeFiles()))
+	l, err := testimage.EStargz(tarball)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+func badLayers(t testing.TB) []badLayer {
+	good := mustGzipLayer(t, testimage.Entries(5, testimage.WithoutLargeFiles()))
+	goodTar, err := testimage.ReadAll(good.Blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lying := good.Clone()
+	claimed := testimage.SHA256([]byte("some other blob"))
+	lying.Hash = &claimed
+
+	esgz := mustEStargz(t)
+	flipped, err := esgz.FlipPayloadByte("data/medium.bin")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	return []badLayer{
+		{name: "truncated-gzip", layer: testimage.NewLayer(testimage.Truncate(good.Blob, len(good.Blob)/2), types.OCILayer)},
+		{name: "truncated-gzip-trailer", layer: testimage.NewLayer(testimage.Truncate(good.Blob, -4), types.OCILayer)},
+		{name: "gzip-of-non-tar", layer: testimage.GzipLayer(testimage.NotTar())},
+		{name: "not-gzip-at-all", layer: testimage.NewLayer(testimage.NotTar(), types.OCILayer)},
+		{name: "digest-mismatch", layer: lying},
+		{name: "diffid-mismatch", layer: good, diffID: testimage.SHA256(append(goodTar, 0))},
+		{name: "path-dotdot", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeReg, "../x", ""))), mention: []string{"../x"}},
+		{name: "path-nested-dotdot", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeReg, "a/../../x", ""))), mention: []string{"a/../../x"}},
+		{name: "path-absolute", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeReg, "/etc/x", ""))), mention: []string{"/etc/x"}},
+		{name: "hardlink-target-escapes", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeLink, "evil", "../../etc/shadow"))), anyOf: []string{"evil", "../../etc/shadow"}},
+		{name: "hardlink-missing-target", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeLink, "dir/hl", "no/such/file"))), anyOf: []string{"dir/hl", "no/such/file"}},
+		{name: "estargz-damaged-footer", layer: esgz.DamageFooter()},
+		{name: "estargz-wrong-toc-digest", layer: esgz.WrongTOCDigest()},
+		{name: "estargz-flipped-payload-byte", layer: flipped},
+		{name: "media-type-foreign", layer: testimage.NewLayer(good.Blob, types.DockerForeignLayer), mention: []string{string(types.DockerForeignLayer)}},
+		{name: "media-type-text-plain", layer: testimage.NewLayer(good.Blob, "text/plain"), mention: []string{"text/plain"}},
+	}
+}
+
+// honestDiffID returns the layer's diffID, or, when its bytes do not
+// decompress, a stand-in (an image config needs some value).
+func honestDiffID(l *testimage.Layer) v1.Hash {
+	d, err := l.DiffID()
+	if err != nil {
+		return testimage.SHA256(l.Blob)
+	}
+	return d
+}
+
+// checkBadError asserts the error names the layer digest and the paths.
+func checkBadError(t *testing.T, err error, dgst v1.Hash, tc badLayer) {
+	t.Helper()
+	if err == nil {
+		t.Fatal("conversion succeeded, want an error")
+	}
+	msg := err.Error()
+	t.Logf("error: %s", msg)
+	if !strings.Contains(msg, dgst.String()) {
+		t.Errorf("error does not name the layer digest %s", dgst)
+	}
+	for _, s := range tc.mention {
+		if !strings.Contains(msg, s) {
+			t.Errorf("error does not mention %q", s)
+		}
+	}
+	if len(tc.anyOf) > 0 {
+		found := false
+		for _, s := range tc.anyOf {
+			found = found || strings.Contains(msg, s)
+		}
+		if !found {
+			t.Errorf("error mentions none of %q", tc.anyOf)
+		}
+	}
+}
+
+// leftoverFiles lists regular files under dir.
+func leftoverFiles(t *testing.T, dir string) []string {
+	t.Helper()
+	var files []string
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.Type().IsRegular() {
+			files = append(files, p)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return files
+}
+
+func TestBadLayer(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, tc := range badLayers(t) {
+		t.Run(tc.name, func(t *testing.T) {
+			tmp := t.TempDir()
+			c := newTestConverter(t, convert.WithTempDir(tmp))
+			dgst, _ := tc.layer.Digest()
+			l, err := c.Layer(ctx, tc.layer, tc.diffID)
+			checkBadError(t, err, dgst, tc)
+			if l != nil {
+				t.Errorf("Layer returned a layer (%v) with the error", l)
+			}
+			if files := leftoverFiles(t, tmp); len(files) != 0 {
+				t.Errorf("temporary files left after a failed conversion: %q", files)
+			}
+		})
+	}
+}
+
+func TestBadImage(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	first := mustGzipLayer(t, testimage.Files("etc/hostname", "first\n"))
+	for _, tc := range badLayers(t) {
+		t.Run(tc.name, func(t *testing.T) {
+			bad := tc.layer.Clone()
+			diff := tc.diffID
+			if diff == (v1.Hash{}) {
+				diff = honestDiffID(tc.layer)
+			}
+			bad.Diff = &diff
+			img, err := testimage.Image(testimage.LinuxAMD64, first, bad)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c := newTestConverter(t)
+			dgst, _ := tc.layer.Digest()
+			res, err := c.Image(ctx, img)
+			checkBadError(t, err, dgst, tc)
+			if res != nil {
+				t.Errorf("Image returned a result with the error: %+v", res)
+			}
+		})
+	}
+}
+
+// TestBadRegistry reads images through remote.Image from an in-process
+// registry that loses a blob or answers blob reads with errors.
+func TestBadRegistry(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	reg := testimage.NewRegistry(t)
+	cases := []struct {
+		name    string
+		status  int    // injected status for the layer blob
+		delete  bool   // delete the blob from the registry instead
+		corrupt bool   // serve other bytes under the blob's digest
+		mention string // what the error should say besides the digest
+	}{
+		{name: "missing-blob", delete: true},
+		{name: "401", status: http.StatusUnauthorized, mention: "401"},
+		{name: "404", status: http.StatusNotFound, mention: "404"},
+		{name: "500", status: http.StatusInternalServerError, mention: "500"},
+		{name: "503", status: http.StatusServiceUnavailable, mention: "503"},
+		{name: "corrupt-blob", corrupt: true},
+	}
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			src, err := testimage.SeedImage(uint64(100+i), testimage.LinuxAMD64, testimage.WithoutLargeFiles())
+			if err != nil {
+				t.Fatal(err)
+			}
+			repo := "bad/" + tc.name
+			ref := reg.Push(t, repo+":v1", src)
+			layers, err := src.Layers()
+			if err != nil {
+				t.Fatal(err)
+			}
+			victim, err := layers[len(layers)-1].Digest()
+			if err != nil {
+				t.Fatal(err)
+			}
+			switch {
+			case tc.delete:
+				reg.DeleteBlob(t, repo, victim)
+			case tc.corrupt:
+				reg.Corrupt(victim)
+			default:
+				reg.Fail(victim, tc.status)
+			}
+			t.Cleanup(func() { reg.Fail(victim, 0); reg.Corrupt(v1.Hash{}) })
+			img := reg.Image(t, ref)
+			c := newTestConverter(t)
+			res, err := c.Image(ctx, img)
+			checkBadError(t, err, victim, badLayer{mention: nonEmpty(tc.mention)})
+			if res != nil {
+				t.Errorf("Image returned a result with the error: %+v", res)
+			}
+		})
+	}
+}
+
+func nonEmpty(s string) []string {
+	if s == "" {
+		return nil
+	}
+	return []string{s}
+}
+
+// TestEdgeLayers converts inputs that are odd but valid.
+func TestEdgeLayers(t *testing.T) {
+	ctx := context.Background()
+	dirs := []testimage.Entry{
+		{Header: &tar.Header{Typeflag: tar.TypeDir, Name: "only/", Mode: 0o755, ModTime: testimage.Epoch}},
+		{Header: &tar.Header{Typeflag: tar.TypeDir, Name: "only/dirs/", Mode: 0o755, ModTime: testimage.Epoch}},
+	}
+	for _, format := range formats {
+		for _, tc := range []struct {
+			name    string
+			entries []testimage.Entry
+		}{
+			{"empty", nil},
+			{"only-dirs", dirs},
+		} {
+			t.Run(string(format)+"/"+tc.name, func(t *testing.T) {
+				c := newTestConverter(t, convert.WithFormat(format))
+				tarball := testimage.MustTar(tc.entries)
+				l, err := c.Layer(ctx, testimage.GzipLayer(tarball), testimage.SHA256(tarball))
+				if err != nil {
+					t.Fatalf("Layer: %v", err)
+				}
+				checkLayerTree(t, treeOfTar(t, tarball), l, convert.DefaultChunkSize)
+			})
+		}
+	}
+}
+
+func TestAlreadyEStargzReused(t *testing.T) {
+	ctx := context.Background()
+	src := mustEStargz(t)
+	srcDigest, _ := src.Digest()
+	srcDiff, _ := src.DiffID()
+	srcTree := treeOfTar(t, testimage.MustTar(testimage.Entries(7, testimage.WithoutLargeFiles())))
+
+	c := newTestConverter(t)
+	l, err := c.Layer(ctx, src, srcDiff)
+	if err != nil {
+		t.Fatalf("Layer: %v", err)
+	}
+	r := l.Result()
+	if !r.Reused {
+		t.Errorf("valid eStargz layer was not reused: %+v", r)
+	}
+	if d, _ := l.Digest(); d != srcDigest {
+		t.Errorf("reused layer digest %s, source %s", d, srcDigest)
+	}
+	blob, desc := convertedBlob(t, l)
+	if testimage.SHA256(blob) != srcDigest {
+		t.Errorf("reused blob bytes differ from the source")
+	}
+	if desc.Annotations[convert.AnnotationTOCDigest] != src.Annotations[testimage.AnnotationTOCDigest] {
+		t.Errorf("reused TOC digest %q, source %q", desc.Annotations[convert.AnnotationTOCDigest], src.Annotations[testimage.AnnotationTOCDigest])
+	}
+	if s := c.Stats(); s.Reused != 1 || s.Converted != 0 {
+		t.Errorf("stats %+v: want 1 reused, 0 converted", s)
+	}
+	// estargz.Build's output keeps the tree too.
+	checkLayerTree(t, srcTree, l, convert.DefaultChunkSize)
+
+	t.Run("force", func(t *testing.T) {
+		c := newTestConverter(t, convert.WithForce(true))
+		l, err := c.Layer(ctx, src, srcDiff)
+		if err != nil {
+			t.Fatalf("Layer: %v", err)
+		}
+		if l.Result().Reused {
+			t.Errorf("WithForce(true): layer reused")
+		}
+		if s := c.Stats(); s.Reused != 0 || s.Converted != 1 {
+			t.Errorf("stats %+v: want 0 reused, 1 converted", s)
+		}
+		checkLayerTree(t, srcTree, l, convert.DefaultChunkSize)
+	})
+
+	t.Run("without-annotation", func(t *testing.T) {
+		// Without the TOC digest annotation nothing vouches for the TOC:
+		// the layer is converted like any gzip layer.
+		plain := src.Clone()
+		plain.Annotations = nil
+		c := newTestConverter(t)
+		l, err := c.Layer(ctx, plain, srcDiff)
+		if err != nil {
+			t.Fatalf("Layer: %v", err)
+		}
+		if l.Result().Reused {
+			t.Errorf("layer without TOC digest annotation was reused")
+		}
+		checkLayerTree(t, srcTree, l, convert.DefaultChunkSize)
+	})
+}
+
+func TestZstdChunkedOpens(t *testing.T) {
+	tarball := testimage.MustTar(testimage.Entries(8, testimage.WithoutLargeFiles()))
+	c := newTestConverter(t, convert.WithFormat(convert.FormatZstdChunked))
+	l, err := c.Layer(context.Background(), testimage.GzipLayer(tarball), v1.Hash{})
+	if err != nil {
+		t.Fatalf("Layer: %v", err)
+	}
+	blob, desc := convertedBlob(t, l)
+	if desc.MediaType != types.OCILayerZStd {
+		t.Errorf("media type %s, want %s", desc.MediaType, types.OCILayerZStd)
+	}
+	for _, a := range []string{convert.AnnotationZstdChunkedManifestChecksum, convert.AnnotationZstdChunkedManifestPosition} {
+		if desc.Annotations[a] == "" {
+			t.Errorf("no %s annotation", a)
+		}
+	}
+	r, _, err := openOutput(blob, desc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := r.Lookup(testimage.OSRelease); !ok {
+		t.Errorf("%s not found through the zstd:chunked TOC", testimage.OSRelease)
+	}
+	// The gzip reader must not take it.
+	if _, err := estargz.Open(sectionOf(blob)); err == nil {
+		t.Errorf("zstd:chunked output opens as gzip eStargz")
+	}
+}

@@ -1,0 +1,136 @@
+package convert_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"path"
+	"strings"
+	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/lazybase/lazybase/convert"
+	"github.com/lazybase/lazybase/internal/testimage"
+)
+
+// fuzzTimeout bounds one conversion of a fuzz input; inputs are small, so
+// anything near it is a hang.
+const fuzzTimeout = 20 * time.Second
+
+// FuzzConvertLayer feeds arbitrary bytes to Converter.Layer, both as a gzip
+// blob and as a tar stream wrapped in gzip. A conversion must return (no
+// panic, no hang) and return a layer exactly when it returns no error. When
+// it succeeds, the output must open with the stargz reader and pass
+// VerifyTOC against its annotation, every chunk must verify, the output must
+// decompress to its DiffID, the source must not have held a path escaping
+// the root, and the output's tar tree must equal the source's.
+//
+// The seed corpus is in testdata/fuzz/FuzzConvertLayer.
+func FuzzConvertLayer(f *testing.F) {
+	f.Add(testimage.MustTar(testimage.Files("a", "hello\n")))
+	f.Add(testimage.Gzip(testimage.MustTar(testimage.Files("etc/os-release", "ID=fuzz\n"))))
+	dir := f.TempDir()
+	f.Fuzz(func(t *testing.T, data []byte) {
+		fuzzConvert(t, dir, data)
+		fuzzConvert(t, dir, testimage.Gzip(data))
+	})
+}
+
+func fuzzConvert(t *testing.T, dir string, blob []byte) {
+	c, err := convert.New(convert.WithTempDir(dir), convert.WithWorkers(2), convert.WithJobs(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), fuzzTimeout)
+	defer cancel()
+	type result struct {
+		l   *convert.Layer
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		l, err := c.Layer(ctx, testimage.NewLayer(blob, types.OCILayer), v1.Hash{})
+		done <- result{l, err}
+	}()
+	var res result
+	select {
+	case res = <-done:
+	case <-time.After(fuzzTimeout + 5*time.Second):
+		t.Fatalf("conversion of a %d-byte blob did not return within %s", len(blob), fuzzTimeout+5*time.Second)
+	}
+	if res.err != nil {
+		if res.l != nil {
+			t.Fatalf("Layer returned a layer with error %v", res.err)
+		}
+		return
+	}
+	if res.l == nil {
+		t.Fatal("Layer returned neither a layer nor an error")
+	}
+	if err := checkFuzzOutput(blob, res.l); err != nil {
+		t.Fatalf("converted a %d-byte blob: %v", len(blob), err)
+	}
+}
+
+// checkFuzzOutput checks a successful conversion of blob.
+func checkFuzzOutput(blob []byte, l *convert.Layer) error {
+	rc, err := l.Compressed()
+	if err != nil {
+		return err
+	}
+	out, err := io.ReadAll(rc)
+	rc.Close()
+	if err != nil {
+		return err
+	}
+	desc, err := l.Descriptor()
+	if err != nil {
+		return err
+	}
+	r, v, err := openOutput(out, desc)
+	if err != nil {
+		return err
+	}
+	if _, err := readTOCTree(r, v, convert.DefaultChunkSize); err != nil {
+		return fmt.Errorf("reading through the TOC: %w", err)
+	}
+	raw, err := testimage.ReadAll(out)
+	if err != nil {
+		return fmt.Errorf("decompressing output: %w", err)
+	}
+	if d, _ := l.DiffID(); testimage.SHA256(raw) != d {
+		return fmt.Errorf("uncompressed output sha256 %s, DiffID %s", testimage.SHA256(raw), d)
+	}
+	got, _, err := readTarTree(bytes.NewReader(raw))
+	if err != nil {
+		return fmt.Errorf("output as tar: %w", err)
+	}
+	srcTar, err := testimage.ReadAll(blob)
+	if err != nil {
+		return nil // the converter read more into it than the oracle can
+	}
+	names, err := tarPaths(srcTar)
+	if err != nil {
+		return nil
+	}
+	for _, n := range names {
+		if c := path.Clean(n); c == ".." || strings.HasPrefix(c, "../") {
+			return fmt.Errorf("source path %q escapes the root but was converted", n)
+		}
+	}
+	src, _, err := readTarTree(bytes.NewReader(srcTar))
+	if err != nil {
+		return nil // the converter read more into it than the oracle can
+	}
+	// A source that already is eStargz (without the annotation that would
+	// make it reused) carries its own landmark and TOC entries.
+	if d := diffTrees(withoutConverterEntries(src), withoutConverterEntries(got)); d != "" {
+		return fmt.Errorf("output tree differs from source:\n%s", d)
+	}
+	return nil
+}
