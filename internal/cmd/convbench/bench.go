@@ -98,8 +98,8 @@ func measure(ctx context.Context, c *config, self string, img *refimage.Image, s
 		return nil, err
 	}
 	m := &measurement{name: string(img.Kind) + "-like", layers: len(man.Layers), lazyDigests: map[string]bool{}}
-	if m.input, err = strconv.ParseInt(man.Annotations[refimage.AnnotationUncompressedSize], 10, 64); err != nil {
-		return nil, fmt.Errorf("manifest %s: annotation %s: %w", img.Digest, refimage.AnnotationUncompressedSize, err)
+	if m.input, err = uncompressedSize(img, man); err != nil {
+		return nil, err
 	}
 	for _, l := range man.Layers {
 		m.sourceSize += l.Size
@@ -150,6 +150,36 @@ func measure(ctx context.Context, c *config, self string, img *refimage.Image, s
 		m.lazyOutput += size
 	}
 	return m, nil
+}
+
+// uncompressedSize returns the size of the image's uncompressed layers: the
+// reference image's annotation, or counted when it has none.
+func uncompressedSize(img *refimage.Image, man *v1.Manifest) (int64, error) {
+	if a, ok := man.Annotations[refimage.AnnotationUncompressedSize]; ok {
+		n, err := strconv.ParseInt(a, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("manifest %s: annotation %s: %w", img.Digest, refimage.AnnotationUncompressedSize, err)
+		}
+		return n, nil
+	}
+	layers, err := img.Image.Layers()
+	if err != nil {
+		return 0, err
+	}
+	var total int64
+	for _, l := range layers {
+		rc, err := l.Uncompressed()
+		if err != nil {
+			return 0, err
+		}
+		n, err := io.Copy(io.Discard, rc)
+		rc.Close()
+		if err != nil {
+			return 0, err
+		}
+		total += n
+	}
+	return total, nil
 }
 
 // baseline runs estargz.Build with its defaults on every layer blob and
