@@ -1,0 +1,91 @@
+package harness
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"time"
+)
+
+// Buildkit is the Stack's buildkitd, with its containerd worker on the
+// Stack's containerd in namespace "buildkit".
+type Buildkit struct {
+	// Address is buildkitd's gRPC address ("unix://...").
+	Address string
+	// Snapshotter is the containerd snapshotter the worker uses.
+	Snapshotter string
+
+	s    *Stack
+	proc *process
+}
+
+// BuildkitNamespace is the containerd namespace of buildkitd's worker.
+const BuildkitNamespace = "buildkit"
+
+func (s *Stack) startBuildkit(ctx context.Context) (*Buildkit, error) {
+	root := s.path("buildkit")
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return nil, err
+	}
+	sock := s.path("buildkitd.sock")
+	snapshotter := "overlayfs"
+	if s.opts.buildkitLazy {
+		snapshotter = LazySnapshotterName
+	}
+	cfg := fmt.Sprintf(`root = %q
+
+[grpc]
+  address = ["unix://%s"]
+
+[otel]
+  socketPath = %q
+
+[worker.oci]
+  enabled = false
+
+[worker.containerd]
+  enabled = true
+  address = %q
+  namespace = %q
+  snapshotter = %q
+  gc = false
+  [worker.containerd.runtime]
+    name = "io.containerd.runc.v2"
+    options = { Root = %q }
+
+[registry.%q]
+  http = true
+[registry.%q]
+  http = true
+`, root, sock, s.path("buildkit-otel.sock"), s.Containerd.Address, BuildkitNamespace, snapshotter,
+		s.path("containerd", "runc"), s.Registry.Host(), s.Registry.Direct)
+	cfgPath := s.path("buildkitd.toml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		return nil, err
+	}
+	p, err := s.spawn("buildkitd", s.bins.buildkitd, "--config", cfgPath)
+	if err != nil {
+		return nil, err
+	}
+	b := &Buildkit{Address: "unix://" + sock, Snapshotter: snapshotter, s: s, proc: p}
+	err = waitFor(ctx, p, 60*time.Second, "buildkitd socket", func() error {
+		conn, err := net.Dial("unix", sock)
+		if err != nil {
+			return err
+		}
+		conn.Close()
+		_, err = b.Buildctl(ctx, "debug", "workers")
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+// Buildctl runs buildctl against this buildkitd and returns its standard
+// output.
+func (b *Buildkit) Buildctl(ctx context.Context, args ...string) (string, error) {
+	return runCmd(ctx, b.s.env(), b.s.bins.buildctl, append([]string{"--addr", b.Address}, args...)...)
+}

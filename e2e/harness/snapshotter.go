@@ -1,0 +1,94 @@
+package harness
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"time"
+)
+
+// LazySnapshotterName is the proxy snapshotter's name in containerd's
+// config: BuildKit passes lazy-pull labels only to a snapshotter of this name.
+const LazySnapshotterName = "stargz"
+
+// Snapshotter is the Stack's lazy snapshotter daemon.
+type Snapshotter struct {
+	Kind    SnapshotterKind
+	Address string // gRPC unix socket
+	Root    string // snapshotter root; its FUSE mounts live below it
+
+	proc *process
+}
+
+func (s *Stack) startSnapshotter(ctx context.Context) (*Snapshotter, error) {
+	sn := &Snapshotter{
+		Kind:    s.opts.lazy,
+		Address: s.path("snapshotter.sock"),
+		Root:    s.path("snapshotter"),
+	}
+	if err := os.MkdirAll(sn.Root, 0o700); err != nil {
+		return nil, err
+	}
+	var args []string
+	var bin string
+	switch sn.Kind {
+	case Upstream:
+		bin = s.path("stargzd")
+		if err := goBuild(ctx, modulePath+"/e2e/stargzd", bin); err != nil {
+			return nil, err
+		}
+		cfgPath := s.path("stargz.toml")
+		if err := os.WriteFile(cfgPath, []byte(s.opts.lazyConfig+"\n"), 0o600); err != nil {
+			return nil, err
+		}
+		args = []string{"-address", sn.Address, "-root", sn.Root, "-config", cfgPath, "-log-level", "info"}
+	case Lazybase:
+		bin = s.path("lazybase")
+		if err := goBuild(ctx, modulePath+"/cmd/lazybase", bin); err != nil {
+			return nil, err
+		}
+		if out, err := runCmd(ctx, s.env(), bin, "snapshotter", "--help"); err != nil {
+			return nil, fmt.Errorf("lazybase has no working snapshotter verb yet: %w\n%s", err, out)
+		}
+		args = []string{"snapshotter", "--address", sn.Address, "--root", sn.Root}
+	default:
+		return nil, fmt.Errorf("unknown lazy snapshotter %q", sn.Kind)
+	}
+	// A restarted daemon remounts before it listens; never mistake a stale
+	// socket for a ready one.
+	os.Remove(sn.Address)
+	p, err := s.spawn("snapshotter-"+string(sn.Kind), bin, args...)
+	if err != nil {
+		return nil, err
+	}
+	sn.proc = p
+	err = waitFor(ctx, p, 60*time.Second, "snapshotter socket", func() error {
+		conn, err := net.Dial("unix", sn.Address)
+		if err != nil {
+			return err
+		}
+		return conn.Close()
+	})
+	if err != nil {
+		return nil, err
+	}
+	return sn, nil
+}
+
+// FUSEMounts returns the FUSE mounts under the snapshotter's root: one per
+// lazily mounted layer.
+func (sn *Snapshotter) FUSEMounts() ([]Mount, error) {
+	ms, err := Mounts(sn.Root)
+	if err != nil {
+		return nil, err
+	}
+	var out []Mount
+	for _, m := range ms {
+		if strings.HasPrefix(m.FSType, "fuse") {
+			out = append(out, m)
+		}
+	}
+	return out, nil
+}
