@@ -234,7 +234,8 @@ func readXattrs(file string) (map[string]string, error) {
 	}
 	var names []string
 	for _, n := range strings.Split(string(buf[:size]), "\x00") {
-		if n != "" {
+		// SELinux labels belong to the build host, not to the image.
+		if n != "" && n != "security.selinux" {
 			names = append(names, n)
 		}
 	}
