@@ -230,14 +230,14 @@ func runConvert(ctx context.Context, stderr io.Writer, src, dst string, o conver
 		res, err := conv.Image(ctx, source.Image)
 		if err != nil {
 			disp.Stop()
-			return nil, fmt.Errorf("converting %s (image %s): %w", srcRef, source.Descriptor.Digest, err)
+			return nil, convertError(srcRef, err)
 		}
 		out, platform, images = res.Image, res.Platform, []*convert.ImageResult{res}
 	} else {
 		res, err := conv.Index(ctx, source.Index)
 		if err != nil {
 			disp.Stop()
-			return nil, fmt.Errorf("converting %s (index %s): %w", srcRef, source.Descriptor.Digest, err)
+			return nil, convertError(srcRef, err)
 		}
 		if len(res.Images) == 0 {
 			disp.Stop()
@@ -268,6 +268,15 @@ func runConvert(ctx context.Context, stderr io.Writer, src, dst string, o conver
 		progress.Bytes(t.SourceBytes), progress.Bytes(t.OutputBytes), progress.Bytes(t.SourceUncompressedSize),
 		t.ConvertSeconds, t.MBPerSecond, t.WriteSeconds)
 	return rep, nil
+}
+
+// convertError names the source of a failed conversion (the converter
+// names the image and layer) and says what a registry refusal was.
+func convertError(src imageio.Ref, err error) error {
+	if kind := imageio.Kind(err); kind != "" && !strings.Contains(err.Error(), kind+": ") {
+		return fmt.Errorf("converting %s: %s: %w", src, kind, err)
+	}
+	return fmt.Errorf("converting %s: %w", src, err)
 }
 
 func fillReport(rep *convertReport, images []*convert.ImageResult) {

@@ -506,8 +506,8 @@ func verifyDemo(ctx context.Context, client *imageio.Client, host, ref string, r
 	if src.Descriptor.Digest.String() != rep.Digest {
 		return nil, fmt.Errorf("registry holds %s, conversion wrote %s", src.Descriptor.Digest, rep.Digest)
 	}
-	if err := validate.Image(src.Image); err != nil {
-		return nil, fmt.Errorf("validate.Image: %w", err)
+	if err := validateImage(src.Image); err != nil {
+		return nil, err
 	}
 	m, err := src.Image.Manifest()
 	if err != nil {
@@ -556,6 +556,75 @@ func verifyDemo(ctx context.Context, client *imageio.Client, host, ref string, r
 		v.layers = append(v.layers, c)
 	}
 	return v, nil
+}
+
+// validateImage runs validate.Image. Its layer check assumes gzip, so for
+// images with zstd layers it runs the fast checks and compares every layer's
+// digest, size and diffID itself.
+func validateImage(img v1.Image) error {
+	m, err := img.Manifest()
+	if err != nil {
+		return err
+	}
+	zstd := false
+	for _, l := range m.Layers {
+		zstd = zstd || l.MediaType == types.OCILayerZStd
+	}
+	if !zstd {
+		if err := validate.Image(img); err != nil {
+			return fmt.Errorf("validate.Image: %w", err)
+		}
+		return nil
+	}
+	if err := validate.Image(img, validate.Fast); err != nil {
+		return fmt.Errorf("validate.Image: %w", err)
+	}
+	cfg, err := img.ConfigFile()
+	if err != nil {
+		return err
+	}
+	if len(cfg.RootFS.DiffIDs) != len(m.Layers) {
+		return fmt.Errorf("%d diff_ids for %d layers", len(cfg.RootFS.DiffIDs), len(m.Layers))
+	}
+	for i, d := range m.Layers {
+		l, err := img.LayerByDigest(d.Digest)
+		if err != nil {
+			return err
+		}
+		if err := checkLayer(l, d, cfg.RootFS.DiffIDs[i]); err != nil {
+			return fmt.Errorf("layer %s: %w", d.Digest, err)
+		}
+	}
+	return nil
+}
+
+func checkLayer(l v1.Layer, d v1.Descriptor, diffID v1.Hash) error {
+	rc, err := l.Compressed()
+	if err != nil {
+		return err
+	}
+	defer rc.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, rc)
+	if err != nil {
+		return err
+	}
+	if got := hashOf(h); got != d.Digest || n != d.Size {
+		return fmt.Errorf("blob is %d bytes with digest %s, manifest says %d bytes, %s", n, got, d.Size, d.Digest)
+	}
+	urc, err := l.Uncompressed()
+	if err != nil {
+		return err
+	}
+	defer urc.Close()
+	h = sha256.New()
+	if _, err := io.Copy(h, urc); err != nil {
+		return err
+	}
+	if got := hashOf(h); got != diffID {
+		return fmt.Errorf("uncompressed digest %s, diff_id says %s", got, diffID)
+	}
+	return nil
 }
 
 func lookup(r *estargz.Reader, name string) bool {

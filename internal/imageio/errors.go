@@ -68,3 +68,19 @@ func classify(err error) error {
 	}
 	return &RegistryError{Kind: kind, StatusCode: te.StatusCode, Err: err}
 }
+
+// Kind returns the kind of registry refusal found in err's chain
+// ("unauthorized", "denied", "not found", "registry error", "registry
+// refused"), or "" when there is none. Use it on errors from reading layers
+// of a Source, which reach the caller unclassified.
+func Kind(err error) string {
+	var re *RegistryError
+	if errors.As(err, &re) {
+		return re.Kind
+	}
+	var te *transport.Error
+	if errors.As(err, &te) {
+		return classify(te).(*RegistryError).Kind
+	}
+	return ""
+}

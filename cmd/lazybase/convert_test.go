@@ -1,0 +1,596 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"io"
+	"log"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/registry"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
+	"github.com/google/go-containerregistry/pkg/v1/validate"
+
+	"github.com/lazybase/lazybase/convert"
+	"github.com/lazybase/lazybase/internal/imageio"
+	"github.com/lazybase/lazybase/internal/testimage"
+)
+
+// runCLI runs the lazybase command in-process.
+func runCLI(ctx context.Context, t *testing.T, args ...string) (stdout, stderr string, err error) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	cmd := newRootCmd()
+	cmd.SetArgs(args)
+	cmd.SetOut(&out)
+	cmd.SetErr(&errb)
+	err = cmd.ExecuteContext(ctx)
+	return out.String(), errb.String(), err
+}
+
+// isolate keeps the host's docker config and credentials out of a test.
+func isolate(t *testing.T) {
+	t.Setenv("DOCKER_CONFIG", t.TempDir())
+}
+
+func push(t *testing.T, ref string, a remote.Taggable) {
+	t.Helper()
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Push(r, a); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func remoteImage(t *testing.T, ref string) v1.Image {
+	t.Helper()
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := remote.Image(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img
+}
+
+func tagExists(t *testing.T, ref string) bool {
+	t.Helper()
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = remote.Head(r)
+	if err == nil {
+		return true
+	}
+	var te *transport.Error
+	if !errors.As(err, &te) || te.StatusCode != http.StatusNotFound {
+		t.Fatalf("HEAD %s: %v", ref, err)
+	}
+	return false
+}
+
+func parseReport(t *testing.T, stdout string) *convertReport {
+	t.Helper()
+	var rep convertReport
+	dec := json.NewDecoder(strings.NewReader(stdout))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&rep); err != nil {
+		t.Fatalf("--json output: %v\n%s", err, stdout)
+	}
+	return &rep
+}
+
+// checkImage checks a converted image against the report: every layer is
+// eStargz with the TOC digest annotation the report names, and the image is
+// valid.
+func checkImage(t *testing.T, img v1.Image, ir imageReport) {
+	t.Helper()
+	if err := validateImage(img); err != nil {
+		t.Fatal(err)
+	}
+	d, _ := img.Digest()
+	if d.String() != ir.Digest {
+		t.Errorf("image digest %s, report says %s", d, ir.Digest)
+	}
+	m, err := img.Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(m.Layers) != len(ir.Layers) {
+		t.Fatalf("%d layers, report has %d", len(m.Layers), len(ir.Layers))
+	}
+	if m.Annotations[convert.AnnotationSourceManifest] != ir.SourceDigest {
+		t.Errorf("source manifest annotation %q, report says %s", m.Annotations[convert.AnnotationSourceManifest], ir.SourceDigest)
+	}
+	for i, l := range m.Layers {
+		lr := ir.Layers[i]
+		toc := l.Annotations[convert.AnnotationTOCDigest]
+		if toc == "" || toc != lr.TOCDigest {
+			t.Errorf("layer %d: toc.digest %q, report says %q", i, toc, lr.TOCDigest)
+		}
+		if l.Digest.String() != lr.Digest || l.Size != lr.Size {
+			t.Errorf("layer %d: %s %d bytes, report says %s %d", i, l.Digest, l.Size, lr.Digest, lr.Size)
+		}
+		if lr.SourceDigest == "" || lr.SourceSize <= 0 || lr.Seconds < 0 || lr.UncompressedSize <= 0 {
+			t.Errorf("layer %d: incomplete report %+v", i, lr)
+		}
+	}
+}
+
+func TestConvertRegistryToRegistry(t *testing.T) {
+	isolate(t)
+	ctx := context.Background()
+	reg := testimage.NewRegistry(t)
+	img, err := testimage.SeedImage(1, testimage.LinuxAMD64, testimage.WithoutLargeFiles())
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, dst := reg.Host+"/lib/app:v1", reg.Host+"/lib/app:v1-estargz"
+	push(t, src, img)
+
+	stdout, stderr, err := runCLI(ctx, t, "convert", "--json", src, dst)
+	if err != nil {
+		t.Fatalf("convert: %v\n%s", err, stderr)
+	}
+	rep := parseReport(t, stdout)
+	srcDigest, _ := img.Digest()
+	if rep.SourceDigest != srcDigest.String() || rep.Format != "estargz" || len(rep.Images) != 1 {
+		t.Fatalf("report: %+v", rep)
+	}
+	out := remoteImage(t, dst)
+	checkImage(t, out, rep.Images[0])
+	if d, _ := out.Digest(); d.String() != rep.Digest {
+		t.Errorf("registry holds %s, report says %s", d, rep.Digest)
+	}
+	tot := rep.Totals
+	if tot.Images != 1 || tot.Layers != 2 || tot.SourceBytes <= 0 || tot.OutputBytes <= 0 || tot.SourceUncompressedSize <= 0 {
+		t.Errorf("totals: %+v", tot)
+	}
+	// Every layer opens lazily over range requests and passes VerifyTOC.
+	client, err := imageio.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := verifyDemo(ctx, client, reg.Host, dst, rep); err != nil {
+		t.Fatal(err)
+	}
+	// Not a terminal: one plain line per layer, and a summary.
+	for _, l := range rep.Images[0].Layers {
+		if !strings.Contains(stderr, "layer "+shortDigest(l.SourceDigest)+" converted: ") {
+			t.Errorf("no log line for layer %s:\n%s", l.SourceDigest, stderr)
+		}
+	}
+	if !strings.Contains(stderr, "converted "+src+" -> "+dst+"@sha256:") || strings.Contains(stderr, "\x1b[") {
+		t.Errorf("stderr:\n%s", stderr)
+	}
+
+	// Converting the output again reuses every layer.
+	stdout, stderr, err = runCLI(ctx, t, "convert", "--json", dst, reg.Host+"/lib/app:again")
+	if err != nil {
+		t.Fatalf("reconvert: %v\n%s", err, stderr)
+	}
+	rep2 := parseReport(t, stdout)
+	if rep2.Totals.Reused != 2 {
+		t.Errorf("reconverting: %d of 2 layers reused", rep2.Totals.Reused)
+	}
+	for i, l := range rep2.Images[0].Layers {
+		if l.Digest != rep.Images[0].Layers[i].Digest || !l.Reused {
+			t.Errorf("layer %d rebuilt: %+v", i, l)
+		}
+	}
+}
+
+func TestConvertZstdChunked(t *testing.T) {
+	isolate(t)
+	ctx := context.Background()
+	reg := testimage.NewRegistry(t)
+	img, err := testimage.SeedImage(2, testimage.LinuxAMD64, testimage.WithoutLargeFiles())
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, dst := reg.Host+"/z/app:v1", reg.Host+"/z/app:zstd"
+	push(t, src, img)
+	stdout, stderr, err := runCLI(ctx, t, "convert", "--json", "--format", "zstd-chunked", "--compression-level", "5", "--jobs", "1", src, dst)
+	if err != nil {
+		t.Fatalf("convert: %v\n%s", err, stderr)
+	}
+	rep := parseReport(t, stdout)
+	checkImage(t, remoteImage(t, dst), rep.Images[0])
+	for _, l := range rep.Images[0].Layers {
+		if !strings.Contains(l.MediaType, "zstd") {
+			t.Errorf("layer %s: media type %s", l.Digest, l.MediaType)
+		}
+	}
+	client, err := imageio.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := verifyDemo(ctx, client, reg.Host, dst, rep); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestConvertRegistryToLayoutAndBack(t *testing.T) {
+	isolate(t)
+	ctx := context.Background()
+	reg := testimage.NewRegistry(t)
+	img, err := testimage.SeedImage(3, testimage.LinuxAMD64, testimage.WithoutLargeFiles())
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := reg.Host + "/lib/app:v1"
+	push(t, src, img)
+
+	// registry -> oci: (relative path, fresh directory)
+	t.Chdir(t.TempDir())
+	stdout, stderr, err := runCLI(ctx, t, "convert", "--json", src, "oci:out/layout:conv")
+	if err != nil {
+		t.Fatalf("convert: %v\n%s", err, stderr)
+	}
+	rep := parseReport(t, stdout)
+	p, err := layout.FromPath("out/layout")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ii, err := p.ImageIndex()
+	if err != nil {
+		t.Fatal(err)
+	}
+	im, err := ii.IndexManifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(im.Manifests) != 1 || im.Manifests[0].Annotations[imageio.AnnotationRefName] != "conv" ||
+		im.Manifests[0].Digest.String() != rep.Digest || im.Manifests[0].Platform == nil {
+		t.Fatalf("index.json: %+v", im.Manifests)
+	}
+	out, err := ii.Image(im.Manifests[0].Digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkImage(t, out, rep.Images[0])
+
+	// oci: (no tag, the only manifest) -> registry; layers already eStargz
+	// are reused.
+	dst := reg.Host + "/lib/app:from-layout"
+	stdout, stderr, err = runCLI(ctx, t, "convert", "--json", "oci:out/layout", dst)
+	if err != nil {
+		t.Fatalf("convert: %v\n%s", err, stderr)
+	}
+	rep2 := parseReport(t, stdout)
+	checkImage(t, remoteImage(t, dst), rep2.Images[0])
+	if rep2.Totals.Reused != rep2.Totals.Layers {
+		t.Errorf("%d of %d layers reused", rep2.Totals.Reused, rep2.Totals.Layers)
+	}
+	// --force rebuilds them, with the same result.
+	stdout, stderr, err = runCLI(ctx, t, "convert", "--json", "--force", "oci:out/layout:conv", dst+"-forced")
+	if err != nil {
+		t.Fatalf("convert --force: %v\n%s", err, stderr)
+	}
+	if rep3 := parseReport(t, stdout); rep3.Totals.Reused != 0 {
+		t.Errorf("--force: %d layers reused", rep3.Totals.Reused)
+	}
+}
+
+func TestConvertIndexPlatforms(t *testing.T) {
+	isolate(t)
+	ctx := context.Background()
+	reg := testimage.NewRegistry(t)
+	idx, err := testimage.SeedIndex(4, testimage.WithoutLargeFiles())
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := reg.Host + "/multi/app:v1"
+	push(t, src, idx)
+
+	index := func(ref string) v1.ImageIndex {
+		r, err := name.ParseReference(ref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ii, err := remote.Index(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := validate.Index(ii); err != nil {
+			t.Fatalf("validate.Index(%s): %v", ref, err)
+		}
+		return ii
+	}
+
+	// All platforms.
+	stdout, stderr, err := runCLI(ctx, t, "convert", "--json", src, reg.Host+"/multi/app:all")
+	if err != nil {
+		t.Fatalf("convert: %v\n%s", err, stderr)
+	}
+	rep := parseReport(t, stdout)
+	all := index(reg.Host + "/multi/app:all")
+	im, _ := all.IndexManifest()
+	if len(im.Manifests) != 2 || len(rep.Images) != 2 || rep.Totals.Images != 2 {
+		t.Fatalf("all platforms: %d manifests, %d in report", len(im.Manifests), len(rep.Images))
+	}
+	for i, d := range im.Manifests {
+		img, err := all.Image(d.Digest)
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkImage(t, img, rep.Images[i])
+		if d.Platform == nil || rep.Images[i].Platform != d.Platform.String() {
+			t.Errorf("manifest %d: platform %v, report %q", i, d.Platform, rep.Images[i].Platform)
+		}
+	}
+
+	// One platform (comma list and repeated flags both parse).
+	for _, args := range [][]string{
+		{"--platform", "linux/arm64/v8"},
+		{"--platform", "linux/arm64/v8,linux/s390x"},
+		{"--platform", "linux/s390x", "--platform", "linux/arm64/v8"},
+	} {
+		dst := reg.Host + "/multi/app:arm64"
+		stdout, stderr, err := runCLI(ctx, t, append(append([]string{"convert", "--json"}, args...), src, dst)...)
+		if err != nil {
+			t.Fatalf("%v: %v\n%s", args, err, stderr)
+		}
+		rep := parseReport(t, stdout)
+		ii := index(dst)
+		im, _ := ii.IndexManifest()
+		if len(im.Manifests) != 1 || im.Manifests[0].Platform == nil || im.Manifests[0].Platform.Architecture != "arm64" {
+			t.Fatalf("%v: manifests %+v", args, im.Manifests)
+		}
+		if len(rep.Images) != 1 || rep.Images[0].Platform != "linux/arm64/v8" || len(rep.Skipped) != 1 {
+			t.Fatalf("%v: report images %+v skipped %+v", args, rep.Images, rep.Skipped)
+		}
+		img, err := ii.Image(im.Manifests[0].Digest)
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkImage(t, img, rep.Images[0])
+	}
+
+	// No platform matches: an error, and nothing written.
+	_, _, err = runCLI(ctx, t, "convert", "--platform", "windows/amd64", src, reg.Host+"/multi/app:none")
+	if err == nil || !strings.Contains(err.Error(), src) {
+		t.Fatalf("no matching platform: %v", err)
+	}
+	if tagExists(t, reg.Host+"/multi/app:none") {
+		t.Fatal("tag written for an empty selection")
+	}
+}
+
+func TestConvertCorruptBlobLeavesDestination(t *testing.T) {
+	isolate(t)
+	ctx := context.Background()
+	reg := testimage.NewRegistry(t)
+	img, err := testimage.SeedImage(5, testimage.LinuxAMD64, testimage.WithoutLargeFiles())
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := reg.Host + "/bad/app:v1"
+	push(t, src, img)
+	layers, _ := img.Layers()
+	bad, _ := layers[1].Digest()
+
+	// Registry source with a blob whose bytes do not match its digest.
+	reg.Corrupt(bad)
+	dst := reg.Host + "/bad/app:out"
+	_, _, err = runCLI(ctx, t, "convert", src, dst)
+	if err == nil {
+		t.Fatal("converting a corrupt blob succeeded")
+	}
+	t.Logf("corrupt blob: %v", err)
+	if !strings.Contains(err.Error(), src) || !strings.Contains(err.Error(), bad.String()) {
+		t.Errorf("error names neither image nor layer: %v", err)
+	}
+	if tagExists(t, dst) {
+		t.Fatal("destination tag written after a failed conversion")
+	}
+	reg.Corrupt(v1.Hash{})
+
+	// A destination layout keeps its index.json.
+	dir := t.TempDir()
+	if _, _, err := runCLI(ctx, t, "convert", src, "oci:"+dir+":v1"); err != nil {
+		t.Fatal(err)
+	}
+	before, err := os.ReadFile(filepath.Join(dir, "index.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg.Corrupt(bad)
+	if _, _, err := runCLI(ctx, t, "convert", "--force", src, "oci:"+dir+":v1"); err == nil {
+		t.Fatal("converting a corrupt blob into a layout succeeded")
+	}
+	after, _ := os.ReadFile(filepath.Join(dir, "index.json"))
+	if !bytes.Equal(before, after) {
+		t.Fatalf("index.json changed:\n%s\n%s", before, after)
+	}
+	reg.Corrupt(v1.Hash{})
+
+	// A layout source whose blob was altered on disk.
+	srcDir := t.TempDir()
+	if _, err := layout.Write(srcDir, empty.Index); err != nil {
+		t.Fatal(err)
+	}
+	p, _ := layout.FromPath(srcDir)
+	if err := p.AppendImage(img); err != nil {
+		t.Fatal(err)
+	}
+	blob := filepath.Join(srcDir, "blobs", bad.Algorithm, bad.Hex)
+	b, err := os.ReadFile(blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[len(b)/2] ^= 0xff
+	if err := os.WriteFile(blob, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dst = reg.Host + "/bad/app:from-layout"
+	_, _, err = runCLI(ctx, t, "convert", "oci:"+srcDir, dst)
+	if err == nil || !strings.Contains(err.Error(), "oci:"+srcDir) || !strings.Contains(err.Error(), bad.String()) {
+		t.Errorf("corrupt layout blob: %v", err)
+	}
+	if tagExists(t, dst) {
+		t.Fatal("destination tag written after a failed conversion")
+	}
+}
+
+func TestConvertCancelLeavesDestination(t *testing.T) {
+	isolate(t)
+	img, err := testimage.SeedImage(6, testimage.LinuxAMD64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var once sync.Once
+	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	armed := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-armed:
+			// Interrupt the conversion as soon as it reads a blob.
+			if r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/sha256:") {
+				once.Do(cancel)
+			}
+		default:
+		}
+		inner.ServeHTTP(w, r)
+	}))
+	defer srv.Close()
+	host := strings.TrimPrefix(srv.URL, "http://")
+	src, dst := host+"/c/app:v1", host+"/c/app:out"
+	push(t, src, img)
+	close(armed)
+	_, _, err = runCLI(ctx, t, "convert", src, dst)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("interrupted conversion: %v", err)
+	}
+	if tagExists(t, dst) {
+		t.Fatal("destination tag written after an interrupted conversion")
+	}
+}
+
+func TestConvertRegistryErrors(t *testing.T) {
+	isolate(t)
+	ctx := context.Background()
+	img, err := testimage.SeedImage(7, testimage.LinuxAMD64, testimage.WithoutLargeFiles())
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// 404: no such image.
+	reg := testimage.NewRegistry(t)
+	_, _, err = runCLI(ctx, t, "convert", reg.Host+"/none/app:v1", reg.Host+"/none/app:out")
+	t.Logf("404: %v", err)
+	if err == nil || !strings.Contains(err.Error(), "reading "+reg.Host+"/none/app:v1: not found: ") {
+		t.Errorf("404: %v", err)
+	}
+
+	// A layer blob answering 404 and 500: the error names image and layer.
+	src := reg.Host + "/lib/app:v1"
+	push(t, src, img)
+	layers, _ := img.Layers()
+	dgst, _ := layers[0].Digest()
+	for status, want := range map[int]string{http.StatusNotFound: "not found", http.StatusInternalServerError: "500"} {
+		reg.Fail(dgst, status)
+		_, _, err = runCLI(ctx, t, "convert", src, reg.Host+"/lib/app:out")
+		t.Logf("blob %d: %v", status, err)
+		if err == nil || !strings.Contains(err.Error(), src) || !strings.Contains(err.Error(), dgst.String()) || !strings.Contains(err.Error(), want) {
+			t.Errorf("blob %d: %v", status, err)
+		}
+		reg.Fail(dgst, 0)
+	}
+
+	// 500 on everything.
+	srv500 := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "boom", http.StatusInternalServerError)
+	}))
+	defer srv500.Close()
+	h500 := strings.TrimPrefix(srv500.URL, "http://")
+	_, _, err = runCLI(ctx, t, "convert", h500+"/x/app:v1", h500+"/x/app:out")
+	t.Logf("500: %v", err)
+	if err == nil || !strings.Contains(err.Error(), "reading "+h500+"/x/app:v1: registry error: ") {
+		t.Errorf("500: %v", err)
+	}
+
+	// 401: a registry that wants credentials; then with them in the docker
+	// config.
+	const user, pass = "builder", "pa55-w0rd-x"
+	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	srvAuth := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if u, p, ok := r.BasicAuth(); !ok || u != user || p != pass {
+			w.Header().Set("WWW-Authenticate", `Basic realm="lazybase-test"`)
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusUnauthorized)
+			io.WriteString(w, `{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}`)
+			return
+		}
+		inner.ServeHTTP(w, r)
+	}))
+	defer srvAuth.Close()
+	hAuth := strings.TrimPrefix(srvAuth.URL, "http://")
+	_, _, err = runCLI(ctx, t, "convert", hAuth+"/p/app:v1", hAuth+"/p/app:out")
+	t.Logf("401: %v", err)
+	if err == nil || !strings.Contains(err.Error(), "reading "+hAuth+"/p/app:v1: unauthorized: ") {
+		t.Errorf("401: %v", err)
+	}
+	cfg := t.TempDir()
+	t.Setenv("DOCKER_CONFIG", cfg)
+	auth := base64.StdEncoding.EncodeToString([]byte(user + ":" + pass))
+	if err := os.WriteFile(filepath.Join(cfg, "config.json"), []byte(`{"auths":{"`+hAuth+`":{"auth":"`+auth+`"}}}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// Push with the same credentials, then convert.
+	srcRef, _ := name.ParseReference(hAuth + "/p/app:v1")
+	if err := remote.Push(srcRef, img, remote.WithAuth(&authn.Basic{Username: user, Password: pass})); err != nil {
+		t.Fatal(err)
+	}
+	stdout, stderr, err := runCLI(ctx, t, "convert", "--log-level", "debug", "--json", hAuth+"/p/app:v1", hAuth+"/p/app:out")
+	if err != nil {
+		t.Fatalf("with credentials: %v\n%s", err, stderr)
+	}
+	if strings.Contains(stdout+stderr, pass) || strings.Contains(stdout+stderr, auth) {
+		t.Fatal("credentials in the output")
+	}
+	parseReport(t, stdout)
+}
+
+func TestConvertBadFlags(t *testing.T) {
+	isolate(t)
+	ctx := context.Background()
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"convert", "--format", "lz4", "oci:a", "oci:b"}, "--format"},
+		{[]string{"convert", "--platform", "linux", "oci:a", "oci:b"}, "--platform"},
+		{[]string{"convert", "--compression-level", "0", "oci:a", "oci:b"}, "--compression-level"},
+		{[]string{"convert", "--compression-level", "12", "oci:a", "oci:b"}, "level"},
+		{[]string{"convert", "oci:a"}, "accepts 2 arg"},
+		{[]string{"convert", "oci:" + t.TempDir(), "oci:b"}, "not an OCI image layout"},
+	} {
+		_, _, err := runCLI(ctx, t, tc.args...)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%v: %v, want %q", tc.args, err, tc.want)
+		}
+	}
+}
