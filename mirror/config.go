@@ -1,0 +1,348 @@
+package mirror
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/containerd/platforms"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/pelletier/go-toml/v2"
+
+	"github.com/lazybase/lazybase/convert"
+)
+
+// Config is the mirror.toml file. Every field states its default; a zero
+// value means the default.
+//
+//	# The mirror namespace: registry host and optional path prefix. A source
+//	# repository "REGISTRY/PATH" is mirrored to "DESTINATION/PATH". Empty:
+//	# converted images go back into their source repository, and tag_suffix
+//	# and records_repository are required. Default: "".
+//	destination = "mirror.example.com/esgz"
+//	# Appended to the source tag to name the converted tag. Default: "".
+//	tag_suffix = "-esgz"
+//	# Where conversion records (and the converted layer blobs they hold)
+//	# live. Default: DESTINATION/lazybase-records.
+//	records_repository = "mirror.example.com/esgz/lazybase-records"
+//	# Output format: "estargz" or "zstd-chunked". Default: "estargz".
+//	format = "estargz"
+//	# Compression level: gzip 1-9, zstd 1-22. Default: 0, the format's
+//	# default (gzip 6, zstd 3).
+//	level = 0
+//	# Largest piece of a file compressed as one stream. Default: 0 (4 MiB).
+//	chunk_size = 0
+//	# Directory of prefetch lists (prefetch.LoadList format). For a source
+//	# repository PATH (without the registry) and tag TAG the mirror reads
+//	# NAME.TAG.json, else NAME.json, where NAME is PATH with "/" replaced
+//	# by "_"; no file means no prefetch list. Default: "".
+//	prefetch_dir = "/etc/lazybase/prefetch"
+//	# Platforms converted from multi-platform sources ("os/arch[/variant]").
+//	# Default: every platform. A source's own list overrides it.
+//	platforms = ["linux/amd64", "linux/arm64"]
+//	# Images mirrored at the same time. Default: 2.
+//	concurrency = 2
+//	# Layers converted at the same time, and compressors running in
+//	# parallel, per converter. Default: 0 (GOMAXPROCS).
+//	jobs = 0
+//	# Blobs transferred at the same time per image. Default: 4.
+//	transfer_jobs = 4
+//	# Attempts per image before it counts as failed. Default: 3.
+//	image_attempts = 3
+//	# HTTP retries per request on 429, 5xx and connection resets, with
+//	# exponential backoff and jitter from retry_initial up to retry_max;
+//	# Retry-After is honoured up to retry_after_max. Defaults: 5, "200ms",
+//	# "10s", "60s".
+//	retries = 5
+//	retry_initial = "200ms"
+//	retry_max = "10s"
+//	retry_after_max = "60s"
+//	# Plain HTTP to non-loopback registries, and skipping TLS verification.
+//	# Defaults: false, false.
+//	plain_http = false
+//	insecure = false
+//	# Directory for converted layers and spooled tars. Default: os.TempDir().
+//	temp_dir = ""
+//
+//	[[source]]
+//	# Repository to mirror, with its registry. Required.
+//	repository = "registry-1.docker.io/library/debian"
+//	# Shell globs (path.Match) a tag must match. Default: every tag,
+//	# unless tag_regex is set.
+//	tags = ["bookworm*", "12.*"]
+//	# Regular expression (RE2, anchored) a tag must match, instead of or in
+//	# addition to tags (a tag matching either is kept). Default: "".
+//	tag_regex = '^12\.[0-9]+$'
+//	# Keep only the newest N matching tags. Default: 0 (all).
+//	newest = 3
+//	# How "newest" orders tags: "semver" (a leading "v" dropped, tags split
+//	# into runs of digits and of other characters and compared run by run,
+//	# digits numerically, a "-" suffix marking a pre-release: 1.10 > 1.9 >
+//	# 1.9-rc2 > 1.9-rc1 > 1.8; ties broken by the plain string) or
+//	# "created" (the image config's created time, ties by semver order;
+//	# costs a manifest and a config request per matching tag).
+//	# Default: "semver".
+//	order = "semver"
+//	# Platforms for this source. Default: the global list.
+//	platforms = ["linux/amd64"]
+type Config struct {
+	Destination       string   `toml:"destination"`
+	TagSuffix         string   `toml:"tag_suffix"`
+	RecordsRepository string   `toml:"records_repository"`
+	Format            string   `toml:"format"`
+	Level             int      `toml:"level"`
+	ChunkSize         int      `toml:"chunk_size"`
+	PrefetchDir       string   `toml:"prefetch_dir"`
+	Platforms         []string `toml:"platforms"`
+	Concurrency       int      `toml:"concurrency"`
+	Jobs              int      `toml:"jobs"`
+	TransferJobs      int      `toml:"transfer_jobs"`
+	ImageAttempts     int      `toml:"image_attempts"`
+	Retries           *int     `toml:"retries"`
+	RetryInitial      string   `toml:"retry_initial"`
+	RetryMax          string   `toml:"retry_max"`
+	RetryAfterMax     string   `toml:"retry_after_max"`
+	PlainHTTP         bool     `toml:"plain_http"`
+	Insecure          bool     `toml:"insecure"`
+	TempDir           string   `toml:"temp_dir"`
+	Sources           []Source `toml:"source"`
+}
+
+// Source is one [[source]] table.
+type Source struct {
+	Repository string   `toml:"repository"`
+	Tags       []string `toml:"tags"`
+	TagRegex   string   `toml:"tag_regex"`
+	Newest     int      `toml:"newest"`
+	Order      string   `toml:"order"`
+	Platforms  []string `toml:"platforms"`
+
+	re        *regexp.Regexp
+	platforms []v1.Platform
+}
+
+// Orders of "newest".
+const (
+	OrderSemver  = "semver"
+	OrderCreated = "created"
+)
+
+// Defaults.
+const (
+	DefaultConcurrency   = 2
+	DefaultTransferJobs  = 4
+	DefaultImageAttempts = 3
+	DefaultRetries       = 5
+	DefaultRetryInitial  = 200 * time.Millisecond
+	DefaultRetryMax      = 10 * time.Second
+	DefaultRetryAfterMax = 60 * time.Second
+	// RecordsRepositoryName is appended to the destination to name the
+	// default records repository.
+	RecordsRepositoryName = "lazybase-records"
+)
+
+// LoadConfig reads and validates a mirror.toml file.
+func LoadConfig(file string) (*Config, error) {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return nil, fmt.Errorf("reading mirror config: %w", err)
+	}
+	c, err := ParseConfig(b)
+	if err != nil {
+		return nil, fmt.Errorf("mirror config %s: %w", file, err)
+	}
+	return c, nil
+}
+
+// ParseConfig decodes a mirror.toml document strictly (unknown keys are
+// errors), fills in defaults and validates it. Errors name the key at fault.
+func ParseConfig(b []byte) (*Config, error) {
+	var c Config
+	dec := toml.NewDecoder(bytes.NewReader(b)).DisallowUnknownFields()
+	if err := dec.Decode(&c); err != nil {
+		var sm *toml.StrictMissingError
+		if errors.As(err, &sm) {
+			var keys []string
+			for _, e := range sm.Errors {
+				keys = append(keys, strings.Join(e.Key(), "."))
+			}
+			return nil, fmt.Errorf("unknown key(s): %s", strings.Join(keys, ", "))
+		}
+		var de *toml.DecodeError
+		if errors.As(err, &de) {
+			row, col := de.Position()
+			if k := strings.Join(de.Key(), "."); k != "" {
+				return nil, fmt.Errorf("key %s (line %d, column %d): %w", k, row, col, err)
+			}
+			return nil, fmt.Errorf("line %d, column %d: %w", row, col, err)
+		}
+		return nil, err
+	}
+	if err := c.validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+func (c *Config) validate() error {
+	if c.Format == "" {
+		c.Format = string(convert.FormatEStargz)
+	}
+	f, err := convert.ParseFormat(c.Format)
+	if err != nil {
+		return fmt.Errorf("format: %w", err)
+	}
+	c.Format = string(f)
+	if c.Level != 0 {
+		max := 9
+		if f == convert.FormatZstdChunked {
+			max = 22
+		}
+		if c.Level < 1 || c.Level > max {
+			return fmt.Errorf("level: must be 1-%d for %s, got %d", max, f, c.Level)
+		}
+	}
+	if c.ChunkSize < 0 {
+		return fmt.Errorf("chunk_size: must not be negative, got %d", c.ChunkSize)
+	}
+	c.Destination = strings.TrimSuffix(c.Destination, "/")
+	if c.Destination == "" {
+		if c.TagSuffix == "" {
+			return errors.New("tag_suffix: required when destination is empty (images go back into their source repository)")
+		}
+		if c.RecordsRepository == "" {
+			return errors.New("records_repository: required when destination is empty")
+		}
+	}
+	if c.RecordsRepository == "" {
+		c.RecordsRepository = c.Destination + "/" + RecordsRepositoryName
+	}
+	if c.TagSuffix != "" && !validTagPart.MatchString(c.TagSuffix) {
+		return fmt.Errorf("tag_suffix: %q has characters a tag may not hold", c.TagSuffix)
+	}
+	for _, p := range []struct {
+		key string
+		v   *int
+		def int
+	}{
+		{"concurrency", &c.Concurrency, DefaultConcurrency},
+		{"transfer_jobs", &c.TransferJobs, DefaultTransferJobs},
+		{"image_attempts", &c.ImageAttempts, DefaultImageAttempts},
+	} {
+		if *p.v < 0 {
+			return fmt.Errorf("%s: must not be negative, got %d", p.key, *p.v)
+		}
+		if *p.v == 0 {
+			*p.v = p.def
+		}
+	}
+	if c.Jobs < 0 {
+		return fmt.Errorf("jobs: must not be negative, got %d", c.Jobs)
+	}
+	if c.Retries == nil {
+		n := DefaultRetries
+		c.Retries = &n
+	} else if *c.Retries < 0 {
+		return fmt.Errorf("retries: must not be negative, got %d", *c.Retries)
+	}
+	for _, d := range []struct {
+		key string
+		v   *string
+		def time.Duration
+	}{
+		{"retry_initial", &c.RetryInitial, DefaultRetryInitial},
+		{"retry_max", &c.RetryMax, DefaultRetryMax},
+		{"retry_after_max", &c.RetryAfterMax, DefaultRetryAfterMax},
+	} {
+		if *d.v == "" {
+			*d.v = d.def.String()
+		}
+		v, err := time.ParseDuration(*d.v)
+		if err != nil || v <= 0 {
+			return fmt.Errorf("%s: want a positive duration such as \"500ms\", got %q", d.key, *d.v)
+		}
+	}
+	global, err := parsePlatforms(c.Platforms)
+	if err != nil {
+		return fmt.Errorf("platforms: %w", err)
+	}
+	if len(c.Sources) == 0 {
+		return errors.New("source: at least one [[source]] is required")
+	}
+	for i := range c.Sources {
+		s := &c.Sources[i]
+		key := fmt.Sprintf("source[%d]", i)
+		if s.Repository == "" {
+			return fmt.Errorf("%s.repository: required", key)
+		}
+		s.Repository = strings.TrimSuffix(s.Repository, "/")
+		for _, g := range s.Tags {
+			if _, err := path.Match(g, ""); err != nil {
+				return fmt.Errorf("%s.tags: glob %q: %w", key, g, err)
+			}
+		}
+		if s.TagRegex != "" {
+			re, err := regexp.Compile("^(?:" + s.TagRegex + ")$")
+			if err != nil {
+				return fmt.Errorf("%s.tag_regex: %w", key, err)
+			}
+			s.re = re
+		}
+		if s.Newest < 0 {
+			return fmt.Errorf("%s.newest: must not be negative, got %d", key, s.Newest)
+		}
+		switch s.Order {
+		case "":
+			s.Order = OrderSemver
+		case OrderSemver, OrderCreated:
+		default:
+			return fmt.Errorf("%s.order: want %q or %q, got %q", key, OrderSemver, OrderCreated, s.Order)
+		}
+		if len(s.Platforms) == 0 {
+			s.platforms = global
+		} else if s.platforms, err = parsePlatforms(s.Platforms); err != nil {
+			return fmt.Errorf("%s.platforms: %w", key, err)
+		}
+	}
+	return nil
+}
+
+var validTagPart = regexp.MustCompile(`^[A-Za-z0-9_.-]+$`)
+
+func parsePlatforms(ss []string) ([]v1.Platform, error) {
+	var out []v1.Platform
+	for _, s := range ss {
+		p, err := platforms.Parse(s)
+		if err != nil {
+			return nil, fmt.Errorf("%q: %w", s, err)
+		}
+		out = append(out, v1.Platform{OS: p.OS, Architecture: p.Architecture, Variant: p.Variant})
+	}
+	return out, nil
+}
+
+func (c *Config) durations() (initial, max, afterMax time.Duration) {
+	initial, _ = time.ParseDuration(c.RetryInitial)
+	max, _ = time.ParseDuration(c.RetryMax)
+	afterMax, _ = time.ParseDuration(c.RetryAfterMax)
+	return
+}
+
+// MatchTag reports whether tag passes the source's glob and regex filters
+// (newest N is applied to a whole tag list by SelectTags).
+func (s *Source) MatchTag(tag string) bool {
+	if len(s.Tags) == 0 && s.re == nil {
+		return true
+	}
+	for _, g := range s.Tags {
+		if ok, _ := path.Match(g, tag); ok {
+			return true
+		}
+	}
+	return s.re != nil && s.re.MatchString(tag)
+}

@@ -1,0 +1,64 @@
+// Package mirror keeps a mirror registry full of eStargz (or zstd:chunked)
+// conversions of the images a mirror.toml names (see Config), reusing the
+// convert package for the conversion itself.
+//
+// # Work skipped
+//
+// An image whose destination tag already holds a manifest (or index) whose
+// dev.lazybase.source.manifest.digest annotation equals the current source
+// digest and whose dev.lazybase.convert.format annotation equals the mirror's
+// options is skipped after one manifest request to the destination. (Changing
+// prefetch lists or platforms is not visible in those annotations: run with
+// force to redo images.)
+//
+// # Conversion records
+//
+// A layer shared by many images is converted once, across images, runs and
+// machines, through conversion records kept in the mirror registry itself,
+// in the records repository (records_repository, by default
+// DESTINATION/lazybase-records). The record of source layer S converted with
+// format annotation F and prefetch fingerprint P is tagged
+//
+//	rec-HEX(sha256("lazybase-record/v1\n" + S + "\n" + F + "\n" + P + "\n"))
+//
+// where P is "none" without prefetch files, else "sha256:" and the hex
+// sha256 of the layer's prefetch file list joined by newlines (see RecordKey
+// and PrefetchFingerprint). A record is an OCI image manifest
+//
+//	mediaType    application/vnd.oci.image.manifest.v1+json
+//	artifactType application/vnd.lazybase.conversion-record.v1
+//	config       the empty descriptor (application/vnd.oci.empty.v1+json, "{}")
+//	layers       exactly one: the converted blob's descriptor, as it appears
+//	             in converted manifests (media type, digest, size, and the
+//	             TOC digest, uncompressed size and source layer annotations)
+//	annotations  dev.lazybase.record.version       "1"
+//	             dev.lazybase.source.layer.digest  S
+//	             dev.lazybase.convert.format       F
+//	             dev.lazybase.record.prefetch      P
+//	             dev.lazybase.record.diffid        the converted layer's diffID
+//
+// Because the record's layer is the converted blob, the registry keeps the
+// blob alive as long as the record is tagged, and the blob can be mounted
+// from the records repository into any destination repository. Before
+// converting a layer the mirror GETs its record; when the record matches its
+// key and a HEAD finds its blob, the layer is reused: the destination push
+// mounts it (cross-repository mount) or finds it already there. Otherwise
+// the layer is converted and its record written, blob first, tag last, as
+// soon as the layer is done (before its image is pushed), so an interrupted
+// run leaves its finished layers for the next one. Conversion is
+// deterministic, so two workers racing on the same layer write identical
+// records: no lock and no database are needed.
+//
+// # Writes and failures
+//
+// Destination tags are written last, after every blob and child manifest
+// (internal/imageio), so a tag only ever points to complete content. HTTP
+// requests are retried by RetryTransport (429 with Retry-After, 5xx,
+// connection resets); an image is attempted up to image_attempts times; one
+// failing image does not stop the others; Run returns a Report of converted,
+// skipped and failed images with reasons and timings.
+//
+// Shard splits the images between workers by the FNV-1a hash of the source
+// reference. Server (serve) converts pushed images named by registry
+// notifications (ParseEvents) and exports Prometheus metrics.
+package mirror

@@ -1,0 +1,687 @@
+package mirror
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/containerd/log"
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"golang.org/x/sync/singleflight"
+
+	"github.com/lazybase/lazybase/convert"
+	"github.com/lazybase/lazybase/internal/imageio"
+	"github.com/lazybase/lazybase/prefetch"
+)
+
+// Option configures a Mirror.
+type Option func(*options) error
+
+type options struct {
+	keychain  authn.Keychain
+	transport http.RoundTripper
+	shard     Shard
+	force     bool
+	onImage   func(ImageReport)
+	onLayer   func(convert.Event)
+	onRetry   func(*http.Request, int, error)
+	backoff   *remote.Backoff
+	userAgent string
+}
+
+// WithKeychain sets where registry credentials come from. The default is
+// authn.DefaultKeychain (docker config and credential helpers).
+func WithKeychain(kc authn.Keychain) Option {
+	return func(o *options) error { o.keychain = kc; return nil }
+}
+
+// WithTransport sets the base HTTP transport under the retry transport. The
+// default is go-containerregistry's, with TLS verification unless the
+// config's insecure is set.
+func WithTransport(rt http.RoundTripper) Option {
+	return func(o *options) error { o.transport = rt; return nil }
+}
+
+// WithShard restricts Run to one shard of the images.
+func WithShard(s Shard) Option {
+	return func(o *options) error {
+		if s.Count > 0 && (s.Index < 0 || s.Index >= s.Count) {
+			return fmt.Errorf("shard %s: index out of range", s)
+		}
+		o.shard = s
+		return nil
+	}
+}
+
+// WithForce converts images even when the destination already holds their
+// conversion, and ignores conversion records.
+func WithForce(b bool) Option { return func(o *options) error { o.force = b; return nil } }
+
+// WithImageDone registers a function called when an image is done (from the
+// worker goroutine; it must not block for long).
+func WithImageDone(fn func(ImageReport)) Option {
+	return func(o *options) error { o.onImage = fn; return nil }
+}
+
+// WithLayerProgress passes the converter's progress events to fn.
+func WithLayerProgress(fn func(convert.Event)) Option {
+	return func(o *options) error { o.onLayer = fn; return nil }
+}
+
+// WithRetryHook registers a function called before each HTTP retry.
+func WithRetryHook(fn func(req *http.Request, status int, err error)) Option {
+	return func(o *options) error { o.onRetry = fn; return nil }
+}
+
+// WithOperationBackoff sets go-containerregistry's per-operation retry
+// (whole blob uploads, see RetryTransport). The default is its own.
+func WithOperationBackoff(b remote.Backoff) Option {
+	return func(o *options) error { o.backoff = &b; return nil }
+}
+
+// WithUserAgent sets the User-Agent sent to registries.
+func WithUserAgent(ua string) Option {
+	return func(o *options) error { o.userAgent = ua; return nil }
+}
+
+// Mirror converts the images a Config names into the mirror registry.
+// It is safe for concurrent use; Run and MirrorImage may be called many
+// times (serve does).
+type Mirror struct {
+	cfg     *Config
+	o       options
+	client  *imageio.Client
+	rt      *RetryTransport
+	listRT  http.RoundTripper
+	records name.Repository
+	format  string
+
+	convMu sync.Mutex
+	convs  map[string]*convert.Converter // prefetch fingerprint -> converter
+
+	layerSF singleflight.Group
+	layerMu sync.Mutex
+	layers  map[string]*layerOut // record key -> converted layer
+
+	listMu sync.Mutex
+	lists  map[string]*prefetch.List
+
+	converted, fromRecords, recordFailures atomic.Int64
+}
+
+// New returns a Mirror for cfg (as ParseConfig returns it).
+func New(cfg *Config, opts ...Option) (*Mirror, error) {
+	o := options{keychain: authn.DefaultKeychain, userAgent: "lazybase-mirror"}
+	for _, opt := range opts {
+		if opt == nil {
+			continue
+		}
+		if err := opt(&o); err != nil {
+			return nil, err
+		}
+	}
+	base := o.transport
+	if base == nil {
+		t := remote.DefaultTransport.(*http.Transport).Clone()
+		t.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: cfg.Insecure} //nolint:gosec // insecure = true asks for it
+		base = t
+	}
+	initial, max, afterMax := cfg.durations()
+	rt := NewRetryTransport(base, RetryPolicy{Retries: *cfg.Retries, Initial: initial, Max: max, RetryAfterMax: afterMax}, o.onRetry)
+	copts := []imageio.Option{
+		imageio.WithTransport(rt),
+		imageio.WithPlainHTTP(cfg.PlainHTTP),
+		imageio.WithKeychain(o.keychain),
+		imageio.WithJobs(cfg.TransferJobs),
+		imageio.WithUserAgent(o.userAgent),
+	}
+	if o.backoff != nil {
+		copts = append(copts, imageio.WithRetryBackoff(*o.backoff))
+	}
+	client, err := imageio.New(copts...)
+	if err != nil {
+		return nil, err
+	}
+	f, _ := convert.ParseFormat(cfg.Format)
+	m := &Mirror{
+		cfg:    cfg,
+		o:      o,
+		client: client,
+		rt:     rt,
+		listRT: &plainHTTPPolicy{inner: rt, plainHTTP: cfg.PlainHTTP},
+		format: FormatAnnotation(f, cfg.Level, cfg.ChunkSize),
+		convs:  map[string]*convert.Converter{},
+		layers: map[string]*layerOut{},
+		lists:  map[string]*prefetch.List{},
+	}
+	ref, err := client.ParseRef(cfg.RecordsRepository + ":probe")
+	if err != nil || ref.IsLayout() {
+		return nil, fmt.Errorf("records_repository %q: not a registry repository: %v", cfg.RecordsRepository, err)
+	}
+	m.records = ref.Registry.Context()
+	return m, nil
+}
+
+// Close releases the converters and their temporary files.
+func (m *Mirror) Close() error {
+	m.convMu.Lock()
+	defer m.convMu.Unlock()
+	var errs []error
+	for k, c := range m.convs {
+		errs = append(errs, c.Close())
+		delete(m.convs, k)
+	}
+	return errors.Join(errs...)
+}
+
+// Format returns the AnnotationFormat value of this mirror's output.
+func (m *Mirror) Format() string { return m.format }
+
+// Stats sums the converters' counters.
+func (m *Mirror) Stats() convert.Stats {
+	m.convMu.Lock()
+	defer m.convMu.Unlock()
+	var s convert.Stats
+	for _, c := range m.convs {
+		cs := c.Stats()
+		s.BlobReads += cs.BlobReads
+		s.Decompressions += cs.Decompressions
+		s.Converted += cs.Converted
+		s.Reused += cs.Reused
+	}
+	return s
+}
+
+// Retries returns how many HTTP requests were retried so far.
+func (m *Mirror) Retries() int64 { return m.rt.Retries() }
+
+// Job is one image to mirror.
+type Job struct {
+	// Source is the source reference, REPOSITORY:TAG as configured.
+	Source string `json:"source"`
+	// Destination is the destination reference.
+	Destination string `json:"destination"`
+	// Tag is the source tag.
+	Tag string `json:"tag"`
+
+	src      *Source
+	repoPath string
+}
+
+func (m *Mirror) job(s *Source, repoPath, tag string) Job {
+	dest := s.Repository
+	if m.cfg.Destination != "" {
+		dest = m.cfg.Destination + "/" + repoPath
+	}
+	return Job{
+		Source:      s.Repository + ":" + tag,
+		Destination: dest + ":" + tag + m.cfg.TagSuffix,
+		Tag:         tag,
+		src:         s,
+		repoPath:    repoPath,
+	}
+}
+
+// writesIntoSource reports whether converted tags land in the source
+// repository, so suffixed tags must not be taken as sources.
+func (m *Mirror) writesIntoSource() bool { return m.cfg.Destination == "" }
+
+func (m *Mirror) remoteOptions(ctx context.Context) []remote.Option {
+	return []remote.Option{
+		remote.WithContext(ctx),
+		remote.WithTransport(m.listRT),
+		remote.WithAuthFromKeychain(m.o.keychain),
+		remote.WithUserAgent(m.o.userAgent),
+	}
+}
+
+// Plan lists the tags of every source and returns the images this shard
+// mirrors, in config order, each image once. Sources whose tags cannot be
+// listed are returned as errors; the others are still planned.
+func (m *Mirror) Plan(ctx context.Context) ([]Job, []error) {
+	var (
+		jobs []Job
+		errs []error
+		seen = map[string]bool{}
+	)
+	for i := range m.cfg.Sources {
+		s := &m.cfg.Sources[i]
+		ref, err := m.client.ParseRef(s.Repository)
+		if err != nil || ref.IsLayout() {
+			errs = append(errs, fmt.Errorf("source %s: not a registry repository: %v", s.Repository, err))
+			continue
+		}
+		repo := ref.Registry.Context()
+		tags, err := remote.List(repo, m.remoteOptions(ctx)...)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("source %s: listing tags: %w", s.Repository, err))
+			continue
+		}
+		if m.writesIntoSource() {
+			tags = dropSuffixed(tags, m.cfg.TagSuffix)
+		}
+		selected, err := s.SelectTags(tags, func(tag string) (time.Time, error) { return m.created(ctx, repo.Tag(tag).String()) })
+		if err != nil {
+			errs = append(errs, fmt.Errorf("source %s: %w", s.Repository, err))
+			continue
+		}
+		for _, t := range selected {
+			j := m.job(s, repo.RepositoryStr(), t)
+			if seen[j.Source] || !m.o.shard.Owns(j.Source) {
+				continue
+			}
+			seen[j.Source] = true
+			jobs = append(jobs, j)
+		}
+	}
+	return jobs, errs
+}
+
+func dropSuffixed(tags []string, suffix string) []string {
+	var out []string
+	for _, t := range tags {
+		if !strings.HasSuffix(t, suffix) {
+			out = append(out, t)
+		}
+	}
+	return out
+}
+
+// created returns the created time of an image's config (for an index, of
+// its first image).
+func (m *Mirror) created(ctx context.Context, s string) (time.Time, error) {
+	ref, err := m.client.ParseRef(s)
+	if err != nil {
+		return time.Time{}, err
+	}
+	src, err := m.client.Open(ctx, ref)
+	if err != nil {
+		return time.Time{}, err
+	}
+	img := src.Image
+	if img == nil {
+		im, err := src.Index.IndexManifest()
+		if err != nil {
+			return time.Time{}, err
+		}
+		for _, d := range im.Manifests {
+			if d.MediaType.IsImage() {
+				if img, err = src.Index.Image(d.Digest); err != nil {
+					return time.Time{}, err
+				}
+				break
+			}
+		}
+		if img == nil {
+			return time.Time{}, errors.New("index holds no image")
+		}
+	}
+	cf, err := img.ConfigFile()
+	if err != nil {
+		return time.Time{}, err
+	}
+	return cf.Created.Time, nil
+}
+
+// JobFor returns the job for a pushed image: repository is the path without
+// the registry; host, when not empty, must be the source's registry. The
+// tag must pass the source's filters (newest N is not applied to pushes).
+func (m *Mirror) JobFor(host, repository, tag string) (Job, bool) {
+	if tag == "" {
+		return Job{}, false
+	}
+	for i := range m.cfg.Sources {
+		s := &m.cfg.Sources[i]
+		ref, err := m.client.ParseRef(s.Repository)
+		if err != nil || ref.IsLayout() {
+			continue
+		}
+		repo := ref.Registry.Context()
+		if repo.RepositoryStr() != repository || (host != "" && repo.RegistryStr() != host) {
+			continue
+		}
+		if m.writesIntoSource() && strings.HasSuffix(tag, m.cfg.TagSuffix) {
+			return Job{}, false
+		}
+		if !s.MatchTag(tag) {
+			continue
+		}
+		return m.job(s, repository, tag), true
+	}
+	return Job{}, false
+}
+
+// Run plans and mirrors every image of this shard, Concurrency at a time,
+// and reports on each. One image failing does not stop the others. The
+// error is the context's, when it ended the run early.
+func (m *Mirror) Run(ctx context.Context) (*Report, error) {
+	start := time.Now()
+	rep := &Report{Started: start.UTC()}
+	if m.o.shard.Count > 1 {
+		rep.Shard = m.o.shard.String()
+	}
+	jobs, errs := m.Plan(ctx)
+	for _, e := range errs {
+		log.G(ctx).WithError(e).Error("planning")
+		rep.Errors = append(rep.Errors, e.Error())
+	}
+	results := make([]ImageReport, len(jobs))
+	next := make(chan int)
+	var wg sync.WaitGroup
+	for range min(m.cfg.Concurrency, max(len(jobs), 1)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				results[i] = m.MirrorImage(ctx, jobs[i])
+			}
+		}()
+	}
+	sent := 0
+feed:
+	for ; sent < len(jobs); sent++ {
+		select {
+		case next <- sent:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(next)
+	wg.Wait()
+	for i := sent; i < len(jobs); i++ {
+		results[i] = ImageReport{Source: jobs[i].Source, Destination: jobs[i].Destination, Status: StatusFailed, Reason: "not started: " + context.Cause(ctx).Error()}
+	}
+	for _, r := range results {
+		rep.add(r)
+	}
+	rep.Seconds = time.Since(start).Seconds()
+	rep.Layers = LayerCounts{Converted: m.converted.Load(), FromRecords: m.fromRecords.Load(), RecordWriteFailures: m.recordFailures.Load()}
+	rep.Retries = m.rt.Retries()
+	return rep, ctx.Err()
+}
+
+type imageStats struct {
+	converted, fromRecords, shared atomic.Int64
+	bytes                          atomic.Int64
+}
+
+// MirrorImage mirrors one image, with up to image_attempts attempts, and
+// reports what happened.
+func (m *Mirror) MirrorImage(ctx context.Context, j Job) ImageReport {
+	start := time.Now()
+	r := ImageReport{Source: j.Source, Destination: j.Destination}
+	ctx = log.WithLogger(ctx, log.G(ctx).WithField("image", j.Source))
+	wait := time.Second
+	for attempt := 1; ; attempt++ {
+		r.Attempts = attempt
+		st := &imageStats{}
+		status, src, dgst, err := m.attempt(ctx, j, st)
+		r.SourceDigest, r.Digest, r.Status = src, dgst, status
+		r.LayersConverted, r.LayersFromRecords, r.LayersShared = int(st.converted.Load()), int(st.fromRecords.Load()), int(st.shared.Load())
+		r.Bytes = st.bytes.Load()
+		if err == nil {
+			if status == StatusSkipped {
+				r.Reason = "the destination already holds the conversion of " + src
+			}
+			break
+		}
+		r.Status, r.Reason = StatusFailed, err.Error()
+		if attempt >= m.cfg.ImageAttempts || ctx.Err() != nil {
+			break
+		}
+		log.G(ctx).WithError(err).WithField("attempt", attempt).Warn("image failed; trying again")
+		select {
+		case <-ctx.Done():
+		case <-time.After(wait):
+		}
+		wait *= 2
+	}
+	r.Seconds = time.Since(start).Seconds()
+	if m.o.onImage != nil {
+		m.o.onImage(r)
+	}
+	return r
+}
+
+func (m *Mirror) attempt(ctx context.Context, j Job, st *imageStats) (status, srcDigest, digest string, err error) {
+	srcRef, err := m.client.ParseRef(j.Source)
+	if err != nil {
+		return "", "", "", err
+	}
+	destRef, err := m.client.ParseRef(j.Destination)
+	if err != nil {
+		return "", "", "", err
+	}
+	src, err := m.client.Open(ctx, srcRef)
+	if err != nil {
+		return "", "", "", err
+	}
+	srcDigest = src.Descriptor.Digest.String()
+	if !m.o.force {
+		done, dgst, err := m.upToDate(ctx, destRef, srcDigest)
+		if err != nil {
+			return "", srcDigest, "", err
+		}
+		if done {
+			return StatusSkipped, srcDigest, dgst, nil
+		}
+	}
+	list, err := m.prefetchFor(j)
+	if err != nil {
+		return "", srcDigest, "", err
+	}
+	var art imageio.Artifact
+	if src.Index != nil {
+		art, err = m.buildIndex(ctx, src.Index, src.Descriptor.Digest, j.src.platforms, list, st)
+	} else {
+		art, err = m.buildImage(ctx, src.Image, src.Descriptor.Digest, list, st)
+	}
+	if err != nil {
+		return "", srcDigest, "", err
+	}
+	desc, err := m.client.Write(ctx, destRef, art, nil)
+	if err != nil {
+		return "", srcDigest, "", err
+	}
+	return StatusConverted, srcDigest, desc.Digest.String(), nil
+}
+
+// upToDate reads the destination manifest once and tells whether it is the
+// conversion of srcDigest with this mirror's format.
+func (m *Mirror) upToDate(ctx context.Context, dest imageio.Ref, srcDigest string) (bool, string, error) {
+	d, err := m.client.Open(ctx, dest)
+	if err != nil {
+		var re *imageio.RegistryError
+		if errors.As(err, &re) && re.Kind == "not found" {
+			return false, "", nil
+		}
+		return false, "", fmt.Errorf("checking the destination: %w", err)
+	}
+	var ann map[string]string
+	if d.Index != nil {
+		im, err := d.Index.IndexManifest()
+		if err != nil {
+			return false, "", err
+		}
+		ann = im.Annotations
+	} else {
+		man, err := d.Image.Manifest()
+		if err != nil {
+			return false, "", err
+		}
+		ann = man.Annotations
+	}
+	ok := ann[convert.AnnotationSourceManifest] == srcDigest && ann[convert.AnnotationFormat] == m.format
+	return ok, d.Descriptor.Digest.String(), nil
+}
+
+// layer returns the converted form of one source layer: from this run's
+// memory, from a conversion record in the registry, or converted now (and
+// recorded).
+func (m *Mirror) layer(ctx context.Context, src v1.Layer, desc v1.Descriptor, diffID v1.Hash, files []string, st *imageStats) (*layerOut, error) {
+	fp := PrefetchFingerprint(files)
+	key := RecordKey(desc.Digest, m.format, fp)
+	m.layerMu.Lock()
+	l := m.layers[key]
+	m.layerMu.Unlock()
+	if l != nil {
+		st.shared.Add(1)
+		return l, nil
+	}
+	var mine bool
+	v, err, _ := m.layerSF.Do(key, func() (any, error) {
+		mine = true
+		if !m.o.force {
+			l, err := m.lookupRecord(ctx, key, desc.Digest, fp)
+			if err != nil {
+				log.G(ctx).WithError(err).WithField("layer", desc.Digest).Warn("reading the conversion record failed; converting")
+			}
+			if l != nil {
+				m.fromRecords.Add(1)
+				st.fromRecords.Add(1)
+				m.remember(key, l)
+				return l, nil
+			}
+		}
+		conv, err := m.converter(files)
+		if err != nil {
+			return nil, err
+		}
+		cl, err := conv.Layer(ctx, src, diffID)
+		if err != nil {
+			return nil, err
+		}
+		d, _ := cl.Descriptor()
+		dif, _ := cl.DiffID()
+		m.converted.Add(1)
+		st.converted.Add(1)
+		if err := m.writeRecord(ctx, key, desc.Digest, fp, cl); err != nil {
+			m.recordFailures.Add(1)
+			log.G(ctx).WithError(err).WithField("layer", desc.Digest).Warn("writing the conversion record failed")
+		}
+		l := &layerOut{
+			layer:  &remote.MountableLayer{Layer: cl, Reference: m.records.Digest(d.Digest.String())},
+			desc:   *d,
+			diffID: dif,
+		}
+		m.remember(key, l)
+		return l, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if !mine {
+		st.shared.Add(1)
+	}
+	return v.(*layerOut), nil
+}
+
+func (m *Mirror) remember(key string, l *layerOut) {
+	m.layerMu.Lock()
+	m.layers[key] = l
+	m.layerMu.Unlock()
+}
+
+// fixedFiles is a prefetch source that returns the same files for any layer:
+// the mirror picks a converter per file list.
+type fixedFiles []string
+
+func (f fixedFiles) PrefetchFiles(v1.Hash, v1.Hash) []string { return f }
+
+func (m *Mirror) converter(files []string) (*convert.Converter, error) {
+	fp := PrefetchFingerprint(files)
+	m.convMu.Lock()
+	defer m.convMu.Unlock()
+	if c, ok := m.convs[fp]; ok {
+		return c, nil
+	}
+	f, _ := convert.ParseFormat(m.cfg.Format)
+	opts := []convert.Option{convert.WithFormat(f)}
+	if m.cfg.Level != 0 {
+		opts = append(opts, convert.WithCompressionLevel(m.cfg.Level))
+	}
+	if m.cfg.ChunkSize != 0 {
+		opts = append(opts, convert.WithChunkSize(m.cfg.ChunkSize))
+	}
+	if m.cfg.Jobs != 0 {
+		opts = append(opts, convert.WithJobs(m.cfg.Jobs), convert.WithWorkers(m.cfg.Jobs))
+	}
+	if m.cfg.TempDir != "" {
+		opts = append(opts, convert.WithTempDir(m.cfg.TempDir))
+	}
+	if m.o.onLayer != nil {
+		opts = append(opts, convert.WithProgress(m.o.onLayer))
+	}
+	if len(files) > 0 {
+		opts = append(opts, convert.WithPrefetch(fixedFiles(files)))
+	}
+	c, err := convert.New(opts...)
+	if err != nil {
+		return nil, err
+	}
+	m.convs[fp] = c
+	return c, nil
+}
+
+// PrefetchFile returns the prefetch list files tried for a repository path
+// and tag, in order.
+func PrefetchFile(dir, repoPath, tag string) []string {
+	base := strings.ReplaceAll(repoPath, "/", "_")
+	return []string{filepath.Join(dir, base+"."+tag+".json"), filepath.Join(dir, base+".json")}
+}
+
+func (m *Mirror) prefetchFor(j Job) (*prefetch.List, error) {
+	if m.cfg.PrefetchDir == "" {
+		return nil, nil
+	}
+	for _, f := range PrefetchFile(m.cfg.PrefetchDir, j.repoPath, j.Tag) {
+		if _, err := os.Stat(f); err != nil {
+			continue
+		}
+		m.listMu.Lock()
+		l, ok := m.lists[f]
+		m.listMu.Unlock()
+		if ok {
+			return l, nil
+		}
+		l, err := prefetch.LoadList(f)
+		if err != nil {
+			return nil, err
+		}
+		m.listMu.Lock()
+		m.lists[f] = l
+		m.listMu.Unlock()
+		return l, nil
+	}
+	return nil, nil
+}
+
+// plainHTTPPolicy sends http requests to hosts that may not have plain HTTP
+// over https instead, as imageio's Client does for its own requests (tag
+// listing goes to go-containerregistry directly).
+type plainHTTPPolicy struct {
+	inner     http.RoundTripper
+	plainHTTP bool
+}
+
+func (t *plainHTTPPolicy) RoundTrip(req *http.Request) (*http.Response, error) {
+	if req.URL.Scheme == "http" && !imageio.AllowsPlainHTTP(req.URL.Host, t.plainHTTP) {
+		r := req.Clone(req.Context())
+		u := *req.URL
+		u.Scheme = "https"
+		r.URL = &u
+		req = r
+	}
+	return t.inner.RoundTrip(req)
+}

@@ -1,0 +1,82 @@
+package mirror
+
+import "time"
+
+// Image statuses in a report.
+const (
+	StatusConverted = "converted"
+	StatusSkipped   = "skipped"
+	StatusFailed    = "failed"
+)
+
+// ImageReport is what happened to one image.
+type ImageReport struct {
+	// Source is the source reference (repository:tag).
+	Source string `json:"source"`
+	// SourceDigest is the digest of the source manifest, when it was read.
+	SourceDigest string `json:"sourceDigest,omitempty"`
+	// Destination is the destination reference.
+	Destination string `json:"destination"`
+	// Digest is the digest the destination tag points to.
+	Digest string `json:"digest,omitempty"`
+	// Status is "converted", "skipped" or "failed".
+	Status string `json:"status"`
+	// Reason says why an image was skipped or failed.
+	Reason string `json:"reason,omitempty"`
+	// Attempts is how many times the image was tried.
+	Attempts int `json:"attempts"`
+	// Seconds is the wall time spent on the image.
+	Seconds float64 `json:"seconds"`
+	// LayersConverted, LayersFromRecords and LayersShared count the layers
+	// this image converted itself, took from conversion records in the
+	// registry, and shared with another image of the same run.
+	LayersConverted   int `json:"layersConverted"`
+	LayersFromRecords int `json:"layersFromRecords"`
+	LayersShared      int `json:"layersShared"`
+	// Bytes is the size of the converted layers the image refers to.
+	Bytes int64 `json:"bytes"`
+}
+
+// Report is the outcome of a run.
+type Report struct {
+	Started   time.Time     `json:"started"`
+	Seconds   float64       `json:"seconds"`
+	Shard     string        `json:"shard,omitempty"`
+	Converted int           `json:"converted"`
+	Skipped   int           `json:"skipped"`
+	Failed    int           `json:"failed"`
+	Images    []ImageReport `json:"images"`
+	// Errors lists failures that are not about one image (a repository
+	// whose tags could not be listed).
+	Errors []string `json:"errors,omitempty"`
+	// Layers counts layer work over the whole run.
+	Layers LayerCounts `json:"layers"`
+	// Retries is how many HTTP requests were retried.
+	Retries int64 `json:"retries"`
+}
+
+// LayerCounts counts layer work.
+type LayerCounts struct {
+	// Converted is how many layers were converted in this process.
+	Converted int64 `json:"converted"`
+	// FromRecords is how many layers came from conversion records.
+	FromRecords int64 `json:"fromRecords"`
+	// RecordWriteFailures is how many records could not be written (the
+	// images were still written; later runs convert those layers again).
+	RecordWriteFailures int64 `json:"recordWriteFailures"`
+}
+
+// OK reports whether nothing failed.
+func (r *Report) OK() bool { return r.Failed == 0 && len(r.Errors) == 0 }
+
+func (r *Report) add(ir ImageReport) {
+	switch ir.Status {
+	case StatusConverted:
+		r.Converted++
+	case StatusSkipped:
+		r.Skipped++
+	case StatusFailed:
+		r.Failed++
+	}
+	r.Images = append(r.Images, ir)
+}
