@@ -335,12 +335,20 @@ func (m *Mirror) created(ctx context.Context, s string) (time.Time, error) {
 }
 
 // JobFor returns the job for a pushed image: repository is the path without
-// the registry; host, when not empty, must be the source's registry. The
-// tag must pass the source's filters (newest N is not applied to pushes).
+// the registry; host, when not empty, is matched against the sources'
+// registries first. The tag must pass the source's filters (newest N is not
+// applied to pushes).
 func (m *Mirror) JobFor(host, repository, tag string) (Job, bool) {
 	if tag == "" {
 		return Job{}, false
 	}
+	if m.writesIntoSource() && strings.HasSuffix(tag, m.cfg.TagSuffix) {
+		return Job{}, false
+	}
+	var (
+		found Job
+		ok    bool
+	)
 	for i := range m.cfg.Sources {
 		s := &m.cfg.Sources[i]
 		ref, err := m.client.ParseRef(s.Repository)
@@ -348,18 +356,19 @@ func (m *Mirror) JobFor(host, repository, tag string) (Job, bool) {
 			continue
 		}
 		repo := ref.Registry.Context()
-		if repo.RepositoryStr() != repository || (host != "" && repo.RegistryStr() != host) {
+		if repo.RepositoryStr() != repository || !s.MatchTag(tag) {
 			continue
 		}
-		if m.writesIntoSource() && strings.HasSuffix(tag, m.cfg.TagSuffix) {
-			return Job{}, false
+		// Registries are often reached under several names: prefer the
+		// source on the named registry, else take the first by path.
+		if host != "" && repo.RegistryStr() == host {
+			return m.job(s, repository, tag), true
 		}
-		if !s.MatchTag(tag) {
-			continue
+		if !ok {
+			found, ok = m.job(s, repository, tag), true
 		}
-		return m.job(s, repository, tag), true
 	}
-	return Job{}, false
+	return found, ok
 }
 
 // Run plans and mirrors every image of this shard, Concurrency at a time,

@@ -1,0 +1,178 @@
+package mirror
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+const distPush = `{"events":[{"id":"1","timestamp":"2026-01-01T00:00:00Z","action":"push",
+ "target":{"mediaType":"application/vnd.oci.image.manifest.v1+json","size":100,
+  "digest":"sha256:aaaa","length":100,"repository":"library/debian",
+  "url":"https://registry.example.com/v2/library/debian/manifests/sha256:aaaa","tag":"12"},
+ "request":{"id":"r","addr":"10.0.0.1","host":"registry.example.com","method":"PUT","useragent":"docker"},
+ "actor":{},"source":{"addr":"x","instanceID":"y"}},
+ {"action":"pull","target":{"mediaType":"application/vnd.oci.image.manifest.v1+json","repository":"library/debian","tag":"12"}},
+ {"action":"push","target":{"mediaType":"application/octet-stream","digest":"sha256:bbbb","repository":"library/debian"}}]}`
+
+const harborPush = `{"type":"PUSH_ARTIFACT","occur_at":1700000000,"operator":"admin",
+ "event_data":{"resources":[{"digest":"sha256:cccc","tag":"1.25","resource_url":"harbor.example.com:8443/library/nginx:1.25"}],
+ "repository":{"date_created":1,"name":"nginx","namespace":"library","repo_full_name":"library/nginx","repo_type":"private"}}}`
+
+func TestParseEvents(t *testing.T) {
+	for _, tc := range []struct {
+		name, body string
+		want       []PushEvent
+		err        bool
+	}{
+		{"distribution", distPush, []PushEvent{{Host: "registry.example.com", Repository: "library/debian", Tag: "12", Digest: "sha256:aaaa"}}, false},
+		{"distribution host from url", `{"events":[{"action":"push","target":{"repository":"a/b","tag":"t","url":"http://127.0.0.1:5000/v2/a/b/manifests/t"}}]}`,
+			[]PushEvent{{Host: "127.0.0.1:5000", Repository: "a/b", Tag: "t"}}, false},
+		{"distribution by digest", `{"events":[{"action":"push","target":{"repository":"a/b","digest":"sha256:dd"}}]}`,
+			[]PushEvent{{Repository: "a/b", Digest: "sha256:dd"}}, false},
+		{"distribution empty", `{"events":[]}`, nil, false},
+		{"harbor", harborPush, []PushEvent{{Host: "harbor.example.com:8443", Repository: "library/nginx", Tag: "1.25", Digest: "sha256:cccc"}}, false},
+		{"harbor without repo_full_name", `{"type":"PUSH_ARTIFACT","event_data":{"resources":[{"tag":"x","resource_url":"h.example.com/p/r@sha256:ee"}],"repository":{"name":"r","namespace":"p"}}}`,
+			[]PushEvent{{Host: "h.example.com", Repository: "p/r", Tag: "x"}}, false},
+		{"harbor resource url only", `{"type":"PUSH_ARTIFACT","event_data":{"resources":[{"tag":"x","resource_url":"h.example.com/p/r:x"}]}}`,
+			[]PushEvent{{Host: "h.example.com", Repository: "p/r", Tag: "x"}}, false},
+		{"harbor delete", `{"type":"DELETE_ARTIFACT","event_data":{"resources":[{"tag":"x"}],"repository":{"repo_full_name":"p/r"}}}`, nil, false},
+		{"not json", `nope`, nil, true},
+		{"other json", `{"hello":"world"}`, nil, true},
+		{"wrong shape", `{"events":{"a":1}}`, nil, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := ParseEvents([]byte(tc.body))
+			if (err != nil) != tc.err {
+				t.Fatalf("err = %v, want error %v", err, tc.err)
+			}
+			if !reflect.DeepEqual(got, tc.want) {
+				t.Errorf("got %+v, want %+v", got, tc.want)
+			}
+		})
+	}
+}
+
+func FuzzParseEvents(f *testing.F) {
+	f.Add([]byte(distPush))
+	f.Add([]byte(harborPush))
+	f.Fuzz(func(t *testing.T, body []byte) {
+		evs, err := ParseEvents(body)
+		if err != nil && evs != nil {
+			t.Fatal("events returned with an error")
+		}
+		for _, e := range evs {
+			if e.Repository == "" {
+				t.Fatalf("event without repository: %+v", e)
+			}
+		}
+	})
+}
+
+func TestServerConvertsPushedImage(t *testing.T) {
+	src, dst := newServer(t), newServer(t)
+	imageSet(t, src, 16<<10)
+	m := newMirror(t, testConfig(t, src, dst, ""))
+	s := NewServer(m, 4, 1)
+	hs := httptest.NewServer(s.Handler())
+	defer hs.Close()
+
+	post := func(body string) (int, string) {
+		resp, err := http.Post(hs.URL+"/events", MediaTypeDistributionEvents, strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	ev := fmt.Sprintf(`{"events":[{"action":"push","target":{"mediaType":"application/vnd.oci.image.manifest.v1+json","repository":"lib/a","tag":"1.3"},"request":{"host":%q}}]}`, src.host)
+	// Queued twice before the workers run: the second is deduplicated.
+	if code, body := post(ev); code != http.StatusAccepted || !strings.Contains(body, `"queued"`) {
+		t.Fatalf("%d %s", code, body)
+	}
+	if code, body := post(ev); code != http.StatusAccepted || !strings.Contains(body, `"deduplicated"`) {
+		t.Fatalf("%d %s", code, body)
+	}
+	// A repository that is no source is ignored.
+	if code, body := post(`{"events":[{"action":"push","target":{"repository":"other/x","tag":"1"}}]}`); code != http.StatusAccepted || !strings.Contains(body, `"ignored":1`) {
+		t.Fatalf("%d %s", code, body)
+	}
+	if code, _ := post(`garbage`); code != http.StatusBadRequest {
+		t.Fatalf("garbage: %d", code)
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { s.Run(ctx); close(done) }()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		metrics := get(t, hs.URL+"/metrics")
+		if strings.Contains(metrics, `lazybase_mirror_images_total{status="converted"} 1`) {
+			if !strings.Contains(metrics, `lazybase_mirror_events_total{result="deduplicated"} 1`) ||
+				!strings.Contains(metrics, `lazybase_mirror_events_total{result="ignored"} 1`) {
+				t.Errorf("metrics:\n%s", metrics)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not converted; metrics:\n%s", metrics)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	cancel()
+	<-done
+	if got := get(t, hs.URL+"/healthz"); got != "ok\n" {
+		t.Errorf("healthz %q", got)
+	}
+	if _, err := m.client.ParseRef(dst.host + "/mirror/lib/a:1.3"); err != nil {
+		t.Fatal(err)
+	}
+	_, manifests, _ := dst.counts()
+	if manifests == 0 {
+		t.Error("destination never read")
+	}
+}
+
+func TestServerQueueBound(t *testing.T) {
+	src, dst := newServer(t), newServer(t)
+	m := newMirror(t, testConfig(t, src, dst, ""))
+	s := NewServer(m, 1, 1)
+	a, _ := m.JobFor("", "lib/a", "1.0")
+	b, _ := m.JobFor("", "lib/a", "1.1")
+	if got := s.Enqueue(a); got != "queued" {
+		t.Fatal(got)
+	}
+	if got := s.Enqueue(a); got != "deduplicated" {
+		t.Fatal(got)
+	}
+	if got := s.Enqueue(b); got != "rejected" {
+		t.Fatal(got)
+	}
+}
+
+func get(t *testing.T, url string) string {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+func TestFuzzCorpusPresent(t *testing.T) {
+	ents, err := os.ReadDir(filepath.Join("testdata", "fuzz", "FuzzParseEvents"))
+	if err != nil || len(ents) == 0 {
+		t.Fatalf("seed corpus missing: %v", err)
+	}
+}
