@@ -1,0 +1,505 @@
+package lazypull
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/pelletier/go-toml/v2"
+)
+
+// Config is the lazybase snapshotter's configuration, read from TOML by
+// LoadConfig. Every field states its default; DefaultConfig returns them.
+// deploy/containerd/lazybase.toml is a commented example of every key.
+type Config struct {
+	// Root is the directory that holds snapshots, the layer cache and the
+	// metadata database (key "root"). It must be absolute.
+	// Default "/var/lib/lazybase/snapshotter".
+	Root string `toml:"root"`
+
+	// Socket is the unix socket the snapshots gRPC API is served on (key
+	// "socket"); containerd's proxy_plugins.stargz.address. Its parent
+	// directory is created with mode 0700 and a stale socket is removed.
+	// Default "/run/lazybase/snapshotter.sock".
+	Socket string `toml:"socket"`
+
+	// SocketMode is the permission of Socket, an octal string (key
+	// "socket_mode"). Default "0660".
+	SocketMode FileMode `toml:"socket_mode"`
+
+	// StatusSocket is the unix socket of the status HTTP API that
+	// `lazybase snapshotter status` reads (key "status_socket"). Empty means
+	// Socket with ".status" appended. Default "".
+	StatusSocket string `toml:"status_socket"`
+
+	// MetricsAddress is the TCP address Prometheus metrics are served on at
+	// /metrics, e.g. "127.0.0.1:9106" (key "metrics_address"). The status
+	// API is served there too, at /status. Empty disables the listener.
+	// Default "".
+	MetricsAddress string `toml:"metrics_address"`
+
+	// LogLevel is one of trace, debug, info, warn, error (key "log_level").
+	// Default "info".
+	LogLevel string `toml:"log_level"`
+
+	// Registry configures how registries are reached (table "registry").
+	Registry RegistryConfig `toml:"registry"`
+
+	// Auth configures registry credentials (table "auth").
+	Auth AuthConfig `toml:"auth"`
+
+	// Fetch bounds on-demand reads from the registry (table "fetch").
+	Fetch FetchConfig `toml:"fetch"`
+
+	// Prefetch configures fetching the prioritized files of a layer when it
+	// is mounted (table "prefetch").
+	Prefetch PrefetchConfig `toml:"prefetch"`
+
+	// BackgroundFetch configures fetching whole layers in the background
+	// after mount (table "background_fetch").
+	BackgroundFetch BackgroundFetchConfig `toml:"background_fetch"`
+
+	// Cache configures the layer caches (table "cache").
+	Cache CacheConfig `toml:"cache"`
+
+	// FUSE configures the FUSE mounts (table "fuse").
+	FUSE FUSEConfig `toml:"fuse"`
+
+	// DefaultMode is the mode of images no policy rule matches (key
+	// "default_mode"). Default "lazy".
+	DefaultMode Mode `toml:"default_mode"`
+
+	// Policy is the ordered list of per-image rules (array of tables
+	// "policy"); the first rule whose Match matches the image reference
+	// decides. Default: none.
+	Policy []PolicyRule `toml:"policy"`
+}
+
+// RegistryConfig configures how registries are reached.
+type RegistryConfig struct {
+	// ConfigPath lists containerd hosts.toml directories (the layout of
+	// /etc/containerd/certs.d: one directory per host holding hosts.toml
+	// and certificates), searched in order (key "registry.config_path").
+	// It cannot be combined with Mirrors. Default: none.
+	ConfigPath []string `toml:"config_path"`
+
+	// Mirrors maps a registry host to the mirrors tried, in order, before
+	// the host itself (table "registry.mirrors", e.g.
+	// mirrors."docker.io" = [{ host = "mirror.local:5000", insecure = true }]).
+	// Default: none.
+	Mirrors map[string][]Mirror `toml:"mirrors"`
+}
+
+// Mirror is one registry mirror.
+type Mirror struct {
+	// Host is the mirror's host[:port] (key "host"). Required.
+	Host string `toml:"host"`
+	// Insecure uses plain HTTP instead of HTTPS (key "insecure"); loopback
+	// hosts always use HTTP. Default false.
+	Insecure bool `toml:"insecure"`
+}
+
+// AuthConfig configures registry credentials.
+type AuthConfig struct {
+	// DockerConfig is the directory holding the docker config.json whose
+	// auths, credsStore and credHelpers are used (key "auth.docker_config").
+	// Empty means $DOCKER_CONFIG, else ~/.docker. Default "".
+	DockerConfig string `toml:"docker_config"`
+
+	// CredentialHelpers maps a registry host to a credential helper name
+	// (the suffix of a docker-credential-NAME program on PATH), overriding
+	// config.json's credHelpers (table "auth.credential_helpers").
+	// Default: none.
+	CredentialHelpers map[string]string `toml:"credential_helpers"`
+}
+
+// FetchConfig bounds on-demand reads from the registry.
+type FetchConfig struct {
+	// Timeout bounds every registry request and every chunk fetch, retries
+	// included: a read stalled at the registry fails with EIO after at most
+	// this long instead of hanging (key "fetch.timeout"). Between 1s and
+	// 10m, whole seconds. Default "30s".
+	Timeout Duration `toml:"timeout"`
+
+	// MaxRetries is how often a failed chunk request is retried within
+	// Timeout (key "fetch.max_retries"). 1 to 10. Default 2.
+	MaxRetries int `toml:"max_retries"`
+
+	// ChunkSize is the granularity, in bytes, of on-demand and background
+	// fetches (key "fetch.chunk_size"). At least 4096. Default 50000.
+	ChunkSize int64 `toml:"chunk_size"`
+}
+
+// PrefetchConfig configures prefetching at mount time.
+type PrefetchConfig struct {
+	// Enable fetches the layer's prioritized files (up to its prefetch
+	// landmark) when it is mounted, and makes the first use of the layer
+	// wait for them (key "prefetch.enable"). Default true.
+	Enable bool `toml:"enable"`
+
+	// DefaultSize is the number of bytes to prefetch from layers that carry
+	// no landmark (key "prefetch.default_size"). Default 0.
+	DefaultSize int64 `toml:"default_size"`
+
+	// Timeout is how long the first use of a layer waits for its prefetch
+	// (key "prefetch.timeout"). Whole seconds, at least 1s. Default "10s".
+	Timeout Duration `toml:"timeout"`
+
+	// AsyncSize lets containers start without waiting for prefetches larger
+	// than this many bytes; 0 always waits (key "prefetch.async_size").
+	// Default 0.
+	AsyncSize int64 `toml:"async_size"`
+}
+
+// BackgroundFetchConfig configures fetching whole layers after mount.
+type BackgroundFetchConfig struct {
+	// Enable fetches the rest of every mounted layer in the background
+	// (key "background_fetch.enable"). Default true.
+	Enable bool `toml:"enable"`
+
+	// MaxConcurrency is the number of layers fetched in the background at
+	// once (key "background_fetch.max_concurrency"). 1 to 64. Default 2.
+	MaxConcurrency int64 `toml:"max_concurrency"`
+}
+
+// CacheConfig configures the caches of fetched layer data.
+type CacheConfig struct {
+	// HTTPCache is where fetched compressed chunks are kept: "disk" or
+	// "memory" (key "cache.http_cache"). Default "disk".
+	HTTPCache string `toml:"http_cache"`
+
+	// FSCache is where decompressed file contents are kept: "disk" or
+	// "memory" (key "cache.fs_cache"). Default "disk".
+	FSCache string `toml:"fs_cache"`
+
+	// MaxLRUEntries is the number of cache entries held in memory (key
+	// "cache.max_lru_entries"). At least 1. Default 10.
+	MaxLRUEntries int `toml:"max_lru_entries"`
+
+	// MaxOpenFiles is the number of cache files kept open (key
+	// "cache.max_open_files"). At least 1. Default 10.
+	MaxOpenFiles int `toml:"max_open_files"`
+
+	// ResolveTTL is how long a resolved layer is kept for reuse by later
+	// mounts of the same layer (key "cache.resolve_ttl"). Whole seconds, at
+	// least 1s. Default "120s".
+	ResolveTTL Duration `toml:"resolve_ttl"`
+}
+
+// FUSEConfig configures the FUSE mounts.
+type FUSEConfig struct {
+	// Passthrough hands reads of fully cached files to the kernel (FUSE
+	// passthrough, Linux 6.9 and later, needs root), so they cost what
+	// local reads cost (key "fuse.passthrough"). Default false.
+	Passthrough bool `toml:"passthrough"`
+
+	// AttrTimeout is how long the kernel caches attributes (key
+	// "fuse.attr_timeout"). Whole seconds, at least 1s. Default "1s".
+	AttrTimeout Duration `toml:"attr_timeout"`
+
+	// EntryTimeout is how long the kernel caches name lookups (key
+	// "fuse.entry_timeout"). Whole seconds, at least 1s. Default "1s".
+	EntryTimeout Duration `toml:"entry_timeout"`
+}
+
+// PolicyRule decides the Mode of the images whose reference matches.
+type PolicyRule struct {
+	// Match is a glob on the image reference as containerd passes it
+	// (fully qualified, e.g. "docker.io/library/golang:1.23"): "*" matches
+	// any run of characters including "/", "?" one character, and
+	// "[...]" a character class (key "policy[N].match"). Required.
+	Match string `toml:"match"`
+
+	// Mode is "lazy", "eager", "export-base" or "lazy-only" (key
+	// "policy[N].mode"). Required.
+	Mode Mode `toml:"mode"`
+}
+
+// Limits enforced by validation.
+const (
+	minFetchTimeout = time.Second
+	maxFetchTimeout = 10 * time.Minute
+)
+
+// DefaultConfig returns the configuration with every default applied.
+func DefaultConfig() Config {
+	return Config{
+		Root:       "/var/lib/lazybase/snapshotter",
+		Socket:     "/run/lazybase/snapshotter.sock",
+		SocketMode: 0o660,
+		LogLevel:   "info",
+		Fetch: FetchConfig{
+			Timeout:    Duration(30 * time.Second),
+			MaxRetries: 2,
+			ChunkSize:  50000,
+		},
+		Prefetch: PrefetchConfig{
+			Enable:  true,
+			Timeout: Duration(10 * time.Second),
+		},
+		BackgroundFetch: BackgroundFetchConfig{
+			Enable:         true,
+			MaxConcurrency: 2,
+		},
+		Cache: CacheConfig{
+			HTTPCache:     "disk",
+			FSCache:       "disk",
+			MaxLRUEntries: 10,
+			MaxOpenFiles:  10,
+			ResolveTTL:    Duration(120 * time.Second),
+		},
+		FUSE: FUSEConfig{
+			AttrTimeout:  Duration(time.Second),
+			EntryTimeout: Duration(time.Second),
+		},
+		DefaultMode: ModeLazy,
+	}
+}
+
+// KeyError is a configuration error at one key.
+type KeyError struct {
+	// Key is the dotted TOML key at fault, e.g. "fetch.timeout" or
+	// "policy[1].mode".
+	Key string
+	Err error
+}
+
+func (e *KeyError) Error() string { return fmt.Sprintf("key %s: %v", e.Key, e.Err) }
+
+func (e *KeyError) Unwrap() error { return e.Err }
+
+// LoadConfig reads the TOML file at path over DefaultConfig, rejecting
+// unknown keys and invalid values with an error that names the key.
+func LoadConfig(path string) (Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	cfg, err := ParseConfig(b)
+	if err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// ParseConfig decodes TOML over DefaultConfig and validates the result.
+func ParseConfig(b []byte) (Config, error) {
+	cfg := DefaultConfig()
+	dec := toml.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&cfg); err != nil {
+		return Config{}, decodeError(err)
+	}
+	if err := cfg.Validate(); err != nil {
+		return Config{}, err
+	}
+	return cfg, nil
+}
+
+// decodeError turns go-toml's errors into KeyErrors.
+func decodeError(err error) error {
+	var strict *toml.StrictMissingError
+	if errors.As(err, &strict) && len(strict.Errors) > 0 {
+		errs := make([]error, 0, len(strict.Errors))
+		for i := range strict.Errors {
+			e := &strict.Errors[i]
+			row, col := e.Position()
+			errs = append(errs, &KeyError{
+				Key: keyString(e.Key()),
+				Err: fmt.Errorf("unknown key (line %d, column %d)", row, col),
+			})
+		}
+		return errors.Join(errs...)
+	}
+	var de *toml.DecodeError
+	if errors.As(err, &de) {
+		row, col := de.Position()
+		if k := keyString(de.Key()); k != "" {
+			return &KeyError{Key: k, Err: fmt.Errorf("%v (line %d, column %d)", err, row, col)}
+		}
+		return fmt.Errorf("%w (line %d, column %d)", err, row, col)
+	}
+	return err
+}
+
+func keyString(k toml.Key) string { return strings.Join(k, ".") }
+
+// Validate checks every key of c and returns the errors, each naming its
+// key.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(key string, format string, args ...any) {
+		errs = append(errs, &KeyError{Key: key, Err: fmt.Errorf(format, args...)})
+	}
+	absPath := func(key, p string, required bool) {
+		switch {
+		case p == "" && required:
+			bad(key, "must be set")
+		case p != "" && !filepath.IsAbs(p):
+			bad(key, "%q is not an absolute path", p)
+		}
+	}
+	absPath("root", c.Root, true)
+	absPath("socket", c.Socket, true)
+	absPath("status_socket", c.StatusSocket, false)
+	if c.SocketMode == 0 || c.SocketMode&^0o777 != 0 {
+		bad("socket_mode", "%#o is not a permission between 0001 and 0777", uint32(c.SocketMode))
+	}
+	if c.StatusSocket != "" && c.StatusSocket == c.Socket {
+		bad("status_socket", "must differ from socket")
+	}
+	if c.MetricsAddress != "" {
+		if err := checkTCPAddress(c.MetricsAddress); err != nil {
+			bad("metrics_address", "%v", err)
+		}
+	}
+	switch c.LogLevel {
+	case "trace", "debug", "info", "warn", "error":
+	default:
+		bad("log_level", "%q is not one of trace, debug, info, warn, error", c.LogLevel)
+	}
+
+	if len(c.Registry.ConfigPath) > 0 && len(c.Registry.Mirrors) > 0 {
+		bad("registry.mirrors", "cannot be combined with registry.config_path (put mirrors in hosts.toml)")
+	}
+	for i, p := range c.Registry.ConfigPath {
+		absPath(fmt.Sprintf("registry.config_path[%d]", i), p, true)
+	}
+	for host, ms := range c.Registry.Mirrors {
+		if host == "" || strings.ContainsAny(host, "/ ") {
+			bad("registry.mirrors", "%q is not a registry host", host)
+		}
+		for i, m := range ms {
+			if m.Host == "" || strings.ContainsAny(m.Host, "/ ") {
+				bad(fmt.Sprintf("registry.mirrors.%q[%d].host", host, i), "%q is not a host[:port]", m.Host)
+			}
+		}
+	}
+	absPath("auth.docker_config", c.Auth.DockerConfig, false)
+	for host, helper := range c.Auth.CredentialHelpers {
+		if helper == "" || strings.ContainsAny(helper, "/ ") {
+			bad(fmt.Sprintf("auth.credential_helpers.%q", host), "%q is not a credential helper name", helper)
+		}
+	}
+
+	if t := c.Fetch.Timeout.D(); t < minFetchTimeout || t > maxFetchTimeout || t%time.Second != 0 {
+		bad("fetch.timeout", "%s: want a duration string of whole seconds between %s and %s, such as \"30s\"", t, minFetchTimeout, maxFetchTimeout)
+	}
+	if c.Fetch.MaxRetries < 1 || c.Fetch.MaxRetries > 10 {
+		bad("fetch.max_retries", "%d: want 1 to 10", c.Fetch.MaxRetries)
+	}
+	if c.Fetch.ChunkSize < 4096 {
+		bad("fetch.chunk_size", "%d: want at least 4096", c.Fetch.ChunkSize)
+	}
+
+	wholeSeconds := func(key string, d Duration) {
+		if t := d.D(); t < time.Second || t%time.Second != 0 {
+			bad(key, "%s: want a duration string of whole seconds, at least \"1s\"", t)
+		}
+	}
+	if c.Prefetch.DefaultSize < 0 {
+		bad("prefetch.default_size", "%d: must not be negative", c.Prefetch.DefaultSize)
+	}
+	wholeSeconds("prefetch.timeout", c.Prefetch.Timeout)
+	if c.Prefetch.AsyncSize < 0 {
+		bad("prefetch.async_size", "%d: must not be negative", c.Prefetch.AsyncSize)
+	}
+	if c.BackgroundFetch.MaxConcurrency < 1 || c.BackgroundFetch.MaxConcurrency > 64 {
+		bad("background_fetch.max_concurrency", "%d: want 1 to 64", c.BackgroundFetch.MaxConcurrency)
+	}
+
+	for key, v := range map[string]string{"cache.http_cache": c.Cache.HTTPCache, "cache.fs_cache": c.Cache.FSCache} {
+		if v != "disk" && v != "memory" {
+			bad(key, "%q: want disk or memory", v)
+		}
+	}
+	if c.Cache.MaxLRUEntries < 1 {
+		bad("cache.max_lru_entries", "%d: want at least 1", c.Cache.MaxLRUEntries)
+	}
+	if c.Cache.MaxOpenFiles < 1 {
+		bad("cache.max_open_files", "%d: want at least 1", c.Cache.MaxOpenFiles)
+	}
+	wholeSeconds("cache.resolve_ttl", c.Cache.ResolveTTL)
+	wholeSeconds("fuse.attr_timeout", c.FUSE.AttrTimeout)
+	wholeSeconds("fuse.entry_timeout", c.FUSE.EntryTimeout)
+
+	if err := c.DefaultMode.check(); err != nil {
+		bad("default_mode", "%v", err)
+	}
+	for i, r := range c.Policy {
+		if _, err := compileGlob(r.Match); err != nil {
+			bad(fmt.Sprintf("policy[%d].match", i), "%v", err)
+		}
+		if err := r.Mode.check(); err != nil {
+			bad(fmt.Sprintf("policy[%d].mode", i), "%v", err)
+		}
+	}
+	// Map iteration above is unordered; report errors in key order.
+	sortKeyErrors(errs)
+	return errors.Join(errs...)
+}
+
+func sortKeyErrors(errs []error) {
+	key := func(e error) string {
+		var ke *KeyError
+		if errors.As(e, &ke) {
+			return ke.Key
+		}
+		return ""
+	}
+	slices.SortStableFunc(errs, func(a, b error) int { return strings.Compare(key(a), key(b)) })
+}
+
+func checkTCPAddress(addr string) error {
+	i := strings.LastIndexByte(addr, ':')
+	if i < 0 {
+		return fmt.Errorf("%q: want host:port", addr)
+	}
+	port, err := strconv.Atoi(addr[i+1:])
+	if err != nil || port < 0 || port > 65535 {
+		return fmt.Errorf("%q: bad port", addr)
+	}
+	return nil
+}
+
+// Duration is a time.Duration written in TOML as a string such as "30s".
+type Duration time.Duration
+
+// D returns d as a time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// UnmarshalText parses a Go duration string.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("%q is not a duration like \"30s\"", b)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalText formats d as a Go duration string.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+// FileMode is a permission written in TOML as an octal string such as
+// "0660".
+type FileMode os.FileMode
+
+// UnmarshalText parses an octal permission.
+func (m *FileMode) UnmarshalText(b []byte) error {
+	v, err := strconv.ParseUint(string(b), 8, 32)
+	if err != nil {
+		return fmt.Errorf("%q is not an octal mode like \"0660\"", b)
+	}
+	*m = FileMode(v)
+	return nil
+}
+
+// MarshalText formats m as an octal string.
+func (m FileMode) MarshalText() ([]byte, error) { return fmt.Appendf(nil, "%04o", uint32(m)), nil }

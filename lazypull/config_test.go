@@ -1,0 +1,251 @@
+package lazypull
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/stargz-snapshotter/fs/config"
+)
+
+func TestParseConfigDefaults(t *testing.T) {
+	cfg, err := ParseConfig(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := DefaultConfig()
+	if cfg.Root != want.Root || cfg.Socket != want.Socket || cfg.SocketMode != 0o660 ||
+		cfg.Fetch.Timeout.D() != 30*time.Second || cfg.DefaultMode != ModeLazy ||
+		!cfg.Prefetch.Enable || !cfg.BackgroundFetch.Enable {
+		t.Fatalf("defaults not applied: %+v", cfg)
+	}
+	if got := cfg.statusSocket(); got != "/run/lazybase/snapshotter.sock.status" {
+		t.Errorf("status socket = %q", got)
+	}
+}
+
+func TestParseConfigValues(t *testing.T) {
+	cfg, err := ParseConfig([]byte(`
+root = "/srv/lb"
+socket = "/srv/lb.sock"
+socket_mode = "0600"
+metrics_address = "127.0.0.1:9106"
+log_level = "debug"
+default_mode = "eager"
+[registry.mirrors]
+"docker.io" = [{ host = "127.0.0.1:5000", insecure = true }]
+[auth]
+docker_config = "/etc/lazybase/docker"
+credential_helpers = { "registry.example.com" = "ecr-login" }
+[fetch]
+timeout = "5s"
+max_retries = 1
+[prefetch]
+enable = false
+[fuse]
+passthrough = true
+[[policy]]
+match = "docker.io/library/*"
+mode = "lazy"
+[[policy]]
+match = "*"
+mode = "export-base"
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Root != "/srv/lb" || cfg.SocketMode != 0o600 || cfg.Fetch.Timeout.D() != 5*time.Second ||
+		cfg.Fetch.MaxRetries != 1 || cfg.Prefetch.Enable || !cfg.FUSE.Passthrough ||
+		len(cfg.Policy) != 2 || cfg.Policy[1].Mode != ModeExportBase ||
+		cfg.Registry.Mirrors["docker.io"][0].Host != "127.0.0.1:5000" ||
+		cfg.Auth.CredentialHelpers["registry.example.com"] != "ecr-login" {
+		t.Fatalf("values not decoded: %+v", cfg)
+	}
+	// Keys not in the file keep their defaults.
+	if cfg.Fetch.ChunkSize != 50000 || cfg.Cache.HTTPCache != "disk" {
+		t.Errorf("defaults lost: %+v", cfg)
+	}
+}
+
+// TestParseConfigInvalid checks that every invalid key fails with an error
+// naming that key.
+func TestParseConfigInvalid(t *testing.T) {
+	for _, tc := range []struct {
+		name, toml, key string
+	}{
+		{"unknown top-level key", `rooot = "/x"`, "rooot"},
+		{"unknown nested key", "[fetch]\ntimout = \"1s\"", "fetch.timout"},
+		{"unknown policy key", "[[policy]]\nmatch = \"*\"\nmode = \"lazy\"\nmod = \"x\"", "policy.mod"},
+		{"root type", `root = 3`, "root"},
+		{"root relative", `root = "var/lib"`, "root"},
+		{"root empty", `root = ""`, "root"},
+		{"socket relative", `socket = "s.sock"`, "socket"},
+		{"socket mode not octal", `socket_mode = "0999"`, "socket_mode"},
+		{"socket mode zero", `socket_mode = "0"`, "socket_mode"},
+		{"socket mode too wide", `socket_mode = "4777"`, "socket_mode"},
+		{"status socket relative", `status_socket = "x"`, "status_socket"},
+		{"status socket same", "socket = \"/a.sock\"\nstatus_socket = \"/a.sock\"", "status_socket"},
+		{"metrics address", `metrics_address = "localhost"`, "metrics_address"},
+		{"metrics port", `metrics_address = "127.0.0.1:http"`, "metrics_address"},
+		{"log level", `log_level = "loud"`, "log_level"},
+		{"config path relative", "[registry]\nconfig_path = [\"certs.d\"]", "registry.config_path[0]"},
+		{"config path with mirrors", "[registry]\nconfig_path = [\"/etc/containerd/certs.d\"]\n[registry.mirrors]\n\"docker.io\" = [{host = \"m\"}]", "registry.mirrors"},
+		{"mirror host empty", "[registry.mirrors]\n\"docker.io\" = [{host = \"\"}]", `registry.mirrors."docker.io"[0].host`},
+		{"mirror unknown key", "[registry.mirrors]\n\"docker.io\" = [{hots = \"m\"}]", "registry.mirrors.hots"},
+		{"docker config relative", "[auth]\ndocker_config = \"docker\"", "auth.docker_config"},
+		{"credential helper path", "[auth.credential_helpers]\n\"r.io\" = \"/bin/x\"", `auth.credential_helpers."r.io"`},
+		{"fetch timeout zero", "[fetch]\ntimeout = \"0s\"", "fetch.timeout"},
+		{"fetch timeout unbounded", "[fetch]\ntimeout = \"1h\"", "fetch.timeout"},
+		{"fetch timeout fraction", "[fetch]\ntimeout = \"1500ms\"", "fetch.timeout"},
+		{"fetch timeout syntax", "[fetch]\ntimeout = \"soon\"", "fetch.timeout"},
+		{"fetch timeout integer", "[fetch]\ntimeout = 30", "fetch.timeout"},
+		{"fetch retries", "[fetch]\nmax_retries = 11", "fetch.max_retries"},
+		{"fetch retries zero", "[fetch]\nmax_retries = 0", "fetch.max_retries"},
+		{"chunk size", "[fetch]\nchunk_size = 10", "fetch.chunk_size"},
+		{"prefetch size", "[prefetch]\ndefault_size = -1", "prefetch.default_size"},
+		{"prefetch timeout", "[prefetch]\ntimeout = \"0s\"", "prefetch.timeout"},
+		{"prefetch async", "[prefetch]\nasync_size = -5", "prefetch.async_size"},
+		{"prefetch enable type", "[prefetch]\nenable = \"yes\"", "prefetch.enable"},
+		{"background concurrency", "[background_fetch]\nmax_concurrency = 0", "background_fetch.max_concurrency"},
+		{"http cache", "[cache]\nhttp_cache = \"ssd\"", "cache.http_cache"},
+		{"fs cache", "[cache]\nfs_cache = \"\"", "cache.fs_cache"},
+		{"lru entries", "[cache]\nmax_lru_entries = 0", "cache.max_lru_entries"},
+		{"open files", "[cache]\nmax_open_files = -1", "cache.max_open_files"},
+		{"resolve ttl", "[cache]\nresolve_ttl = \"0s\"", "cache.resolve_ttl"},
+		{"attr timeout", "[fuse]\nattr_timeout = \"100ms\"", "fuse.attr_timeout"},
+		{"entry timeout", "[fuse]\nentry_timeout = \"-1s\"", "fuse.entry_timeout"},
+		{"default mode", `default_mode = "sometimes"`, "default_mode"},
+		{"policy match empty", "[[policy]]\nmatch = \"\"\nmode = \"lazy\"", "policy[0].match"},
+		{"policy match class", "[[policy]]\nmatch = \"a\"\nmode = \"lazy\"\n[[policy]]\nmatch = \"[abc\"\nmode = \"lazy\"", "policy[1].match"},
+		{"policy mode", "[[policy]]\nmatch = \"*\"\nmode = \"lazzy\"", "policy[0].mode"},
+		{"policy mode missing", "[[policy]]\nmatch = \"*\"", "policy[0].mode"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := ParseConfig([]byte(tc.toml))
+			if err == nil {
+				t.Fatalf("no error for %q", tc.toml)
+			}
+			var ke *KeyError
+			if !errors.As(err, &ke) {
+				t.Fatalf("error %q is not a KeyError", err)
+			}
+			if !strings.Contains(err.Error(), "key "+tc.key+":") {
+				t.Fatalf("error %q does not name key %s", err, tc.key)
+			}
+		})
+	}
+}
+
+func TestParseConfigSeveralErrors(t *testing.T) {
+	_, err := ParseConfig([]byte("log_level = \"x\"\n[fetch]\nchunk_size = 1"))
+	if err == nil || !strings.Contains(err.Error(), "key log_level:") || !strings.Contains(err.Error(), "key fetch.chunk_size:") {
+		t.Fatalf("want both keys named, got %v", err)
+	}
+}
+
+func TestLoadConfigNamesFile(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "c.toml")
+	if err := os.WriteFile(p, []byte(`log_level = "x"`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := LoadConfig(p)
+	if err == nil || !strings.Contains(err.Error(), p) || !strings.Contains(err.Error(), "key log_level:") {
+		t.Fatalf("got %v", err)
+	}
+	if _, err := LoadConfig(filepath.Join(t.TempDir(), "missing.toml")); err == nil {
+		t.Fatal("missing file loaded")
+	}
+}
+
+// TestDeployExampleLoads keeps deploy/containerd/lazybase.toml, the
+// documented example of every key, loadable.
+func TestDeployExampleLoads(t *testing.T) {
+	p := filepath.Join("..", "deploy", "containerd", "lazybase.toml")
+	cfg, err := LoadConfig(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Every key of Config appears in the example (set or commented out).
+	for _, key := range []string{
+		"root", "socket", "socket_mode", "status_socket", "metrics_address", "log_level",
+		"[registry]", "config_path", "[registry.mirrors]", "[auth]", "docker_config", "credential_helpers",
+		"[fetch]", "timeout", "max_retries", "chunk_size",
+		"[prefetch]", "enable", "default_size", "async_size",
+		"[background_fetch]", "max_concurrency",
+		"[cache]", "http_cache", "fs_cache", "max_lru_entries", "max_open_files", "resolve_ttl",
+		"[fuse]", "passthrough", "attr_timeout", "entry_timeout",
+		"default_mode", "[[policy]]", "match", "mode",
+	} {
+		if !strings.Contains(string(b), key) {
+			t.Errorf("example lacks %s", key)
+		}
+	}
+	if len(cfg.Policy) == 0 {
+		t.Error("example has no policy rule")
+	}
+}
+
+// TestUpstreamTranslation checks the one place where lazybase keys become
+// upstream ones.
+func TestUpstreamTranslation(t *testing.T) {
+	cfg, err := ParseConfig([]byte(`
+log_level = "trace"
+[fetch]
+timeout = "7s"
+max_retries = 3
+chunk_size = 65536
+[prefetch]
+enable = false
+default_size = 1000
+timeout = "4s"
+async_size = 2000
+[background_fetch]
+enable = false
+max_concurrency = 5
+[cache]
+http_cache = "memory"
+fs_cache = "disk"
+max_lru_entries = 20
+max_open_files = 30
+resolve_ttl = "60s"
+[fuse]
+passthrough = true
+attr_timeout = "2s"
+entry_timeout = "3s"
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc, opts := cfg.upstream(t.Context())
+	want := config.Config{
+		HTTPCacheType:            "memory",
+		FSCacheType:              "",
+		ResolveResultEntryTTLSec: 60,
+		PrefetchSize:             1000,
+		PrefetchTimeoutSec:       4,
+		PrefetchAsyncSize:        2000,
+		NoPrefetch:               true,
+		NoBackgroundFetch:        true,
+		Debug:                    true,
+		MaxConcurrency:           5,
+		BlobConfig:               config.BlobConfig{ChunkSize: 65536, FetchTimeoutSec: 7, MaxRetries: 3},
+		DirectoryCacheConfig:     config.DirectoryCacheConfig{MaxLRUCacheEntry: 20, MaxCacheFds: 30},
+		FuseConfig:               config.FuseConfig{PassThrough: true, AttrTimeout: 2, EntryTimeout: 3},
+	}
+	if sc.Config != want {
+		t.Errorf("fs config\n got %+v\nwant %+v", sc.Config, want)
+	}
+	if sc.ResolverConfig.RequestTimeoutSec != 7 {
+		t.Errorf("request timeout = %d", sc.ResolverConfig.RequestTimeoutSec)
+	}
+	if len(opts) != 1 {
+		t.Errorf("want the registry hosts option, got %d options", len(opts))
+	}
+}

@@ -1,0 +1,244 @@
+package lazypull
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/contrib/snapshotservice"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/log"
+	"github.com/containerd/stargz-snapshotter/service"
+	"github.com/containerd/stargz-snapshotter/snapshot"
+	"github.com/moby/sys/mountinfo"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+)
+
+// Daemon is a running lazybase snapshotter: the upstream lazy filesystem and
+// snapshotter wrapped with policy, metrics and status, ready to be served
+// on containerd's snapshots gRPC API.
+type Daemon struct {
+	cfg    Config
+	m      *metrics
+	fs     *trackingFS
+	base   snapshots.Snapshotter
+	sn     snapshots.Snapshotter
+	closed sync.Once
+	err    error
+}
+
+// NewDaemon validates cfg, sets up the root directory and the upstream
+// filesystem and snapshotter, and re-mounts the lazy snapshots a previous
+// run left (a snapshot whose layer cannot be mounted any more is kept,
+// unusable, with a warning, so that a registry outage does not keep the
+// daemon from starting).
+func NewDaemon(ctx context.Context, cfg Config) (*Daemon, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	policy, err := NewPolicy(cfg.DefaultMode, cfg.Policy)
+	if err != nil {
+		return nil, err
+	}
+	snRoot := filepath.Join(cfg.Root, "snapshotter")
+	if err := os.MkdirAll(snRoot, 0o700); err != nil {
+		return nil, fmt.Errorf("root %s: %w", cfg.Root, err)
+	}
+	if err := service.Supported(cfg.Root); err != nil {
+		return nil, fmt.Errorf("root %s: overlayfs not usable: %w", cfg.Root, err)
+	}
+	m := newMetrics()
+	sc, opts := cfg.upstream(ctx)
+	ufs, err := service.NewFileSystem(ctx, cfg.Root, &sc, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("lazy filesystem at %s: %w", cfg.Root, err)
+	}
+	tfs := newTrackingFS(ufs, m)
+	base, err := snapshot.NewSnapshotter(ctx, snRoot, tfs,
+		snapshot.AsynchronousRemove, snapshot.AllowInvalidMountsOnRestart)
+	if err != nil {
+		return nil, fmt.Errorf("snapshotter at %s: %w", snRoot, err)
+	}
+	return &Daemon{
+		cfg:  cfg,
+		m:    m,
+		fs:   tfs,
+		base: base,
+		sn:   &policySnapshotter{Snapshotter: base, policy: policy, m: m},
+	}, nil
+}
+
+// Snapshotter returns the policy-applying snapshotter the daemon serves.
+func (d *Daemon) Snapshotter() snapshots.Snapshotter { return d.sn }
+
+// StatusSocket returns the path of the status API's unix socket.
+func (d *Daemon) StatusSocket() string { return d.cfg.statusSocket() }
+
+func (c *Config) statusSocket() string {
+	if c.StatusSocket != "" {
+		return c.StatusSocket
+	}
+	return c.Socket + ".status"
+}
+
+// Serve serves the snapshots gRPC API on the configured socket, the status
+// API on the status socket and, when configured, metrics and status on the
+// metrics address, until ctx is done; then it stops the servers and closes
+// the daemon, unmounting every lazy mount.
+func (d *Daemon) Serve(ctx context.Context) (retErr error) {
+	defer func() {
+		if err := d.Close(); err != nil && retErr == nil {
+			retErr = err
+		}
+	}()
+	grpcL, err := listenUnix(d.cfg.Socket, os.FileMode(d.cfg.SocketMode))
+	if err != nil {
+		return err
+	}
+	defer os.Remove(d.cfg.Socket)
+	statusL, err := listenUnix(d.cfg.statusSocket(), os.FileMode(d.cfg.SocketMode))
+	if err != nil {
+		grpcL.Close()
+		return err
+	}
+	defer os.Remove(d.cfg.statusSocket())
+
+	srv := grpc.NewServer()
+	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(d.sn))
+
+	mux := http.NewServeMux()
+	mux.Handle("GET /status", d.statusHandler())
+	mux.Handle("GET /metrics", promhttp.HandlerFor(d.m.gatherer(), promhttp.HandlerOpts{}))
+	httpSrv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+
+	errc := make(chan error, 3)
+	go func() { errc <- wrapServe("snapshots API on "+d.cfg.Socket, srv.Serve(grpcL)) }()
+	go func() { errc <- wrapServe("status API on "+d.cfg.statusSocket(), httpSrv.Serve(statusL)) }()
+	var metricsSrv *http.Server
+	if d.cfg.MetricsAddress != "" {
+		ml, err := net.Listen("tcp", d.cfg.MetricsAddress)
+		if err != nil {
+			srv.Stop()
+			httpSrv.Close()
+			return fmt.Errorf("metrics_address %s: %w", d.cfg.MetricsAddress, err)
+		}
+		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go func() { errc <- wrapServe("metrics on "+ml.Addr().String(), metricsSrv.Serve(ml)) }()
+		log.G(ctx).WithField("address", ml.Addr().String()).Info("serving metrics and status")
+	}
+	log.G(ctx).WithFields(log.Fields{
+		"socket":        d.cfg.Socket,
+		"status_socket": d.cfg.statusSocket(),
+		"root":          d.cfg.Root,
+	}).Info("serving lazybase snapshotter")
+
+	select {
+	case <-ctx.Done():
+		log.G(ctx).Info("stopping lazybase snapshotter")
+	case err = <-errc:
+		log.G(ctx).WithError(err).Error("server failed; stopping")
+	}
+	stopGRPC(srv, 10*time.Second)
+	shutdownCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	_ = httpSrv.Shutdown(shutdownCtx)
+	if metricsSrv != nil {
+		_ = metricsSrv.Shutdown(shutdownCtx)
+	}
+	return err
+}
+
+// wrapServe turns a server's normal stop into nil.
+func wrapServe(what string, err error) error {
+	if err == nil || errors.Is(err, http.ErrServerClosed) || errors.Is(err, grpc.ErrServerStopped) {
+		return nil
+	}
+	return fmt.Errorf("%s: %w", what, err)
+}
+
+// stopGRPC lets in-flight calls finish for up to grace, then cuts them off.
+func stopGRPC(srv *grpc.Server, grace time.Duration) {
+	done := make(chan struct{})
+	go func() {
+		srv.GracefulStop()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(grace):
+		srv.Stop()
+	}
+}
+
+// listenUnix listens on a unix socket at path with the given mode, creating
+// its parent directory (0700) and removing a stale socket left by a previous
+// run. Anything at path that is not a socket is left alone and is an error.
+func listenUnix(path string, mode os.FileMode) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("socket directory %s: %w", filepath.Dir(path), err)
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode().Type() != fs.ModeSocket {
+			return nil, fmt.Errorf("socket %s: exists and is not a socket", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("stale socket %s: %w", path, err)
+		}
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", path, err)
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("socket %s: %w", path, err)
+	}
+	return l, nil
+}
+
+// Close closes the snapshotter, which unmounts every lazy mount, then
+// detaches any FUSE mount still left under the root. It is safe to call
+// more than once.
+func (d *Daemon) Close() error {
+	d.closed.Do(func() {
+		ctx := context.Background()
+		if err := d.base.Close(); err != nil {
+			d.err = fmt.Errorf("closing snapshotter: %w", err)
+		}
+		if err := unmountLeftovers(ctx, filepath.Join(d.cfg.Root, "snapshotter", "snapshots")); err != nil && d.err == nil {
+			d.err = err
+		}
+	})
+	return d.err
+}
+
+// unmountLeftovers unmounts every mount below dir, lazily if it is busy.
+func unmountLeftovers(ctx context.Context, dir string) error {
+	mounts, err := mountinfo.GetMounts(mountinfo.PrefixFilter(dir))
+	if err != nil {
+		return fmt.Errorf("listing mounts under %s: %w", dir, err)
+	}
+	var errs []error
+	// Deepest first.
+	for i := len(mounts) - 1; i >= 0; i-- {
+		mp := mounts[i].Mountpoint
+		if err := unix.Unmount(mp, 0); err != nil {
+			if err := unix.Unmount(mp, unix.MNT_DETACH); err != nil {
+				errs = append(errs, fmt.Errorf("unmounting %s: %w", mp, err))
+				continue
+			}
+		}
+		log.G(ctx).WithField("mountpoint", mp).Warn("unmounted a mount left after closing the snapshotter")
+	}
+	return errors.Join(errs...)
+}

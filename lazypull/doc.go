@@ -1,0 +1,22 @@
+// Package lazypull is the lazybase snapshotter: a containerd proxy
+// snapshotter that mounts eStargz layers lazily over FUSE and pulls every
+// other layer normally.
+//
+// It is built on github.com/containerd/stargz-snapshotter: the upstream
+// filesystem (fs) fetches and verifies layer contents on demand, the
+// upstream snapshot package keeps the overlayfs-style bookkeeping. lazypull
+// adds what builders need around them:
+//
+//   - Config, a documented TOML configuration with strict decoding and
+//     validation that names the key at fault, translated into upstream
+//     options in one place (Config.upstream);
+//   - a per-image Policy (lazy, eager, export-base, lazy-only) applied in
+//     Prepare: declined images lose their remote-snapshot labels so that
+//     containerd pulls and unpacks them normally, and layers that are not
+//     eStargz fall back the same way with a log line saying why;
+//   - Prometheus metrics for mounts, fallbacks and policy decisions next to
+//     the upstream filesystem metrics, and a status view of mounted layers
+//     with their fetched percentages;
+//   - Daemon, which serves containerd's snapshots gRPC API on a unix socket
+//     and unmounts every FUSE mount when it stops.
+package lazypull

@@ -1,0 +1,105 @@
+package lazypull
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/containerd/log"
+	"github.com/containerd/stargz-snapshotter/snapshot"
+)
+
+// trackingFS wraps the upstream lazy filesystem: it logs every mount with
+// the image reference and layer digest, counts mounts and failures, and
+// remembers what is mounted where for Status.
+type trackingFS struct {
+	fs snapshot.FileSystem
+	m  *metrics
+
+	mu     sync.Mutex
+	mounts map[string]mountRecord
+}
+
+var _ snapshot.FileSystem = (*trackingFS)(nil)
+
+type mountRecord struct {
+	image     string
+	layer     string
+	mode      string
+	mountedAt time.Time
+}
+
+func newTrackingFS(fs snapshot.FileSystem, m *metrics) *trackingFS {
+	return &trackingFS{fs: fs, m: m, mounts: make(map[string]mountRecord)}
+}
+
+func layerLogger(ctx context.Context, labels map[string]string) context.Context {
+	return log.WithLogger(ctx, log.G(ctx).WithFields(log.Fields{
+		"image": imageRef(labels),
+		"layer": layerDigest(labels),
+	}))
+}
+
+// Mount mounts the layer lazily. On failure the upstream snapshotter falls
+// back to a normal snapshot, so containerd pulls the layer; the log line
+// says so and why.
+func (t *trackingFS) Mount(ctx context.Context, mountpoint string, labels map[string]string) error {
+	ctx = layerLogger(ctx, labels)
+	start := time.Now()
+	if err := t.fs.Mount(ctx, mountpoint, labels); err != nil {
+		t.m.lazyMounts.WithLabelValues("failed").Inc()
+		t.m.fallbacks.WithLabelValues(ReasonMountFailed).Inc()
+		log.G(ctx).WithError(err).WithField("reason", ReasonMountFailed).
+			Warn("lazy mount failed; containerd pulls this layer normally")
+		return err
+	}
+	d := time.Since(start)
+	t.m.lazyMounts.WithLabelValues("ok").Inc()
+	t.m.mountDuration.Observe(d.Seconds())
+	t.mu.Lock()
+	t.mounts[mountpoint] = mountRecord{
+		image:     imageRef(labels),
+		layer:     layerDigest(labels),
+		mode:      labels[ModeLabel],
+		mountedAt: time.Now(),
+	}
+	t.m.mounted.Set(float64(len(t.mounts)))
+	t.mu.Unlock()
+	log.G(ctx).WithField("mountpoint", mountpoint).WithField("duration", d).Info("layer mounted lazily")
+	return nil
+}
+
+// Check checks that the layer's registry is still reachable.
+func (t *trackingFS) Check(ctx context.Context, mountpoint string, labels map[string]string) error {
+	return t.fs.Check(layerLogger(ctx, labels), mountpoint, labels)
+}
+
+// Unmount unmounts the layer.
+func (t *trackingFS) Unmount(ctx context.Context, mountpoint string) error {
+	t.mu.Lock()
+	rec, ok := t.mounts[mountpoint]
+	delete(t.mounts, mountpoint)
+	t.m.mounted.Set(float64(len(t.mounts)))
+	t.mu.Unlock()
+	err := t.fs.Unmount(ctx, mountpoint)
+	if ok {
+		l := log.G(ctx).WithFields(log.Fields{"image": rec.image, "layer": rec.layer, "mountpoint": mountpoint})
+		if err != nil {
+			l.WithError(err).Warn("unmounting layer")
+		} else {
+			l.Debug("layer unmounted")
+		}
+	}
+	return err
+}
+
+// snapshot returns the current mounts.
+func (t *trackingFS) snapshot() map[string]mountRecord {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := make(map[string]mountRecord, len(t.mounts))
+	for k, v := range t.mounts {
+		out[k] = v
+	}
+	return out
+}

@@ -1,0 +1,64 @@
+package lazypull
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics are lazypull's own Prometheus collectors. They live in a
+// per-Daemon registry; the upstream filesystem registers its metrics
+// (stargz_fs_*) in the default registry, and the metrics endpoint serves
+// both.
+type metrics struct {
+	reg *prometheus.Registry
+
+	decisions     *prometheus.CounterVec
+	lazyMounts    *prometheus.CounterVec
+	fallbacks     *prometheus.CounterVec
+	mounted       prometheus.Gauge
+	mountDuration prometheus.Histogram
+}
+
+func newMetrics() *metrics {
+	const ns, sub = "lazybase", "snapshotter"
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		decisions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "policy_decisions_total",
+			Help: "Policy decisions on layers offered for a remote mount, by mode and by what decided (rule or default).",
+		}, []string{"mode", "decided_by"}),
+		lazyMounts: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "lazy_mounts_total",
+			Help: "Lazy FUSE mounts attempted, by result (ok or failed).",
+		}, []string{"result"}),
+		fallbacks: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "fallbacks_total",
+			Help: "Layers offered for a remote mount that were pulled normally instead, by reason (policy, not_estargz, no_reference, mount_failed).",
+		}, []string{"reason"}),
+		mounted: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "mounted_layers",
+			Help: "Layers currently mounted lazily.",
+		}),
+		mountDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: ns, Subsystem: sub, Name: "mount_duration_seconds",
+			Help:    "Time to resolve, verify and mount a layer lazily.",
+			Buckets: prometheus.ExponentialBuckets(0.005, 2, 14),
+		}),
+	}
+	m.reg.MustRegister(m.decisions, m.lazyMounts, m.fallbacks, m.mounted, m.mountDuration)
+	// Pre-create the series so they read 0 rather than being absent.
+	for _, r := range []string{ReasonPolicy, ReasonNotEStargz, ReasonNoReference, ReasonMountFailed} {
+		m.fallbacks.WithLabelValues(r)
+	}
+	m.lazyMounts.WithLabelValues("ok")
+	m.lazyMounts.WithLabelValues("failed")
+	return m
+}
+
+// gatherer returns lazypull's metrics followed by the default registry's,
+// where the upstream filesystem metrics and the Go runtime metrics live.
+func (m *metrics) gatherer() prometheus.Gatherer {
+	return prometheus.Gatherers{m.reg, defaultGatherer()}
+}
+
+// defaultGatherer is where the upstream filesystem registers its metrics.
+func defaultGatherer() prometheus.Gatherer { return prometheus.DefaultGatherer }

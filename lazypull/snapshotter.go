@@ -1,0 +1,64 @@
+package lazypull
+
+import (
+	"context"
+	"maps"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/log"
+)
+
+// policySnapshotter applies the Policy to every Prepare before the upstream
+// snapshotter sees it; every other method is the upstream one.
+type policySnapshotter struct {
+	snapshots.Snapshotter
+	policy *Policy
+	m      *metrics
+}
+
+var _ snapshots.Snapshotter = (*policySnapshotter)(nil)
+
+// Prepare declines the remote mount of layers that policy marks eager, that
+// are not eStargz, or that come without an image reference, by handing the
+// upstream snapshotter labels without the remote-snapshot keys; containerd
+// then pulls and unpacks those layers normally.
+func (s *policySnapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	var info snapshots.Info
+	for _, o := range opts {
+		if err := o(&info); err != nil {
+			return nil, err
+		}
+	}
+	plan := planPrepare(s.policy, info.Labels)
+	if !plan.Candidate {
+		return s.Snapshotter.Prepare(ctx, key, parent, opts...)
+	}
+	decidedBy := "default"
+	if plan.Decision.Rule >= 0 {
+		decidedBy = "rule"
+	}
+	s.m.decisions.WithLabelValues(string(plan.Decision.Mode), decidedBy).Inc()
+	l := log.G(ctx).WithFields(log.Fields{
+		"image": plan.Ref,
+		"layer": plan.Layer,
+		"mode":  plan.Decision.Mode,
+	})
+	if !plan.Remote {
+		s.m.fallbacks.WithLabelValues(plan.Reason).Inc()
+		l.WithField("reason", plan.Reason).Infof("pulling layer normally: %s", plan.Detail)
+	} else {
+		l.Debug("mounting layer lazily")
+	}
+	// snapshots.WithLabels merges, so the labels are replaced by an option of
+	// our own, applied last; the plan's labels carry every label kept.
+	return s.Snapshotter.Prepare(ctx, key, parent, append(opts, replaceLabels(plan.Labels))...)
+}
+
+// replaceLabels is a snapshots.Opt that sets the labels to a copy of labels.
+func replaceLabels(labels map[string]string) snapshots.Opt {
+	return func(info *snapshots.Info) error {
+		info.Labels = maps.Clone(labels)
+		return nil
+	}
+}

@@ -1,0 +1,152 @@
+package lazypull
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/remotes/docker"
+	dconfig "github.com/containerd/containerd/v2/core/remotes/docker/config"
+	"github.com/containerd/containerd/v2/pkg/reference"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/containerd/stargz-snapshotter/fs/source"
+	"github.com/containerd/stargz-snapshotter/service"
+	"github.com/containerd/stargz-snapshotter/service/resolver"
+	dockercliconfig "github.com/docker/cli/cli/config"
+)
+
+// upstream translates c into the upstream stargz service configuration and
+// options. It is the one place where lazybase keys meet upstream ones.
+func (c *Config) upstream(ctx context.Context) (service.Config, []service.Option) {
+	secs := func(d Duration) int64 { return int64(d.D() / time.Second) }
+	cacheType := func(v string) string {
+		if v == "memory" {
+			return "memory"
+		}
+		return "" // upstream: anything but "memory" is the disk cache
+	}
+	fetchSecs := secs(c.Fetch.Timeout)
+
+	var sc service.Config
+	fc := &sc.Config
+	fc.HTTPCacheType = cacheType(c.Cache.HTTPCache)
+	fc.FSCacheType = cacheType(c.Cache.FSCache)
+	fc.ResolveResultEntryTTLSec = int(secs(c.Cache.ResolveTTL))
+	fc.DirectoryCacheConfig.MaxLRUCacheEntry = c.Cache.MaxLRUEntries
+	fc.DirectoryCacheConfig.MaxCacheFds = c.Cache.MaxOpenFiles
+
+	fc.NoPrefetch = !c.Prefetch.Enable
+	fc.PrefetchSize = c.Prefetch.DefaultSize
+	fc.PrefetchTimeoutSec = secs(c.Prefetch.Timeout)
+	fc.PrefetchAsyncSize = c.Prefetch.AsyncSize
+
+	fc.NoBackgroundFetch = !c.BackgroundFetch.Enable
+	fc.MaxConcurrency = c.BackgroundFetch.MaxConcurrency
+
+	fc.BlobConfig.ChunkSize = c.Fetch.ChunkSize
+	// The fetch context bounds a chunk fetch including its retries, so a
+	// stalled registry turns into EIO after Timeout.
+	fc.BlobConfig.FetchTimeoutSec = fetchSecs
+	fc.BlobConfig.MaxRetries = c.Fetch.MaxRetries
+
+	fc.FuseConfig.PassThrough = c.FUSE.Passthrough
+	fc.FuseConfig.AttrTimeout = secs(c.FUSE.AttrTimeout)
+	fc.FuseConfig.EntryTimeout = secs(c.FUSE.EntryTimeout)
+
+	// FUSE request tracing is only wanted at the most verbose level.
+	fc.Debug = c.LogLevel == "trace"
+	// The upstream metrics feed Status (fetched bytes per layer).
+	fc.NoPrometheus = false
+
+	sc.ResolverConfig.RequestTimeoutSec = int(fetchSecs)
+
+	creds := dockerCredentials(ctx, c.Auth)
+	var hosts source.RegistryHosts
+	if len(c.Registry.ConfigPath) > 0 {
+		hosts = hostsFromDirs(ctx, c.Registry.ConfigPath, c.Fetch.Timeout.D(), creds)
+	} else {
+		rc := resolver.Config{RequestTimeoutSec: int(fetchSecs)}
+		if len(c.Registry.Mirrors) > 0 {
+			rc.Host = make(map[string]resolver.HostConfig, len(c.Registry.Mirrors))
+			for host, ms := range c.Registry.Mirrors {
+				var hc resolver.HostConfig
+				for _, m := range ms {
+					hc.Mirrors = append(hc.Mirrors, resolver.MirrorConfig{Host: m.Host, Insecure: m.Insecure})
+				}
+				rc.Host[host] = hc
+			}
+		}
+		hosts = resolver.RegistryHostsFromConfig(rc, creds)
+	}
+	return sc, []service.Option{service.WithCustomRegistryHosts(hosts)}
+}
+
+// hostsFromDirs resolves registry hosts from containerd hosts.toml
+// directories, the first directory that has an entry for a host winning.
+func hostsFromDirs(ctx context.Context, roots []string, timeout time.Duration, creds resolver.Credential) source.RegistryHosts {
+	hostDir := func(host string) (string, error) {
+		for _, root := range roots {
+			dir, err := dconfig.HostDirFromRoot(root)(host)
+			if err == nil && dir != "" {
+				return dir, nil
+			}
+			if err != nil && !errdefs.IsNotFound(err) {
+				return "", fmt.Errorf("hosts directory %s for %s: %w", root, host, err)
+			}
+		}
+		return "", errdefs.ErrNotFound
+	}
+	return func(ref reference.Spec) ([]docker.RegistryHost, error) {
+		opts := dconfig.HostOptions{
+			HostDir: hostDir,
+			Credentials: func(host string) (string, string, error) {
+				return creds(host, ref)
+			},
+			UpdateClient: func(c *http.Client) error {
+				c.Timeout = timeout
+				return nil
+			},
+		}
+		hosts, err := dconfig.ConfigureHosts(ctx, opts)(ref.Hostname())
+		if err != nil {
+			return nil, fmt.Errorf("registry hosts for %s: %w", ref.Hostname(), err)
+		}
+		return hosts, nil
+	}
+}
+
+// dockerCredentials reads credentials from the docker config.json in
+// a.DockerConfig (or the default location), honouring its auths, credsStore
+// and credHelpers, with a.CredentialHelpers overriding credHelpers.
+func dockerCredentials(ctx context.Context, a AuthConfig) resolver.Credential {
+	return func(host string, _ reference.Spec) (string, string, error) {
+		cf, err := dockercliconfig.Load(a.DockerConfig)
+		if err != nil {
+			// A broken config file must not break anonymous pulls.
+			log.G(ctx).WithError(err).WithField("host", host).Warn("reading docker config; pulling anonymously")
+			return "", "", nil
+		}
+		if len(a.CredentialHelpers) > 0 {
+			if cf.CredentialHelpers == nil {
+				cf.CredentialHelpers = make(map[string]string, len(a.CredentialHelpers))
+			}
+			for h, helper := range a.CredentialHelpers {
+				cf.CredentialHelpers[h] = helper
+			}
+		}
+		key := host
+		if host == "docker.io" || host == "registry-1.docker.io" {
+			key = "https://index.docker.io/v1/"
+		}
+		ac, err := cf.GetAuthConfig(key)
+		if err != nil {
+			return "", "", fmt.Errorf("credentials for %s: %w", host, err)
+		}
+		if ac.IdentityToken != "" {
+			return "", ac.IdentityToken, nil
+		}
+		return ac.Username, ac.Password, nil
+	}
+}
