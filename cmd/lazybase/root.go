@@ -28,6 +28,8 @@ func newRootCmd() *cobra.Command {
 		newVersionCmd(),
 		newConvertCmd(),
 		newDemoCmd(),
+		newSnapshotterCmd(),
+		newMirrorCmd(),
 	)
 	// Errors go to stderr once, prefixed like other container tools.
 	root.SetErr(os.Stderr)
