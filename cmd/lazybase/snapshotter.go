@@ -1,0 +1,171 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"path/filepath"
+	"text/tabwriter"
+	"time"
+
+	"github.com/containerd/log"
+	"github.com/spf13/cobra"
+
+	"github.com/lazybase/lazybase/lazypull"
+)
+
+func newSnapshotterCmd() *cobra.Command {
+	var configPath, root, address, metrics string
+	cmd := &cobra.Command{
+		Use:   "snapshotter",
+		Short: "Serve lazily mounted eStargz base images to containerd (proxy snapshotter \"stargz\")",
+		Long: `Serve containerd's snapshots gRPC API on a unix socket as a proxy
+snapshotter. eStargz layers are mounted lazily over FUSE; layers that are not
+eStargz, and images that policy marks eager, are pulled normally.
+
+The configuration file is TOML (deploy/containerd/lazybase.toml documents every
+key); without --config the defaults apply. --root, --address and
+--metrics-address override the file, and --log-level overrides its log_level
+when given. SIGTERM or SIGINT stops the daemon and unmounts every lazy mount.
+
+Register it in containerd as proxy_plugins.stargz (deploy/containerd/).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg := lazypull.DefaultConfig()
+			if configPath != "" {
+				var err error
+				if cfg, err = lazypull.LoadConfig(configPath); err != nil {
+					return err
+				}
+			}
+			if cmd.Flags().Changed("root") {
+				cfg.Root = absPath(root)
+			}
+			if cmd.Flags().Changed("address") {
+				cfg.Socket = absPath(address)
+			}
+			if cmd.Flags().Changed("metrics-address") {
+				cfg.MetricsAddress = metrics
+			}
+			if err := cfg.Validate(); err != nil {
+				return err
+			}
+			if !cmd.Flags().Changed("log-level") {
+				if err := log.SetLevel(cfg.LogLevel); err != nil {
+					return fmt.Errorf("log_level: %w", err)
+				}
+			}
+			ctx := cmd.Context()
+			d, err := lazypull.NewDaemon(ctx, cfg)
+			if err != nil {
+				return err
+			}
+			return d.Serve(ctx)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&configPath, "config", "", "configuration file (TOML)")
+	f.StringVar(&root, "root", "", "root directory (overrides root)")
+	f.StringVar(&address, "address", "", "unix socket of the snapshots API (overrides socket)")
+	f.StringVar(&metrics, "metrics-address", "", "host:port for /metrics and /status (overrides metrics_address)")
+	cmd.AddCommand(newSnapshotterStatusCmd())
+	return cmd
+}
+
+// absPath makes a flag's path absolute; an empty path stays empty so that
+// validation names it.
+func absPath(p string) string {
+	if p == "" {
+		return p
+	}
+	if a, err := filepath.Abs(p); err == nil {
+		return a
+	}
+	return p
+}
+
+func newSnapshotterStatusCmd() *cobra.Command {
+	var configPath, socket, statusSocket string
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "List the layers the snapshotter has mounted lazily, with fetched percentages",
+		Long: `List the layers a running lazybase snapshotter has mounted lazily: image,
+layer digest, bytes fetched so far (on demand, prefetch and background) against
+the layer's size, and when it was mounted.
+
+The daemon is found through its status socket: --status-socket, else the
+status_socket of --config, else the snapshots socket (--socket, or the
+config's socket) with ".status" appended.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			path := statusSocket
+			if path == "" {
+				cfg := lazypull.DefaultConfig()
+				if configPath != "" {
+					var err error
+					if cfg, err = lazypull.LoadConfig(configPath); err != nil {
+						return err
+					}
+				}
+				if socket != "" {
+					cfg.Socket = absPath(socket)
+				}
+				path = cfg.StatusSocket
+				if path == "" {
+					path = cfg.Socket + ".status"
+				}
+			}
+			st, err := lazypull.FetchStatus(cmd.Context(), path)
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if asJSON {
+				enc := json.NewEncoder(out)
+				enc.SetIndent("", "  ")
+				return enc.Encode(st)
+			}
+			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "IMAGE\tLAYER\tMODE\tFETCHED\tSIZE\tPERCENT\tMOUNTED")
+			for _, l := range st.Layers {
+				pct := "unknown"
+				if l.FetchedPercent >= 0 {
+					pct = fmt.Sprintf("%.1f%%", l.FetchedPercent)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", l.Image, layerShort(l.Layer), l.Mode,
+					sizeOrUnknown(l.FetchedBytes), sizeOrUnknown(l.Size), pct, l.MountedAt.Format(time.RFC3339))
+			}
+			return tw.Flush()
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&configPath, "config", "", "the daemon's configuration file")
+	f.StringVar(&socket, "socket", "", "the daemon's snapshots socket")
+	f.StringVar(&statusSocket, "status-socket", "", "the daemon's status socket")
+	f.BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+func sizeOrUnknown(n int64) string {
+	if n < 0 {
+		return "unknown"
+	}
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+// layerShort shortens a layer digest for the table ("sha256:" and 12 hex).
+func layerShort(d string) string {
+	if len(d) > 19 {
+		return d[:19]
+	}
+	return d
+}
