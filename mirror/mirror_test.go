@@ -488,3 +488,16 @@ func TestShardsCoverEveryImageOnce(t *testing.T) {
 		}
 	}
 }
+
+func tinyImage(t testing.TB) v1.Image {
+	t.Helper()
+	l, err := testimage.EntriesLayer(testimage.Files("a", "b"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := testimage.Image(testimage.LinuxAMD64, l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img
+}
