@@ -197,6 +197,7 @@ func TestBadImage(t *testing.T) {
 			dgst, _ := tc.layer.Digest()
 			res, err := c.Image(ctx, img)
 			checkBadError(t, err, dgst, tc)
+			checkNamesImage(t, err, img)
 			if res != nil {
 				t.Errorf("Image returned a result with the error: %+v", res)
 			}
@@ -253,10 +254,24 @@ func TestBadRegistry(t *testing.T) {
 			c := newTestConverter(t)
 			res, err := c.Image(ctx, img)
 			checkBadError(t, err, victim, badLayer{mention: nonEmpty(tc.mention)})
+			checkNamesImage(t, err, img)
 			if res != nil {
 				t.Errorf("Image returned a result with the error: %+v", res)
 			}
 		})
+	}
+}
+
+// checkNamesImage asserts that an image-level error names the image's
+// manifest digest.
+func checkNamesImage(t *testing.T, err error, img v1.Image) {
+	t.Helper()
+	d, derr := img.Digest()
+	if derr != nil {
+		t.Fatal(derr)
+	}
+	if err != nil && !strings.Contains(err.Error(), d.String()) {
+		t.Errorf("error does not name the image %s", d)
 	}
 }
 

@@ -456,6 +456,14 @@ func checkLayerTree(t testing.TB, src fsTree, l *convert.Layer, chunkSize int64)
 	if d := diffTrees(src, withoutConverterEntries(got)); d != "" {
 		t.Errorf("output tar tree differs from source:\n%s", d)
 	}
+	// A hardlink must come after its target, or appliers cannot make it.
+	seen := map[string]bool{}
+	for _, name := range order {
+		if n := got[name]; n.Hardlink && !seen[n.Link] {
+			t.Errorf("hardlink %s comes before its target %s in the output", name, n.Link)
+		}
+		seen[name] = true
+	}
 	if len(withoutConverterEntries(got)) != len(order)-countConverterEntries(order) {
 		t.Errorf("output has duplicate entries: %d entries, %d names", len(order), len(got))
 	}
@@ -632,6 +640,25 @@ func TestTreePrefetchOrder(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestTreePrefetchHardlinks lists hardlinks (whose targets are not listed)
+// and a symlink in the prefetch list: the output must stay applicable.
+func TestTreePrefetchHardlinks(t *testing.T) {
+	tarball := testimage.MustTar(testimage.Entries(4))
+	src := treeOfTar(t, tarball)
+	list := &prefetch.List{Version: prefetch.ListVersion, Files: []string{
+		testimage.HardlinkSmall, "data/large-hard", "bin/sh",
+	}}
+	c := newTestConverter(t, convert.WithPrefetch(list))
+	l, err := c.Layer(context.Background(), testimage.GzipLayer(tarball), v1.Hash{})
+	if err != nil {
+		t.Fatalf("Layer: %v", err)
+	}
+	checkLayerTree(t, src, l, convert.DefaultChunkSize)
+	if m := l.Result().MissingPrefetch; len(m) != 0 {
+		t.Errorf("MissingPrefetch = %q, want none", m)
 	}
 }
 
