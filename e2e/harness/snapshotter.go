@@ -19,6 +19,8 @@ type Snapshotter struct {
 	Address string // gRPC unix socket
 	Root    string // snapshotter root; its FUSE mounts live below it
 
+	bin  string
+	args []string
 	proc *process
 }
 
@@ -56,25 +58,44 @@ func (s *Stack) startSnapshotter(ctx context.Context) (*Snapshotter, error) {
 	default:
 		return nil, fmt.Errorf("unknown lazy snapshotter %q", sn.Kind)
 	}
-	// A restarted daemon remounts before it listens; never mistake a stale
-	// socket for a ready one.
-	os.Remove(sn.Address)
-	p, err := s.spawn("snapshotter-"+string(sn.Kind), bin, args...)
-	if err != nil {
+	sn.bin, sn.args = bin, args
+	if err := s.runSnapshotter(ctx, sn); err != nil {
 		return nil, err
 	}
+	return sn, nil
+}
+
+func (s *Stack) runSnapshotter(ctx context.Context, sn *Snapshotter) error {
+	// A restarted daemon remounts its snapshots before it listens; never
+	// mistake a stale socket for a ready one.
+	if err := os.Remove(sn.Address); err != nil && !os.IsNotExist(err) {
+		return err
+	}
+	p, err := s.spawn("snapshotter-"+string(sn.Kind), sn.bin, sn.args...)
+	if err != nil {
+		return err
+	}
 	sn.proc = p
-	err = waitFor(ctx, p, 60*time.Second, "snapshotter socket", func() error {
+	return waitFor(ctx, p, 2*time.Minute, "snapshotter socket", func() error {
 		conn, err := net.Dial("unix", sn.Address)
 		if err != nil {
 			return err
 		}
 		return conn.Close()
 	})
-	if err != nil {
-		return nil, err
+}
+
+// RestartSnapshotter stops the lazy snapshotter daemon (by PID, SIGTERM) and
+// starts it again on the same root and socket, waiting until it serves.
+func (s *Stack) RestartSnapshotter(ctx context.Context) error {
+	sn := s.Snapshotter
+	if sn == nil {
+		return fmt.Errorf("restart snapshotter: the stack runs none")
 	}
-	return sn, nil
+	if err := sn.proc.stop(30 * time.Second); err != nil {
+		return fmt.Errorf("stopping %s: %w", sn.proc.name, err)
+	}
+	return s.runSnapshotter(ctx, sn)
 }
 
 // FUSEMounts returns the FUSE mounts under the snapshotter's root: one per
