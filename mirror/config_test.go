@@ -3,6 +3,7 @@ package mirror
 import (
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -154,5 +155,33 @@ func TestRetryTransportHonoursRetryAfter(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusTooManyRequests || rt.Retries() != 0 {
 		t.Errorf("unreplayable body: status %d, %d retries", resp.StatusCode, rt.Retries())
+	}
+}
+
+func TestExampleConfigsParse(t *testing.T) {
+	c, err := LoadConfig("../deploy/mirror/mirror.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Sources) != 2 || c.Sources[1].Newest != 3 || !c.Sources[1].MatchTag("1.23.4-bookworm") || c.Sources[1].MatchTag("1.23.4") {
+		t.Errorf("example config: %+v", c.Sources)
+	}
+	// The ConfigMap carries a mirror.toml too.
+	b, err := os.ReadFile("../deploy/kubernetes/mirror-configmap.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(b)
+	i := strings.Index(s, "mirror.toml: |\n")
+	j := strings.Index(s, "\n---")
+	if i < 0 || j < i {
+		t.Fatal("no mirror.toml in the ConfigMap")
+	}
+	var doc strings.Builder
+	for _, line := range strings.Split(s[i+len("mirror.toml: |\n"):j], "\n") {
+		doc.WriteString(strings.TrimPrefix(line, "    ") + "\n")
+	}
+	if _, err := ParseConfig([]byte(doc.String())); err != nil {
+		t.Errorf("ConfigMap mirror.toml: %v", err)
 	}
 }
