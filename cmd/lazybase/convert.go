@@ -177,6 +177,9 @@ func runConvert(ctx context.Context, stderr io.Writer, src, dst string, o conver
 	if err != nil {
 		return nil, err
 	}
+	if err := imageio.CheckDestination(dstRef); err != nil {
+		return nil, err
+	}
 
 	opts := []convert.Option{convert.WithFormat(format), convert.WithForce(o.force)}
 	if o.level != 0 {
@@ -248,7 +251,14 @@ func runConvert(ctx context.Context, stderr io.Writer, src, dst string, o conver
 	convSeconds := time.Since(convStart).Seconds()
 	disp.Printf("writing %s", dstRef)
 	writeStart := time.Now()
-	desc, err := client.Write(ctx, dstRef, out, platform)
+	desc, err := client.Write(ctx, dstRef, out, platform, imageio.WithWriteProgress(func(complete, total int64) {
+		rate := ""
+		if el := time.Since(writeStart).Seconds(); el > 0 {
+			rate = progress.Rate(float64(complete) / el)
+		}
+		disp.Status(fmt.Sprintf("writing %s  %s / %s  %s", dstRef, progress.Bytes(complete), progress.Bytes(total), rate))
+	}))
+	disp.Status("")
 	disp.Stop()
 	if err != nil {
 		return nil, err

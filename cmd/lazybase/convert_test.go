@@ -594,3 +594,92 @@ func TestConvertBadFlags(t *testing.T) {
 		}
 	}
 }
+
+func TestConvertPrefetchAndPlatformOfImage(t *testing.T) {
+	isolate(t)
+	ctx := context.Background()
+	reg := testimage.NewRegistry(t)
+	img, err := testimage.SeedImage(8, testimage.LinuxAMD64, testimage.WithoutLargeFiles())
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, dst := reg.Host+"/pf/app:v1", reg.Host+"/pf/app:out"
+	push(t, src, img)
+	list := filepath.Join(t.TempDir(), "prefetch.json")
+	if err := os.WriteFile(list, []byte(`{"version":1,"files":["etc/hostname"]}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	stdout, stderr, err := runCLI(ctx, t, "convert", "--json", "--prefetch", list, "--platform", "linux/amd64", src, dst)
+	if err != nil {
+		t.Fatalf("convert: %v\n%s", err, stderr)
+	}
+	rep := parseReport(t, stdout)
+	if got := rep.Images[0].Layers[1].PrefetchFiles; got != 1 {
+		t.Errorf("second layer: %d prefetched files, want 1", got)
+	}
+	client, err := imageio.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := verifyDemo(ctx, client, reg.Host, dst, rep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.layers[1].landmark != "prefetch landmark" {
+		t.Errorf("second layer: %s", v.layers[1].landmark)
+	}
+
+	// A single image of another platform than asked for.
+	_, _, err = runCLI(ctx, t, "convert", "--platform", "linux/arm64", src, reg.Host+"/pf/app:arm")
+	if err == nil || !strings.Contains(err.Error(), "linux/amd64") || !strings.Contains(err.Error(), src) {
+		t.Errorf("platform mismatch: %v", err)
+	}
+	if tagExists(t, reg.Host+"/pf/app:arm") {
+		t.Error("tag written for a platform mismatch")
+	}
+	// A digest is no destination, and that is found before converting.
+	d, _ := img.Digest()
+	_, stderr, err = runCLI(ctx, t, "convert", src, reg.Host+"/pf/app@"+d.String())
+	if err == nil || !strings.Contains(err.Error(), "must be a tag") || strings.Contains(stderr, "layer ") {
+		t.Errorf("digest destination: %v\n%s", err, stderr)
+	}
+	// A missing prefetch list.
+	_, _, err = runCLI(ctx, t, "convert", "--prefetch", list+".missing", src, dst)
+	if err == nil || !strings.Contains(err.Error(), "--prefetch") {
+		t.Errorf("missing prefetch list: %v", err)
+	}
+}
+
+func TestConvertTLS(t *testing.T) {
+	isolate(t)
+	ctx := context.Background()
+	srv := httptest.NewTLSServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
+	defer srv.Close()
+	host := strings.TrimPrefix(srv.URL, "https://")
+	img, err := testimage.SeedImage(9, testimage.LinuxAMD64, testimage.WithoutLargeFiles())
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, dst := host+"/tls/app:v1", host+"/tls/app:out"
+	r, _ := name.ParseReference(src)
+	if err := remote.Push(r, img, remote.WithTransport(srv.Client().Transport)); err != nil {
+		t.Fatal(err)
+	}
+	// The test server's certificate is self-signed: verification fails.
+	_, _, err = runCLI(ctx, t, "convert", src, dst)
+	t.Logf("no --insecure: %v", err)
+	if err == nil || !strings.Contains(err.Error(), "TLS certificate verification failed: ") {
+		t.Fatalf("self-signed certificate accepted: %v", err)
+	}
+	stdout, stderr, err := runCLI(ctx, t, "convert", "--insecure", "--json", src, dst)
+	if err != nil {
+		t.Fatalf("--insecure: %v\n%s", err, stderr)
+	}
+	rep := parseReport(t, stdout)
+	dr, _ := name.ParseReference(dst)
+	out, err := remote.Image(dr, remote.WithTransport(srv.Client().Transport))
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkImage(t, out, rep.Images[0])
+}

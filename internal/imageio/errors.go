@@ -1,6 +1,7 @@
 package imageio
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net/http"
@@ -11,10 +12,10 @@ import (
 
 // RegistryError is a registry's refusal, classified by HTTP status.
 type RegistryError struct {
-	// Kind is "unauthorized", "denied", "not found", "registry error" or
-	// "registry refused".
+	// Kind is "unauthorized", "denied", "not found", "registry error",
+	// "registry refused" or "TLS certificate verification failed".
 	Kind       string
-	StatusCode int
+	StatusCode int // 0 when no HTTP status applies
 	Err        error
 }
 
@@ -25,10 +26,10 @@ func (e *RegistryError) Error() string {
 func (e *RegistryError) Unwrap() error { return e.Err }
 
 // describe returns the registry's own words for a transport error, without
-// the request line (which may be long), and the status.
+// the request line (which may be long), and the status. Other errors (such
+// as both schemes of a ping failing) are described whole.
 func describe(err error, code int) string {
-	var te *transport.Error
-	if errors.As(err, &te) {
+	if te, ok := err.(*transport.Error); ok {
 		var msgs []string
 		for _, d := range te.Errors {
 			s := string(d.Code)
@@ -50,6 +51,10 @@ func describe(err error, code int) string {
 func classify(err error) error {
 	if err == nil {
 		return nil
+	}
+	var cve *tls.CertificateVerificationError
+	if errors.As(err, &cve) {
+		return &RegistryError{Kind: "TLS certificate verification failed", Err: err}
 	}
 	var te *transport.Error
 	if !errors.As(err, &te) {
@@ -78,9 +83,8 @@ func Kind(err error) string {
 	if errors.As(err, &re) {
 		return re.Kind
 	}
-	var te *transport.Error
-	if errors.As(err, &te) {
-		return classify(te).(*RegistryError).Kind
+	if re, ok := classify(err).(*RegistryError); ok {
+		return re.Kind
 	}
 	return ""
 }

@@ -552,3 +552,55 @@ func TestUserAgent(t *testing.T) {
 		}
 	}
 }
+
+func TestWriteProgress(t *testing.T) {
+	ctx := context.Background()
+	host := newRegistry(t, nil)
+	c := newClient(t)
+	img, err := random.Image(100_000, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	layers, _ := img.Layers()
+	var layerBytes int64
+	for _, l := range layers {
+		n, _ := l.Size()
+		layerBytes += n
+	}
+	for _, dst := range []string{host + "/p/img:v1", "oci:" + t.TempDir() + ":v1"} {
+		var mu sync.Mutex
+		var last, lastTotal int64
+		calls := 0
+		_, err := c.Write(ctx, mustRef(t, c, dst), img, nil, WithWriteProgress(func(complete, total int64) {
+			mu.Lock()
+			defer mu.Unlock()
+			if complete < last {
+				t.Errorf("%s: progress went back from %d to %d", dst, last, complete)
+			}
+			last, lastTotal = complete, total
+			calls++
+		}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		mu.Lock()
+		if calls == 0 || last < layerBytes || last != lastTotal {
+			t.Errorf("%s: %d calls, last %d of %d, layers hold %d bytes", dst, calls, last, lastTotal, layerBytes)
+		}
+		mu.Unlock()
+	}
+}
+
+func TestCheckDestination(t *testing.T) {
+	c := newClient(t)
+	for s, ok := range map[string]bool{
+		"oci:x":            true,
+		"oci:x:v1":         true,
+		"example.com/a:v1": true,
+		"example.com/a@sha256:" + strings.Repeat("0", 64): false,
+	} {
+		if err := CheckDestination(mustRef(t, c, s)); (err == nil) != ok {
+			t.Errorf("%s: %v", s, err)
+		}
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/types"
@@ -25,7 +26,7 @@ const ociLayoutFile = `{"imageLayoutVersion":"1.0.0"}`
 // leaves a truncated blob under its final name, which later writes then
 // trust) and rewrites index.json in place; this writer puts every file in
 // place with a rename after verifying its digest.
-func (c *Client) writeLayout(ctx context.Context, ref Ref, a Artifact, desc v1.Descriptor) error {
+func (c *Client) writeLayout(ctx context.Context, ref Ref, a Artifact, desc v1.Descriptor, wo writeOptions) error {
 	dir := ref.Path
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
@@ -37,7 +38,7 @@ func (c *Client) writeLayout(ctx context.Context, ref Ref, a Artifact, desc v1.D
 	} else if err != nil {
 		return err
 	}
-	lw := &layoutWriter{dir: dir, jobs: c.o.jobs}
+	lw := &layoutWriter{dir: dir, jobs: c.o.jobs, progress: wo.progress}
 	switch t := a.(type) {
 	case v1.Image:
 		if err := lw.image(ctx, t); err != nil {
@@ -55,8 +56,34 @@ func (c *Client) writeLayout(ctx context.Context, ref Ref, a Artifact, desc v1.D
 }
 
 type layoutWriter struct {
-	dir  string
-	jobs int
+	dir      string
+	jobs     int
+	progress func(complete, total int64)
+
+	mu              sync.Mutex
+	complete, total int64
+}
+
+// count reports progress: total grows when a blob is started, complete as
+// its bytes are written (or at once when it already is there).
+func (lw *layoutWriter) count(complete, total int64) {
+	if lw.progress == nil {
+		return
+	}
+	lw.mu.Lock()
+	defer lw.mu.Unlock()
+	lw.complete += complete
+	lw.total += total
+	lw.progress(lw.complete, lw.total)
+}
+
+type countWriter struct {
+	lw *layoutWriter
+}
+
+func (w countWriter) Write(p []byte) (int, error) {
+	w.lw.count(int64(len(p)), 0)
+	return len(p), nil
 }
 
 func (lw *layoutWriter) image(ctx context.Context, img v1.Image) error {
@@ -159,7 +186,9 @@ func (lw *layoutWriter) blob(ctx context.Context, d v1.Hash, size int64, open fu
 	}
 	dir := filepath.Join(lw.dir, "blobs", d.Algorithm)
 	final := filepath.Join(dir, d.Hex)
+	lw.count(0, size)
 	if fi, err := os.Stat(final); err == nil && fi.Mode().IsRegular() && fi.Size() == size {
+		lw.count(size, 0)
 		return nil
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -181,7 +210,7 @@ func (lw *layoutWriter) blob(ctx context.Context, d v1.Hash, size int64, open fu
 		f.Close()
 		return err
 	}
-	n, err := io.Copy(io.MultiWriter(f, h), ctxReader{ctx, rc})
+	n, err := io.Copy(io.MultiWriter(f, h, countWriter{lw}), ctxReader{ctx, rc})
 	if err == nil {
 		err = f.Sync()
 	}

@@ -58,6 +58,7 @@ type Display struct {
 	pending []string // permanent lines not yet written
 	dirty   bool
 	drawn   int // lines of the live block on screen
+	status  string
 
 	stop chan struct{}
 	done chan struct{}
@@ -155,6 +156,18 @@ func (d *Display) Handle(ev convert.Event) {
 	}
 }
 
+// Status sets a line shown under the layers of the live block on a
+// terminal, such as the progress of an upload; "" removes it. Plain output
+// ignores it.
+func (d *Display) Status(s string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if s != d.status {
+		d.status = s
+		d.dirty = true
+	}
+}
+
 // Printf adds a permanent line above the live block (or a plain line).
 func (d *Display) Printf(format string, args ...any) {
 	d.mu.Lock()
@@ -178,7 +191,7 @@ func (d *Display) removeActive(st *layerState) {
 // render writes pending lines and, on a terminal, redraws the live block.
 // final erases the live block instead. d.mu must be held.
 func (d *Display) render(final bool) {
-	if !d.dirty && !(final && d.drawn > 0) && !(d.tty && len(d.active) > 0) {
+	if !d.dirty && !(final && d.drawn > 0) && !(d.tty && (len(d.active) > 0 || d.status != "")) {
 		return
 	}
 	var b strings.Builder
@@ -197,6 +210,11 @@ func (d *Display) render(final bool) {
 		now := d.now()
 		for _, st := range d.active {
 			b.WriteString(d.activeLine(st, now))
+			b.WriteByte('\n')
+			d.drawn++
+		}
+		if d.status != "" {
+			b.WriteString(d.status)
 			b.WriteByte('\n')
 			d.drawn++
 		}

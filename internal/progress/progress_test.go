@@ -122,3 +122,27 @@ func TestTerminal(t *testing.T) {
 		t.Errorf("final render %q", tail)
 	}
 }
+
+func TestStatus(t *testing.T) {
+	var buf syncBuf
+	d := New(&buf, WithTerminal(true))
+	d.Start()
+	d.Status("writing dst  1.0 MB / 2.0 MB")
+	time.Sleep(3 * DefaultInterval)
+	d.Status("")
+	d.Stop()
+	s := buf.String()
+	if !strings.Contains(s, "writing dst  1.0 MB / 2.0 MB\n") || !strings.HasSuffix(s, "\x1b[1A\r\x1b[J") {
+		t.Errorf("status output %q", s)
+	}
+	// Plain output has no status line.
+	var plain syncBuf
+	p := New(&plain)
+	p.Start()
+	p.Status("writing")
+	time.Sleep(2 * DefaultInterval)
+	p.Stop()
+	if plain.String() != "" {
+		t.Errorf("plain output %q", plain.String())
+	}
+}
