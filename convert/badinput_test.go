@@ -3,10 +3,13 @@ package convert_test
 import (
 	"archive/tar"
 	"context"
+	"errors"
+	"io"
 	"io/fs"
 	"net/http"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -401,4 +404,116 @@ func TestZstdChunkedOpens(t *testing.T) {
 	if _, err := estargz.Open(sectionOf(blob)); err == nil {
 		t.Errorf("zstd:chunked output opens as gzip eStargz")
 	}
+}
+
+// TestBadIndex converts an index whose arm64 image holds a bad layer: the
+// whole conversion fails, naming the layer, and returns no index.
+func TestBadIndex(t *testing.T) {
+	good, err := testimage.SeedImage(20, testimage.LinuxAMD64, testimage.WithoutLargeFiles())
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := mustGzipLayer(t, entriesWith(hdr(tar.TypeReg, "../escape", "")))
+	badImg, err := testimage.Image(testimage.LinuxARM64, mustGzipLayer(t, testimage.Files("a", "b")), bad)
+	if err != nil {
+		t.Fatal(err)
+	}
+	idx, err := testimage.Index(good, badImg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newTestConverter(t)
+	res, err := c.Index(context.Background(), idx)
+	dgst, _ := bad.Digest()
+	checkBadError(t, err, dgst, badLayer{mention: []string{"../escape"}})
+	if res != nil {
+		t.Errorf("Index returned a result with the error: %+v", res)
+	}
+}
+
+// TestCancelledConversion cancels a conversion while it reads the blob: the
+// error says so, no layer and no temporary file is left, and the same
+// Converter converts the layer afterwards.
+func TestCancelledConversion(t *testing.T) {
+	tarball := testimage.MustTar(testimage.Entries(30, testimage.WithoutLargeFiles()))
+	src := &slowLayer{Layer: testimage.GzipLayer(tarball), started: make(chan struct{}), delay: 200 * time.Millisecond}
+	tmp := t.TempDir()
+	c := newTestConverter(t, convert.WithTempDir(tmp))
+
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() { <-src.started; cancel() }()
+	l, err := c.Layer(ctx, src, v1.Hash{})
+	if err == nil || !errors.Is(err, context.Canceled) {
+		t.Fatalf("Layer cancelled midway: %v, want context.Canceled", err)
+	}
+	if l != nil {
+		t.Error("Layer returned a layer with the error")
+	}
+	if files := leftoverFiles(t, tmp); len(files) != 0 {
+		t.Errorf("temporary files left after a cancelled conversion: %q", files)
+	}
+	if _, err := c.Layer(context.Background(), src, v1.Hash{}); err != nil {
+		t.Fatalf("converting after a cancelled attempt: %v", err)
+	}
+}
+
+// TestCancelledCallerDoesNotFailOthers converts the same layer from two
+// callers at once; the first one's context is cancelled while the
+// conversion runs. The second caller must still get the layer.
+func TestCancelledCallerDoesNotFailOthers(t *testing.T) {
+	tarball := testimage.MustTar(testimage.Entries(31, testimage.WithoutLargeFiles()))
+	src := &slowLayer{Layer: testimage.GzipLayer(tarball), started: make(chan struct{}), delay: 200 * time.Millisecond}
+	c := newTestConverter(t)
+
+	ctxA, cancelA := context.WithCancel(context.Background())
+	errA := make(chan error, 1)
+	go func() {
+		_, err := c.Layer(ctxA, src, v1.Hash{})
+		errA <- err
+	}()
+	<-src.started // A's conversion is reading the blob
+	errB := make(chan error, 1)
+	go func() {
+		_, err := c.Layer(context.Background(), src, v1.Hash{})
+		errB <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // let B join the conversion in flight
+	cancelA()
+	if err := <-errA; err == nil {
+		t.Log("A finished before its cancellation took effect")
+	}
+	if err := <-errB; err != nil {
+		t.Errorf("caller B failed because caller A was cancelled: %v", err)
+	}
+}
+
+// slowLayer delays the first read of its blob.
+type slowLayer struct {
+	*testimage.Layer
+	started chan struct{}
+	once    sync.Once
+	delay   time.Duration
+}
+
+func (l *slowLayer) Compressed() (io.ReadCloser, error) {
+	rc, err := l.Layer.Compressed()
+	if err != nil {
+		return nil, err
+	}
+	return &slowReader{ReadCloser: rc, l: l}, nil
+}
+
+type slowReader struct {
+	io.ReadCloser
+	l    *slowLayer
+	done bool
+}
+
+func (r *slowReader) Read(p []byte) (int, error) {
+	if !r.done {
+		r.done = true
+		r.l.once.Do(func() { close(r.l.started) })
+		time.Sleep(r.l.delay)
+	}
+	return r.ReadCloser.Read(p)
 }

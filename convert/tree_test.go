@@ -541,6 +541,7 @@ func TestTreeEquality(t *testing.T) {
 		{"small-explicit-dirs", testimage.Entries(2, testimage.WithoutLargeFiles(), testimage.WithoutRootDir(), testimage.WithoutImplicitDirs())},
 		{"empty", nil},
 		{"only-dirs", onlyDirs},
+		{"many-small-files", testimage.ManyFiles(9, 1000, 8<<10)},
 	}
 	for _, format := range formats {
 		c := newTestConverter(t, convert.WithFormat(format))
@@ -567,6 +568,47 @@ func TestTreeEquality(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestTreeChunkBoundaries converts files sized at and around multiples of a
+// small chunk size and checks every chunk.
+func TestTreeChunkBoundaries(t *testing.T) {
+	const chunk = 64 << 10
+	tarball := testimage.MustTar(testimage.SizeBoundaries(11, chunk))
+	src := treeOfTar(t, tarball)
+	for _, format := range formats {
+		t.Run(string(format), func(t *testing.T) {
+			c := newTestConverter(t, convert.WithFormat(format), convert.WithChunkSize(chunk))
+			l, err := c.Layer(context.Background(), testimage.GzipLayer(tarball), testimage.SHA256(tarball))
+			if err != nil {
+				t.Fatalf("Layer: %v", err)
+			}
+			checkLayerTree(t, src, l, chunk)
+			blob, desc := convertedBlob(t, l)
+			r, _, err := openOutput(blob, desc)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Files of n bytes must be cut into ceil(n/chunk) chunks.
+			for name, n := range src {
+				if n.Size == 0 {
+					continue
+				}
+				want := int((n.Size + chunk - 1) / chunk)
+				got := 0
+				for off := int64(0); off < n.Size; got++ {
+					ce, ok := r.ChunkEntryForOffset(name, off)
+					if !ok {
+						t.Fatalf("%s: no chunk at %d", name, off)
+					}
+					off = ce.ChunkOffset + ce.ChunkSize
+				}
+				if got != want {
+					t.Errorf("%s (%d bytes): %d chunks, want %d", name, n.Size, got, want)
+				}
+			}
+		})
 	}
 }
 

@@ -163,11 +163,71 @@ func Entries(seed uint64, opts ...Option) []Entry {
 	dir("wh/opq/", 0o755)
 	reg("wh/opq/.wh..wh..opq", 0o644, nil)
 
+	// GNU tar writes long names and targets as ././@LongLink records.
+	dir("gnu/", 0o755)
+	gnuName := "gnu/" + strings.Repeat("g", 140)
+	add(&tar.Header{Typeflag: tar.TypeReg, Name: gnuName, Mode: 0o644, Format: tar.FormatGNU}, text(333))
+	add(&tar.Header{Typeflag: tar.TypeSymlink, Name: "gnu/long-target", Linkname: strings.Repeat("t", 150), Mode: 0o777, Format: tar.FormatGNU}, nil)
+
+	// Names that are legal but awkward.
+	dir("odd/", 0o755)
+	reg("odd/with space", 0o644, []byte("space\n"))
+	reg("odd/new\nline", 0o644, []byte("newline\n"))
+	reg("odd/back\\slash", 0o644, []byte("backslash\n"))
+	reg("odd/-dash", 0o644, []byte("dash\n"))
+	reg("odd/..dots", 0o644, []byte("not a parent\n"))
+	reg("odd/"+strings.Repeat("n", 255), 0o644, []byte("a 255-byte name\n"))
+	add(&tar.Header{Typeflag: tar.TypeDir, Name: "odd/no-trailing-slash", Mode: 0o755}, nil)
+
 	if o.implicit {
 		reg("implicit/child.txt", 0o644, []byte("my parent has no entry\n"))
 	} else {
 		dir("implicit/", 0o755)
 		reg("implicit/child.txt", 0o644, []byte("my parent has an entry\n"))
+	}
+	return es
+}
+
+// ManyFiles returns n regular files of random sizes up to maxSize spread
+// over directories, with their directories, for tests of layers with many
+// small files.
+func ManyFiles(seed uint64, n, maxSize int) []Entry {
+	rnd := rand.New(rand.NewPCG(seed, ^seed))
+	var es []Entry
+	mt := Epoch
+	for i := 0; i < n; i++ {
+		if i%100 == 0 {
+			es = append(es, Entry{Header: &tar.Header{Typeflag: tar.TypeDir, Name: fmt.Sprintf("many/d%03d/", i/100), Mode: 0o755, ModTime: mt}})
+		}
+		data := make([]byte, rnd.IntN(maxSize+1))
+		for j := range data {
+			data[j] = byte('a' + rnd.IntN(8)) // compressible, not trivially
+		}
+		es = append(es, Entry{
+			Header: &tar.Header{Typeflag: tar.TypeReg, Name: fmt.Sprintf("many/d%03d/f%05d", i/100, i), Mode: 0o644, ModTime: mt, Size: int64(len(data))},
+			Data:   data,
+		})
+		mt = mt.Add(time.Second)
+	}
+	return es
+}
+
+// SizeBoundaries returns regular files sized around multiples of chunk
+// (0, 1, chunk-1, chunk, chunk+1, 2*chunk-1, 2*chunk, 2*chunk+1, 3*chunk),
+// interleaved with small files, with random contents.
+func SizeBoundaries(seed uint64, chunk int) []Entry {
+	rnd := rand.New(rand.NewPCG(seed, seed+1))
+	sizes := []int{0, 1, chunk - 1, chunk, chunk + 1, 2*chunk - 1, 2 * chunk, 2*chunk + 1, 3 * chunk}
+	es := []Entry{{Header: &tar.Header{Typeflag: tar.TypeDir, Name: "sizes/", Mode: 0o755, ModTime: Epoch}}}
+	for i, n := range sizes {
+		data := make([]byte, n)
+		for j := range data {
+			data[j] = byte(rnd.UintN(256))
+		}
+		es = append(es,
+			Entry{Header: &tar.Header{Typeflag: tar.TypeReg, Name: fmt.Sprintf("sizes/%02d-%d", i, n), Mode: 0o644, ModTime: Epoch, Size: int64(n)}, Data: data},
+			Entry{Header: &tar.Header{Typeflag: tar.TypeReg, Name: fmt.Sprintf("sizes/%02d-small", i), Mode: 0o644, ModTime: Epoch, Size: 3}, Data: []byte("abc")},
+		)
 	}
 	return es
 }
