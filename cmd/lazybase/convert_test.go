@@ -459,33 +459,43 @@ func TestConvertCancelLeavesDestination(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	var once sync.Once
-	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
-	armed := make(chan struct{})
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		select {
-		case <-armed:
-			// Interrupt the conversion as soon as it reads a blob.
-			if r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/sha256:") {
-				once.Do(cancel)
+	// when says at which request the conversion is interrupted: while it
+	// reads source blobs, or while it uploads converted ones.
+	for _, when := range []string{"reading", "uploading"} {
+		t.Run(when, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			var once sync.Once
+			inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+			armed := make(chan struct{})
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				select {
+				case <-armed:
+					read := r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/sha256:")
+					upload := r.Method != http.MethodGet && r.Method != http.MethodHead && strings.Contains(r.URL.Path, "/blobs/uploads")
+					if (when == "reading" && read) || (when == "uploading" && upload) {
+						once.Do(cancel)
+					}
+				default:
+				}
+				inner.ServeHTTP(w, r)
+			}))
+			defer srv.Close()
+			host := strings.TrimPrefix(srv.URL, "http://")
+			src, dst := host+"/c/app:v1", host+"/c/app:out"
+			push(t, src, img)
+			close(armed)
+			_, stderr, err := runCLI(ctx, t, "convert", src, dst)
+			if !errors.Is(err, context.Canceled) {
+				t.Fatalf("interrupted conversion: %v", err)
 			}
-		default:
-		}
-		inner.ServeHTTP(w, r)
-	}))
-	defer srv.Close()
-	host := strings.TrimPrefix(srv.URL, "http://")
-	src, dst := host+"/c/app:v1", host+"/c/app:out"
-	push(t, src, img)
-	close(armed)
-	_, _, err = runCLI(ctx, t, "convert", src, dst)
-	if !errors.Is(err, context.Canceled) {
-		t.Fatalf("interrupted conversion: %v", err)
-	}
-	if tagExists(t, dst) {
-		t.Fatal("destination tag written after an interrupted conversion")
+			if uploaded := strings.Contains(stderr, "writing "+dst); uploaded != (when == "uploading") {
+				t.Errorf("interrupted %s, but the upload started = %v:\n%s", when, uploaded, stderr)
+			}
+			if tagExists(t, dst) {
+				t.Fatal("destination tag written after an interrupted conversion")
+			}
+		})
 	}
 }
 
