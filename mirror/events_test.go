@@ -3,6 +3,9 @@ package mirror
 import (
 	"context"
 	"fmt"
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/validate"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -133,12 +136,13 @@ func TestServerConvertsPushedImage(t *testing.T) {
 	if got := get(t, hs.URL+"/healthz"); got != "ok\n" {
 		t.Errorf("healthz %q", got)
 	}
-	if _, err := m.client.ParseRef(dst.host + "/mirror/lib/a:1.3"); err != nil {
+	dref, _ := name.ParseReference(dst.host + "/mirror/lib/a:1.3")
+	out, err := remote.Image(dref)
+	if err != nil {
 		t.Fatal(err)
 	}
-	_, manifests, _ := dst.counts()
-	if manifests == 0 {
-		t.Error("destination never read")
+	if err := validate.Image(out); err != nil {
+		t.Error(err)
 	}
 }
 

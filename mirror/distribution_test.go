@@ -1,0 +1,184 @@
+package mirror
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/validate"
+
+	"github.com/lazybase/lazybase/internal/testimage"
+)
+
+// mountCounter counts cross-repository mount requests and how many the
+// registry granted (201 Created).
+type mountCounter struct {
+	inner          http.RoundTripper
+	tried, granted atomic.Int64
+}
+
+func (m *mountCounter) RoundTrip(r *http.Request) (*http.Response, error) {
+	resp, err := m.inner.RoundTrip(r)
+	if r.Method == http.MethodPost && r.URL.Query().Get("mount") != "" && r.URL.Query().Get("from") != "" {
+		m.tried.Add(1)
+		if err == nil && resp.StatusCode == http.StatusCreated {
+			m.granted.Add(1)
+		}
+	}
+	return resp, err
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// startDistribution runs Debian's docker-registry (distribution 2.8) on
+// loopback, with notifications sent to notifyURL.
+func startDistribution(t *testing.T, notifyURL string) string {
+	t.Helper()
+	bin, err := exec.LookPath("docker-registry")
+	if err != nil {
+		t.Skip("docker-registry (Debian package docker-registry) is not installed: " + err.Error())
+	}
+	dir := t.TempDir()
+	port := freePort(t)
+	cfg := fmt.Sprintf(`version: 0.1
+log: {level: error}
+storage:
+  filesystem: {rootdirectory: %s}
+http:
+  addr: 127.0.0.1:%d
+notifications:
+  endpoints:
+    - name: lazybase
+      url: %s
+      timeout: 2s
+      threshold: 10
+      backoff: 200ms
+`, filepath.Join(dir, "data"), port, notifyURL)
+	cfgFile := filepath.Join(dir, "config.yml")
+	if err := os.WriteFile(cfgFile, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "serve", cfgFile)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("docker-registry output:\n%s", out.String())
+		}
+	})
+	host := fmt.Sprintf("127.0.0.1:%d", port)
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		resp, err := http.Get("http://" + host + "/v2/")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return host
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("registry on %s did not start: %v", host, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestDistributionMountsAndNotifications runs against a real distribution
+// registry: converted blobs are mounted from the records repository into
+// the destination (cross-repository mounts), and a push notification sent
+// by the registry itself triggers the conversion of the pushed image.
+func TestDistributionMountsAndNotifications(t *testing.T) {
+	var srvp atomic.Pointer[Server]
+	notify := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		srv := srvp.Load()
+		if srv == nil {
+			w.WriteHeader(http.StatusAccepted)
+			return
+		}
+		srv.Handler().ServeHTTP(w, r)
+	}))
+	defer notify.Close()
+	host := startDistribution(t, notify.URL+"/events")
+
+	// Two images sharing a base layer, pushed before the server listens.
+	base, _ := testimage.EntriesLayer(testimage.Files("usr/lib/base.bin", pseudoRandom(3, 128<<10)))
+	for i := range 2 {
+		u, _ := testimage.EntriesLayer(testimage.Files("app.txt", fmt.Sprintf("app %d\n", i)))
+		img, err := testimage.Image(testimage.LinuxAMD64, base, u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ref, _ := name.ParseReference(fmt.Sprintf("%s/src/app:1.%d", host, i))
+		if err := remote.Write(ref, img); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c, err := ParseConfig([]byte(fmt.Sprintf("destination = %q\nretry_initial = \"5ms\"\n[[source]]\nrepository = %q\n", host+"/mirror", host+"/src/app")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mc := &mountCounter{inner: http.DefaultTransport}
+	m := newMirror(t, c, WithTransport(mc))
+	rep, err := m.Run(context.Background())
+	if err != nil || !rep.OK() || rep.Converted != 2 {
+		t.Fatalf("%v %+v", err, rep)
+	}
+	// Three distinct layers, each mounted from the records repository into
+	// mirror/src/app (the shared one only once: the second push finds it).
+	if mc.granted.Load() != 3 {
+		t.Errorf("mounts granted %d of %d tried, want 3", mc.granted.Load(), mc.tried.Load())
+	}
+
+	// Now the registry's own notification drives a conversion.
+	srv := NewServer(m, 8, 1)
+	srvp.Store(srv)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go srv.Run(ctx)
+	u, _ := testimage.EntriesLayer(testimage.Files("app.txt", "app pushed later\n"))
+	img, _ := testimage.Image(testimage.LinuxAMD64, base, u)
+	ref, _ := name.ParseReference(host + "/src/app:1.9")
+	if err := remote.Write(ref, img); err != nil {
+		t.Fatal(err)
+	}
+	dest, _ := name.ParseReference(host + "/mirror/src/app:1.9")
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		if out, err := remote.Image(dest); err == nil {
+			if err := validate.Image(out); err != nil {
+				t.Fatal(err)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the pushed image was not mirrored after its notification")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !strings.Contains(get(t, notify.URL+"/metrics"), `lazybase_mirror_layers_total{source="shared"} 1`) {
+		t.Errorf("the base layer was not reused:\n%s", get(t, notify.URL+"/metrics"))
+	}
+}
