@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"os"
 	"path/filepath"
 	"text/tabwriter"
 	"time"
@@ -12,6 +13,9 @@ import (
 
 	"github.com/lazybase/lazybase/lazypull"
 )
+
+// configEnv names the configuration file when --config is not given.
+const configEnv = "LAZYBASE_SNAPSHOTTER_CONFIG"
 
 func newSnapshotterCmd() *cobra.Command {
 	var configPath, root, address, metrics string
@@ -23,7 +27,8 @@ snapshotter. eStargz layers are mounted lazily over FUSE; layers that are not
 eStargz, and images that policy marks eager, are pulled normally.
 
 The configuration file is TOML (deploy/containerd/lazybase.toml documents every
-key); without --config the defaults apply. --root, --address and
+key): --config, else $LAZYBASE_SNAPSHOTTER_CONFIG; without either the defaults
+apply. --root, --address and
 --metrics-address override the file, and --log-level overrides its log_level
 when given. SIGTERM or SIGINT stops the daemon and unmounts every lazy mount.
 
@@ -31,6 +36,9 @@ Register it in containerd as proxy_plugins.stargz (deploy/containerd/).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg := lazypull.DefaultConfig()
+			if configPath == "" {
+				configPath = os.Getenv(configEnv)
+			}
 			if configPath != "" {
 				var err error
 				if cfg, err = lazypull.LoadConfig(configPath); err != nil {
@@ -63,7 +71,7 @@ Register it in containerd as proxy_plugins.stargz (deploy/containerd/).`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&configPath, "config", "", "configuration file (TOML)")
+	f.StringVar(&configPath, "config", "", "configuration file (TOML; default $"+configEnv+")")
 	f.StringVar(&root, "root", "", "root directory (overrides root)")
 	f.StringVar(&address, "address", "", "unix socket of the snapshots API (overrides socket)")
 	f.StringVar(&metrics, "metrics-address", "", "host:port for /metrics and /status (overrides metrics_address)")
@@ -101,6 +109,9 @@ config's socket) with ".status" appended.`,
 			path := statusSocket
 			if path == "" {
 				cfg := lazypull.DefaultConfig()
+				if configPath == "" {
+					configPath = os.Getenv(configEnv)
+				}
 				if configPath != "" {
 					var err error
 					if cfg, err = lazypull.LoadConfig(configPath); err != nil {

@@ -1,0 +1,111 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func runLazybase(ctx context.Context, args ...string) (string, error) {
+	cmd := newRootCmd()
+	var out bytes.Buffer
+	cmd.SetOut(&out)
+	cmd.SetErr(&out)
+	cmd.SetArgs(args)
+	err := cmd.ExecuteContext(ctx)
+	return out.String(), err
+}
+
+func TestSnapshotterRejectsInvalidConfig(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "c.toml")
+	if err := os.WriteFile(p, []byte("[fetch]\ntimeout = \"2h\"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := runLazybase(t.Context(), "snapshotter", "--config", p)
+	if err == nil || !strings.Contains(err.Error(), "key fetch.timeout:") {
+		t.Fatalf("got %v, want an error naming fetch.timeout", err)
+	}
+	// The environment names the file when --config is absent.
+	t.Setenv(configEnv, p)
+	_, err = runLazybase(t.Context(), "snapshotter", "--root", dir, "--address", filepath.Join(dir, "s.sock"))
+	if err == nil || !strings.Contains(err.Error(), "key fetch.timeout:") {
+		t.Fatalf("with $%s: got %v, want an error naming fetch.timeout", configEnv, err)
+	}
+	// A relative --root is made absolute, an empty one is rejected.
+	t.Setenv(configEnv, "")
+	_, err = runLazybase(t.Context(), "snapshotter", "--root", "", "--address", filepath.Join(dir, "s.sock"))
+	if err == nil || !strings.Contains(err.Error(), "key root:") {
+		t.Fatalf("empty --root: got %v", err)
+	}
+}
+
+func TestSnapshotterStatusNoDaemon(t *testing.T) {
+	_, err := runLazybase(t.Context(), "snapshotter", "status", "--socket", filepath.Join(t.TempDir(), "none.sock"))
+	if err == nil || !strings.Contains(err.Error(), "none.sock.status") {
+		t.Fatalf("got %v, want an error naming the status socket", err)
+	}
+}
+
+// TestSnapshotterServeAndStatus runs the daemon verb in-process, asks it
+// for its status through the status verb, and stops it like SIGTERM does.
+func TestSnapshotterServeAndStatus(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the daemon checks that overlayfs mounts work")
+	}
+	root := t.TempDir()
+	sockDir, err := os.MkdirTemp("", "lbcli")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(sockDir)
+	sock := filepath.Join(sockDir, "sn.sock")
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() {
+		_, err := runLazybase(ctx, "snapshotter", "--root", root, "--address", sock)
+		done <- err
+	}()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, err := os.Stat(sock + ".status"); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			cancel()
+			t.Fatalf("daemon did not listen: %v", <-done)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	fi, err := os.Stat(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o660 {
+		t.Errorf("socket mode %v, want 0660", fi.Mode().Perm())
+	}
+	out, err := runLazybase(t.Context(), "snapshotter", "status", "--socket", sock)
+	if err != nil || !strings.HasPrefix(out, "IMAGE") {
+		t.Errorf("status: %q, %v", out, err)
+	}
+	out, err = runLazybase(t.Context(), "snapshotter", "status", "--socket", sock, "--json")
+	if err != nil || !strings.Contains(out, `"layers": []`) {
+		t.Errorf("status --json: %q, %v", out, err)
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("daemon: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("daemon did not stop")
+	}
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Errorf("socket left after stop: %v", err)
+	}
+}
