@@ -52,7 +52,9 @@ import (
 //	jobs = 0
 //	# Blobs transferred at the same time per image. Default: 4.
 //	transfer_jobs = 4
-//	# Attempts per image before it counts as failed. Default: 3.
+//	# Attempts per image before it counts as failed; between two attempts
+//	# the mirror waits 4 x retry_initial, doubling up to retry_max.
+//	# Default: 3.
 //	image_attempts = 3
 //	# HTTP retries per request on 429, 5xx and connection resets, with
 //	# exponential backoff and jitter from retry_initial up to retry_max;

@@ -68,8 +68,8 @@ func WithShard(s Shard) Option {
 // conversion, and ignores conversion records.
 func WithForce(b bool) Option { return func(o *options) error { o.force = b; return nil } }
 
-// WithImageDone registers a function called when an image is done (from the
-// worker goroutine; it must not block for long).
+// WithImageDone registers a function called when an image is done. Calls
+// come from the worker goroutines, one at a time; fn must not block for long.
 func WithImageDone(fn func(ImageReport)) Option {
 	return func(o *options) error { o.onImage = fn; return nil }
 }
@@ -118,6 +118,8 @@ type Mirror struct {
 	lists  map[string]*prefetch.List
 
 	converted, fromRecords, recordFailures atomic.Int64
+
+	onImageMu sync.Mutex // serializes WithImageDone calls
 }
 
 // New returns a Mirror for cfg (as ParseConfig returns it).
@@ -431,7 +433,8 @@ func (m *Mirror) MirrorImage(ctx context.Context, j Job) ImageReport {
 	start := time.Now()
 	r := ImageReport{Source: j.Source, Destination: j.Destination}
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("image", j.Source))
-	wait := time.Second
+	initial, maxWait, _ := m.cfg.durations()
+	wait := 4 * initial
 	for attempt := 1; ; attempt++ {
 		r.Attempts = attempt
 		st := &imageStats{}
@@ -454,11 +457,13 @@ func (m *Mirror) MirrorImage(ctx context.Context, j Job) ImageReport {
 		case <-ctx.Done():
 		case <-time.After(wait):
 		}
-		wait *= 2
+		wait = min(2*wait, maxWait)
 	}
 	r.Seconds = time.Since(start).Seconds()
 	if m.o.onImage != nil {
+		m.onImageMu.Lock()
 		m.o.onImage(r)
+		m.onImageMu.Unlock()
 	}
 	return r
 }

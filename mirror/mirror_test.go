@@ -66,6 +66,19 @@ func newServer(t testing.TB) *server {
 			w.Header().Set("Retry-After", "1")
 			http.Error(w, "injected", http.StatusTooManyRequests)
 			return
+		case "truncate":
+			// Half the body, then the connection drops.
+			rec := httptest.NewRecorder()
+			inner.ServeHTTP(rec, r)
+			body := rec.Body.Bytes()
+			for k, v := range rec.Header() {
+				w.Header()[k] = v
+			}
+			w.Header().Set("Content-Length", fmt.Sprint(len(body)))
+			w.WriteHeader(rec.Code)
+			w.Write(body[:len(body)/2])
+			w.(http.Flusher).Flush()
+			panic(http.ErrAbortHandler)
 		case "reset":
 			if hj, ok := w.(http.Hijacker); ok {
 				if c, _, err := hj.Hijack(); err == nil {
@@ -367,8 +380,11 @@ func TestMirrorConvergesUnderFaults(t *testing.T) {
 	imageSet(t, src, 64<<10)
 	// The first request for each method+path fails, in turn with 503, 429
 	// (Retry-After: 1) and a connection reset; a 429 is given at most
-	// twice to keep the test short. PATCH (streamed uploads) is spared.
-	inject := func() func(r *http.Request) string {
+	// twice to keep the test short. PATCH (streamed uploads) is spared. On
+	// the source, the first GET of each blob is cut off halfway through
+	// its body instead, which fails the conversion and so the image's
+	// attempt: the image is tried again.
+	inject := func(truncate bool) func(r *http.Request) string {
 		seen := map[string]bool{}
 		n, n429 := 0, 0
 		return func(r *http.Request) string {
@@ -377,6 +393,9 @@ func TestMirrorConvergesUnderFaults(t *testing.T) {
 				return ""
 			}
 			seen[k] = true
+			if truncate && r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/") {
+				return "truncate"
+			}
 			n++
 			switch n % 3 {
 			case 0:
@@ -392,12 +411,12 @@ func TestMirrorConvergesUnderFaults(t *testing.T) {
 		}
 	}
 	src.mu.Lock()
-	src.fault = inject()
+	src.fault = inject(true)
 	src.mu.Unlock()
 	dst.mu.Lock()
-	dst.fault = inject()
+	dst.fault = inject(false)
 	dst.mu.Unlock()
-	m := newMirror(t, testConfig(t, src, dst, ""))
+	m := newMirror(t, testConfig(t, src, dst, "image_attempts = 5"))
 	start := time.Now()
 	rep, err := m.Run(context.Background())
 	if err != nil {
@@ -415,7 +434,17 @@ func TestMirrorConvergesUnderFaults(t *testing.T) {
 	dst.mu.Lock()
 	df := dst.faulted
 	dst.mu.Unlock()
-	t.Logf("converged in %v with %d retries (%d source, %d destination faults)", time.Since(start), rep.Retries, sf, df)
+	attempts := 0
+	for _, ir := range rep.Images {
+		attempts += ir.Attempts
+	}
+	t.Logf("converged in %v with %d HTTP retries and %d image attempts (%d source, %d destination faults)", time.Since(start), rep.Retries, attempts, sf, df)
+	if attempts <= 10 {
+		t.Errorf("truncated blobs caused no second attempt")
+	}
+	if got := m.Stats().Converted; got != rep.Layers.Converted || got != 12 {
+		t.Errorf("converted %d layers (report %d), want 12: failed conversions are not counted and each layer succeeds once", got, rep.Layers.Converted)
+	}
 	if sf == 0 || df == 0 || rep.Retries == 0 {
 		t.Errorf("faults %d/%d retries %d: injection did not happen", sf, df, rep.Retries)
 	}
