@@ -1,0 +1,135 @@
+package mirror
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/lazybase/lazybase/convert"
+	"github.com/lazybase/lazybase/internal/testimage"
+	"github.com/lazybase/lazybase/prefetch"
+)
+
+// TestMirrorIndexPlatformsAndZstd mirrors a two-platform index keeping one
+// platform, in zstd:chunked, and checks the result is what convert.Index
+// makes with the same options.
+func TestMirrorIndexPlatformsAndZstd(t *testing.T) {
+	ctx := context.Background()
+	src, dst := newServer(t), newServer(t)
+	idx, err := testimage.SeedIndex(7, testimage.WithoutLargeFiles())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref, _ := name.ParseReference(src.host + "/multi/os:1")
+	if err := remote.WriteIndex(ref, idx); err != nil {
+		t.Fatal(err)
+	}
+	c, err := ParseConfig([]byte(fmt.Sprintf(`destination = %q
+format = "zstd-chunked"
+level = 5
+[[source]]
+repository = %q
+platforms = ["linux/arm64"]
+`, dst.host+"/m", src.host+"/multi/os")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := newMirror(t, c)
+	rep, err := m.Run(ctx)
+	if err != nil || !rep.OK() || rep.Converted != 1 {
+		t.Fatalf("%v %+v", err, rep)
+	}
+	conv, err := convert.New(convert.WithFormat(convert.FormatZstdChunked), convert.WithCompressionLevel(5),
+		convert.WithPlatforms(v1.Platform{OS: "linux", Architecture: "arm64"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conv.Close()
+	want, err := conv.Index(ctx, idx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Images[0].Digest != want.Digest.String() {
+		t.Errorf("mirror wrote %s, convert.Index makes %s", rep.Images[0].Digest, want.Digest)
+	}
+	dref, _ := name.ParseReference(dst.host + "/m/multi/os:1")
+	out, err := remote.Index(dref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// (validate.Index would decompress zstd layers as gzip: the digest
+	// comparison with convert.Index above stands for it.)
+	im, _ := out.IndexManifest()
+	if len(im.Manifests) != 1 || im.Manifests[0].Platform.Architecture != "arm64" {
+		t.Errorf("index manifests %+v", im.Manifests)
+	}
+	// Up to date on the next run.
+	rep, err = newMirror(t, c).Run(ctx)
+	if err != nil || rep.Skipped != 1 {
+		t.Fatalf("%v %+v", err, rep)
+	}
+}
+
+// TestMirrorPrefetchDir applies a prefetch list found by repository name;
+// a layer shared with an image without a list is converted once per list.
+func TestMirrorPrefetchDir(t *testing.T) {
+	ctx := context.Background()
+	src, dst := newServer(t), newServer(t)
+	layers := imageSet(t, src, 16<<10)
+	dir := t.TempDir()
+	list := `{"version": 1, "files": ["etc/os-release", "app/unique.txt"]}`
+	if err := os.WriteFile(filepath.Join(dir, "lib_a.json"), []byte(list), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c := testConfig(t, src, dst, fmt.Sprintf("prefetch_dir = %q", dir))
+	m := newMirror(t, c)
+	rep, err := m.Run(ctx)
+	if err != nil || !rep.OK() {
+		t.Fatalf("%v %+v", err, rep)
+	}
+	// lib/a's base layer (with a list) and lib/b's (without) differ.
+	if got := m.Stats().Converted; got != int64(len(layers))+1 {
+		t.Errorf("converted %d layers, want %d", got, len(layers)+1)
+	}
+	l, err := prefetch.ParseList([]byte(list))
+	if err != nil {
+		t.Fatal(err)
+	}
+	withList, _ := convert.New(convert.WithPrefetch(l))
+	defer withList.Close()
+	without, _ := convert.New()
+	defer without.Close()
+	for _, ir := range rep.Images {
+		sref, _ := name.ParseReference(ir.Source)
+		simg, err := remote.Image(sref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conv := without
+		if sref.Context().RepositoryStr() == "lib/a" {
+			conv = withList
+		}
+		want, err := conv.Image(ctx, simg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ir.Digest != want.Digest.String() {
+			t.Errorf("%s: mirror wrote %s, convert makes %s", ir.Source, ir.Digest, want.Digest)
+		}
+	}
+	// A broken list fails the images it applies to, and only those.
+	if err := os.WriteFile(filepath.Join(dir, "lib_b.1.3.json"), []byte(`{"version": 9}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c = testConfig(t, src, dst, fmt.Sprintf("prefetch_dir = %q\nimage_attempts = 1", dir))
+	rep, err = newMirror(t, c, WithForce(true)).Run(ctx)
+	if err != nil || rep.Failed != 1 || rep.Converted != 9 {
+		t.Fatalf("%v %+v", err, rep)
+	}
+}
