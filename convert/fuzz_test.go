@@ -1,6 +1,7 @@
 package convert_test
 
 import (
+	"archive/tar"
 	"bytes"
 	"context"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/types"
@@ -133,4 +135,72 @@ func checkFuzzOutput(blob []byte, l *convert.Layer) error {
 		return fmt.Errorf("output tree differs from source:\n%s", d)
 	}
 	return nil
+}
+
+// FuzzConvertEntry converts a small layer holding one fuzzed tar entry (name,
+// link target, type, mode, owner, contents, an xattr) next to a few fixed
+// ones. A conversion must either fail with an error naming the layer digest,
+// or produce a layer whose tree equals the source's, read as a plain tar and
+// through the verified TOC.
+func FuzzConvertEntry(f *testing.F) {
+	f.Add("etc/passwd", "", byte(tar.TypeReg), int64(0o644), 0, "root:x:0:0::/root:/bin/sh\n", "user.a", "b")
+	f.Add("./bin/sh", "busybox", byte(tar.TypeSymlink), int64(0o777), 0, "", "", "")
+	f.Add("base/hard", "base/file", byte(tar.TypeLink), int64(0o644), 0, "", "", "")
+	f.Add("../x", "", byte(tar.TypeReg), int64(0o644), 0, "x", "", "")
+	f.Add("/abs/x", "", byte(tar.TypeReg), int64(0o644), 0, "x", "", "")
+	f.Add("dev/tty", "", byte(tar.TypeChar), int64(0o620), 5, "", "", "")
+	f.Add("run/fifo", "", byte(tar.TypeFifo), int64(0o600), 0, "", "", "")
+	f.Add("base/", "", byte(tar.TypeDir), int64(0o1777), 1000, "", "trusted.overlay.opaque", "y")
+	f.Add("unicode/é/"+strings.Repeat("x", 120), "", byte(tar.TypeReg), int64(0o4755), 0, "payload", "", "")
+	f.Add("base/.wh..wh..opq", "", byte(tar.TypeReg), int64(0), 0, "", "", "")
+	dir := f.TempDir()
+	f.Fuzz(func(t *testing.T, name, link string, typ byte, mode int64, id int, data, xk, xv string) {
+		h := &tar.Header{Typeflag: typ, Name: name, Linkname: link, Mode: mode & 0o7777, Uid: id & 0xffffff, Gid: id & 0xffff,
+			ModTime: testimage.Epoch, Devmajor: int64(id & 0xfff), Devminor: int64(id & 0xfffff)}
+		if typ == tar.TypeReg {
+			h.Size = int64(len(data))
+		} else {
+			data = ""
+		}
+		if xk != "" {
+			h.PAXRecords = map[string]string{"SCHILY.xattr." + xk: xv}
+			h.Format = tar.FormatPAX
+		}
+		entries := []testimage.Entry{
+			{Header: &tar.Header{Typeflag: tar.TypeDir, Name: "base/", Mode: 0o755, ModTime: testimage.Epoch}},
+			{Header: &tar.Header{Typeflag: tar.TypeReg, Name: "base/file", Mode: 0o644, ModTime: testimage.Epoch, Size: 5}, Data: []byte("file\n")},
+			{Header: h, Data: []byte(data)},
+			{Header: &tar.Header{Typeflag: tar.TypeReg, Name: "zz-last", Mode: 0o644, ModTime: testimage.Epoch, Size: 4}, Data: []byte("end\n")},
+		}
+		tarball, err := testimage.Tar(entries)
+		if err != nil {
+			return // archive/tar cannot write it: not a layer anyone has
+		}
+		src, _, err := readTarTree(bytes.NewReader(tarball))
+		if err != nil || len(src) != len(entries) {
+			return // the oracle cannot read it, or names repeat
+		}
+		if !utf8.ValidString(name) || !utf8.ValidString(link) || !utf8.ValidString(xk) {
+			// Known: the JSON TOC cannot hold such strings; see
+			// TestTreeInvalidUTF8.
+			return
+		}
+		layer := testimage.GzipLayer(tarball)
+		dgst, _ := layer.Digest()
+		c, err := convert.New(convert.WithTempDir(dir), convert.WithWorkers(2))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), fuzzTimeout)
+		defer cancel()
+		l, err := c.Layer(ctx, layer, testimage.SHA256(tarball))
+		if err != nil {
+			if !strings.Contains(err.Error(), dgst.String()) {
+				t.Fatalf("error does not name the layer %s: %v", dgst, err)
+			}
+			return
+		}
+		checkLayerTree(t, src, l, convert.DefaultChunkSize)
+	})
 }

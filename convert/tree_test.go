@@ -612,6 +612,36 @@ func TestTreeChunkBoundaries(t *testing.T) {
 	}
 }
 
+// TestTreeInvalidUTF8 converts names, link targets and xattr names that are
+// not valid UTF-8 (legal on Linux, e.g. Latin-1 file names from old
+// archives). The TOC is JSON, which cannot hold them: a converter must either
+// keep them exactly or refuse the layer with an error naming the file, never
+// change them silently.
+func TestTreeInvalidUTF8(t *testing.T) {
+	cases := []testimage.Entry{
+		{Header: &tar.Header{Typeflag: tar.TypeReg, Name: "latin1-caf\xe9.txt", Mode: 0o644, ModTime: testimage.Epoch, Size: 3}, Data: []byte("abc")},
+		{Header: &tar.Header{Typeflag: tar.TypeSymlink, Name: "link", Linkname: "caf\xe9", Mode: 0o777, ModTime: testimage.Epoch}},
+		{Header: &tar.Header{Typeflag: tar.TypeReg, Name: "xattr", Mode: 0o644, ModTime: testimage.Epoch, Format: tar.FormatPAX,
+			PAXRecords: map[string]string{"SCHILY.xattr.user.\x93": "v"}}},
+	}
+	for _, e := range cases {
+		t.Run(e.Header.Name, func(t *testing.T) {
+			tarball := testimage.MustTar([]testimage.Entry{e})
+			layer := testimage.GzipLayer(tarball)
+			c := newTestConverter(t)
+			l, err := c.Layer(context.Background(), layer, v1.Hash{})
+			if err != nil {
+				dgst, _ := layer.Digest()
+				if !strings.Contains(err.Error(), dgst.String()) || !strings.Contains(err.Error(), e.Header.Name) {
+					t.Errorf("error does not name the layer %s and file %q: %v", dgst, e.Header.Name, err)
+				}
+				return
+			}
+			checkLayerTree(t, treeOfTar(t, tarball), l, convert.DefaultChunkSize)
+		})
+	}
+}
+
 func first(s []string) string {
 	if len(s) == 0 {
 		return "<none>"
