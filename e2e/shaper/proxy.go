@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -25,7 +26,7 @@ type Proxy struct {
 
 	mu     sync.Mutex
 	phase  string
-	events []Event
+	events []*Event
 
 	srv *http.Server
 	ln  net.Listener
@@ -156,7 +157,9 @@ func (p *Proxy) Close() error {
 	return err
 }
 
-// ServeHTTP shapes, forwards and records one request.
+// ServeHTTP shapes, forwards and records one request. The event is recorded
+// when the request arrives and updated before each header and body write
+// reaches the client, so a client that has its response sees it counted.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	if d := time.Duration(p.rtt.Load()); d > 0 {
@@ -169,89 +172,111 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	repo, kind, ref := parsePath(r.URL.Path)
-	cw := &countingWriter{ResponseWriter: w, ctx: r.Context(), bucket: &p.bucket}
-	// ReverseProxy panics with http.ErrAbortHandler when the client goes
-	// away mid-body: record in a defer so aborted transfers count too.
-	defer p.record(r, cw, start, repo, kind, ref)
-	p.rp.ServeHTTP(cw, r)
-}
-
-func (p *Proxy) record(r *http.Request, cw *countingWriter, start time.Time, repo string, kind Kind, ref string) {
-	ev := Event{
-		Time:     start,
-		Duration: time.Since(start),
-		Method:   r.Method,
-		Path:     r.URL.Path,
-		Repo:     repo,
-		Kind:     kind,
-		Ref:      ref,
-		Range:    r.Header.Get("Range"),
-		Status:   cw.status,
-		Bytes:    cw.n,
-		Size:     -1,
-	}
-	if ev.Status == 0 {
-		ev.Status = http.StatusOK
+	ev := &Event{
+		Time:   start,
+		Method: r.Method,
+		Path:   r.URL.Path,
+		Repo:   repo,
+		Kind:   kind,
+		Ref:    ref,
+		Range:  r.Header.Get("Range"),
+		Size:   -1,
 	}
 	ev.Requested = parseRange(ev.Range)
-	if ev.Method == http.MethodGet && ev.Bytes > 0 {
-		switch ev.Status {
-		case http.StatusPartialContent:
-			if rg, size, ok := parseContentRange(cw.Header().Get("Content-Range")); ok {
-				ev.Served = []Range{{Start: rg.Start, End: rg.Start + ev.Bytes - 1}}
-				ev.Size = size
-			}
-		case http.StatusOK:
-			ev.Served = []Range{{Start: 0, End: ev.Bytes - 1}}
-			ev.Size = cw.contentLength
-		}
-	}
 	p.mu.Lock()
+	ev.Duration = time.Since(start) // the added latency; final at the end
 	ev.Phase = p.phase
 	p.events = append(p.events, ev)
 	p.mu.Unlock()
+
+	cw := &countingWriter{ResponseWriter: w, ctx: r.Context(), p: p, ev: ev}
+	// ReverseProxy panics with http.ErrAbortHandler when the client goes
+	// away mid-body: finish the event in a defer so that counts too.
+	defer func() {
+		p.mu.Lock()
+		ev.Duration = time.Since(start)
+		if ev.Status == 0 {
+			ev.Status = http.StatusOK
+		}
+		p.mu.Unlock()
+	}()
+	p.rp.ServeHTTP(cw, r)
 }
 
-// countingWriter counts and throttles the response body.
+// countingWriter counts and throttles the response body, updating its event
+// before bytes reach the client.
 type countingWriter struct {
 	http.ResponseWriter
-	ctx           context.Context
-	bucket        *bucket
-	status        int
-	contentLength int64
-	n             int64
+	ctx         context.Context
+	p           *Proxy
+	ev          *Event
+	wroteHeader bool
+	offset      int64 // blob offset of the first body byte
 }
 
 func (c *countingWriter) WriteHeader(code int) {
-	if c.status == 0 {
-		c.status = code
-		c.contentLength = -1
-		if cl := c.Header().Get("Content-Length"); cl != "" {
-			fmt.Sscan(cl, &c.contentLength)
+	if !c.wroteHeader {
+		c.wroteHeader = true
+		h := c.Header()
+		c.p.mu.Lock()
+		c.ev.Status = code
+		switch code {
+		case http.StatusPartialContent:
+			if rg, size, ok := parseContentRange(h.Get("Content-Range")); ok {
+				c.offset = rg.Start
+				c.ev.Size = size
+			}
+		case http.StatusOK:
+			if cl := h.Get("Content-Length"); cl != "" && c.ev.Method == http.MethodGet {
+				if n, err := strconv.ParseInt(cl, 10, 64); err == nil {
+					c.ev.Size = n
+				}
+			}
 		}
+		c.p.mu.Unlock()
 	}
 	c.ResponseWriter.WriteHeader(code)
 }
 
 func (c *countingWriter) Write(b []byte) (int, error) {
-	if c.status == 0 {
+	if !c.wroteHeader {
 		c.WriteHeader(http.StatusOK)
 	}
 	written := 0
 	for len(b) > 0 {
 		n := min(len(b), chunk)
-		if err := c.bucket.take(c.ctx, n); err != nil {
+		if err := c.p.bucket.take(c.ctx, n); err != nil {
 			return written, err
 		}
+		c.count(int64(n))
 		m, err := c.ResponseWriter.Write(b[:n])
 		written += m
-		c.n += int64(m)
+		if m < n {
+			c.count(int64(m - n))
+		}
 		if err != nil {
 			return written, err
 		}
 		b = b[n:]
 	}
 	return written, nil
+}
+
+// count adds n (possibly negative, to take back what was not written) body
+// bytes to the event.
+func (c *countingWriter) count(n int64) {
+	c.p.mu.Lock()
+	defer c.p.mu.Unlock()
+	ev := c.ev
+	ev.Bytes += n
+	if ev.Method != http.MethodGet || ev.Status != http.StatusOK && ev.Status != http.StatusPartialContent {
+		return
+	}
+	if ev.Bytes <= 0 {
+		ev.Served = nil
+		return
+	}
+	ev.Served = []Range{{Start: c.offset, End: c.offset + ev.Bytes - 1}}
 }
 
 // Unwrap lets http.ResponseController reach the underlying writer.

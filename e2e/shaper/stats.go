@@ -9,7 +9,7 @@ import (
 // Event is one request the proxy forwarded.
 type Event struct {
 	Time      time.Time
-	Duration  time.Duration
+	Duration  time.Duration // until the response ended; while in flight, until forwarded
 	Phase     string
 	Method    string
 	Path      string
@@ -38,7 +38,18 @@ func (p *Proxy) Mark() Mark {
 func (p *Proxy) Events() []Event {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return slices.Clone(p.events)
+	return p.copyEvents(p.events)
+}
+
+// copyEvents copies events; the caller holds p.mu.
+func (p *Proxy) copyEvents(evs []*Event) []Event {
+	out := make([]Event, len(evs))
+	for i, e := range evs {
+		out[i] = *e
+		out[i].Requested = slices.Clone(e.Requested)
+		out[i].Served = slices.Clone(e.Served)
+	}
+	return out
 }
 
 // Reset forgets every recorded event.
@@ -59,20 +70,20 @@ func (p *Proxy) Since(m Mark) Stats {
 	if int(m) > len(p.events) {
 		m = 0
 	}
-	return Summarize(p.events[m:])
+	return Summarize(p.copyEvents(p.events[m:]))
 }
 
 // StatsFor summarises the events recorded in the named phase.
 func (p *Proxy) StatsFor(phase string) Stats {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	var evs []Event
+	var evs []*Event
 	for _, e := range p.events {
 		if e.Phase == phase {
 			evs = append(evs, e)
 		}
 	}
-	return Summarize(evs)
+	return Summarize(p.copyEvents(evs))
 }
 
 // Stats summarises a set of events.
