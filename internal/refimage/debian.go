@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -181,6 +182,9 @@ func (b *builder) buildDebian(ctx context.Context, in *inputs, key, staging, lay
 	log.G(ctx).WithField("mirror", in.Mirror).Info("refimage: running debootstrap")
 	cmd := exec.CommandContext(ctx, deb, "--variant="+in.Variant, "--arch="+arch, in.Suite, rootfs, in.Mirror)
 	cmd.Stdout, cmd.Stderr = lf, lf
+	// Tools that honour it (shadow's password aging fields, for one) write
+	// the epoch instead of today's date.
+	cmd.Env = append(os.Environ(), fmt.Sprintf("SOURCE_DATE_EPOCH=%d", Epoch.Unix()))
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	cmd.WaitDelay = 10 * time.Second
@@ -260,6 +264,9 @@ func cleanRootfs(root string) error {
 			}
 		}
 	}
+	if err := normalizeShadow(root); err != nil {
+		return err
+	}
 	// Logs: keep the directories, drop the files.
 	logs := filepath.Join(root, "var/log")
 	return filepath.WalkDir(logs, func(p string, d fs.DirEntry, err error) error {
@@ -274,6 +281,36 @@ func cleanRootfs(root string) error {
 		}
 		return os.Remove(p)
 	})
+}
+
+// normalizeShadow sets the "last password change" field of every entry of
+// /etc/shadow (and its backup) to the epoch's day, instead of the day of the
+// build.
+func normalizeShadow(root string) error {
+	day := strconv.FormatInt(Epoch.Unix()/86400, 10)
+	for _, name := range []string{"etc/shadow", "etc/shadow-"} {
+		file := filepath.Join(root, name)
+		b, err := os.ReadFile(file)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		lines := strings.Split(string(b), "\n")
+		for i, line := range lines {
+			f := strings.Split(line, ":")
+			if len(f) >= 3 && f[2] != "" {
+				f[2] = day
+				lines[i] = strings.Join(f, ":")
+			}
+		}
+		// WriteFile truncates in place: owner and mode stay.
+		if err := os.WriteFile(file, []byte(strings.Join(lines, "\n")), 0o640); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // unmountUnder detaches every mount at or below dir (debootstrap mounts

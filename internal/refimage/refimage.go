@@ -48,7 +48,7 @@ type Image struct {
 
 // formatVersion is part of every cache key: bump it whenever the builder's
 // output changes for the same inputs.
-const formatVersion = 1
+const formatVersion = 2
 
 // Suite and variant of the Debian root filesystem.
 const (

@@ -80,8 +80,9 @@ func needBuilder(t *testing.T) {
 }
 
 // tarStats reads a layer's uncompressed tar, checks its diffID and returns
-// its size, non-directory entries and names.
-func tarStats(t *testing.T, l v1.Layer) (int64, int, map[string]*tar.Header) {
+// its size, non-directory entries and names, and the contents of the files
+// named in keep.
+func tarStats(t *testing.T, l v1.Layer, keep ...string) (int64, int, map[string]*tar.Header, map[string][]byte) {
 	t.Helper()
 	rc, err := l.Uncompressed()
 	if err != nil {
@@ -93,6 +94,7 @@ func tarStats(t *testing.T, l v1.Layer) (int64, int, map[string]*tar.Header) {
 	tr := tar.NewReader(io.TeeReader(rc, cr))
 	files := 0
 	names := map[string]*tar.Header{}
+	kept := map[string][]byte{}
 	for {
 		hdr, err := tr.Next()
 		if errors.Is(err, io.EOF) {
@@ -102,6 +104,13 @@ func tarStats(t *testing.T, l v1.Layer) (int64, int, map[string]*tar.Header) {
 			t.Fatal(err)
 		}
 		names[hdr.Name] = hdr
+		if contains(keep, hdr.Name) {
+			b, err := io.ReadAll(tr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			kept[hdr.Name] = b
+		}
 		if hdr.Typeflag != tar.TypeDir {
 			files++
 		}
@@ -113,7 +122,7 @@ func tarStats(t *testing.T, l v1.Layer) (int64, int, map[string]*tar.Header) {
 	if got := hex.EncodeToString(h.Sum(nil)); got != diffID.Hex {
 		t.Errorf("layer diffID %s, content hashes to %s", diffID, got)
 	}
-	return cr.n, files, names
+	return cr.n, files, names, kept
 }
 
 func TestBuildGolang(t *testing.T) {
@@ -193,7 +202,8 @@ func TestBuildGolang(t *testing.T) {
 		if mt, _ := l.MediaType(); mt != types.OCILayer {
 			t.Errorf("layer %d media type %s", i, mt)
 		}
-		n, f, names := tarStats(t, l)
+		n, f, names, kept := tarStats(t, l, "etc/shadow")
+		shadow := string(kept["etc/shadow"])
 		total += n
 		files += f
 		t.Logf("layer %d: %d bytes uncompressed, %d files", i, n, f)
@@ -213,6 +223,9 @@ func TestBuildGolang(t *testing.T) {
 				}
 				if strings.HasPrefix(name, "var/cache/apt/archives/") && strings.HasSuffix(name, ".deb") {
 					t.Errorf("debian layer keeps package %s", name)
+				}
+				if name == "etc/shadow" && !strings.Contains(shadow, ":"+strconv.FormatInt(Epoch.Unix()/86400, 10)+":") {
+					t.Errorf("etc/shadow does not date password changes at the epoch:\n%s", shadow)
 				}
 				if h.ModTime.After(Epoch) {
 					t.Errorf("%s: mtime %v after the epoch", name, h.ModTime)
