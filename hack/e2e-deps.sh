@@ -55,6 +55,11 @@ if command -v systemctl >/dev/null 2>&1 && systemctl is-active -q docker-registr
 	systemctl disable docker-registry >/dev/null 2>&1 || true
 fi
 
+# One installer at a time per cache directory.
+mkdir -p "$BIN"
+exec 9>"$BIN/.lock"
+flock 9
+
 have() {
 	local dir=$1
 	shift

@@ -125,11 +125,15 @@ func (s *Stack) spawn(name, bin string, args ...string) (*process, error) {
 	return p, nil
 }
 
+// noise are log lines left out of Logs: the registry's errors for the
+// existence checks every push makes.
+var noise = []string{`err.code="blob unknown"`, `err.code="manifest unknown"`}
+
 // Logs returns the tail of every daemon log, for a failing test.
 func (s *Stack) Logs(lines int) string {
 	var b strings.Builder
 	for _, p := range s.procs {
-		fmt.Fprintf(&b, "==== %s (pid %d) %s ====\n%s\n", p.name, p.cmd.Process.Pid, p.log, p.tail(lines))
+		fmt.Fprintf(&b, "==== %s (pid %d) %s ====\n%s\n", p.name, p.cmd.Process.Pid, p.log, p.tail(lines, noise...))
 	}
 	return b.String()
 }

@@ -78,17 +78,27 @@ func (p *process) stop(grace time.Duration) error {
 	}
 }
 
-// tail returns the last n lines of the process's log.
-func (p *process) tail(n int) string {
-	return tailFile(p.log, n)
+// tail returns the last n lines of the process's log, without lines that
+// contain any of skip.
+func (p *process) tail(n int, skip ...string) string {
+	return tailFile(p.log, n, skip...)
 }
 
-func tailFile(path string, n int) string {
+func tailFile(path string, n int, skip ...string) string {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return fmt.Sprintf("(reading %s: %v)", path, err)
 	}
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	var lines []string
+next:
+	for _, l := range strings.Split(strings.TrimRight(string(b), "\n"), "\n") {
+		for _, s := range skip {
+			if strings.Contains(l, s) {
+				continue next
+			}
+		}
+		lines = append(lines, l)
+	}
 	if len(lines) > n {
 		lines = lines[len(lines)-n:]
 	}
