@@ -15,6 +15,11 @@
 // linux platform of the running machine, and are written as OCI image layout
 // directories.
 //
+// The Go layer is reproducible bit for bit; two debootstrap runs from the
+// same mirror state give the same Debian layer too (password aging is dated
+// at the epoch), but a live mirror moves, which is why the cache is keyed on
+// the inputs and not on the output.
+//
 // Build keys its cache on a hash of every input (kind, suite, variant,
 // mirror, architecture, debootstrap version, GOROOT and Go version, and the
 // builder's format version). A cache hit is checked (manifest and config by

@@ -427,8 +427,8 @@ func goToolchain(ctx context.Context) (root, version string, err error) {
 	return lines[0], lines[1], nil
 }
 
-// copyFile copies src to dst, or hard links it when both are on one file
-// system.
+// linkOrCopy hard links src to dst, or copies it when they are on different
+// file systems.
 func linkOrCopy(src, dst string) error {
 	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
 		return err
