@@ -124,7 +124,11 @@ func measure(ctx context.Context, c *config, self string, img *refimage.Image, s
 	var lazyRuns []*childResult
 	for i := 0; i < c.runs; i++ {
 		fmt.Fprintf(stderr, "convbench: %s: lazybase run %d/%d\n", m.name, i+1, c.runs)
-		res, rss, err := lazybase(ctx, self, img, stderr)
+		profile := ""
+		if c.cpuProfile != "" && i == c.runs-1 {
+			profile = c.cpuProfile + "." + string(img.Kind)
+		}
+		res, rss, err := lazybase(ctx, self, img, profile, stderr)
 		if err != nil {
 			return nil, err
 		}
@@ -217,9 +221,13 @@ func baselineLayer(path string, size int64) (int64, error) {
 
 // lazybase converts img in a child process and returns its report and peak
 // RSS in bytes.
-func lazybase(ctx context.Context, self string, img *refimage.Image, stderr io.Writer) (*childResult, int64, error) {
+func lazybase(ctx context.Context, self string, img *refimage.Image, profile string, stderr io.Writer) (*childResult, int64, error) {
 	var out bytes.Buffer
-	cmd := exec.CommandContext(ctx, self, "-child-convert", img.Dir, "-child-digest", img.Digest.String())
+	args := []string{"-child-convert", img.Dir, "-child-digest", img.Digest.String()}
+	if profile != "" {
+		args = append(args, "-cpuprofile", profile)
+	}
+	cmd := exec.CommandContext(ctx, self, args...)
 	cmd.Stdout = &out
 	cmd.Stderr = stderr
 	if err := cmd.Run(); err != nil {

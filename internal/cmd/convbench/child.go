@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"os"
+	"runtime/pprof"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -29,7 +31,8 @@ type childResult struct {
 
 // runChild converts the image with the given digest in the OCI layout dir
 // and writes a childResult as JSON to w.
-func runChild(ctx context.Context, dir, digest string, w io.Writer) error {
+// With profile set, it writes a CPU profile of the conversion there.
+func runChild(ctx context.Context, dir, digest, profile string, w io.Writer) error {
 	h, err := v1.NewHash(digest)
 	if err != nil {
 		return fmt.Errorf("child: digest %q: %w", digest, err)
@@ -37,6 +40,17 @@ func runChild(ctx context.Context, dir, digest string, w io.Writer) error {
 	img, err := layout.Path(dir).Image(h)
 	if err != nil {
 		return fmt.Errorf("child: image %s in %s: %w", h, dir, err)
+	}
+	if profile != "" {
+		f, err := os.Create(profile)
+		if err != nil {
+			return fmt.Errorf("child: %w", err)
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return fmt.Errorf("child: cpu profile: %w", err)
+		}
+		defer pprof.StopCPUProfile()
 	}
 	start := time.Now()
 	c, err := convert.New()

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -20,6 +21,7 @@ type config struct {
 	cacheDir     string
 	mirror       string
 	refimages    bool
+	cpuProfile   string
 	childDir     string
 	childDigest  string
 }
@@ -28,6 +30,9 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "convbench:", err)
 		os.Exit(1)
@@ -44,6 +49,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	fs.StringVar(&c.cacheDir, "cache", "", "reference image cache directory (default: refimage's)")
 	fs.StringVar(&c.mirror, "mirror", "", "Debian mirror for building reference images (default: apt's)")
 	fs.BoolVar(&c.refimages, "refimages", false, "only build the reference images into the cache and print where they are")
+	fs.StringVar(&c.cpuProfile, "cpuprofile", "", "write a CPU profile of the last lazybase run of each image to FILE.<image>")
 	// Hidden: the child process that runs one lazybase conversion.
 	fs.StringVar(&c.childDir, "child-convert", "", "")
 	fs.StringVar(&c.childDigest, "child-digest", "", "")
@@ -53,7 +59,11 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 			if strings.HasPrefix(f.Name, "child-") {
 				return
 			}
-			fmt.Fprintf(stderr, "  -%s\n    \t%s (default %q)\n", f.Name, f.Usage, f.DefValue)
+			def := ""
+			if f.DefValue != "" && f.DefValue != "false" {
+				def = " (default " + f.DefValue + ")"
+			}
+			fmt.Fprintf(stderr, "  -%s\n    \t%s%s\n", f.Name, f.Usage, def)
 		})
 	}
 	if err := fs.Parse(args); err != nil {
@@ -83,7 +93,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	log.L.Logger.SetOutput(stderr)
 	if c.childDir != "" {
-		return runChild(ctx, c.childDir, c.childDigest, stdout)
+		return runChild(ctx, c.childDir, c.childDigest, c.cpuProfile, stdout)
 	}
 	return runBench(ctx, c, stdout, stderr)
 }
