@@ -200,6 +200,10 @@ func runConvert(ctx context.Context, stderr io.Writer, src, dst string, o conver
 	}
 	disp := progress.New(stderr, progress.WithTerminal(isTerminal(stderr, o.terminal)))
 	opts = append(opts, convert.WithProgress(disp.Handle))
+	// Log lines share stderr with the display: send them through it.
+	logOut := log.L.Logger.Out
+	log.L.Logger.SetOutput(disp)
+	defer log.L.Logger.SetOutput(logOut)
 	conv, err := convert.New(opts...)
 	if err != nil {
 		return nil, err

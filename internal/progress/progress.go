@@ -1,6 +1,7 @@
 package progress
 
 import (
+	"bytes"
 	"fmt"
 	"io"
 	"strings"
@@ -59,6 +60,7 @@ type Display struct {
 	dirty   bool
 	drawn   int // lines of the live block on screen
 	status  string
+	partial []byte // Write's unfinished last line
 
 	stop chan struct{}
 	done chan struct{}
@@ -166,6 +168,30 @@ func (d *Display) Status(s string) {
 		d.status = s
 		d.dirty = true
 	}
+}
+
+// Write adds whole lines of p as permanent lines above the live block, so
+// that a logger can share the terminal with the display. It never fails.
+func (d *Display) Write(p []byte) (int, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.partial = append(d.partial, p...)
+	for {
+		i := bytes.IndexByte(d.partial, '\n')
+		if i < 0 {
+			break
+		}
+		d.pending = append(d.pending, string(d.partial[:i]))
+		d.partial = d.partial[i+1:]
+		d.dirty = true
+	}
+	if len(d.partial) == 0 {
+		d.partial = nil
+	}
+	if d.stop == nil {
+		d.render(true)
+	}
+	return len(p), nil
 }
 
 // Printf adds a permanent line above the live block (or a plain line).

@@ -146,3 +146,22 @@ func TestStatus(t *testing.T) {
 		t.Errorf("plain output %q", plain.String())
 	}
 }
+
+func TestWriter(t *testing.T) {
+	var buf syncBuf
+	d := New(&buf, WithTerminal(true))
+	d.Handle(convert.Event{Kind: convert.LayerStarted, Layer: hash('a'), Total: 10})
+	d.Start()
+	time.Sleep(2 * DefaultInterval)
+	if _, err := d.Write([]byte("level=warning msg=one\nlevel=info ")); err != nil {
+		t.Fatal(err)
+	}
+	d.Write([]byte("msg=two\n"))
+	time.Sleep(2 * DefaultInterval)
+	d.Stop()
+	s := buf.String()
+	// Log lines go above the live block, which is redrawn under them.
+	if !strings.Contains(s, "\x1b[1A\r\x1b[Jlevel=warning msg=one\nlevel=info msg=two\nsha256:aaaaaaaaaaaa") {
+		t.Errorf("output %q", s)
+	}
+}
