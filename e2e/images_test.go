@@ -4,13 +4,21 @@ package e2e
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/lazybase/lazybase/convert"
@@ -44,7 +52,7 @@ var refs struct {
 }
 
 // referenceImages builds (or finds cached) the debian-like and golang-like
-// reference images and converts them to eStargz, once per test process.
+// reference images and their eStargz forms, once per test process.
 func referenceImages(t testing.TB) (debian, golang *refImage) {
 	t.Helper()
 	refs.once.Do(func() {
@@ -61,20 +69,14 @@ func referenceImages(t testing.TB) (debian, golang *refImage) {
 		}
 		refs.buildTime = time.Since(start)
 		start = time.Now()
-		c, err := convert.New()
-		if err != nil {
-			refs.err = fmt.Errorf("converter: %w", err)
-			return
-		}
-		refs.conv = c
 		var out [2]*refImage
 		for i, img := range imgs {
-			res, err := c.Image(ctx, img.Image)
+			esgz, err := converted(ctx, img)
 			if err != nil {
 				refs.err = fmt.Errorf("converting %s: %w", img.Kind, err)
 				return
 			}
-			out[i] = &refImage{kind: img.Kind, gzip: img.Image, estargz: res.Image}
+			out[i] = &refImage{kind: img.Kind, gzip: img.Image, estargz: esgz}
 		}
 		refs.convTime = time.Since(start)
 		refs.debian, refs.golang = out[0], out[1]
@@ -85,6 +87,86 @@ func referenceImages(t testing.TB) (debian, golang *refImage) {
 	record(t, "refimage-build", refs.buildTime)
 	record(t, "estargz-convert", refs.convTime)
 	return refs.debian, refs.golang
+}
+
+// converted returns the eStargz form of a reference image from the cache
+// .cache/e2e/estargz, converting it on a miss. The cache key covers the
+// source manifest digest, the convert package's source and go.sum, so a
+// change to the converter or its dependencies converts anew.
+func converted(ctx context.Context, img *refimage.Image) (v1.Image, error) {
+	root, err := harness.RepoRoot()
+	if err != nil {
+		return nil, err
+	}
+	h := sha256.New()
+	fmt.Fprintf(h, "estargz-cache v1\n%s\n", img.Digest)
+	files, _ := filepath.Glob(filepath.Join(root, "convert", "*.go"))
+	files = append(files, filepath.Join(root, "go.sum"))
+	sort.Strings(files)
+	for _, f := range files {
+		if strings.HasSuffix(f, "_test.go") {
+			continue
+		}
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return nil, err
+		}
+		fmt.Fprintf(h, "%s %d\n", filepath.Base(f), len(b))
+		h.Write(b)
+	}
+	key := hex.EncodeToString(h.Sum(nil))[:16]
+	cacheDir := filepath.Join(root, ".cache", "e2e", "estargz")
+	dir := filepath.Join(cacheDir, string(img.Kind)+"-"+key)
+	if esgz, err := openLayout(dir); err == nil {
+		return esgz, nil
+	}
+	if refs.conv == nil {
+		c, err := convert.New()
+		if err != nil {
+			return nil, fmt.Errorf("converter: %w", err)
+		}
+		refs.conv = c
+	}
+	res, err := refs.conv.Image(ctx, img.Image)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
+		return nil, err
+	}
+	tmp, err := os.MkdirTemp(cacheDir, ".tmp-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(tmp)
+	lp, err := layout.Write(tmp, empty.Index)
+	if err != nil {
+		return nil, err
+	}
+	if err := lp.AppendImage(res.Image); err != nil {
+		return nil, fmt.Errorf("caching %s: %w", dir, err)
+	}
+	os.RemoveAll(dir)
+	if err := os.Rename(tmp, dir); err != nil {
+		return nil, err
+	}
+	return openLayout(dir)
+}
+
+// openLayout opens the one image of an OCI layout directory.
+func openLayout(dir string) (v1.Image, error) {
+	idx, err := layout.ImageIndexFromPath(dir)
+	if err != nil {
+		return nil, err
+	}
+	m, err := idx.IndexManifest()
+	if err != nil {
+		return nil, err
+	}
+	if len(m.Manifests) != 1 {
+		return nil, fmt.Errorf("layout %s: %d manifests, want 1", dir, len(m.Manifests))
+	}
+	return idx.Image(m.Manifests[0].Digest)
 }
 
 func cleanupImages() {
