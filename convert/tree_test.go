@@ -734,6 +734,55 @@ func TestTreePrefetchHardlinks(t *testing.T) {
 	}
 }
 
+// TestTreeDuplicateNames converts a layer that writes the same name twice
+// with a hardlink to the first version in between (valid tar: appliers
+// replace the file, the hardlink keeps the first version's inode). The
+// output must stay applicable, with and without a prefetch list: every
+// hardlink after its target, the last version of a name winning.
+func TestTreeDuplicateNames(t *testing.T) {
+	entries := []testimage.Entry{
+		{Header: &tar.Header{Typeflag: tar.TypeReg, Name: "a", Mode: 0o644, ModTime: testimage.Epoch, Size: 3}, Data: []byte("v1\n")},
+		{Header: &tar.Header{Typeflag: tar.TypeLink, Name: "h", Linkname: "a", Mode: 0o644, ModTime: testimage.Epoch}},
+		{Header: &tar.Header{Typeflag: tar.TypeReg, Name: "a", Mode: 0o600, ModTime: testimage.Epoch, Size: 3}, Data: []byte("v2\n")},
+		{Header: &tar.Header{Typeflag: tar.TypeReg, Name: "z", Mode: 0o644, ModTime: testimage.Epoch, Size: 2}, Data: []byte("z\n")},
+	}
+	tarball := testimage.MustTar(entries)
+	for _, tc := range []struct {
+		name string
+		opts []convert.Option
+	}{
+		{"no-prefetch", nil},
+		{"prefetch", []convert.Option{convert.WithPrefetch(&prefetch.List{Version: prefetch.ListVersion, Files: []string{"z"}})}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newTestConverter(t, tc.opts...)
+			l, err := c.Layer(context.Background(), testimage.GzipLayer(tarball), v1.Hash{})
+			if err != nil {
+				t.Fatalf("Layer: %v", err)
+			}
+			blob, _ := convertedBlob(t, l)
+			raw, err := testimage.ReadAll(blob)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, order, err := readTarTree(bytes.NewReader(raw))
+			if err != nil {
+				t.Fatal(err)
+			}
+			seen := map[string]bool{}
+			for _, name := range order {
+				if n := got[name]; n.Hardlink && !seen[n.Link] {
+					t.Errorf("hardlink %s comes before any %s in the output (order %q)", name, n.Link, order)
+				}
+				seen[name] = true
+			}
+			if d := diffTrees(treeOfTar(t, tarball), withoutConverterEntries(got)); d != "" {
+				t.Errorf("output tree differs from source:\n%s", d)
+			}
+		})
+	}
+}
+
 func isAncestorOfAny(dir string, files []string) bool {
 	for _, f := range files {
 		if dir == "" || strings.HasPrefix(f, dir+"/") {
