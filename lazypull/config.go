@@ -196,7 +196,9 @@ type CacheConfig struct {
 type FUSEConfig struct {
 	// Passthrough hands reads of fully cached files to the kernel (FUSE
 	// passthrough, Linux 6.9 and later, needs root), so they cost what
-	// local reads cost (key "fuse.passthrough"). Default false.
+	// local reads cost (key "fuse.passthrough"). Needs cache.fs_cache
+	// "disk". Opening a file through passthrough first fetches all of it.
+	// Default false.
 	Passthrough bool `toml:"passthrough"`
 
 	// AttrTimeout is how long the kernel caches attributes (key
@@ -426,6 +428,9 @@ func (c *Config) Validate() error {
 		bad("cache.max_open_files", "%d: want at least 1", c.Cache.MaxOpenFiles)
 	}
 	wholeSeconds("cache.resolve_ttl", c.Cache.ResolveTTL)
+	if c.FUSE.Passthrough && c.Cache.FSCache != "disk" {
+		bad("fuse.passthrough", "needs cache.fs_cache = \"disk\": the kernel reads the cache files")
+	}
 	wholeSeconds("fuse.attr_timeout", c.FUSE.AttrTimeout)
 	wholeSeconds("fuse.entry_timeout", c.FUSE.EntryTimeout)
 

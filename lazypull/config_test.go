@@ -115,6 +115,7 @@ func TestParseConfigInvalid(t *testing.T) {
 		{"lru entries", "[cache]\nmax_lru_entries = 0", "cache.max_lru_entries"},
 		{"open files", "[cache]\nmax_open_files = -1", "cache.max_open_files"},
 		{"resolve ttl", "[cache]\nresolve_ttl = \"0s\"", "cache.resolve_ttl"},
+		{"passthrough memory cache", "[fuse]\npassthrough = true\n[cache]\nfs_cache = \"memory\"", "fuse.passthrough"},
 		{"attr timeout", "[fuse]\nattr_timeout = \"100ms\"", "fuse.attr_timeout"},
 		{"entry timeout", "[fuse]\nentry_timeout = \"-1s\"", "fuse.entry_timeout"},
 		{"default mode", `default_mode = "sometimes"`, "default_mode"},
@@ -236,7 +237,7 @@ entry_timeout = "3s"
 		Debug:                    true,
 		MaxConcurrency:           5,
 		BlobConfig:               config.BlobConfig{ChunkSize: 65536, FetchTimeoutSec: 7, MaxRetries: 3},
-		DirectoryCacheConfig:     config.DirectoryCacheConfig{MaxLRUCacheEntry: 20, MaxCacheFds: 30},
+		DirectoryCacheConfig:     config.DirectoryCacheConfig{MaxLRUCacheEntry: 20, MaxCacheFds: 30, Direct: true},
 		FuseConfig:               config.FuseConfig{PassThrough: true, AttrTimeout: 2, EntryTimeout: 3},
 	}
 	if sc.Config != want {

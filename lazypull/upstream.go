@@ -36,6 +36,10 @@ func (c *Config) upstream(ctx context.Context) (service.Config, []service.Option
 	fc.ResolveResultEntryTTLSec = int(secs(c.Cache.ResolveTTL))
 	fc.DirectoryCacheConfig.MaxLRUCacheEntry = c.Cache.MaxLRUEntries
 	fc.DirectoryCacheConfig.MaxCacheFds = c.Cache.MaxOpenFiles
+	// Upstream's documented default (its own loader applies it from a struct
+	// tag): no in-memory copy of cached data. FUSE passthrough needs it, as
+	// it hands the kernel the cache file itself.
+	fc.DirectoryCacheConfig.Direct = true
 
 	fc.NoPrefetch = !c.Prefetch.Enable
 	fc.PrefetchSize = c.Prefetch.DefaultSize
