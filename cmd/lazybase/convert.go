@@ -31,8 +31,6 @@ type convertOptions struct {
 	force     bool
 	plainHTTP bool
 	insecure  bool
-	// client options appended after the flags' (tests use them).
-	clientOpts []imageio.Option
 	// terminal forces the live display on (1) or off (-1); 0 detects it.
 	terminal int
 }
@@ -165,7 +163,7 @@ func runConvert(ctx context.Context, stderr io.Writer, src, dst string, o conver
 	if o.jobs > 0 {
 		copts = append(copts, imageio.WithJobs(o.jobs))
 	}
-	client, err := imageio.New(append(copts, o.clientOpts...)...)
+	client, err := imageio.New(copts...)
 	if err != nil {
 		return nil, err
 	}

@@ -693,3 +693,30 @@ func TestConvertTLS(t *testing.T) {
 	}
 	checkImage(t, out, rep.Images[0])
 }
+
+func TestConvertTerminalDisplay(t *testing.T) {
+	isolate(t)
+	reg := testimage.NewRegistry(t)
+	img, err := testimage.SeedImage(10, testimage.LinuxAMD64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := reg.Host + "/tty/app:v1"
+	push(t, src, img)
+	var stderr bytes.Buffer
+	rep, err := runConvert(context.Background(), &stderr, src, "oci:"+t.TempDir()+":v1", convertOptions{format: "estargz", terminal: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := stderr.String()
+	// Finished layers are permanent lines; the live block is erased at the
+	// end, before the summary.
+	for _, l := range rep.Images[0].Layers {
+		if !strings.Contains(s, "\x1b[Jlayer "+shortDigest(l.SourceDigest)+" converted: ") && !strings.HasPrefix(s, "layer "+shortDigest(l.SourceDigest)) {
+			t.Errorf("no permanent line for %s in %q", l.SourceDigest, s)
+		}
+	}
+	if !strings.Contains(s, "writing oci:") || !strings.Contains(s, "\nconverted "+src+" -> oci:") {
+		t.Errorf("stderr %q", s)
+	}
+}
