@@ -84,6 +84,14 @@ func badLayers(t testing.TB) []badLayer {
 		t.Fatal(err)
 	}
 
+	esgzBadPath := func(name string) *testimage.Layer {
+		l, err := testimage.EStargz(testimage.MustTar(entriesWith(hdr(tar.TypeReg, name, ""))))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l
+	}
+
 	return []badLayer{
 		{name: "truncated-gzip", layer: testimage.NewLayer(testimage.Truncate(good.Blob, len(good.Blob)/2), types.OCILayer)},
 		{name: "truncated-gzip-trailer", layer: testimage.NewLayer(testimage.Truncate(good.Blob, -4), types.OCILayer)},
@@ -99,6 +107,11 @@ func badLayers(t testing.TB) []badLayer {
 		{name: "estargz-damaged-footer", layer: esgz.DamageFooter()},
 		{name: "estargz-wrong-toc-digest", layer: esgz.WrongTOCDigest()},
 		{name: "estargz-flipped-payload-byte", layer: flipped},
+		// A valid eStargz layer (annotation and TOC verify) is still a tar
+		// stream that an applier extracts: reusing it must not skip the path
+		// checks.
+		{name: "estargz-valid-path-dotdot", layer: esgzBadPath("../x"), mention: []string{"../x"}},
+		{name: "estargz-valid-path-absolute", layer: esgzBadPath("/etc/x"), mention: []string{"/etc/x"}},
 		{name: "media-type-foreign", layer: testimage.NewLayer(good.Blob, types.DockerForeignLayer), mention: []string{string(types.DockerForeignLayer)}},
 		{name: "media-type-text-plain", layer: testimage.NewLayer(good.Blob, "text/plain"), mention: []string{"text/plain"}},
 	}
