@@ -133,3 +133,42 @@ func TestMirrorPrefetchDir(t *testing.T) {
 		t.Fatalf("%v %+v", err, rep)
 	}
 }
+
+// TestTempFilesReleased: converted layers live in temporary files until the
+// run (or, for MirrorImage as serve uses it, the image) is done.
+func TestTempFilesReleased(t *testing.T) {
+	ctx := context.Background()
+	src, dst := newServer(t), newServer(t)
+	imageSet(t, src, 16<<10)
+	tmp := t.TempDir()
+	m := newMirror(t, testConfig(t, src, dst, fmt.Sprintf("temp_dir = %q", tmp)))
+	empty := func(when string) {
+		t.Helper()
+		ents, err := os.ReadDir(tmp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(ents) != 0 {
+			t.Errorf("%s: %d entries left in temp_dir", when, len(ents))
+		}
+	}
+	for _, tag := range []string{"1.0", "1.1"} {
+		j, ok := m.JobFor("", "lib/a", tag)
+		if !ok {
+			t.Fatal("no job")
+		}
+		if r := m.MirrorImage(ctx, j); r.Status != StatusConverted {
+			t.Fatalf("%+v", r)
+		}
+		empty("after MirrorImage " + tag)
+	}
+	rep, err := m.Run(ctx)
+	if err != nil || !rep.OK() || rep.Skipped != 2 || rep.Converted != 8 {
+		t.Fatalf("%v %+v", err, rep)
+	}
+	empty("after Run")
+	// The two single images converted the base layer once between them.
+	if got := m.Stats().Converted; got != 12 {
+		t.Errorf("converted %d layers in all, want 12", got)
+	}
+}

@@ -107,12 +107,11 @@ type Mirror struct {
 	records name.Repository
 	format  string
 
-	convMu sync.Mutex
-	convs  map[string]*convert.Converter // prefetch fingerprint -> converter
+	sessMu   sync.Mutex
+	sessions map[*session]bool
+	closed   convert.Stats // counters of closed sessions' converters
 
-	layerSF singleflight.Group
-	layerMu sync.Mutex
-	layers  map[string]*layerOut // record key -> converted layer
+	layerSF singleflight.Group // by record key, across sessions
 
 	listMu sync.Mutex
 	lists  map[string]*prefetch.List
@@ -157,15 +156,14 @@ func New(cfg *Config, opts ...Option) (*Mirror, error) {
 	}
 	f, _ := convert.ParseFormat(cfg.Format)
 	m := &Mirror{
-		cfg:    cfg,
-		o:      o,
-		client: client,
-		rt:     rt,
-		listRT: &plainHTTPPolicy{inner: rt, plainHTTP: cfg.PlainHTTP},
-		format: FormatAnnotation(f, cfg.Level, cfg.ChunkSize),
-		convs:  map[string]*convert.Converter{},
-		layers: map[string]*layerOut{},
-		lists:  map[string]*prefetch.List{},
+		cfg:      cfg,
+		o:        o,
+		client:   client,
+		rt:       rt,
+		listRT:   &plainHTTPPolicy{inner: rt, plainHTTP: cfg.PlainHTTP},
+		format:   FormatAnnotation(f, cfg.Level, cfg.ChunkSize),
+		sessions: map[*session]bool{},
+		lists:    map[string]*prefetch.List{},
 	}
 	ref, err := client.ParseRef(cfg.RecordsRepository + ":probe")
 	if err != nil || ref.IsLayout() {
@@ -175,14 +173,18 @@ func New(cfg *Config, opts ...Option) (*Mirror, error) {
 	return m, nil
 }
 
-// Close releases the converters and their temporary files.
+// Close releases the converters of runs and images still in progress and
+// their temporary files.
 func (m *Mirror) Close() error {
-	m.convMu.Lock()
-	defer m.convMu.Unlock()
+	m.sessMu.Lock()
+	var live []*session
+	for s := range m.sessions {
+		live = append(live, s)
+	}
+	m.sessMu.Unlock()
 	var errs []error
-	for k, c := range m.convs {
-		errs = append(errs, c.Close())
-		delete(m.convs, k)
+	for _, s := range live {
+		errs = append(errs, s.close())
 	}
 	return errors.Join(errs...)
 }
@@ -190,19 +192,89 @@ func (m *Mirror) Close() error {
 // Format returns the AnnotationFormat value of this mirror's output.
 func (m *Mirror) Format() string { return m.format }
 
-// Stats sums the converters' counters.
+// Stats sums the counters of every converter the mirror used.
 func (m *Mirror) Stats() convert.Stats {
-	m.convMu.Lock()
-	defer m.convMu.Unlock()
-	var s convert.Stats
-	for _, c := range m.convs {
-		cs := c.Stats()
-		s.BlobReads += cs.BlobReads
-		s.Decompressions += cs.Decompressions
-		s.Converted += cs.Converted
-		s.Reused += cs.Reused
+	m.sessMu.Lock()
+	defer m.sessMu.Unlock()
+	st := m.closed
+	for s := range m.sessions {
+		addStats(&st, s.stats())
 	}
+	return st
+}
+
+func addStats(to *convert.Stats, s convert.Stats) {
+	to.BlobReads += s.BlobReads
+	to.Decompressions += s.Decompressions
+	to.Converted += s.Converted
+	to.Reused += s.Reused
+}
+
+// session owns converters and the converted layers they keep in temporary
+// files: a Run has one for all its images (layers shared between them are
+// converted once and kept until the run ends), an image mirrored on its own
+// (MirrorImage, as serve does) has its own, so a long-running server does
+// not accumulate files; images of different sessions share layers through
+// conversion records.
+type session struct {
+	m      *Mirror
+	mu     sync.Mutex
+	convs  map[string]*convert.Converter // prefetch fingerprint -> converter
+	layers map[string]*layerOut          // record key -> converted layer
+	done   bool
+}
+
+func (m *Mirror) newSession() *session {
+	s := &session{m: m, convs: map[string]*convert.Converter{}, layers: map[string]*layerOut{}}
+	m.sessMu.Lock()
+	m.sessions[s] = true
+	m.sessMu.Unlock()
 	return s
+}
+
+func (s *session) stats() convert.Stats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var st convert.Stats
+	for _, c := range s.convs {
+		addStats(&st, c.Stats())
+	}
+	return st
+}
+
+func (s *session) close() error {
+	st := s.stats()
+	s.mu.Lock()
+	if s.done {
+		s.mu.Unlock()
+		return nil
+	}
+	s.done = true
+	var errs []error
+	for _, c := range s.convs {
+		errs = append(errs, c.Close())
+	}
+	s.convs, s.layers = nil, nil
+	s.mu.Unlock()
+	s.m.sessMu.Lock()
+	delete(s.m.sessions, s)
+	addStats(&s.m.closed, st)
+	s.m.sessMu.Unlock()
+	return errors.Join(errs...)
+}
+
+func (s *session) get(key string) *layerOut {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.layers[key]
+}
+
+func (s *session) put(key string, l *layerOut) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.done {
+		s.layers[key] = l
+	}
 }
 
 // Retries returns how many HTTP requests were retried so far.
@@ -388,6 +460,8 @@ func (m *Mirror) Run(ctx context.Context) (*Report, error) {
 		rep.Errors = append(rep.Errors, e.Error())
 	}
 	results := make([]ImageReport, len(jobs))
+	sess := m.newSession()
+	defer sess.close()
 	next := make(chan int)
 	var wg sync.WaitGroup
 	for range min(m.cfg.Concurrency, max(len(jobs), 1)) {
@@ -395,7 +469,7 @@ func (m *Mirror) Run(ctx context.Context) (*Report, error) {
 		go func() {
 			defer wg.Done()
 			for i := range next {
-				results[i] = m.MirrorImage(ctx, jobs[i])
+				results[i] = m.mirrorImage(ctx, sess, jobs[i])
 			}
 		}()
 	}
@@ -423,13 +497,22 @@ feed:
 }
 
 type imageStats struct {
+	sess                           *session
 	converted, fromRecords, shared atomic.Int64
 	bytes                          atomic.Int64
 }
 
 // MirrorImage mirrors one image, with up to image_attempts attempts, and
-// reports what happened.
+// reports what happened. Its converted layers are released when it
+// returns; layers it shares with other images are found through their
+// conversion records.
 func (m *Mirror) MirrorImage(ctx context.Context, j Job) ImageReport {
+	sess := m.newSession()
+	defer sess.close()
+	return m.mirrorImage(ctx, sess, j)
+}
+
+func (m *Mirror) mirrorImage(ctx context.Context, sess *session, j Job) ImageReport {
 	start := time.Now()
 	r := ImageReport{Source: j.Source, Destination: j.Destination}
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("image", j.Source))
@@ -437,7 +520,7 @@ func (m *Mirror) MirrorImage(ctx context.Context, j Job) ImageReport {
 	wait := 4 * initial
 	for attempt := 1; ; attempt++ {
 		r.Attempts = attempt
-		st := &imageStats{}
+		st := &imageStats{sess: sess}
 		status, src, dgst, err := m.attempt(ctx, j, st)
 		r.SourceDigest, r.Digest, r.Status = src, dgst, status
 		r.LayersConverted, r.LayersFromRecords, r.LayersShared = int(st.converted.Load()), int(st.fromRecords.Load()), int(st.shared.Load())
@@ -540,71 +623,103 @@ func (m *Mirror) upToDate(ctx context.Context, dest imageio.Ref, srcDigest strin
 	return ok, d.Descriptor.Digest.String(), nil
 }
 
-// layer returns the converted form of one source layer: from this run's
-// memory, from a conversion record in the registry, or converted now (and
-// recorded).
+// layer returns the converted form of one source layer: from this
+// session's memory, from a conversion record in the registry, or converted
+// now (and recorded). Concurrent requests for the same layer, from any
+// session, wait for one another.
 func (m *Mirror) layer(ctx context.Context, src v1.Layer, desc v1.Descriptor, diffID v1.Hash, files []string, st *imageStats) (*layerOut, error) {
 	fp := PrefetchFingerprint(files)
 	key := RecordKey(desc.Digest, m.format, fp)
-	m.layerMu.Lock()
-	l := m.layers[key]
-	m.layerMu.Unlock()
-	if l != nil {
+	sess := st.sess
+	if l := sess.get(key); l != nil {
 		st.shared.Add(1)
 		return l, nil
 	}
 	var mine bool
 	v, err, _ := m.layerSF.Do(key, func() (any, error) {
 		mine = true
-		if !m.o.force {
-			l, err := m.lookupRecord(ctx, key, desc.Digest, fp)
-			if err != nil {
-				log.G(ctx).WithError(err).WithField("layer", desc.Digest).Warn("reading the conversion record failed; converting")
-			}
-			if l != nil {
-				m.fromRecords.Add(1)
-				st.fromRecords.Add(1)
-				m.remember(key, l)
-				return l, nil
-			}
-		}
-		conv, err := m.converter(files)
-		if err != nil {
-			return nil, err
-		}
-		cl, err := conv.Layer(ctx, src, diffID)
-		if err != nil {
-			return nil, err
-		}
-		d, _ := cl.Descriptor()
-		dif, _ := cl.DiffID()
-		m.converted.Add(1)
-		st.converted.Add(1)
-		if err := m.writeRecord(ctx, key, desc.Digest, fp, cl); err != nil {
-			m.recordFailures.Add(1)
-			log.G(ctx).WithError(err).WithField("layer", desc.Digest).Warn("writing the conversion record failed")
-		}
-		l := &layerOut{
-			layer:  &remote.MountableLayer{Layer: cl, Reference: m.records.Digest(d.Digest.String())},
-			desc:   *d,
-			diffID: dif,
-		}
-		m.remember(key, l)
-		return l, nil
+		return m.produce(ctx, sess, key, src, desc, diffID, files, st)
 	})
 	if err != nil {
 		return nil, err
 	}
+	p := v.(*produced)
 	if !mine {
-		st.shared.Add(1)
+		if p.owner != nil && p.owner != sess {
+			// Converted by another session, whose files go away when
+			// it ends: take the layer from its record instead.
+			if p, err = m.produce(ctx, sess, key, src, desc, diffID, files, st); err != nil {
+				return nil, err
+			}
+		} else {
+			st.shared.Add(1)
+		}
 	}
-	return v.(*layerOut), nil
+	sess.put(key, p.l)
+	return p.l, nil
 }
 
-func (m *Mirror) remember(key string, l *layerOut) {
-	m.layerMu.Lock()
-	m.layers[key] = l
-	m.layerMu.Unlock()
+// produced is a layer and the session whose converter made it (nil when
+// it came from a record).
+type produced struct {
+	l     *layerOut
+	owner *session
+}
+
+func (m *Mirror) produce(ctx context.Context, sess *session, key string, src v1.Layer, desc v1.Descriptor, diffID v1.Hash, files []string, st *imageStats) (*produced, error) {
+	fp := PrefetchFingerprint(files)
+	if !m.o.force {
+		l, err := m.lookupRecord(ctx, key, desc.Digest, fp)
+		if err != nil {
+			log.G(ctx).WithError(err).WithField("layer", desc.Digest).Warn("reading the conversion record failed; converting")
+		}
+		if l != nil {
+			m.fromRecords.Add(1)
+			st.fromRecords.Add(1)
+			return &produced{l: l}, nil
+		}
+	}
+	conv, err := sess.converter(files)
+	if err != nil {
+		return nil, err
+	}
+	cl, err := conv.Layer(ctx, src, diffID)
+	if err != nil {
+		return nil, err
+	}
+	d, _ := cl.Descriptor()
+	dif, _ := cl.DiffID()
+	m.converted.Add(1)
+	st.converted.Add(1)
+	// Record writes are idempotent; they are retried a few times, as a
+	// registry may refuse a manifest while another writer is linking the
+	// same blob into the repository (distribution's filesystem driver
+	// rewrites link files in place).
+	initial, _, _ := m.cfg.durations()
+	for attempt, wait := 1, initial; ; attempt, wait = attempt+1, 2*wait {
+		err := m.writeRecord(ctx, key, desc.Digest, fp, cl)
+		if err == nil {
+			break
+		}
+		if attempt >= 3 || ctx.Err() != nil {
+			m.recordFailures.Add(1)
+			log.G(ctx).WithError(err).WithField("layer", desc.Digest).Warn("writing the conversion record failed")
+			break
+		}
+		log.G(ctx).WithError(err).WithField("layer", desc.Digest).Debug("writing the conversion record failed; trying again")
+		select {
+		case <-ctx.Done():
+		case <-time.After(wait):
+		}
+	}
+	return &produced{
+		l: &layerOut{
+			layer:  &remote.MountableLayer{Layer: cl, Reference: m.records.Digest(d.Digest.String())},
+			desc:   *d,
+			diffID: dif,
+		},
+		owner: sess,
+	}, nil
 }
 
 // fixedFiles is a prefetch source that returns the same files for any layer:
@@ -613,11 +728,15 @@ type fixedFiles []string
 
 func (f fixedFiles) PrefetchFiles(v1.Hash, v1.Hash) []string { return f }
 
-func (m *Mirror) converter(files []string) (*convert.Converter, error) {
+func (s *session) converter(files []string) (*convert.Converter, error) {
+	m := s.m
 	fp := PrefetchFingerprint(files)
-	m.convMu.Lock()
-	defer m.convMu.Unlock()
-	if c, ok := m.convs[fp]; ok {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.done {
+		return nil, errors.New("mirror session is closed")
+	}
+	if c, ok := s.convs[fp]; ok {
 		return c, nil
 	}
 	f, _ := convert.ParseFormat(m.cfg.Format)
@@ -644,7 +763,7 @@ func (m *Mirror) converter(files []string) (*convert.Converter, error) {
 	if err != nil {
 		return nil, err
 	}
-	m.convs[fp] = c
+	s.convs[fp] = c
 	return c, nil
 }
 

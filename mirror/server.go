@@ -20,6 +20,10 @@ const MaxEventBody = 1 << 20
 // serves POST /events (distribution's envelope or Harbor's payload; the
 // path /webhook works too), GET /healthz and GET /metrics (Prometheus).
 // Jobs wait in a bounded queue; a job already waiting is not queued twice.
+// A job reads the source by tag when it runs, so a tag pushed twice while
+// its job waits is converted once, at its newest digest. (distribution sends
+// the notification before it links the tag: the first read may find no
+// tag, and the image's next attempt does.)
 type Server struct {
 	m       *Mirror
 	queue   chan Job
