@@ -84,13 +84,14 @@ func badLayers(t testing.TB) []badLayer {
 		t.Fatal(err)
 	}
 
-	esgzBadPath := func(name string) *testimage.Layer {
-		l, err := testimage.EStargz(testimage.MustTar(entriesWith(hdr(tar.TypeReg, name, ""))))
+	esgzWith := func(extra ...testimage.Entry) *testimage.Layer {
+		l, err := testimage.EStargz(testimage.MustTar(entriesWith(extra...)))
 		if err != nil {
 			t.Fatal(err)
 		}
 		return l
 	}
+	esgzBadPath := func(name string) *testimage.Layer { return esgzWith(hdr(tar.TypeReg, name, "")) }
 
 	return []badLayer{
 		{name: "truncated-gzip", layer: testimage.NewLayer(testimage.Truncate(good.Blob, len(good.Blob)/2), types.OCILayer)},
@@ -104,6 +105,7 @@ func badLayers(t testing.TB) []badLayer {
 		{name: "path-absolute", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeReg, "/etc/x", ""))), mention: []string{"/etc/x"}},
 		{name: "hardlink-target-escapes", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeLink, "evil", "../../etc/shadow"))), anyOf: []string{"evil", "../../etc/shadow"}},
 		{name: "hardlink-missing-target", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeLink, "dir/hl", "no/such/file"))), anyOf: []string{"dir/hl", "no/such/file"}},
+		{name: "hardlink-before-target", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeLink, "early", "late"), hdr(tar.TypeReg, "late", ""))), anyOf: []string{"early", "late"}},
 		{name: "estargz-damaged-footer", layer: esgz.DamageFooter()},
 		{name: "estargz-wrong-toc-digest", layer: esgz.WrongTOCDigest()},
 		{name: "estargz-flipped-payload-byte", layer: flipped},
@@ -112,6 +114,7 @@ func badLayers(t testing.TB) []badLayer {
 		// checks.
 		{name: "estargz-valid-path-dotdot", layer: esgzBadPath("../x"), mention: []string{"../x"}},
 		{name: "estargz-valid-path-absolute", layer: esgzBadPath("/etc/x"), mention: []string{"/etc/x"}},
+		{name: "estargz-valid-hardlink-before-target", layer: esgzWith(hdr(tar.TypeLink, "early", "late"), hdr(tar.TypeReg, "late", "")), anyOf: []string{"early", "late"}},
 		{name: "media-type-foreign", layer: testimage.NewLayer(good.Blob, types.DockerForeignLayer), mention: []string{string(types.DockerForeignLayer)}},
 		{name: "media-type-text-plain", layer: testimage.NewLayer(good.Blob, "text/plain"), mention: []string{"text/plain"}},
 	}
