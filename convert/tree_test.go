@@ -571,6 +571,40 @@ func TestTreeEquality(t *testing.T) {
 	}
 }
 
+// TestTreeSourceCompressions converts the same tree from gzip, zstd and
+// uncompressed source layers (OCI and Docker media types) and checks each
+// output; all must be identical, since the uncompressed tar is the same.
+func TestTreeSourceCompressions(t *testing.T) {
+	tarball := testimage.MustTar(testimage.Entries(12, testimage.WithoutLargeFiles()))
+	src := treeOfTar(t, tarball)
+	sources := map[string]*testimage.Layer{
+		"gzip":                testimage.GzipLayer(tarball),
+		"docker-gzip":         testimage.NewLayer(testimage.Gzip(tarball), types.DockerLayer),
+		"zstd":                testimage.ZstdLayer(tarball),
+		"uncompressed":        testimage.NewLayer(tarball, types.OCIUncompressedLayer),
+		"docker-uncompressed": testimage.NewLayer(tarball, types.DockerUncompressedLayer),
+	}
+	digests := map[v1.Hash][]string{}
+	for name, layer := range sources {
+		t.Run(name, func(t *testing.T) {
+			c := newTestConverter(t)
+			l, err := c.Layer(context.Background(), layer, testimage.SHA256(tarball))
+			if err != nil {
+				t.Fatalf("Layer: %v", err)
+			}
+			checkLayerTree(t, src, l, convert.DefaultChunkSize)
+			d, _ := l.Digest()
+			digests[d] = append(digests[d], name)
+			if r := l.Result(); r.SourceUncompressedSize != int64(len(tarball)) {
+				t.Errorf("SourceUncompressedSize %d, source tar is %d bytes", r.SourceUncompressedSize, len(tarball))
+			}
+		})
+	}
+	if len(digests) != 1 {
+		t.Errorf("same tar, different outputs: %v", digests)
+	}
+}
+
 // TestTreeChunkBoundaries converts files sized at and around multiples of a
 // small chunk size and checks every chunk.
 func TestTreeChunkBoundaries(t *testing.T) {

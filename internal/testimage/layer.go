@@ -56,6 +56,21 @@ func EntriesLayer(entries []Entry) (*Layer, error) {
 	return GzipLayer(t), nil
 }
 
+// ZstdLayer compresses a tar stream with zstd and returns it as an OCI zstd
+// layer.
+func ZstdLayer(tarball []byte) *Layer { return NewLayer(Zstd(tarball), types.OCILayerZStd) }
+
+// Zstd compresses b with zstd at the default level, single-threaded, so the
+// output is deterministic.
+func Zstd(b []byte) []byte {
+	zw, err := zstd.NewWriter(nil, zstd.WithEncoderConcurrency(1))
+	if err != nil {
+		panic(err) // only bad options fail
+	}
+	defer zw.Close()
+	return zw.EncodeAll(b, nil)
+}
+
 // SHA256 returns the sha256 hash of b.
 func SHA256(b []byte) v1.Hash {
 	s := sha256.Sum256(b)
