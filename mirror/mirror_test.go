@@ -361,9 +361,15 @@ func TestMirrorRecordsAcrossMachines(t *testing.T) {
 	cb := testConfig(t, src, dst, "")
 	cb.Sources = cb.Sources[1:] // lib/b only
 	mb := newMirror(t, cb)
+	dst.reset()
 	rep, err := mb.Run(context.Background())
 	if err != nil || !rep.OK() || rep.Converted != 5 {
 		t.Fatalf("%v %+v", err, rep)
+	}
+	// Reusing a record costs a manifest GET and a blob HEAD: no blob is
+	// downloaded from the mirror.
+	if _, _, gets := dst.counts(); len(gets) != 0 {
+		t.Errorf("blobs downloaded from the mirror registry: %v", gets)
 	}
 	// lib/b converts its shared mid layer and five unique layers; the
 	// base layer comes from lib/a's record.
