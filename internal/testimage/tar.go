@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"compress/gzip"
+	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
 	"strings"
@@ -62,11 +63,11 @@ func Entries(seed uint64, opts ...Option) []Entry {
 	}
 	rnd := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
 	random := func(n int) []byte {
-		b := make([]byte, n)
-		for i := range b {
-			b[i] = byte(rnd.UintN(256))
+		b := make([]byte, n+8)
+		for i := 0; i < n; i += 8 {
+			binary.LittleEndian.PutUint64(b[i:], rnd.Uint64())
 		}
-		return b
+		return b[:n:n]
 	}
 	text := func(n int) []byte {
 		words := []string{"lazy", "base", "layer", "chunk", "stargz", "gzip", "zstd", "toc", "landmark", "prefetch", "\n"}
@@ -168,6 +169,12 @@ func Entries(seed uint64, opts ...Option) []Entry {
 	gnuName := "gnu/" + strings.Repeat("g", 140)
 	add(&tar.Header{Typeflag: tar.TypeReg, Name: gnuName, Mode: 0o644, Format: tar.FormatGNU}, text(333))
 	add(&tar.Header{Typeflag: tar.TypeSymlink, Name: "gnu/long-target", Linkname: strings.Repeat("t", 150), Mode: 0o777, Format: tar.FormatGNU}, nil)
+
+	// USTAR splits names of up to 255 bytes into prefix and name fields.
+	ustarDir := "ustar/" + strings.Repeat("p", 90) + "/"
+	dir("ustar/", 0o755)
+	dir(ustarDir, 0o755)
+	add(&tar.Header{Typeflag: tar.TypeReg, Name: ustarDir + strings.Repeat("n", 90), Mode: 0o644, Format: tar.FormatUSTAR}, text(99))
 
 	// Names that are legal but awkward.
 	dir("odd/", 0o755)
