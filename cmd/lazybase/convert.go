@@ -258,7 +258,7 @@ func runConvert(ctx context.Context, stderr io.Writer, src, dst string, o conver
 		if el := time.Since(writeStart).Seconds(); el > 0 {
 			rate = progress.Rate(float64(complete) / el)
 		}
-		disp.Status(fmt.Sprintf("writing %s  %s / %s  %s", dstRef, progress.Bytes(complete), progress.Bytes(total), rate))
+		disp.Status(fmt.Sprintf("written %s / %s  %s", progress.Bytes(complete), progress.Bytes(total), rate))
 	}))
 	disp.Status("")
 	disp.Stop()

@@ -716,7 +716,12 @@ func TestConvertTerminalDisplay(t *testing.T) {
 			t.Errorf("no permanent line for %s in %q", l.SourceDigest, s)
 		}
 	}
-	if !strings.Contains(s, "writing oci:") || !strings.Contains(s, "\nconverted "+src+" -> oci:") {
+	lines := strings.Split(strings.TrimSuffix(s, "\n"), "\n")
+	last := lines[len(lines)-1]
+	if i := strings.LastIndex(last, "\x1b[J"); i >= 0 {
+		last = last[i+len("\x1b[J"):]
+	}
+	if !strings.Contains(s, "writing oci:") || !strings.HasPrefix(last, "converted "+src+" -> oci:") {
 		t.Errorf("stderr %q", s)
 	}
 }
