@@ -48,6 +48,13 @@ type Config struct {
 	// Default "info".
 	LogLevel string `toml:"log_level"`
 
+	// AccessRecordDir, when set, is where the files each lazily mounted
+	// layer serves are recorded, per image, in first-access order with
+	// their sizes: one JSON-lines file per image reference (key
+	// "access_record_dir"), the input for prefetch profiles. Absolute path.
+	// Default "" (off).
+	AccessRecordDir string `toml:"access_record_dir"`
+
 	// Registry configures how registries are reached (table "registry").
 	Registry RegistryConfig `toml:"registry"`
 
@@ -350,6 +357,7 @@ func (c *Config) Validate() error {
 	absPath("root", c.Root, true)
 	absPath("socket", c.Socket, true)
 	absPath("status_socket", c.StatusSocket, false)
+	absPath("access_record_dir", c.AccessRecordDir, false)
 	if c.SocketMode == 0 || c.SocketMode&^0o777 != 0 {
 		bad("socket_mode", "%#o is not a permission between 0001 and 0777", uint32(c.SocketMode))
 	}

@@ -91,6 +91,7 @@ func TestParseConfigInvalid(t *testing.T) {
 		{"metrics address", `metrics_address = "localhost"`, "metrics_address"},
 		{"metrics port", `metrics_address = "127.0.0.1:http"`, "metrics_address"},
 		{"log level", `log_level = "loud"`, "log_level"},
+		{"access record dir relative", `access_record_dir = "access"`, "access_record_dir"},
 		{"config path relative", "[registry]\nconfig_path = [\"certs.d\"]", "registry.config_path[0]"},
 		{"config path with mirrors", "[registry]\nconfig_path = [\"/etc/containerd/certs.d\"]\n[registry.mirrors]\n\"docker.io\" = [{host = \"m\"}]", "registry.mirrors"},
 		{"mirror host empty", "[registry.mirrors]\n\"docker.io\" = [{host = \"\"}]", `registry.mirrors."docker.io"[0].host`},
@@ -175,7 +176,7 @@ func TestDeployExampleLoads(t *testing.T) {
 	}
 	// Every key of Config appears in the example (set or commented out).
 	for _, key := range []string{
-		"root", "socket", "socket_mode", "status_socket", "metrics_address", "log_level",
+		"root", "socket", "socket_mode", "status_socket", "metrics_address", "log_level", "access_record_dir",
 		"[registry]", "config_path", "[registry.mirrors]", "[auth]", "docker_config", "credential_helpers",
 		"[fetch]", "timeout", "max_retries", "chunk_size",
 		"[prefetch]", "enable", "default_size", "async_size",

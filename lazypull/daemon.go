@@ -33,6 +33,7 @@ type Daemon struct {
 	fs     *trackingFS
 	base   snapshots.Snapshotter
 	sn     snapshots.Snapshotter
+	access *accessRecorder
 	closed sync.Once
 	err    error
 }
@@ -64,17 +65,29 @@ func NewDaemon(ctx context.Context, cfg Config) (*Daemon, error) {
 		return nil, fmt.Errorf("lazy filesystem at %s: %w", cfg.Root, err)
 	}
 	tfs := newTrackingFS(ufs, m)
+	var access *accessRecorder
+	if cfg.AccessRecordDir != "" {
+		// Before the snapshotter restores mounts, so that their accesses
+		// are recorded too.
+		if access, err = startAccessRecorder(cfg.AccessRecordDir, tfs); err != nil {
+			return nil, err
+		}
+	}
 	base, err := snapshot.NewSnapshotter(ctx, snRoot, tfs,
 		snapshot.AsynchronousRemove, snapshot.AllowInvalidMountsOnRestart)
 	if err != nil {
+		if access != nil {
+			access.stop()
+		}
 		return nil, fmt.Errorf("snapshotter at %s: %w", snRoot, err)
 	}
 	return &Daemon{
-		cfg:  cfg,
-		m:    m,
-		fs:   tfs,
-		base: base,
-		sn:   &policySnapshotter{Snapshotter: base, policy: policy, m: m},
+		cfg:    cfg,
+		m:      m,
+		fs:     tfs,
+		base:   base,
+		access: access,
+		sn:     &policySnapshotter{Snapshotter: base, policy: policy, m: m},
 	}, nil
 }
 
@@ -217,6 +230,11 @@ func (d *Daemon) Close() error {
 		}
 		if err := unmountLeftovers(ctx, filepath.Join(d.cfg.Root, "snapshotter", "snapshots")); err != nil && d.err == nil {
 			d.err = err
+		}
+		if d.access != nil {
+			if err := d.access.stop(); err != nil && d.err == nil {
+				d.err = fmt.Errorf("closing access records: %w", err)
+			}
 		}
 	})
 	return d.err

@@ -3,6 +3,7 @@ package lazypull
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"net/http"
 	"net/http/httptest"
@@ -201,5 +202,48 @@ func TestTamperedTOCFallsBack(t *testing.T) {
 	}
 	if n := fuseMountsUnder(t, td.cfg.Root); n != 0 {
 		t.Errorf("%d FUSE mounts for a layer that failed verification", n)
+	}
+}
+
+// TestAccessRecording reads files of a lazily mounted layer and finds them
+// in the image's access record, in first-access order, with their sizes.
+func TestAccessRecording(t *testing.T) {
+	requireFUSE(t)
+	reg := testimage.NewRegistry(t)
+	img := pushTestImage(t, reg, "base:estargz")
+	recDir := t.TempDir()
+	td := startDaemon(t, "", func(c *Config) {
+		noFetchAhead(5 * time.Second)(c)
+		c.AccessRecordDir = recDir
+	})
+	dir := lazyView(t, td, img)
+	for _, name := range []string{"usr/bin/tool", "etc/hello.txt", "usr/bin/tool"} {
+		got, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil || !bytes.Equal(got, img.files[name]) {
+			t.Fatalf("reading %s: %v", name, err)
+		}
+	}
+	td.stop(t) // flushes and closes the records
+	b, err := os.ReadFile(filepath.Join(recDir, AccessRecordFile(img.ref)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var recs []AccessRecord
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		var r AccessRecord
+		if err := json.Unmarshal([]byte(line), &r); err != nil {
+			t.Fatalf("record %q: %v", line, err)
+		}
+		recs = append(recs, r)
+	}
+	want := []string{"/usr/bin/tool", "/etc/hello.txt"}
+	if len(recs) != len(want) {
+		t.Fatalf("records %+v, want %v", recs, want)
+	}
+	for i, r := range recs {
+		if r.Path != want[i] || r.Image != img.ref || r.Layer != img.layers[0].Digest.String() ||
+			r.Size != int64(len(img.files[strings.TrimPrefix(r.Path, "/")])) {
+			t.Errorf("record %d: %+v", i, r)
+		}
 	}
 }

@@ -103,3 +103,16 @@ func (t *trackingFS) snapshot() map[string]mountRecord {
 	}
 	return out
 }
+
+// imageOf returns the image reference of a mounted layer, "" when the layer
+// is not mounted.
+func (t *trackingFS) imageOf(layer string) string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, rec := range t.mounts {
+		if rec.layer == layer {
+			return rec.image
+		}
+	}
+	return ""
+}

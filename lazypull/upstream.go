@@ -59,6 +59,10 @@ func (c *Config) upstream(ctx context.Context) (service.Config, []service.Option
 	fc.FuseConfig.AttrTimeout = secs(c.FUSE.AttrTimeout)
 	fc.FuseConfig.EntryTimeout = secs(c.FUSE.EntryTimeout)
 
+	// The upstream filesystem logs the first access to each file; the
+	// access recorder turns those entries into records.
+	fc.LogFileAccess = c.AccessRecordDir != ""
+
 	// FUSE request tracing is only wanted at the most verbose level.
 	fc.Debug = c.LogLevel == "trace"
 	// The upstream metrics feed Status (fetched bytes per layer).
