@@ -17,6 +17,10 @@
 //   - Prometheus metrics for mounts, fallbacks and policy decisions next to
 //     the upstream filesystem metrics, and a status view of mounted layers
 //     with their fetched percentages;
+//   - access recording: per image, the files its lazily mounted layers
+//     served, in first-access order with their sizes (access_record_dir),
+//     for building prefetch profiles from real builds;
 //   - Daemon, which serves containerd's snapshots gRPC API on a unix socket
-//     and unmounts every FUSE mount when it stops.
+//     and unmounts every FUSE mount when it stops; a restarted Daemon
+//     mounts again the lazy snapshots the previous one had.
 package lazypull
