@@ -19,6 +19,7 @@ import (
 
 	"github.com/lazybase/lazybase/convert"
 	"github.com/lazybase/lazybase/internal/testimage"
+	"github.com/lazybase/lazybase/prefetch"
 )
 
 // badLayer is a bad input with what its error must mention.
@@ -179,20 +180,28 @@ func leftoverFiles(t *testing.T, dir string) []string {
 func TestBadLayer(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	for _, tc := range badLayers(t) {
-		t.Run(tc.name, func(t *testing.T) {
-			tmp := t.TempDir()
-			c := newTestConverter(t, convert.WithTempDir(tmp))
-			dgst, _ := tc.layer.Digest()
-			l, err := c.Layer(ctx, tc.layer, tc.diffID)
-			checkBadError(t, err, dgst, tc)
-			if l != nil {
-				t.Errorf("Layer returned a layer (%v) with the error", l)
-			}
-			if files := leftoverFiles(t, tmp); len(files) != 0 {
-				t.Errorf("temporary files left after a failed conversion: %q", files)
-			}
-		})
+	// With a prefetch list the converter spools the tar and reorders it: a
+	// different code path that must fail the same way.
+	pf := &prefetch.List{Version: prefetch.ListVersion, Files: []string{"dir/file", testimage.OSRelease}}
+	for _, mode := range []struct {
+		name string
+		opts []convert.Option
+	}{{"stream", nil}, {"prefetch", []convert.Option{convert.WithPrefetch(pf)}}} {
+		for _, tc := range badLayers(t) {
+			t.Run(mode.name+"/"+tc.name, func(t *testing.T) {
+				tmp := t.TempDir()
+				c := newTestConverter(t, append([]convert.Option{convert.WithTempDir(tmp)}, mode.opts...)...)
+				dgst, _ := tc.layer.Digest()
+				l, err := c.Layer(ctx, tc.layer, tc.diffID)
+				checkBadError(t, err, dgst, tc)
+				if l != nil {
+					t.Errorf("Layer returned a layer (%v) with the error", l)
+				}
+				if files := leftoverFiles(t, tmp); len(files) != 0 {
+					t.Errorf("temporary files left after a failed conversion: %q", files)
+				}
+			})
+		}
 	}
 }
 
