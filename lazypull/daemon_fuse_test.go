@@ -346,6 +346,24 @@ func TestLazyMount(t *testing.T) {
 		}
 	}
 
+	// The metrics endpoint serves the upstream filesystem's metrics too.
+	mfs, err := td.d.m.gatherer().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	families := map[string]bool{}
+	for _, mf := range mfs {
+		families[mf.GetName()] = true
+	}
+	for _, name := range []string{
+		"lazybase_snapshotter_mounted_layers", "lazybase_snapshotter_mount_duration_seconds",
+		metricLayerFetched, metricLayerSize, "stargz_fs_operation_duration_milliseconds",
+	} {
+		if !families[name] {
+			t.Errorf("metrics lack %s", name)
+		}
+	}
+
 	// Stopping unmounts (stop checks that nothing is left); a new daemon
 	// on the same root restores the lazy mount.
 	td.stop(t)
