@@ -39,8 +39,8 @@ clean:
 	rm -rf bin
 
 # e2e: installs what the end-to-end tests need (apt packages, containerd and
-# buildkit binaries cached by version under .cache/e2e/bin) and runs them
+# buildkit binaries cached by version under $(CACHE)/e2e/bin) and runs them
 # against real daemons. Needs root. See e2e/README.md.
 e2e:
-	bash hack/e2e-deps.sh
-	$(GO) test -tags e2e -count=1 -timeout 60m -v ./e2e/...
+	LAZYBASE_CACHE=$(CACHE) bash hack/e2e-deps.sh
+	LAZYBASE_CACHE=$(CACHE) $(GO) test -tags e2e -count=1 -timeout 60m -v ./e2e/...

@@ -90,7 +90,7 @@ func referenceImages(t testing.TB) (debian, golang *refImage) {
 }
 
 // converted returns the eStargz form of a reference image from the cache
-// .cache/e2e/estargz, converting it on a miss. The cache key covers the
+// (CacheDir/e2e/estargz), converting it on a miss. The cache key covers the
 // source manifest digest, the convert package's source and go.sum, so a
 // change to the converter or its dependencies converts anew.
 func converted(ctx context.Context, img *refimage.Image) (v1.Image, error) {
@@ -115,7 +115,7 @@ func converted(ctx context.Context, img *refimage.Image) (v1.Image, error) {
 		h.Write(b)
 	}
 	key := hex.EncodeToString(h.Sum(nil))[:16]
-	cacheDir := filepath.Join(root, ".cache", "e2e", "estargz")
+	cacheDir := filepath.Join(harness.CacheDir(root), "e2e", "estargz")
 	dir := filepath.Join(cacheDir, string(img.Kind)+"-"+key)
 	if esgz, err := openLayout(dir); err == nil {
 		return esgz, nil

@@ -6,13 +6,13 @@
 #   go:   containerd, ctr, containerd-shim-runc-v2  (containerd v2, go install)
 #         buildkitd, buildctl                       (buildkit, from e2e/tools)
 #
-# Binaries land in $LAZYBASE_E2E_BIN (default .cache/e2e/bin) under
-# <name>-<version>/. The script is idempotent: a second run only checks.
+# Binaries land in $LAZYBASE_E2E_BIN (default $LAZYBASE_CACHE/e2e/bin, else
+# .cache/e2e/bin in the checkout) under <name>-<version>/. The script is idempotent: a second run only checks.
 # It prints the bin directory on its last line.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BIN=${LAZYBASE_E2E_BIN:-$ROOT/.cache/e2e/bin}
+BIN=${LAZYBASE_E2E_BIN:-${LAZYBASE_CACHE:-$ROOT/.cache}/e2e/bin}
 CONTAINERD_VERSION=${CONTAINERD_VERSION:-v2.4.2}
 # The buildkit version is the one e2e/tools/go.mod requires.
 BUILDKIT_VERSION=$(awk '$1 == "require" && $2 == "github.com/moby/buildkit" { print $3 }' "$ROOT/e2e/tools/go.mod")

@@ -39,6 +39,15 @@ func RepoRoot() (string, error) {
 	}
 }
 
+// CacheDir returns the project's cache directory: $LAZYBASE_CACHE when set,
+// else .cache in the checkout at root.
+func CacheDir(root string) string {
+	if c := os.Getenv("LAZYBASE_CACHE"); c != "" {
+		return c
+	}
+	return filepath.Join(root, ".cache")
+}
+
 // binaries are the absolute paths of every program the harness runs.
 type binaries struct {
 	dir            string // containerd's dir, first on the daemons' PATH
@@ -70,7 +79,7 @@ func locate(ctx context.Context) (*binaries, error) {
 	}
 	binDir := os.Getenv("LAZYBASE_E2E_BIN")
 	if binDir == "" {
-		binDir = filepath.Join(root, ".cache", "e2e", "bin")
+		binDir = filepath.Join(CacheDir(root), "e2e", "bin")
 	}
 	cdir := filepath.Join(binDir, "containerd-"+ContainerdVersion)
 	bdir := filepath.Join(binDir, "buildkit-"+BuildkitVersion)

@@ -12,6 +12,6 @@
 // When a test fails, the tail of each daemon's log is attached to it.
 //
 // Daemon binaries come from the version-keyed cache that hack/e2e-deps.sh
-// fills (.cache/e2e/bin by default, or $LAZYBASE_E2E_BIN); a missing cache is
-// filled by running that script.
+// fills ($LAZYBASE_E2E_BIN, else $LAZYBASE_CACHE/e2e/bin, else .cache/e2e/bin
+// in the checkout); a missing cache is filled by running that script.
 package harness
