@@ -75,6 +75,12 @@ func badLayers(t testing.TB) []badLayer {
 	if err != nil {
 		t.Fatal(err)
 	}
+	short := good.Clone()
+	shortLen := int64(len(good.Blob) - 1)
+	short.Length = &shortLen
+	long := good.Clone()
+	longLen := int64(len(good.Blob) + 1)
+	long.Length = &longLen
 	lying := good.Clone()
 	claimed := testimage.SHA256([]byte("some other blob"))
 	lying.Hash = &claimed
@@ -100,6 +106,9 @@ func badLayers(t testing.TB) []badLayer {
 		{name: "gzip-of-non-tar", layer: testimage.GzipLayer(testimage.NotTar())},
 		{name: "not-gzip-at-all", layer: testimage.NewLayer(testimage.NotTar(), types.OCILayer)},
 		{name: "digest-mismatch", layer: lying},
+		{name: "size-smaller-than-blob", layer: short},
+		{name: "size-larger-than-blob", layer: long},
+		{name: "empty-blob", layer: testimage.NewLayer(nil, types.OCILayer)},
 		{name: "diffid-mismatch", layer: good, diffID: testimage.SHA256(append(goodTar, 0))},
 		{name: "path-dotdot", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeReg, "../x", ""))), mention: []string{"../x"}},
 		{name: "path-nested-dotdot", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeReg, "a/../../x", ""))), mention: []string{"a/../../x"}},

@@ -61,6 +61,10 @@ func (l *Layer) Clone() *Layer {
 		h := *l.Diff
 		c.Diff = &h
 	}
+	if l.Length != nil {
+		n := *l.Length
+		c.Length = &n
+	}
 	if l.Annotations != nil {
 		c.Annotations = map[string]string{}
 		for k, v := range l.Annotations {

@@ -27,6 +27,8 @@ type Layer struct {
 	// Diff, if set, is reported as the diffID instead of the sha256 of the
 	// decompressed blob.
 	Diff *v1.Hash
+	// Length, if set, is reported as the size instead of len(Blob).
+	Length *int64
 	// Annotations go into the layer's descriptor.
 	Annotations map[string]string
 }
@@ -113,8 +115,13 @@ func (l *Layer) Uncompressed() (io.ReadCloser, error) {
 	return Decompress(l.Blob)
 }
 
-// Size returns the blob's length.
-func (l *Layer) Size() (int64, error) { return int64(len(l.Blob)), nil }
+// Size returns Length, or the blob's length.
+func (l *Layer) Size() (int64, error) {
+	if l.Length != nil {
+		return *l.Length, nil
+	}
+	return int64(len(l.Blob)), nil
+}
 
 // MediaType returns Type, or the OCI gzip layer type.
 func (l *Layer) MediaType() (types.MediaType, error) {
@@ -138,7 +145,8 @@ func (l *Layer) Descriptor() (*v1.Descriptor, error) {
 			ann[k] = v
 		}
 	}
-	return &v1.Descriptor{MediaType: mt, Size: int64(len(l.Blob)), Digest: d, Annotations: ann}, nil
+	size, _ := l.Size()
+	return &v1.Descriptor{MediaType: mt, Size: size, Digest: d, Annotations: ann}, nil
 }
 
 var (
