@@ -914,3 +914,40 @@ func tarPaths(b []byte) ([]string, error) {
 		}
 	}
 }
+
+// TestTreeImageRepeatedLayer converts an image that lists the same layer
+// twice (old Docker images repeat the empty layer): the converted image
+// repeats the converted layer, validates, and the blob is converted once.
+func TestTreeImageRepeatedLayer(t *testing.T) {
+	empty := testimage.GzipLayer(testimage.MustTar(nil))
+	other := testimage.GzipLayer(testimage.MustTar(testimage.Files("etc/hostname", "repeat\n")))
+	img, err := testimage.Image(testimage.LinuxAMD64, empty, other, empty)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newTestConverter(t)
+	res, err := c.Image(context.Background(), img)
+	if err != nil {
+		t.Fatalf("Image: %v", err)
+	}
+	if err := validate.Image(res.Image); err != nil {
+		t.Errorf("validate.Image: %v", err)
+	}
+	m, err := res.Image.Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(m.Layers) != 3 || m.Layers[0].Digest != m.Layers[2].Digest || m.Layers[0].Digest == m.Layers[1].Digest {
+		t.Errorf("converted layers %v, want 3 with the first and last the same", m.Layers)
+	}
+	cf, err := res.Image.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := cf.RootFS.DiffIDs; len(d) != 3 || d[0] != d[2] {
+		t.Errorf("diff_ids %v, want 3 with the first and last the same", d)
+	}
+	if s := c.Stats(); s.Converted != 2 {
+		t.Errorf("converted %d layers, want 2", s.Converted)
+	}
+}
