@@ -58,6 +58,12 @@
 // failing image does not stop the others; Run returns a Report of converted,
 // skipped and failed images with reasons and timings.
 //
+// Within one Run, a layer shared by several images is converted once and
+// kept in a temporary file until the run ends; MirrorImage (one image, as
+// serve uses it) releases its files when the image is done, and images of
+// different calls share layers through their records. Concurrent requests
+// for the same layer in one process wait for a single conversion.
+//
 // Shard splits the images between workers by the FNV-1a hash of the source
 // reference. Server (serve) converts pushed images named by registry
 // notifications (ParseEvents) and exports Prometheus metrics.
