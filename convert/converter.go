@@ -9,7 +9,6 @@ import (
 	"sync/atomic"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"golang.org/x/sync/singleflight"
 )
 
 // Converter converts layers, images and indexes. It shares a pool of
@@ -22,9 +21,9 @@ type Converter struct {
 
 	pool *pool
 
-	sf     singleflight.Group
-	mu     sync.Mutex
-	layers map[v1.Hash]*Layer // source digest -> converted layer
+	mu      sync.Mutex
+	layers  map[v1.Hash]*Layer // source digest -> converted layer
+	flights map[v1.Hash]*flight
 
 	jobs chan struct{} // bounds layers converted at once
 
@@ -62,10 +61,11 @@ func New(opts ...Option) (*Converter, error) {
 		return nil, fmt.Errorf("creating temporary directory: %w", err)
 	}
 	c := &Converter{
-		opts:   o,
-		dir:    dir,
-		layers: map[v1.Hash]*Layer{},
-		jobs:   make(chan struct{}, o.jobs),
+		opts:    o,
+		dir:     dir,
+		layers:  map[v1.Hash]*Layer{},
+		flights: map[v1.Hash]*flight{},
+		jobs:    make(chan struct{}, o.jobs),
 	}
 	c.pool = newPool(o.workers)
 	if o.format == FormatEStargz {
@@ -99,9 +99,22 @@ func (c *Converter) Close() error {
 
 var errClosed = errors.New("converter is closed")
 
+// flight is one layer conversion shared by every caller asking for the same
+// source digest. It runs under its own context, cancelled only when every
+// caller waiting for it has gone.
+type flight struct {
+	done    chan struct{}
+	layer   *Layer
+	err     error
+	waiters int
+	cancel  context.CancelFunc
+}
+
 // Layer converts one layer. diffID is the source layer's diffID from its
 // image config, checked against the decompressed bytes; pass a zero Hash when
-// it is unknown. The same source digest is converted only once per Converter.
+// it is unknown. The same source digest is converted only once per Converter:
+// concurrent callers share one conversion, and a caller that gives up does
+// not fail the others.
 func (c *Converter) Layer(ctx context.Context, src v1.Layer, diffID v1.Hash) (*Layer, error) {
 	if c.closed.Load() {
 		return nil, errClosed
@@ -111,35 +124,59 @@ func (c *Converter) Layer(ctx context.Context, src v1.Layer, diffID v1.Hash) (*L
 		return nil, fmt.Errorf("reading layer digest: %w", err)
 	}
 	c.mu.Lock()
-	l, ok := c.layers[dgst]
+	if l, ok := c.layers[dgst]; ok {
+		c.mu.Unlock()
+		return l, nil
+	}
+	f, ok := c.flights[dgst]
+	if !ok {
+		fctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+		f = &flight{done: make(chan struct{}), cancel: cancel}
+		c.flights[dgst] = f
+		go c.run(fctx, f, src, dgst, diffID)
+	}
+	f.waiters++
 	c.mu.Unlock()
-	if ok {
-		return l, nil
-	}
-	v, err, _ := c.sf.Do(dgst.String(), func() (any, error) {
+
+	select {
+	case <-f.done:
+		return f.layer, f.err
+	case <-ctx.Done():
 		c.mu.Lock()
-		l, ok := c.layers[dgst]
+		f.waiters--
+		last := f.waiters == 0
+		if last {
+			// Nobody wants it any more: stop it, let later callers start
+			// afresh, and wait for its temporary files to go.
+			f.cancel()
+			if c.flights[dgst] == f {
+				delete(c.flights, dgst)
+			}
+		}
 		c.mu.Unlock()
-		if ok {
-			return l, nil
+		if last {
+			<-f.done
 		}
-		select {
-		case c.jobs <- struct{}{}:
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
-		defer func() { <-c.jobs }()
-		l, err := c.convertLayer(ctx, src, dgst, diffID)
-		if err != nil {
-			return nil, err
-		}
-		c.mu.Lock()
-		c.layers[dgst] = l
-		c.mu.Unlock()
-		return l, nil
-	})
-	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("layer %s: %w", dgst, ctx.Err())
 	}
-	return v.(*Layer), nil
+}
+
+func (c *Converter) run(ctx context.Context, f *flight, src v1.Layer, dgst, diffID v1.Hash) {
+	defer f.cancel()
+	select {
+	case c.jobs <- struct{}{}:
+		f.layer, f.err = c.convertLayer(ctx, src, dgst, diffID)
+		<-c.jobs
+	case <-ctx.Done():
+		f.err = fmt.Errorf("layer %s: %w", dgst, ctx.Err())
+	}
+	c.mu.Lock()
+	if c.flights[dgst] == f {
+		delete(c.flights, dgst)
+	}
+	if f.err == nil {
+		c.layers[dgst] = f.layer
+	}
+	c.mu.Unlock()
+	close(f.done)
 }

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/containerd/log"
 	"github.com/containerd/stargz-snapshotter/estargz"
@@ -304,6 +305,9 @@ func (f *entryFilter) check(ctx context.Context, h *tar.Header) (keep bool, err 
 	if err != nil {
 		return false, err
 	}
+	if err := representable(h); err != nil {
+		return false, err
+	}
 	switch clean {
 	case estargz.TOCTarName, estargz.PrefetchLandmark, estargz.NoPrefetchLandmark:
 		return false, nil // left by an earlier conversion; rebuilt here
@@ -323,6 +327,30 @@ func (f *entryFilter) check(ctx context.Context, h *tar.Header) (keep bool, err 
 	}
 	f.seen[clean] = true
 	return true, nil
+}
+
+// representable rejects headers whose strings are not valid UTF-8: the TOC is
+// JSON, which would silently replace the invalid bytes, so the lazily mounted
+// file system would differ from the layer.
+func representable(h *tar.Header) error {
+	bad := ""
+	switch {
+	case !utf8.ValidString(h.Name):
+		bad = "its name"
+	case !utf8.ValidString(h.Linkname):
+		bad = "its link target"
+	case !utf8.ValidString(h.Uname) || !utf8.ValidString(h.Gname):
+		bad = "its owner name"
+	}
+	for k := range h.PAXRecords {
+		if bad == "" && strings.HasPrefix(k, "SCHILY.xattr.") && !utf8.ValidString(k) {
+			bad = "an xattr name"
+		}
+	}
+	if bad != "" {
+		return fmt.Errorf("file %q: %s is not valid UTF-8, which an eStargz TOC cannot represent", h.Name, bad)
+	}
+	return nil
 }
 
 // safePath cleans a tar path and rejects paths that leave the layer root.
@@ -376,10 +404,9 @@ func (c *Converter) streamEntries(ctx context.Context, u io.Reader, w *layerWrit
 }
 
 type spooled struct {
-	h       *tar.Header
-	off     int64
-	clean   string
-	dropped bool
+	h     *tar.Header
+	off   int64
+	clean string
 }
 
 // spoolEntries converts with a prefetch list: the decompressed tar is spooled
@@ -418,9 +445,6 @@ func (c *Converter) spoolEntries(ctx context.Context, u io.Reader, w *layerWrite
 			continue
 		}
 		e := &spooled{h: h, off: cr.n, clean: path.Clean(h.Name)}
-		if i, ok := byName[e.clean]; ok {
-			ents[i].dropped = true // a later entry of the same name wins
-		}
 		byName[e.clean] = len(ents)
 		ents = append(ents, e)
 	}
@@ -431,43 +455,56 @@ func (c *Converter) spoolEntries(ctx context.Context, u io.Reader, w *layerWrite
 		return fmt.Errorf("writing spool file: %w", err)
 	}
 
+	// Moving an entry ahead is only safe when nothing else in the layer
+	// shares its name: otherwise it would change which version wins, or what
+	// a hardlink made between the versions points to.
+	count := map[string]int{}
+	for _, e := range ents {
+		count[e.clean]++
+	}
 	picked := map[int]bool{}
 	var order []int
+	var duplicated []string
 	var move func(name string, depth int) bool
 	move = func(name string, depth int) bool {
-		if depth > 256 {
+		i, ok := byName[name]
+		if !ok || depth > 256 {
 			return false
 		}
-		i, ok := byName[name]
-		if !ok {
+		if picked[i] {
+			return true
+		}
+		if count[name] > 1 {
+			duplicated = append(duplicated, name)
 			return false
 		}
 		if name != "." {
-			if p := path.Dir(name); p != "." {
-				move(p, depth+1)
-			} else {
-				move(".", depth+1)
-			}
+			move(path.Dir(name), depth+1) // parents first, when they have entries
 		}
-		if e := ents[i]; e.h.Typeflag == tar.TypeLink {
-			move(path.Clean(e.h.Linkname), depth+1)
+		if e := ents[i]; e.h.Typeflag == tar.TypeLink && !move(path.Clean(e.h.Linkname), depth+1) {
+			return false // a hardlink never goes ahead of its target
 		}
-		if !picked[i] {
-			picked[i] = true
-			order = append(order, i)
-		}
+		picked[i] = true
+		order = append(order, i)
 		return true
 	}
 	prioritized := 0
 	for _, name := range files {
-		if move(path.Clean(name), 0) {
+		clean := cleanName(name)
+		if clean == "" {
+			clean = "."
+		}
+		if move(clean, 0) {
 			prioritized++
-		} else {
+		} else if _, ok := byName[clean]; !ok {
 			res.MissingPrefetch = append(res.MissingPrefetch, name)
 		}
 	}
 	if len(res.MissingPrefetch) > 0 {
 		log.G(ctx).WithField("missing", len(res.MissingPrefetch)).Warn("prefetch list names files the layer does not hold")
+	}
+	if len(duplicated) > 0 {
+		log.G(ctx).WithField("files", duplicated).Warn("not prefetching files whose names occur more than once in the layer")
 	}
 	res.Prefetch = prioritized
 	emit := func(e *spooled) error {
@@ -493,7 +530,7 @@ func (c *Converter) spoolEntries(ctx context.Context, u io.Reader, w *layerWrite
 		return err
 	}
 	for i, e := range ents {
-		if picked[i] || e.dropped {
+		if picked[i] {
 			continue
 		}
 		if err := ctx.Err(); err != nil {

@@ -3,6 +3,7 @@ package convert
 import (
 	"archive/tar"
 	"bufio"
+	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -140,6 +141,9 @@ func VerifyEStargz(ra io.ReaderAt, size int64, tocDigest digest.Digest) (*Verifi
 	}
 	i := 0
 	sawTOC := false
+	// A verified blob is still a tar stream that appliers extract: it gets
+	// the same path and hardlink checks as a layer being converted.
+	filter := &entryFilter{seen: map[string]bool{}}
 	for {
 		h, err := tr.Next()
 		if err == io.EOF {
@@ -161,6 +165,9 @@ func VerifyEStargz(ra io.ReaderAt, size int64, tocDigest digest.Digest) (*Verifi
 				return nil, fmt.Errorf("TOC in the tar stream has digest %s, want %s", got, tocDigest)
 			}
 			continue
+		}
+		if _, err := filter.check(context.Background(), h); err != nil {
+			return nil, err
 		}
 		if i >= len(entries) {
 			return nil, fmt.Errorf("tar entry %q is not in the TOC", h.Name)
