@@ -10,6 +10,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/lazybase/lazybase/e2e/harness"
 )
 
 // timings collects the figures the tests measure, printed as one summary
@@ -47,5 +49,6 @@ func TestMain(m *testing.M) {
 	sort.Strings(parts)
 	fmt.Printf("e2e timings: total=%s %s\n", time.Since(start).Round(time.Second), strings.Join(parts, " "))
 	cleanupImages()
+	harness.Cleanup()
 	os.Exit(code)
 }

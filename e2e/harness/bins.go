@@ -8,8 +8,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 )
 
 // Versions of the daemons the harness runs; hack/e2e-deps.sh builds the same.
@@ -129,21 +131,76 @@ func lastLines(s string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// goBuild builds the main package pkg (an import path in this module) into
-// out.
-func goBuild(ctx context.Context, pkg, out string) error {
+var built struct {
+	sync.Mutex
+	dir  string
+	bins map[string]string
+}
+
+// goBuild returns a binary of the main package pkg (an import path in this
+// module), built once per test process: every Stack of the process runs the
+// same build of the code under test.
+func goBuild(ctx context.Context, pkg string) (string, error) {
+	built.Lock()
+	defer built.Unlock()
+	if b, ok := built.bins[pkg]; ok {
+		return b, nil
+	}
 	root, err := RepoRoot()
 	if err != nil {
-		return err
+		return "", err
+	}
+	if built.dir == "" {
+		// One directory per test process, under the cache so it survives
+		// each Stack's teardown; older ones are replaced as they go stale.
+		base := filepath.Join(CacheDir(root), "e2e", "build")
+		if err := os.MkdirAll(base, 0o755); err != nil {
+			return "", err
+		}
+		removeStaleBuilds(base)
+		if built.dir, err = os.MkdirTemp(base, fmt.Sprintf("pid%d-", os.Getpid())); err != nil {
+			return "", err
+		}
 	}
 	goBin := "go"
 	if p, err := exec.LookPath("go"); err == nil {
 		goBin = p
 	}
+	out := filepath.Join(built.dir, filepath.Base(pkg))
 	cmd := exec.CommandContext(ctx, goBin, "build", "-o", out, pkg)
 	cmd.Dir = root
 	if b, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("go build %s: %w\n%s", pkg, err, b)
+		return "", fmt.Errorf("go build %s: %w\n%s", pkg, err, b)
 	}
-	return nil
+	if built.bins == nil {
+		built.bins = map[string]string{}
+	}
+	built.bins[pkg] = out
+	return out, nil
+}
+
+// Cleanup removes what the harness keeps per test process (the binaries
+// goBuild made); call it from TestMain after m.Run.
+func Cleanup() {
+	built.Lock()
+	defer built.Unlock()
+	if built.dir != "" {
+		os.RemoveAll(built.dir)
+		built.dir, built.bins = "", nil
+	}
+}
+
+// removeStaleBuilds removes build directories of test processes that have
+// exited.
+func removeStaleBuilds(base string) {
+	dirs, _ := filepath.Glob(filepath.Join(base, "pid*-*"))
+	for _, d := range dirs {
+		name := strings.TrimPrefix(filepath.Base(d), "pid")
+		pidStr, _, _ := strings.Cut(name, "-")
+		pid, err := strconv.Atoi(pidStr)
+		if err != nil || syscall.Kill(pid, 0) == nil {
+			continue
+		}
+		os.RemoveAll(d)
+	}
 }

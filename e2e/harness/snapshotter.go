@@ -37,8 +37,8 @@ func (s *Stack) startSnapshotter(ctx context.Context) (*Snapshotter, error) {
 	var bin string
 	switch sn.Kind {
 	case Upstream:
-		bin = s.path("stargzd")
-		if err := goBuild(ctx, modulePath+"/e2e/stargzd", bin); err != nil {
+		var err error
+		if bin, err = goBuild(ctx, modulePath+"/e2e/stargzd"); err != nil {
 			return nil, err
 		}
 		cfgPath := s.path("stargz.toml")
@@ -47,8 +47,8 @@ func (s *Stack) startSnapshotter(ctx context.Context) (*Snapshotter, error) {
 		}
 		args = []string{"-address", sn.Address, "-root", sn.Root, "-config", cfgPath, "-log-level", "info"}
 	case Lazybase:
-		bin = s.path("lazybase")
-		if err := goBuild(ctx, modulePath+"/cmd/lazybase", bin); err != nil {
+		var err error
+		if bin, err = goBuild(ctx, modulePath+"/cmd/lazybase"); err != nil {
 			return nil, err
 		}
 		if out, err := runCmd(ctx, s.env(), bin, "snapshotter", "--help"); err != nil {
