@@ -25,6 +25,7 @@ type mirrorFlags struct {
 	report string
 	asJSON bool
 	force  bool
+	dryRun bool
 	// extra options appended after the flags' (tests use them).
 	opts []mirror.Option
 	// terminal forces the live display on (1) or off (-1); 0 detects it.
@@ -58,6 +59,7 @@ See the mirror package documentation for the config keys and their defaults.`,
 	f.StringVar(&o.report, "report", "", "write the JSON report to this file")
 	f.BoolVar(&o.asJSON, "json", false, "print the JSON report on stdout")
 	f.BoolVar(&o.force, "force", false, "convert again even when the destination is up to date, and ignore conversion records")
+	f.BoolVar(&o.dryRun, "dry-run", false, "list the images this shard would mirror (JSON on stdout) and stop")
 	_ = cmd.MarkFlagRequired("config")
 	cmd.AddCommand(newMirrorServeCmd())
 	return cmd
@@ -104,6 +106,24 @@ func runMirror(ctx context.Context, stdout, stderr io.Writer, o mirrorFlags) err
 		return err
 	}
 	defer m.Close()
+	if o.dryRun {
+		jobs, errs := m.Plan(ctx)
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		if jobs == nil {
+			jobs = []mirror.Job{}
+		}
+		if err := enc.Encode(jobs); err != nil {
+			return err
+		}
+		for _, e := range errs {
+			fmt.Fprintf(stderr, "mirror: %s\n", e)
+		}
+		if len(errs) > 0 {
+			return fmt.Errorf("mirror: %d source(s) could not be listed", len(errs))
+		}
+		return nil
+	}
 	if disp != nil {
 		disp.Start()
 	}

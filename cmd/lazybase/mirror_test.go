@@ -77,6 +77,15 @@ newest = 2
 	if !strings.Contains(stderr, "skipped ") {
 		t.Errorf("stderr:\n%s", stderr)
 	}
+	// --dry-run lists the jobs and converts nothing.
+	stdout, _, err = runCLI(ctx, t, "mirror", "--config", cfg, "--dry-run")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var jobs []mirror.Job
+	if err := json.Unmarshal([]byte(stdout), &jobs); err != nil || len(jobs) != 2 || jobs[0].Tag != "1.2" {
+		t.Fatalf("dry run: %v %s", err, stdout)
+	}
 	// Shards 0/2 and 1/2 split the two images.
 	total := 0
 	for i := range 2 {
