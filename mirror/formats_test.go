@@ -172,3 +172,40 @@ func TestTempFilesReleased(t *testing.T) {
 		t.Errorf("converted %d layers in all, want 12", got)
 	}
 }
+
+// TestMirrorWriteBackWithSuffix converts into the source repositories under
+// TAG-esgz and never takes its own output as a source.
+func TestMirrorWriteBackWithSuffix(t *testing.T) {
+	ctx := context.Background()
+	src := newServer(t)
+	imageSet(t, src, 16<<10)
+	c, err := ParseConfig([]byte(fmt.Sprintf(`tag_suffix = "-esgz"
+records_repository = %q
+[[source]]
+repository = %q
+`, src.host+"/records", src.host+"/lib/a")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err := newMirror(t, c).Run(ctx)
+	if err != nil || !rep.OK() || rep.Converted != 5 {
+		t.Fatalf("%v %+v", err, rep)
+	}
+	for _, ir := range rep.Images {
+		if ir.Destination != ir.Source+"-esgz" {
+			t.Errorf("%s -> %s", ir.Source, ir.Destination)
+		}
+	}
+	m := newMirror(t, c)
+	jobs, errs := m.Plan(ctx)
+	if len(errs) > 0 || len(jobs) != 5 {
+		t.Fatalf("second plan: %d jobs %v", len(jobs), errs)
+	}
+	if _, ok := m.JobFor("", "lib/a", "1.0-esgz"); ok {
+		t.Error("a pushed -esgz tag was taken as a source")
+	}
+	rep, err = m.Run(ctx)
+	if err != nil || rep.Skipped != 5 {
+		t.Fatalf("%v %+v", err, rep)
+	}
+}
