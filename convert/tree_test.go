@@ -754,10 +754,10 @@ func TestTreePrefetchOrder(t *testing.T) {
 // TestTreePrefetchHardlinks lists hardlinks (whose targets are not listed)
 // and a symlink in the prefetch list: the output must stay applicable.
 func TestTreePrefetchHardlinks(t *testing.T) {
-	tarball := testimage.MustTar(testimage.Entries(4))
+	tarball := testimage.MustTar(testimage.Entries(4, testimage.WithoutLargeFiles()))
 	src := treeOfTar(t, tarball)
 	list := &prefetch.List{Version: prefetch.ListVersion, Files: []string{
-		testimage.HardlinkSmall, "data/large-hard", "bin/sh",
+		testimage.HardlinkSmall, "long/hard-to-long", "bin/sh",
 	}}
 	c := newTestConverter(t, convert.WithPrefetch(list))
 	l, err := c.Layer(context.Background(), testimage.GzipLayer(tarball), v1.Hash{})
