@@ -49,9 +49,43 @@ type Skipped struct {
 	Reason string  `json:"reason"`
 }
 
-// formatAnnotation describes the options that shape the output bytes.
-func (c *Converter) formatAnnotation() string {
-	return fmt.Sprintf("%s;level=%d;chunk=%d", c.opts.format, c.opts.level, c.opts.chunkSize)
+// FormatAnnotation returns the AnnotationFormat value for a format, level and
+// chunk size; zero level and chunk size stand for the defaults. It names
+// everything that shapes the output bytes, so a manifest carrying it and the
+// source digest is known to be up to date.
+func FormatAnnotation(f Format, level, chunk int) string {
+	if level == 0 {
+		level = DefaultGzipLevel
+		if f == FormatZstdChunked {
+			level = DefaultZstdLevel
+		}
+	}
+	if chunk == 0 {
+		chunk = DefaultChunkSize
+	}
+	return fmt.Sprintf("%s;level=%d;chunk=%d", f, level, chunk)
+}
+
+// FormatAnnotation returns the AnnotationFormat value of this Converter's
+// output.
+func (c *Converter) FormatAnnotation() string {
+	return FormatAnnotation(c.opts.format, c.opts.level, c.opts.chunkSize)
+}
+
+// ConvertedLayer is a converted layer as an assembled image uses it: the
+// layer with its manifest descriptor (annotations included). *Layer is one;
+// so is a layer found in a conversion record elsewhere.
+type ConvertedLayer interface {
+	v1.Layer
+	Descriptor() (*v1.Descriptor, error)
+}
+
+// LayerFunc returns the converted form of the source layer desc of an image;
+// diffID is the layer's diffID from the source config.
+type LayerFunc func(ctx context.Context, src v1.Layer, desc v1.Descriptor, diffID v1.Hash) (ConvertedLayer, error)
+
+func (c *Converter) convertedLayer(ctx context.Context, src v1.Layer, desc v1.Descriptor, diffID v1.Hash) (ConvertedLayer, error) {
+	return c.Layer(ctx, describedLayer{Layer: src, desc: desc}, diffID)
 }
 
 // describedLayer carries the manifest's descriptor (with its annotations)
@@ -75,14 +109,32 @@ func (c *Converter) Image(ctx context.Context, img v1.Image) (*ImageResult, erro
 	if err != nil {
 		return nil, fmt.Errorf("reading manifest: %w", err)
 	}
-	res, err := c.image(ctx, img, srcDigest)
+	res, err := assemble(ctx, img, srcDigest, c.FormatAnnotation(), c.convertedLayer)
 	if err != nil {
 		return nil, fmt.Errorf("image %s: %w", srcDigest, err)
 	}
 	return res, nil
 }
 
-func (c *Converter) image(ctx context.Context, img v1.Image, srcDigest v1.Hash) (*ImageResult, error) {
+// Assemble builds the converted form of img from the layers fn returns:
+// rootfs.diff_ids updated, config, history, labels and annotations kept, OCI
+// media types, and format and the source manifest digest recorded in
+// annotations. The image's Layers are the values fn returned, so layers that
+// know how to be mounted from another repository stay mountable. Converter.Image
+// is Assemble with the Converter's own layers.
+func Assemble(ctx context.Context, img v1.Image, format string, fn LayerFunc) (*ImageResult, error) {
+	srcDigest, err := img.Digest()
+	if err != nil {
+		return nil, fmt.Errorf("reading manifest: %w", err)
+	}
+	res, err := assemble(ctx, img, srcDigest, format, fn)
+	if err != nil {
+		return nil, fmt.Errorf("image %s: %w", srcDigest, err)
+	}
+	return res, nil
+}
+
+func assemble(ctx context.Context, img v1.Image, srcDigest v1.Hash, format string, fn LayerFunc) (*ImageResult, error) {
 	m, err := img.Manifest()
 	if err != nil {
 		return nil, fmt.Errorf("reading manifest: %w", err)
@@ -105,7 +157,7 @@ func (c *Converter) image(ctx context.Context, img v1.Image, srcDigest v1.Hash) 
 		return nil, fmt.Errorf("manifest has %d layers but config %s has %d diff_ids", n, m.Config.Digest, d)
 	}
 
-	layers := make([]*Layer, len(m.Layers))
+	layers := make([]ConvertedLayer, len(m.Layers))
 	g, gctx := errgroup.WithContext(ctx)
 	for i, desc := range m.Layers {
 		g.Go(func() error {
@@ -116,7 +168,7 @@ func (c *Converter) image(ctx context.Context, img v1.Image, srcDigest v1.Hash) 
 			if err != nil {
 				return fmt.Errorf("layer %s: %w", desc.Digest, err)
 			}
-			out, err := c.Layer(gctx, describedLayer{Layer: l, desc: desc}, cfg.RootFS.DiffIDs[i])
+			out, err := fn(gctx, l, desc, cfg.RootFS.DiffIDs[i])
 			if err != nil {
 				return err
 			}
@@ -132,10 +184,16 @@ func (c *Converter) image(ctx context.Context, img v1.Image, srcDigest v1.Hash) 
 	descs := make([]v1.Descriptor, len(layers))
 	results := make([]LayerResult, len(layers))
 	for i, l := range layers {
-		diffIDs[i] = l.diffID
-		descs[i] = l.desc
-		descs[i].Annotations = copyMap(l.desc.Annotations)
-		results[i] = l.Result()
+		d, err := l.Descriptor()
+		if err != nil {
+			return nil, fmt.Errorf("layer %s: converted descriptor: %w", m.Layers[i].Digest, err)
+		}
+		if diffIDs[i], err = l.DiffID(); err != nil {
+			return nil, fmt.Errorf("layer %s: converted diffID: %w", m.Layers[i].Digest, err)
+		}
+		descs[i] = *d
+		descs[i].Annotations = copyMap(d.Annotations)
+		results[i] = resultOf(l, m.Layers[i], descs[i], diffIDs[i])
 	}
 	newCfg, err := replaceDiffIDs(rawCfg, diffIDs)
 	if err != nil {
@@ -154,7 +212,7 @@ func (c *Converter) image(ctx context.Context, img v1.Image, srcDigest v1.Hash) 
 		ann = map[string]string{}
 	}
 	ann[AnnotationSourceManifest] = srcDigest.String()
-	ann[AnnotationFormat] = c.formatAnnotation()
+	ann[AnnotationFormat] = format
 	out := &v1.Manifest{
 		SchemaVersion: 2,
 		MediaType:     types.OCIManifestSchema1,
@@ -167,14 +225,15 @@ func (c *Converter) image(ctx context.Context, img v1.Image, srcDigest v1.Hash) 
 	if err != nil {
 		return nil, fmt.Errorf("encoding manifest: %w", err)
 	}
-	byDigest := map[v1.Hash]*Layer{}
-	for _, l := range layers {
-		byDigest[l.desc.Digest] = l
+	core := &image{manifest: rawManifest, config: newCfg, layers: map[v1.Hash]ConvertedLayer{}}
+	for i, l := range layers {
+		core.layers[descs[i].Digest] = l
 	}
-	conv, err := partial.CompressedToImage(&image{manifest: rawManifest, config: newCfg, layers: byDigest})
+	base, err := partial.CompressedToImage(core)
 	if err != nil {
 		return nil, err
 	}
+	conv := &assembled{Image: base, layers: layers, byDigest: core.layers}
 	var plat *v1.Platform
 	if cfg.OS != "" || cfg.Architecture != "" {
 		plat = &v1.Platform{OS: cfg.OS, Architecture: cfg.Architecture, Variant: cfg.Variant, OSVersion: cfg.OSVersion}
@@ -224,11 +283,51 @@ func sha256Hash(b []byte) v1.Hash {
 	return h
 }
 
+// resultOf returns a layer's LayerResult: its own when it has one, else what
+// the descriptors tell.
+func resultOf(l ConvertedLayer, src, out v1.Descriptor, diffID v1.Hash) LayerResult {
+	if r, ok := l.(interface{ Result() LayerResult }); ok {
+		return r.Result()
+	}
+	size, _ := strconv.ParseInt(out.Annotations[AnnotationUncompressedSize], 10, 64)
+	return LayerResult{
+		Source:           v1.Descriptor{MediaType: src.MediaType, Size: src.Size, Digest: src.Digest},
+		Output:           out,
+		DiffID:           diffID,
+		TOCDigest:        out.Annotations[AnnotationTOCDigest],
+		UncompressedSize: size,
+		Reused:           src.Digest == out.Digest,
+	}
+}
+
+// assembled hands out the converted layers themselves (partial's wrappers
+// would hide what they are, e.g. mountable from another repository).
+type assembled struct {
+	v1.Image
+	layers   []ConvertedLayer
+	byDigest map[v1.Hash]ConvertedLayer
+}
+
+func (a *assembled) Layers() ([]v1.Layer, error) {
+	out := make([]v1.Layer, len(a.layers))
+	for i, l := range a.layers {
+		out[i] = l
+	}
+	return out, nil
+}
+
+func (a *assembled) LayerByDigest(h v1.Hash) (v1.Layer, error) {
+	if l, ok := a.byDigest[h]; ok {
+		return l, nil
+	}
+	return a.Image.LayerByDigest(h)
+}
+
 // image is the converted image's core.
 type image struct {
 	manifest []byte
 	config   []byte
-	layers   map[v1.Hash]*Layer
+	layers   map[v1.Hash]ConvertedLayer
 }
 
 var _ partial.CompressedImageCore = (*image)(nil)
@@ -253,21 +352,36 @@ func (c *Converter) Index(ctx context.Context, idx v1.ImageIndex) (*IndexResult,
 	if err != nil {
 		return nil, fmt.Errorf("reading index: %w", err)
 	}
-	res, err := c.index(ctx, idx, srcDigest)
+	res, err := assembleIndex(ctx, idx, srcDigest, c.FormatAnnotation(), c.opts.platforms, c.convertedLayer)
 	if err != nil {
 		return nil, fmt.Errorf("index %s: %w", srcDigest, err)
 	}
 	return res, nil
 }
 
-func (c *Converter) selected(p *v1.Platform) bool {
-	if len(c.opts.platforms) == 0 {
+// AssembleIndex is Assemble for every image of idx on the given platforms
+// (all when none are given); attestations and other non-image manifests are
+// left out and listed in Skipped.
+func AssembleIndex(ctx context.Context, idx v1.ImageIndex, format string, platforms []v1.Platform, fn LayerFunc) (*IndexResult, error) {
+	srcDigest, err := idx.Digest()
+	if err != nil {
+		return nil, fmt.Errorf("reading index: %w", err)
+	}
+	res, err := assembleIndex(ctx, idx, srcDigest, format, platforms, fn)
+	if err != nil {
+		return nil, fmt.Errorf("index %s: %w", srcDigest, err)
+	}
+	return res, nil
+}
+
+func selected(platforms []v1.Platform, p *v1.Platform) bool {
+	if len(platforms) == 0 {
 		return true
 	}
 	if p == nil {
 		return false
 	}
-	for _, want := range c.opts.platforms {
+	for _, want := range platforms {
 		if p.Satisfies(want) {
 			return true
 		}
@@ -275,7 +389,7 @@ func (c *Converter) selected(p *v1.Platform) bool {
 	return false
 }
 
-func (c *Converter) index(ctx context.Context, idx v1.ImageIndex, srcDigest v1.Hash) (*IndexResult, error) {
+func assembleIndex(ctx context.Context, idx v1.ImageIndex, srcDigest v1.Hash, format string, platforms []v1.Platform, fn LayerFunc) (*IndexResult, error) {
 	im, err := idx.IndexManifest()
 	if err != nil {
 		return nil, fmt.Errorf("reading index manifest: %w", err)
@@ -292,7 +406,7 @@ func (c *Converter) index(ctx context.Context, idx v1.ImageIndex, srcDigest v1.H
 			res.Skipped = append(res.Skipped, Skipped{d.Digest, "attestation manifest of the source image"})
 		case !d.MediaType.IsImage():
 			res.Skipped = append(res.Skipped, Skipped{d.Digest, fmt.Sprintf("media type %q is not an image", d.MediaType)})
-		case !c.selected(d.Platform):
+		case !selected(platforms, d.Platform):
 			res.Skipped = append(res.Skipped, Skipped{d.Digest, fmt.Sprintf("platform %s not selected", platformString(d.Platform))})
 		default:
 			jobs = append(jobs, &job{desc: d})
@@ -308,7 +422,7 @@ func (c *Converter) index(ctx context.Context, idx v1.ImageIndex, srcDigest v1.H
 			if err != nil {
 				return fmt.Errorf("image %s: %w", j.desc.Digest, err)
 			}
-			r, err := c.image(gctx, img, j.desc.Digest)
+			r, err := assemble(gctx, img, j.desc.Digest, format, fn)
 			if err != nil {
 				return fmt.Errorf("image %s (%s): %w", j.desc.Digest, platformString(j.desc.Platform), err)
 			}
@@ -328,7 +442,7 @@ func (c *Converter) index(ctx context.Context, idx v1.ImageIndex, srcDigest v1.H
 		out.Annotations = map[string]string{}
 	}
 	out.Annotations[AnnotationSourceManifest] = srcDigest.String()
-	out.Annotations[AnnotationFormat] = c.formatAnnotation()
+	out.Annotations[AnnotationFormat] = format
 	images := map[v1.Hash]v1.Image{}
 	for _, j := range jobs {
 		raw, err := j.res.Image.RawManifest()

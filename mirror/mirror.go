@@ -219,13 +219,13 @@ func addStats(to *convert.Stats, s convert.Stats) {
 type session struct {
 	m      *Mirror
 	mu     sync.Mutex
-	convs  map[string]*convert.Converter // prefetch fingerprint -> converter
-	layers map[string]*layerOut          // record key -> converted layer
+	convs  map[string]*convert.Converter     // prefetch fingerprint -> converter
+	layers map[string]convert.ConvertedLayer // record key -> converted layer
 	done   bool
 }
 
 func (m *Mirror) newSession() *session {
-	s := &session{m: m, convs: map[string]*convert.Converter{}, layers: map[string]*layerOut{}}
+	s := &session{m: m, convs: map[string]*convert.Converter{}, layers: map[string]convert.ConvertedLayer{}}
 	m.sessMu.Lock()
 	m.sessions[s] = true
 	m.sessMu.Unlock()
@@ -263,13 +263,13 @@ func (s *session) close() error {
 	return errors.Join(errs...)
 }
 
-func (s *session) get(key string) *layerOut {
+func (s *session) get(key string) convert.ConvertedLayer {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.layers[key]
 }
 
-func (s *session) put(key string, l *layerOut) {
+func (s *session) put(key string, l convert.ConvertedLayer) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if !s.done {
@@ -580,9 +580,9 @@ func (m *Mirror) attempt(ctx context.Context, j Job, st *imageStats) (status, sr
 	}
 	var art imageio.Artifact
 	if src.Index != nil {
-		art, err = m.buildIndex(ctx, src.Index, src.Descriptor.Digest, j.src.platforms, list, st)
+		art, err = m.buildIndex(ctx, src.Index, j.src.platforms, list, st)
 	} else {
-		art, err = m.buildImage(ctx, src.Image, src.Descriptor.Digest, list, st)
+		art, err = m.buildImage(ctx, src.Image, list, st)
 	}
 	if err != nil {
 		return "", srcDigest, "", err
@@ -627,7 +627,7 @@ func (m *Mirror) upToDate(ctx context.Context, dest imageio.Ref, srcDigest strin
 // session's memory, from a conversion record in the registry, or converted
 // now (and recorded). Concurrent requests for the same layer, from any
 // session, wait for one another.
-func (m *Mirror) layer(ctx context.Context, src v1.Layer, desc v1.Descriptor, diffID v1.Hash, files []string, st *imageStats) (*layerOut, error) {
+func (m *Mirror) layer(ctx context.Context, src v1.Layer, desc v1.Descriptor, diffID v1.Hash, files []string, st *imageStats) (convert.ConvertedLayer, error) {
 	fp := PrefetchFingerprint(files)
 	key := RecordKey(desc.Digest, m.format, fp)
 	sess := st.sess
@@ -662,7 +662,7 @@ func (m *Mirror) layer(ctx context.Context, src v1.Layer, desc v1.Descriptor, di
 // produced is a layer and the session whose converter made it (nil when
 // it came from a record).
 type produced struct {
-	l     *layerOut
+	l     convert.ConvertedLayer
 	owner *session
 }
 
@@ -688,7 +688,6 @@ func (m *Mirror) produce(ctx context.Context, sess *session, key string, src v1.
 		return nil, err
 	}
 	d, _ := cl.Descriptor()
-	dif, _ := cl.DiffID()
 	m.converted.Add(1)
 	st.converted.Add(1)
 	// Record writes are idempotent; they are retried a few times, as a
@@ -713,11 +712,7 @@ func (m *Mirror) produce(ctx context.Context, sess *session, key string, src v1.
 		}
 	}
 	return &produced{
-		l: &layerOut{
-			layer:  &remote.MountableLayer{Layer: cl, Reference: m.records.Digest(d.Digest.String())},
-			desc:   *d,
-			diffID: dif,
-		},
+		l:     &remote.MountableLayer{Layer: cl, Reference: m.records.Digest(d.Digest.String())},
 		owner: sess,
 	}, nil
 }

@@ -59,16 +59,7 @@ func RecordKey(src v1.Hash, format, prefetch string) string {
 // FormatAnnotation returns the AnnotationFormat value convert writes for a
 // format, level and chunk size (level and chunk size 0 mean the defaults).
 func FormatAnnotation(f convert.Format, level, chunk int) string {
-	if level == 0 {
-		level = convert.DefaultGzipLevel
-		if f == convert.FormatZstdChunked {
-			level = convert.DefaultZstdLevel
-		}
-	}
-	if chunk == 0 {
-		chunk = convert.DefaultChunkSize
-	}
-	return fmt.Sprintf("%s;level=%d;chunk=%d", f, level, chunk)
+	return convert.FormatAnnotation(f, level, chunk)
 }
 
 // recordImage is a conversion record: an OCI image manifest with the empty
@@ -101,7 +92,7 @@ func recordImage(layer v1.Layer, desc v1.Descriptor, src v1.Hash, format, prefet
 
 // lookupRecord reads the record key and returns the converted layer it
 // names, or nil when there is no usable record.
-func (m *Mirror) lookupRecord(ctx context.Context, key string, src v1.Hash, prefetch string) (*layerOut, error) {
+func (m *Mirror) lookupRecord(ctx context.Context, key string, src v1.Hash, prefetch string) (convert.ConvertedLayer, error) {
 	ref, err := m.client.ParseRef(m.cfg.RecordsRepository + ":" + key)
 	if err != nil {
 		return nil, err
@@ -143,10 +134,9 @@ func (m *Mirror) lookupRecord(ctx context.Context, key string, src v1.Hash, pref
 		log.G(ctx).WithField("record", key).WithError(err).Warn("conversion record's blob is missing; converting again")
 		return nil, nil
 	}
-	return &layerOut{
-		layer:  &remote.MountableLayer{Layer: l, Reference: m.records.Digest(desc.Digest.String())},
-		desc:   desc,
-		diffID: diffID,
+	return &remote.MountableLayer{
+		Layer:     recordedLayer{Layer: l, desc: desc, diffID: diffID},
+		Reference: m.records.Digest(desc.Digest.String()),
 	}, nil
 }
 
