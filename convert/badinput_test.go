@@ -81,6 +81,13 @@ func badLayers(t testing.TB) []badLayer {
 	long := good.Clone()
 	longLen := int64(len(good.Blob) + 1)
 	long.Length = &longLen
+	// Bytes damaged in transit or storage: the manifest digest is right, the
+	// bytes are not, and they no longer decompress. The error must say the
+	// blob does not match its digest, not only that the tar is bad.
+	corrupt := good.Clone()
+	goodDigest, _ := good.Digest()
+	corrupt.Hash = &goodDigest
+	corrupt.Blob[len(corrupt.Blob)/3] ^= 0xff
 	lying := good.Clone()
 	claimed := testimage.SHA256([]byte("some other blob"))
 	lying.Hash = &claimed
@@ -106,6 +113,7 @@ func badLayers(t testing.TB) []badLayer {
 		{name: "gzip-of-non-tar", layer: testimage.GzipLayer(testimage.NotTar())},
 		{name: "not-gzip-at-all", layer: testimage.NewLayer(testimage.NotTar(), types.OCILayer)},
 		{name: "digest-mismatch", layer: lying},
+		{name: "corrupt-bytes-digest-mismatch", layer: corrupt, anyOf: []string{"digest mismatch", "verifying sha256 checksum"}},
 		{name: "size-smaller-than-blob", layer: short},
 		{name: "size-larger-than-blob", layer: long},
 		{name: "empty-blob", layer: testimage.NewLayer(nil, types.OCILayer)},
@@ -250,17 +258,18 @@ func TestBadRegistry(t *testing.T) {
 	reg := testimage.NewRegistry(t)
 	cases := []struct {
 		name    string
-		status  int    // injected status for the layer blob
-		delete  bool   // delete the blob from the registry instead
-		corrupt bool   // serve other bytes under the blob's digest
-		mention string // what the error should say besides the digest
+		status  int      // injected status for the layer blob
+		delete  bool     // delete the blob from the registry instead
+		corrupt bool     // serve other bytes under the blob's digest
+		mention string   // what the error should say besides the digest
+		anyOf   []string // one of which the error should say
 	}{
 		{name: "missing-blob", delete: true},
 		{name: "401", status: http.StatusUnauthorized, mention: "401"},
 		{name: "404", status: http.StatusNotFound, mention: "404"},
 		{name: "500", status: http.StatusInternalServerError, mention: "500"},
 		{name: "503", status: http.StatusServiceUnavailable, mention: "503"},
-		{name: "corrupt-blob", corrupt: true},
+		{name: "corrupt-blob", corrupt: true, anyOf: []string{"digest mismatch", "verifying sha256 checksum"}},
 	}
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -290,7 +299,7 @@ func TestBadRegistry(t *testing.T) {
 			img := reg.Image(t, ref)
 			c := newTestConverter(t)
 			res, err := c.Image(ctx, img)
-			checkBadError(t, err, victim, badLayer{mention: nonEmpty(tc.mention)})
+			checkBadError(t, err, victim, badLayer{mention: nonEmpty(tc.mention), anyOf: tc.anyOf})
 			checkNamesImage(t, err, img)
 			if res != nil {
 				t.Errorf("Image returned a result with the error: %+v", res)
