@@ -265,8 +265,8 @@ func TestBadRegistry(t *testing.T) {
 		anyOf   []string // one of which the error should say
 	}{
 		{name: "missing-blob", delete: true},
-		{name: "401", status: http.StatusUnauthorized, mention: "401"},
-		{name: "404", status: http.StatusNotFound, mention: "404"},
+		{name: "401", status: http.StatusUnauthorized, mention: "UNAUTHORIZED"},
+		{name: "404", status: http.StatusNotFound, mention: "BLOB_UNKNOWN"},
 		{name: "500", status: http.StatusInternalServerError, mention: "500"},
 		{name: "503", status: http.StatusServiceUnavailable, mention: "503"},
 		{name: "corrupt-blob", corrupt: true, anyOf: []string{"digest mismatch", "verifying sha256 checksum"}},

@@ -81,7 +81,13 @@ func blobDigest(p string) (string, bool) {
 	return d, true
 }
 
+// writeError answers like a registry: 4xx with a registry error body, 5xx
+// with an empty body, as proxies in front of registries often do.
 func writeError(w http.ResponseWriter, status int) {
+	if status >= 500 {
+		w.WriteHeader(status)
+		return
+	}
 	code := map[int]string{
 		http.StatusUnauthorized: "UNAUTHORIZED",
 		http.StatusForbidden:    "DENIED",
@@ -92,11 +98,11 @@ func writeError(w http.ResponseWriter, status int) {
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
-	fmt.Fprintf(w, `{"errors":[{"code":%q,"message":"injected fault %d"}]}`, code, status)
+	fmt.Fprintf(w, `{"errors":[{"code":%q,"message":"injected fault"}]}`, code)
 }
 
-// Fail makes every GET and HEAD of the blob dgst answer with status and a
-// registry error body. Status 0 removes the fault.
+// Fail makes every GET and HEAD of the blob dgst answer with status (and,
+// for 4xx, a registry error body). Status 0 removes the fault.
 func (r *Registry) Fail(dgst v1.Hash, status int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
