@@ -443,6 +443,15 @@ func checkLayerTree(t testing.TB, src fsTree, l *convert.Layer, chunkSize int64)
 	if got := testimage.SHA256(raw); got != diffID || got != l.Result().DiffID {
 		t.Errorf("uncompressed sha256 %s, DiffID() %s, Result().DiffID %s", got, diffID, l.Result().DiffID)
 	}
+	if urc, err := l.Uncompressed(); err != nil {
+		t.Errorf("Uncompressed: %v", err)
+	} else {
+		u, err := io.ReadAll(urc)
+		urc.Close()
+		if err != nil || !bytes.Equal(u, raw) {
+			t.Errorf("Uncompressed() gives %d bytes (err %v), not the %d-byte decompressed blob", len(u), err, len(raw))
+		}
+	}
 	if got := l.Result().UncompressedSize; got != int64(len(raw)) {
 		t.Errorf("Result().UncompressedSize %d, uncompressed output is %d bytes", got, len(raw))
 	}
