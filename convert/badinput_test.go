@@ -33,6 +33,8 @@ type badLayer struct {
 	// digest; any one of anyOf must also be there when set.
 	mention []string
 	anyOf   []string
+	// is, when set, must match the error with errors.Is.
+	is error
 }
 
 func entriesWith(extra ...testimage.Entry) []testimage.Entry {
@@ -133,8 +135,8 @@ func badLayers(t testing.TB) []badLayer {
 		{name: "estargz-valid-path-dotdot", layer: esgzBadPath("../x"), mention: []string{"../x"}},
 		{name: "estargz-valid-path-absolute", layer: esgzBadPath("/etc/x"), mention: []string{"/etc/x"}},
 		{name: "estargz-valid-hardlink-before-target", layer: esgzWith(hdr(tar.TypeLink, "early", "late"), hdr(tar.TypeReg, "late", "")), anyOf: []string{"early", "late"}},
-		{name: "media-type-foreign", layer: testimage.NewLayer(good.Blob, types.DockerForeignLayer), mention: []string{string(types.DockerForeignLayer)}},
-		{name: "media-type-text-plain", layer: testimage.NewLayer(good.Blob, "text/plain"), mention: []string{"text/plain"}},
+		{name: "media-type-foreign", layer: testimage.NewLayer(good.Blob, types.DockerForeignLayer), mention: []string{string(types.DockerForeignLayer)}, is: convert.ErrUnsupportedMediaType},
+		{name: "media-type-text-plain", layer: testimage.NewLayer(good.Blob, "text/plain"), mention: []string{"text/plain"}, is: convert.ErrUnsupportedMediaType},
 	}
 }
 
@@ -163,6 +165,9 @@ func checkBadError(t *testing.T, err error, dgst v1.Hash, tc badLayer) {
 		if !strings.Contains(msg, s) {
 			t.Errorf("error does not mention %q", s)
 		}
+	}
+	if tc.is != nil && !errors.Is(err, tc.is) {
+		t.Errorf("error is not %v", tc.is)
 	}
 	if len(tc.anyOf) > 0 {
 		found := false
