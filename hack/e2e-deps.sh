@@ -45,7 +45,7 @@ if ((${#missing[@]})); then
 		created_policy=1
 	fi
 	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-	[ -n "$created_policy" ] && rm -f "$policy"
+	if [ -n "$created_policy" ]; then rm -f "$policy"; fi
 fi
 # A docker-registry service started by the package is not ours to keep:
 # it listens on all interfaces with the package's own config.
