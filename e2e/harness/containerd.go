@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"runtime"
 	"strings"
 	"time"
 )
@@ -57,9 +58,10 @@ func (s *Stack) containerdConfig() string {
 	fmt.Fprintf(&b, "[grpc]\n  address = %s\n\n[ttrpc]\n  address = %s\n\n[debug]\n  level = \"info\"\n\n[metrics]\n  address = \"\"\n\n",
 		q(s.path("containerd.sock")), q(s.path("containerd.sock.ttrpc")))
 	fmt.Fprintf(&b, "[plugins.\"io.containerd.internal.v1.opt\"]\n  path = %s\n\n", q(s.path("containerd", "opt")))
-	b.WriteString("[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  platform = \"linux/amd64\"\n  snapshotter = \"overlayfs\"\n\n")
+	platform := "linux/" + runtime.GOARCH
+	fmt.Fprintf(&b, "[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  platform = %q\n  snapshotter = \"overlayfs\"\n\n", platform)
 	if s.Snapshotter != nil {
-		fmt.Fprintf(&b, "[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  platform = \"linux/amd64\"\n  snapshotter = %q\n\n", LazySnapshotterName)
+		fmt.Fprintf(&b, "[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  platform = %q\n  snapshotter = %q\n\n", platform, LazySnapshotterName)
 		fmt.Fprintf(&b, "[proxy_plugins.%s]\n  type = \"snapshot\"\n  address = %s\n  [proxy_plugins.%s.exports]\n    root = %s\n    enable_remote_snapshot_annotations = \"true\"\n",
 			LazySnapshotterName, q(s.Snapshotter.Address), LazySnapshotterName, q(s.Snapshotter.Root))
 	}
