@@ -32,6 +32,7 @@ refimages:
 
 lint:
 	$(GO) vet ./...
+	$(GO) vet -tags e2e ./e2e/...
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt needed on:"; echo "$$out"; exit 1; fi
 
