@@ -220,7 +220,9 @@ type FUSEConfig struct {
 // PolicyRule decides the Mode of the images whose reference matches.
 type PolicyRule struct {
 	// Match is a glob on the image reference as containerd passes it
-	// (fully qualified, e.g. "docker.io/library/golang:1.23"): "*" matches
+	// (fully qualified, e.g. "docker.io/library/golang:1.23"; a reference
+	// BuildKit passes as "name:tag@sha256:…" also matches without its
+	// digest): "*" matches
 	// any run of characters including "/", "?" one character, and
 	// "[...]" a character class (key "policy[N].match"). Required.
 	Match string `toml:"match"`

@@ -83,15 +83,21 @@ func NewPolicy(def Mode, rules []PolicyRule) (*Policy, error) {
 }
 
 // Decide returns the Mode for the image reference ref: the first matching
-// rule's, else the default. An empty ref (containerd passed no reference)
-// gets the default.
+// rule's, else the default. A rule matches the reference as given or, for
+// a reference that carries both a tag and a digest (BuildKit passes
+// "name:tag@sha256:…"), the reference without its digest. An empty ref
+// (containerd passed no reference) gets the default.
 func (p *Policy) Decide(ref string) Decision {
 	if p == nil {
 		return Decision{Mode: ModeLazy, Rule: -1}
 	}
 	if ref != "" {
+		alt := ""
+		if name, _, ok := strings.Cut(ref, "@"); ok && strings.LastIndexByte(name, ':') > strings.LastIndexByte(name, '/') {
+			alt = name
+		}
 		for _, r := range p.rules {
-			if r.re.MatchString(ref) {
+			if r.re.MatchString(ref) || (alt != "" && r.re.MatchString(alt)) {
 				return Decision{Mode: r.mode, Rule: r.index, Match: r.match}
 			}
 		}

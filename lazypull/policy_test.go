@@ -40,6 +40,11 @@ func TestPolicyDecide(t *testing.T) {
 		{"weird.io/a*b", ModeEager, 3},
 		{"weird.io/axb", ModeLazy, -1}, // escaped * is literal
 		{"", ModeLazy, -1},             // no reference: the default
+		// BuildKit's tag@digest references match rules written for the tag.
+		{"docker.io/library/golang:1.23@sha256:" + strings.Repeat("a", 64), ModeEager, 0},
+		{"registry.example.com/base@sha256:" + strings.Repeat("a", 64), ModeExportBase, 1},
+		// A digest-only reference has no tag to fall back to.
+		{"docker.io/library/golang@sha256:" + strings.Repeat("1", 64), ModeLazy, 4},
 	} {
 		d := p.Decide(tc.ref)
 		if d.Mode != tc.mode || d.Rule != tc.rule {

@@ -1,0 +1,97 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lazybase/lazybase/e2e/harness"
+	"github.com/lazybase/lazybase/lazypull"
+)
+
+// TestLazypullBuildkitMultiStage builds a multi-stage Dockerfile on
+// buildkitd's containerd worker with the lazybase snapshotter: the builder
+// stage is FROM the eStargz golang-like image. The build succeeds, the
+// builder base is mounted lazily (FUSE mounts listed by the daemon's status
+// under the image BuildKit named), and its layers are read by ranges only,
+// never whole.
+func TestLazypullBuildkitMultiStage(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	cfg := filepath.Join(t.TempDir(), "lazybase.toml")
+	if err := os.WriteFile(cfg, []byte("[background_fetch]\nenable = false\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("LAZYBASE_SNAPSHOTTER_CONFIG", cfg)
+	s := harness.Start(ctx, t,
+		harness.WithLazySnapshotter(harness.Lazybase),
+		harness.WithBuildkitLazy(),
+	)
+	_, golang := publishAll(ctx, t, s)
+	golangRef := s.Registry.Ref(repoGolang, tagEStargz)
+
+	dir := t.TempDir()
+	dockerfile := "FROM " + golangRef + ` AS build
+ENV CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-buildvcs=false GOCACHE=/tmp/gocache
+WORKDIR /src
+COPY main.go .
+RUN go build -o /out/hello main.go
+
+FROM ` + s.Registry.Ref(repoDebian, tagEStargz) + `
+COPY --from=build /out/hello /usr/local/bin/hello
+CMD ["/usr/local/bin/hello"]
+`
+	for name, body := range map[string]string{"Dockerfile": dockerfile, "main.go": helloMain} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p := s.Registry.Proxy
+	p.SetPhase("build")
+	start := time.Now()
+	if _, err := s.Buildkit.Buildctl(ctx, "build", "--frontend", "dockerfile.v0", "--local", "context="+dir, "--local", "dockerfile="+dir); err != nil {
+		t.Fatal(err)
+	}
+	record(t, "lazybase-buildkit-build", time.Since(start))
+	p.SetPhase("")
+
+	status, err := lazypull.FetchStatus(ctx, s.Snapshotter.Address+".status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mounted := map[string]lazypull.LayerStatus{}
+	for _, l := range status.Layers {
+		mounted[l.Layer] = l
+	}
+	st := p.StatsFor("build")
+	sizes := layerSizes(t, golang.estargz)
+	for _, d := range layerDigests(t, golang.estargz) {
+		l, ok := mounted[d]
+		if !ok {
+			t.Errorf("builder base layer %s is not mounted lazily; status: %+v", d, status.Layers)
+			continue
+		}
+		// BuildKit names the image by tag and digest.
+		if l.Image != golangRef && !strings.HasPrefix(l.Image, golangRef+"@sha256:") {
+			t.Errorf("layer %s mounted for image %q, want %q", d, l.Image, golangRef)
+		}
+		b := st.Blob(d)
+		t.Logf("builder base layer %s: %d of %d bytes fetched during the build (%.1f%%) in %d GETs",
+			d, b.Covered(), sizes[d], 100*st.Coverage(d, sizes[d]), b.GETs)
+		if b.FullGETs != 0 {
+			t.Errorf("builder base layer %s fetched whole %d times", d, b.FullGETs)
+		}
+	}
+	mounts, err := s.Snapshotter.FUSEMounts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(mounts) < len(sizes) {
+		t.Errorf("%d FUSE mounts, want at least %d", len(mounts), len(sizes))
+	}
+}
