@@ -2,7 +2,6 @@ package mirror
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"net/http"
@@ -134,9 +133,7 @@ func New(cfg *Config, opts ...Option) (*Mirror, error) {
 	}
 	base := o.transport
 	if base == nil {
-		t := remote.DefaultTransport.(*http.Transport).Clone()
-		t.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: cfg.Insecure} //nolint:gosec // insecure = true asks for it
-		base = t
+		base = imageio.BaseTransport(cfg.Insecure)
 	}
 	initial, max, afterMax := cfg.durations()
 	rt := NewRetryTransport(base, RetryPolicy{Retries: *cfg.Retries, Initial: initial, Max: max, RetryAfterMax: afterMax}, o.onRetry)
@@ -160,7 +157,7 @@ func New(cfg *Config, opts ...Option) (*Mirror, error) {
 		o:        o,
 		client:   client,
 		rt:       rt,
-		listRT:   &plainHTTPPolicy{inner: rt, plainHTTP: cfg.PlainHTTP},
+		listRT:   imageio.PolicyTransport(rt, cfg.PlainHTTP),
 		format:   FormatAnnotation(f, cfg.Level, cfg.ChunkSize),
 		sessions: map[*session]bool{},
 		lists:    map[string]*prefetch.List{},
@@ -793,23 +790,4 @@ func (m *Mirror) prefetchFor(j Job) (*prefetch.List, error) {
 		return l, nil
 	}
 	return nil, nil
-}
-
-// plainHTTPPolicy sends http requests to hosts that may not have plain HTTP
-// over https instead, as imageio's Client does for its own requests (tag
-// listing goes to go-containerregistry directly).
-type plainHTTPPolicy struct {
-	inner     http.RoundTripper
-	plainHTTP bool
-}
-
-func (t *plainHTTPPolicy) RoundTrip(req *http.Request) (*http.Response, error) {
-	if req.URL.Scheme == "http" && !imageio.AllowsPlainHTTP(req.URL.Host, t.plainHTTP) {
-		r := req.Clone(req.Context())
-		u := *req.URL
-		u.Scheme = "https"
-		r.URL = &u
-		req = r
-	}
-	return t.inner.RoundTrip(req)
 }

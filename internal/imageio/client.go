@@ -1,7 +1,6 @@
 package imageio
 
 import (
-	"crypto/tls"
 	"fmt"
 	"net/http"
 	"runtime"
@@ -90,11 +89,9 @@ func New(opts ...Option) (*Client, error) {
 	}
 	base := o.transport
 	if base == nil {
-		t := remote.DefaultTransport.(*http.Transport).Clone()
-		t.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: o.insecure} //nolint:gosec // --insecure asks for it
-		base = t
+		base = BaseTransport(o.insecure)
 	}
-	return &Client{o: o, transport: &policyTransport{inner: base, plainHTTP: o.plainHTTP}}, nil
+	return &Client{o: o, transport: PolicyTransport(base, o.plainHTTP)}, nil
 }
 
 func (c *Client) remoteOptions(ctxOpt remote.Option) []remote.Option {

@@ -1,9 +1,12 @@
 package imageio
 
 import (
+	"crypto/tls"
 	"net"
 	"net/http"
 	"strings"
+
+	"github.com/google/go-containerregistry/pkg/v1/remote"
 )
 
 // IsLoopback reports whether host (a registry name, "host" or "host:port")
@@ -37,6 +40,21 @@ func Scheme(host string, plainHTTP bool) []string {
 		return []string{"https", "http"}
 	}
 	return []string{"https"}
+}
+
+// PolicyTransport wraps inner so that every request follows the plain-HTTP
+// policy (see policyTransport). Clients made with New already use it; it is
+// for callers that talk to registries through go-containerregistry directly.
+func PolicyTransport(inner http.RoundTripper, plainHTTP bool) http.RoundTripper {
+	return &policyTransport{inner: inner, plainHTTP: plainHTTP}
+}
+
+// BaseTransport returns go-containerregistry's default transport with TLS 1.2
+// or later and certificate verification unless insecure.
+func BaseTransport(insecure bool) *http.Transport {
+	t := remote.DefaultTransport.(*http.Transport).Clone()
+	t.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: insecure} //nolint:gosec // --insecure asks for it
+	return t
 }
 
 // policyTransport enforces the plain-HTTP policy on every request, whoever
