@@ -121,7 +121,7 @@ func (c *Converter) convertLayer(ctx context.Context, src v1.Layer, dgst, diffID
 		l, err = c.rebuildLayer(ctx, blob, comp, out, srcAnn, diffID, &res)
 	}
 	if err != nil {
-		return nil, err
+		return nil, blameBlob(ctx, blob, res.Source, err)
 	}
 	l.result.setDuration(time.Since(start))
 	r := l.Result()
@@ -133,8 +133,23 @@ func (c *Converter) convertLayer(ctx context.Context, src v1.Layer, dgst, diffID
 	return l, nil
 }
 
+// blameBlob explains a failed conversion: when the blob's bytes do not match
+// its digest, that is the fault to report, not the decoding error it caused.
+// It reads the rest of the blob to find out.
+func blameBlob(ctx context.Context, blob *sourceReader, src v1.Descriptor, err error) error {
+	var bad *badEntryError
+	if ctx.Err() != nil || errors.Is(err, context.Canceled) || blob.done || errors.As(err, &bad) {
+		return err // not a decoding failure: no need to read on
+	}
+	if ferr := finishSource(blob, src.Digest, src.Size); ferr != nil {
+		return fmt.Errorf("%w (which made decoding fail: %v)", ferr, err)
+	}
+	return err
+}
+
 // finishSource drains the blob and checks its digest and size.
 func finishSource(blob *sourceReader, want v1.Hash, wantSize int64) error {
+	blob.done = true
 	if _, err := io.Copy(io.Discard, blob); err != nil {
 		return fmt.Errorf("reading blob: %w", err)
 	}
@@ -290,13 +305,28 @@ func landmark(name string) *tar.Header {
 	return &tar.Header{Name: name, Typeflag: tar.TypeReg, Size: int64(len(landmarkPayload))}
 }
 
+// badEntryError is a tar entry the converter refuses (a path escaping the
+// root, a dangling hardlink, ...): the bytes decoded fine.
+type badEntryError struct{ err error }
+
+func (e *badEntryError) Error() string { return e.err.Error() }
+func (e *badEntryError) Unwrap() error { return e.err }
+
 // entryFilter validates source entries and tells which to drop.
 type entryFilter struct {
 	seen map[string]bool
 }
 
 // check validates h and reports whether it belongs in the output.
-func (f *entryFilter) check(ctx context.Context, h *tar.Header) (keep bool, err error) {
+func (f *entryFilter) check(ctx context.Context, h *tar.Header) (bool, error) {
+	keep, err := f.checkEntry(ctx, h)
+	if err != nil {
+		return false, &badEntryError{err}
+	}
+	return keep, nil
+}
+
+func (f *entryFilter) checkEntry(ctx context.Context, h *tar.Header) (keep bool, err error) {
 	if h.Typeflag == tar.TypeXGlobalHeader {
 		log.G(ctx).WithField("path", h.Name).Debug("dropping PAX global header")
 		return false, nil
@@ -550,6 +580,7 @@ func (emptyReader) Read([]byte) (int, error) { return 0, io.EOF }
 
 // sourceReader reads a source blob once, hashing it and reporting progress.
 type sourceReader struct {
+	done     bool // finishSource ran
 	r        io.Reader
 	h        hash.Hash
 	n        int64
