@@ -190,7 +190,7 @@ func runConvert(ctx context.Context, stderr io.Writer, src, dst string, o conver
 		opts = append(opts, convert.WithPlatforms(platforms...))
 	}
 	if o.prefetch != "" {
-		list, err := prefetch.LoadList(o.prefetch)
+		list, err := prefetch.Load(o.prefetch)
 		if err != nil {
 			return nil, fmt.Errorf("--prefetch: %w", err)
 		}

@@ -30,6 +30,7 @@ func newRootCmd() *cobra.Command {
 		newDemoCmd(),
 		newSnapshotterCmd(),
 		newMirrorCmd(),
+		newPrefetchCmd(),
 	)
 	// Errors go to stderr once, prefixed like other container tools.
 	root.SetErr(os.Stderr)

@@ -1,0 +1,250 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"github.com/lazybase/lazybase/internal/progress"
+	"github.com/lazybase/lazybase/prefetch"
+)
+
+func newPrefetchCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "prefetch",
+		Short: "Build and inspect prefetch profiles",
+		Long: `Build and inspect prefetch profiles: per image and layer, the files a workload
+reads, in the order it first reads them. lazybase convert --prefetch takes a
+profile (or a simple prefetch list) and places those files first in each layer.`,
+	}
+	cmd.AddCommand(newPrefetchCollectCmd(), newPrefetchShowCmd())
+	return cmd
+}
+
+type collectOptions struct {
+	from, image, out, merge string
+	rules                   prefetch.Rules
+}
+
+func newPrefetchCollectCmd() *cobra.Command {
+	var o collectOptions
+	cmd := &cobra.Command{
+		Use:   "collect --from DIR [--image REF] -o PROFILE",
+		Short: "Turn the snapshotter's access records into a prefetch profile",
+		Long: `Turn the lazy snapshotter's access records (the access_record_dir of its
+configuration: one JSON-lines file per image) into a prefetch profile.
+
+Without --image the directory must hold the records of one image. --merge
+folds the new runs into an existing profile (it may be the output file), whose
+rules are kept unless rule flags are given. The profile is written atomically.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runPrefetchCollect(cmd, o)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.from, "from", "", "access record directory (required)")
+	f.StringVar(&o.image, "image", "", "image reference whose records to collect")
+	f.StringVarP(&o.out, "output", "o", "", "profile file to write (required)")
+	f.StringVar(&o.merge, "merge", "", "existing profile to merge the new runs into")
+	f.StringSliceVar(&o.rules.Include, "include", nil, "keep only files matching these globs (** matches any number of directories)")
+	f.StringSliceVar(&o.rules.Exclude, "exclude", nil, "leave out files matching these globs")
+	f.IntVar(&o.rules.MinCount, "min-count", 0, "keep only files read in at least this many runs")
+	f.Int64Var(&o.rules.LayerBytes, "layer-bytes", 0, "prefetch at most this many bytes per layer (0: no limit)")
+	f.Int64Var(&o.rules.ImageBytes, "image-bytes", 0, "prefetch at most this many bytes per image (0: no limit)")
+	_ = cmd.MarkFlagRequired("from")
+	_ = cmd.MarkFlagRequired("output")
+	return cmd
+}
+
+func runPrefetchCollect(cmd *cobra.Command, o collectOptions) error {
+	ctx := cmd.Context()
+	var base *prefetch.Profile
+	if o.merge != "" {
+		p, err := prefetch.LoadProfile(o.merge)
+		if err != nil {
+			return fmt.Errorf("--merge: %w", err)
+		}
+		base = p
+	}
+	image := o.image
+	if image == "" && base != nil {
+		image = base.Image
+	}
+	got, err := prefetch.CollectDir(ctx, o.from, image)
+	if err != nil {
+		return err
+	}
+	profiles := []*prefetch.Profile{got}
+	if base != nil {
+		profiles = []*prefetch.Profile{base, got}
+	}
+	p, err := prefetch.Merge(profiles...)
+	if err != nil {
+		return err
+	}
+	if !o.rules.IsZero() {
+		p.Rules = o.rules
+		if err := p.Validate(); err != nil {
+			return err
+		}
+	}
+	b, err := p.Marshal()
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(o.out, b)
+}
+
+func writeFileAtomic(file string, b []byte) error {
+	tmp, err := os.CreateTemp(filepath.Dir(file), "."+filepath.Base(file)+".*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(b); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	if err := os.Chmod(tmp.Name(), 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), file)
+}
+
+func newPrefetchShowCmd() *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "show PROFILE",
+		Short: "Show what a prefetch profile fetches: files, bytes and share of each layer",
+		Long: `Show what a prefetch profile fetches first: per layer, the files its rules
+and budgets keep out of those recorded, their bytes, and their share of the
+layer's uncompressed size when the profile knows it.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			p, err := prefetch.LoadProfile(args[0])
+			if err != nil {
+				return err
+			}
+			rep := showProfile(p)
+			if asJSON {
+				enc := json.NewEncoder(cmd.OutOrStdout())
+				enc.SetIndent("", "  ")
+				return enc.Encode(rep)
+			}
+			return rep.print(cmd.OutOrStdout())
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print a JSON report")
+	return cmd
+}
+
+// showReport is the report of prefetch show.
+type showReport struct {
+	Image  string            `json:"image,omitempty"`
+	Digest string            `json:"digest,omitempty"`
+	Rules  prefetch.Rules    `json:"rules,omitzero"`
+	Layers []showLayerReport `json:"layers"`
+	Totals showTotals        `json:"totals"`
+}
+
+type showLayerReport struct {
+	Digest        string `json:"digest,omitempty"`
+	DiffID        string `json:"diffID,omitempty"`
+	Runs          int    `json:"runs"`
+	RecordedFiles int    `json:"recordedFiles"`
+	Files         int    `json:"files"`
+	Bytes         int64  `json:"bytes"`
+	// LayerSize is the layer's uncompressed size, 0 when unknown.
+	LayerSize int64 `json:"layerSize,omitempty"`
+	// Share is Bytes/LayerSize, absent when the layer size is unknown.
+	Share *float64 `json:"share,omitempty"`
+}
+
+type showTotals struct {
+	RecordedFiles int   `json:"recordedFiles"`
+	Files         int   `json:"files"`
+	Bytes         int64 `json:"bytes"`
+	// LayerSize is the sum of the known layer sizes; Share is Bytes over it,
+	// only when every layer's size is known.
+	LayerSize int64    `json:"layerSize,omitempty"`
+	Share     *float64 `json:"share,omitempty"`
+}
+
+func showProfile(p *prefetch.Profile) showReport {
+	rep := showReport{Image: p.Image, Digest: p.Digest, Rules: p.Rules, Layers: []showLayerReport{}}
+	sel := p.Selected()
+	allKnown := len(p.Layers) > 0
+	for i, l := range p.Layers {
+		lr := showLayerReport{Digest: l.Digest, DiffID: l.DiffID, Runs: l.Runs, RecordedFiles: len(l.Files), Files: len(sel[i]), LayerSize: l.Size}
+		for _, f := range sel[i] {
+			lr.Bytes += f.Size
+		}
+		if l.Size > 0 {
+			s := float64(lr.Bytes) / float64(l.Size)
+			lr.Share = &s
+		} else {
+			allKnown = false
+		}
+		rep.Layers = append(rep.Layers, lr)
+		rep.Totals.RecordedFiles += lr.RecordedFiles
+		rep.Totals.Files += lr.Files
+		rep.Totals.Bytes += lr.Bytes
+		rep.Totals.LayerSize += l.Size
+	}
+	if allKnown {
+		s := float64(rep.Totals.Bytes) / float64(rep.Totals.LayerSize)
+		rep.Totals.Share = &s
+	}
+	return rep
+}
+
+func (r showReport) print(w io.Writer) error {
+	image := r.Image
+	if image == "" {
+		image = "(not named)"
+	}
+	digest := r.Digest
+	if digest == "" {
+		digest = "unknown"
+	}
+	fmt.Fprintf(w, "image:  %s\ndigest: %s\n", image, digest)
+	if rl := r.Rules; !rl.IsZero() {
+		fmt.Fprintf(w, "rules:  include %q, exclude %q, min count %d, layer budget %s, image budget %s\n",
+			rl.Include, rl.Exclude, rl.MinCount, budget(rl.LayerBytes), budget(rl.ImageBytes))
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "LAYER\tRUNS\tFILES\tBYTES\tSHARE OF LAYER")
+	for _, l := range r.Layers {
+		id := l.Digest
+		if id == "" {
+			id = "diffID " + l.DiffID
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%d of %d\t%s\t%s\n", id, l.Runs, l.Files, l.RecordedFiles, progress.Bytes(l.Bytes), share(l.Share, l.LayerSize))
+	}
+	t := r.Totals
+	fmt.Fprintf(tw, "total\t\t%d of %d\t%s\t%s\n", t.Files, t.RecordedFiles, progress.Bytes(t.Bytes), share(t.Share, t.LayerSize))
+	return tw.Flush()
+}
+
+func budget(n int64) string {
+	if n == 0 {
+		return "none"
+	}
+	return progress.Bytes(n)
+}
+
+func share(s *float64, size int64) string {
+	if s == nil {
+		return "unknown (layer size unknown)"
+	}
+	return fmt.Sprintf("%.1f%% of %s", *s*100, progress.Bytes(size))
+}
