@@ -3,8 +3,20 @@ package prefetch
 import (
 	"cmp"
 	"fmt"
+	"math/bits"
 	"slices"
 )
+
+// compareMeans compares sa/ca with sb/cb exactly (all non-negative, counts
+// positive), in 128 bits.
+func compareMeans(sa int64, ca int, sb int64, cb int) int {
+	ah, al := bits.Mul64(uint64(sa), uint64(cb))
+	bh, bl := bits.Mul64(uint64(sb), uint64(ca))
+	if c := cmp.Compare(ah, bh); c != 0 {
+		return c
+	}
+	return cmp.Compare(al, bl)
+}
 
 // Merge folds profiles of the same image into one.
 //
@@ -82,8 +94,7 @@ func Merge(profiles ...*Profile) (*Profile, error) {
 			files = append(files, f)
 		}
 		slices.SortFunc(files, func(a, b *fileAt) int {
-			// a.RankSum/a.Count against b.RankSum/b.Count, exactly.
-			if c := cmp.Compare(a.RankSum*int64(b.Count), b.RankSum*int64(a.Count)); c != 0 {
+			if c := compareMeans(a.RankSum, a.Count, b.RankSum, b.Count); c != 0 {
 				return c
 			}
 			if c := cmp.Compare(b.Count, a.Count); c != 0 {

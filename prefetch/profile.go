@@ -98,6 +98,14 @@ type File struct {
 	RankSum int64  `json:"rankSum"`
 }
 
+// Limits on the numbers of a profile, so that sums and products of them
+// cannot overflow.
+const (
+	maxRuns    = 1 << 31
+	maxRankSum = 1 << 62
+	maxSize    = 1 << 50
+)
+
 // LoadProfile reads and validates a profile file.
 func LoadProfile(file string) (*Profile, error) {
 	b, err := os.ReadFile(file)
@@ -205,11 +213,11 @@ func (l *Layer) validate() error {
 			return fmt.Errorf("%q: %w", k, err)
 		}
 	}
-	if l.Size < 0 {
-		return fmt.Errorf("negative size %d", l.Size)
+	if l.Size < 0 || l.Size > maxSize {
+		return fmt.Errorf("size %d out of range", l.Size)
 	}
-	if l.Runs < 0 {
-		return fmt.Errorf("negative runs %d", l.Runs)
+	if l.Runs < 0 || l.Runs > maxRuns {
+		return fmt.Errorf("runs %d out of range", l.Runs)
 	}
 	seen := map[string]bool{}
 	for i, f := range l.Files {
@@ -224,12 +232,14 @@ func (l *Layer) validate() error {
 		switch {
 		case f.Size < 0:
 			return fmt.Errorf("file %q: negative size %d", c, f.Size)
+		case f.Size > maxSize:
+			return fmt.Errorf("file %q: size %d out of range", c, f.Size)
 		case f.Count < 1:
 			return fmt.Errorf("file %q: count %d, want at least 1", c, f.Count)
 		case f.Count > l.Runs:
 			return fmt.Errorf("file %q: count %d above the layer's %d runs", c, f.Count, l.Runs)
-		case f.RankSum < 0:
-			return fmt.Errorf("file %q: negative rankSum %d", c, f.RankSum)
+		case f.RankSum < 0 || f.RankSum > maxRankSum:
+			return fmt.Errorf("file %q: rankSum %d out of range", c, f.RankSum)
 		}
 	}
 	return nil
@@ -292,8 +302,8 @@ func (p *Profile) Selected() [][]File {
 			if !p.Rules.keep(f) {
 				continue
 			}
-			if (p.Rules.LayerBytes > 0 && layerBytes+f.Size > p.Rules.LayerBytes) ||
-				(p.Rules.ImageBytes > 0 && imageBytes+f.Size > p.Rules.ImageBytes) {
+			if (p.Rules.LayerBytes > 0 && f.Size > p.Rules.LayerBytes-layerBytes) ||
+				(p.Rules.ImageBytes > 0 && f.Size > p.Rules.ImageBytes-imageBytes) {
 				break
 			}
 			layerBytes += f.Size
