@@ -635,7 +635,13 @@ func (m *Mirror) layer(ctx context.Context, src v1.Layer, desc v1.Descriptor, di
 	var mine bool
 	v, err, _ := m.layerSF.Do(key, func() (any, error) {
 		mine = true
-		return m.produce(ctx, sess, key, src, desc, diffID, files, st)
+		p, err := m.produce(ctx, sess, key, src, desc, diffID, files, st)
+		if err == nil {
+			// Before the flight ends: a caller of this session arriving
+			// just after it must find the layer here, not start another.
+			sess.put(key, p.l)
+		}
+		return p, err
 	})
 	if err != nil {
 		return nil, err
