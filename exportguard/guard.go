@@ -85,6 +85,9 @@ type flight struct {
 	err     error
 	waiters int
 	cancel  context.CancelFunc
+	// abandoned is set when the last waiter left: the transfer is stopping
+	// and a new caller starts a new flight after it.
+	abandoned bool
 }
 
 // New returns a Guard that writes into store what fetcher reads.
@@ -209,9 +212,10 @@ func (g *Guard) join(ctx context.Context, ref string, desc ocispec.Descriptor) (
 	if g.closed {
 		return nil, ErrClosed
 	}
-	if f, ok := g.flights[desc.Digest]; ok {
-		f.waiters++
-		return f, nil
+	prev, ok := g.flights[desc.Digest]
+	if ok && !prev.abandoned {
+		prev.waiters++
+		return prev, nil
 	}
 	// The transfer outlives the call that started it as long as another
 	// call waits for it; it keeps the values (namespace, lease) of ctx.
@@ -219,7 +223,7 @@ func (g *Guard) join(ctx context.Context, ref string, desc ocispec.Descriptor) (
 	f := &flight{done: make(chan struct{}), waiters: 1, cancel: cancel}
 	g.flights[desc.Digest] = f
 	g.wg.Add(1)
-	go g.run(fctx, ref, desc, f)
+	go g.run(fctx, ref, desc, f, prev)
 	return f, nil
 }
 
@@ -229,21 +233,41 @@ func (g *Guard) leave(dgst digest.Digest, f *flight) {
 	defer g.mu.Unlock()
 	f.waiters--
 	if f.waiters == 0 {
+		f.abandoned = true
 		f.cancel()
 	}
 }
 
-func (g *Guard) run(ctx context.Context, ref string, desc ocispec.Descriptor, f *flight) {
+// run runs flight f, after prev (an abandoned flight of the same digest, or
+// nil) has stopped.
+func (g *Guard) run(ctx context.Context, ref string, desc ocispec.Descriptor, f, prev *flight) {
 	defer g.wg.Done()
 	defer f.cancel()
-	err := g.materialize(ctx, ref, desc)
+	var err error
+	if prev != nil {
+		select {
+		case <-prev.done:
+		case <-ctx.Done():
+			err = ctx.Err()
+		}
+	}
+	if err == nil {
+		err = g.materialize(ctx, ref, desc)
+	}
 	if err != nil {
-		g.m.failures.Inc()
 		g.report(Progress{Ref: ref, Digest: desc.Digest, Phase: PhaseFailed, Total: desc.Size, Err: err})
-		log.G(ctx).WithError(err).WithField("ref", ref).WithField("digest", desc.Digest).Warn("exportguard: blob not materialized")
+		l := log.G(ctx).WithError(err).WithField("ref", ref).WithField("digest", desc.Digest)
+		if errors.Is(err, context.Canceled) {
+			l.Debug("exportguard: transfer stopped, no caller waits for it")
+		} else {
+			g.m.failures.Inc()
+			l.Warn("exportguard: blob not materialized")
+		}
 	}
 	g.mu.Lock()
-	delete(g.flights, desc.Digest)
+	if g.flights[desc.Digest] == f {
+		delete(g.flights, desc.Digest)
+	}
 	f.err = err
 	close(f.done)
 	g.mu.Unlock()
