@@ -124,6 +124,12 @@ func LoadProfile(file string) (*Profile, error) {
 // counts above the runs, and paths that are empty, hold NUL or name the root
 // are errors. Paths are normalized: cleaned, relative, no leading "/".
 func ParseProfile(b []byte) (*Profile, error) {
+	var probe struct {
+		Kind *string `json:"kind"`
+	}
+	if json.Unmarshal(b, &probe) == nil && probe.Kind == nil {
+		return nil, fmt.Errorf("no \"kind\": not a profile (a simple prefetch list has none; want %q)", ProfileKind)
+	}
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
 	var p Profile
