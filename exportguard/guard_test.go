@@ -39,7 +39,7 @@ var fastRetry = WithRetry(4, 10*time.Millisecond, 40*time.Millisecond)
 // testRegistry is go-containerregistry's in-process registry behind a
 // handler that records blob GETs and lets a test change how they are served.
 type testRegistry struct {
-	t   *testing.T
+	t   testing.TB
 	srv *httptest.Server
 	ref string
 
@@ -53,7 +53,7 @@ type testRegistry struct {
 	serve func(n int, w http.ResponseWriter, r *http.Request, next http.Handler)
 }
 
-func newTestRegistry(t *testing.T) *testRegistry {
+func newTestRegistry(t testing.TB) *testRegistry {
 	t.Helper()
 	tr := &testRegistry{t: t}
 	next := registry.New(registry.Logger(nopLogger()))
@@ -191,7 +191,7 @@ type stores struct {
 }
 
 // localStore is containerd's local content store, bare.
-func localStore(t *testing.T) stores {
+func localStore(t testing.TB) stores {
 	t.Helper()
 	cs, err := local.NewStore(t.TempDir())
 	if err != nil {
@@ -202,7 +202,7 @@ func localStore(t *testing.T) stores {
 
 // metadataStore is containerd's namespaced, garbage-collected content store
 // over the local store, as the containerd daemon builds it.
-func metadataStore(t *testing.T) stores {
+func metadataStore(t testing.TB) stores {
 	t.Helper()
 	dir := t.TempDir()
 	cs, err := local.NewStore(filepath.Join(dir, "content"))
@@ -222,7 +222,7 @@ func metadataStore(t *testing.T) stores {
 	return stores{ctx: ctx, store: db.ContentStore(), leases: metadata.NewLeaseManager(db), db: db}
 }
 
-func newGuard(t *testing.T, s stores, opts ...Option) *Guard {
+func newGuard(t testing.TB, s stores, opts ...Option) *Guard {
 	t.Helper()
 	g, err := New(s.store, &Remote{}, append([]Option{fastRetry}, opts...)...)
 	if err != nil {
@@ -233,7 +233,7 @@ func newGuard(t *testing.T, s stores, opts ...Option) *Guard {
 }
 
 // assertNothingLeft checks that dgst is not committed and no ingest is left.
-func assertNothingLeft(t *testing.T, s stores, dgst digest.Digest) {
+func assertNothingLeft(t testing.TB, s stores, dgst digest.Digest) {
 	t.Helper()
 	if _, err := s.store.Info(s.ctx, dgst); !errdefs.IsNotFound(err) {
 		t.Errorf("blob %s: Info returned %v, want not found", dgst, err)
@@ -247,7 +247,7 @@ func assertNothingLeft(t *testing.T, s stores, dgst digest.Digest) {
 	}
 }
 
-func assertBlob(t *testing.T, s stores, desc ocispec.Descriptor, want []byte) {
+func assertBlob(t testing.TB, s stores, desc ocispec.Descriptor, want []byte) {
 	t.Helper()
 	got, err := content.ReadBlob(s.ctx, s.store, desc)
 	if err != nil {
@@ -261,7 +261,7 @@ func assertBlob(t *testing.T, s stores, desc ocispec.Descriptor, want []byte) {
 func TestEnsureMaterializes(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
-		stores func(*testing.T) stores
+		stores func(testing.TB) stores
 	}{{"local", localStore}, {"metadata", metadataStore}} {
 		t.Run(tc.name, func(t *testing.T) {
 			tr := newTestRegistry(t)
@@ -701,7 +701,7 @@ func TestOptionsRejectNonsense(t *testing.T) {
 
 // gathered returns the value of a counter or gauge, or the sample count of a
 // histogram, as reg exposes it.
-func gathered(t *testing.T, reg *prometheus.Registry, name string) float64 {
+func gathered(t testing.TB, reg *prometheus.Registry, name string) float64 {
 	t.Helper()
 	mfs, err := reg.Gather()
 	if err != nil {
