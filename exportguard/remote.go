@@ -105,12 +105,14 @@ func (r *Remote) FetchRange(ctx context.Context, ref string, desc ocispec.Descri
 	return nil, err
 }
 
-// transport returns the authenticating transport for repo, made once.
+// transport returns the authenticating transport for repo, made once. The
+// lock is not held while the registry is pinged.
 func (r *Remote) transport(ctx context.Context, repo name.Repository) (http.RoundTripper, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
 	key := repo.Name()
-	if rt, ok := r.transports[key]; ok {
+	r.mu.Lock()
+	rt, ok := r.transports[key]
+	r.mu.Unlock()
+	if ok {
 		return rt, nil
 	}
 	kc := r.Keychain
@@ -125,9 +127,14 @@ func (r *Remote) transport(ctx context.Context, repo name.Repository) (http.Roun
 	if base == nil {
 		base = imageio.BaseTransport(false)
 	}
-	rt, err := transport.NewWithContext(ctx, repo.Registry, auth, imageio.PolicyTransport(base, r.PlainHTTP), []string{repo.Scope(transport.PullScope)})
+	rt, err = transport.NewWithContext(ctx, repo.Registry, auth, imageio.PolicyTransport(base, r.PlainHTTP), []string{repo.Scope(transport.PullScope)})
 	if err != nil {
 		return nil, fmt.Errorf("connecting to %s: %w", repo, err)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if have, ok := r.transports[key]; ok {
+		return have, nil
 	}
 	if r.transports == nil {
 		r.transports = map[string]http.RoundTripper{}
