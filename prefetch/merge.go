@@ -20,12 +20,12 @@ func compareMeans(sa int64, ca int, sb int64, cb int) int {
 
 // Merge folds profiles of the same image into one.
 //
-//   - The image and digest are the first ones set; profiles naming different
-//     images or digests are an error.
+//   - The image, digest and source digest are the first ones set; profiles
+//     naming different images or digests are an error.
 //   - The rules are those of the first profile that has any.
 //   - Layers are the same when their digests or their diffIDs are equal; they
 //     are listed in the order they first appear in the arguments. Runs add up,
-//     a missing digest, diffID or size is filled in.
+//     a missing digest, diffID, source digest or size is filled in.
 //   - A file's count and rankSum add up and its size is the largest seen.
 //     Files are ordered by mean first-access rank (rankSum/count, lowest
 //     first), then by count (highest first), then by first appearance in the
@@ -56,6 +56,12 @@ func Merge(profiles ...*Profile) (*Profile, error) {
 		case p.Digest != "" && p.Digest != out.Digest:
 			return nil, fmt.Errorf("profile %d is for digest %s, not %s", i, p.Digest, out.Digest)
 		}
+		switch {
+		case out.SourceDigest == "":
+			out.SourceDigest = p.SourceDigest
+		case p.SourceDigest != "" && p.SourceDigest != out.SourceDigest:
+			return nil, fmt.Errorf("profile %d is for source digest %s, not %s", i, p.SourceDigest, out.SourceDigest)
+		}
 		if out.Rules.IsZero() && !p.Rules.IsZero() {
 			out.Rules = p.Rules
 			out.Rules.Include = slices.Clone(p.Rules.Include)
@@ -73,6 +79,7 @@ func Merge(profiles ...*Profile) (*Profile, error) {
 			o := &out.Layers[j]
 			o.Digest = cmp.Or(o.Digest, l.Digest)
 			o.DiffID = cmp.Or(o.DiffID, l.DiffID)
+			o.SourceDigest = cmp.Or(o.SourceDigest, l.SourceDigest)
 			o.Size = max(o.Size, l.Size)
 			o.Runs += l.Runs
 			for _, f := range l.Files {

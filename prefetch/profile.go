@@ -29,6 +29,7 @@ const ProfileKind = "lazybase.prefetch.profile"
 //	  "kind": "lazybase.prefetch.profile",
 //	  "image": "registry.example/golang:1.22",
 //	  "digest": "sha256:…",            // manifest digest, when known
+//	  "sourceDigest": "sha256:…",      // manifest it was converted from
 //	  "rules": {
 //	    "include": ["usr/local/go/**"], // when set, only matching files
 //	    "exclude": ["**/*.md"],         // never these
@@ -37,7 +38,8 @@ const ProfileKind = "lazybase.prefetch.profile"
 //	    "imageBytes": 268435456         // budget for the whole image
 //	  },
 //	  "layers": [{
-//	    "digest": "sha256:…", "diffID": "sha256:…", "size": 123456, "runs": 3,
+//	    "digest": "sha256:…", "diffID": "sha256:…", "sourceDigest": "sha256:…",
+//	    "size": 123456, "runs": 3,
 //	    "files": [{"path": "usr/local/go/bin/go", "size": 1234, "count": 3, "rankSum": 0}]
 //	  }]
 //	}
@@ -56,13 +58,19 @@ const ProfileKind = "lazybase.prefetch.profile"
 // budget or the image's budget; that file and every later one of the layer
 // are left out. The image budget is spent by layers in their listed order.
 // A file of unknown size (0) counts as 0 bytes.
+//
+// The snapshotter records the layers it serves, which are converted layers.
+// SourceDigest, filled in by Resolve from the converted image's manifest,
+// names the image and layers they were converted from, so that a profile
+// recorded on a converted image applies when its source is converted again.
 type Profile struct {
-	Version int     `json:"version"`
-	Kind    string  `json:"kind"`
-	Image   string  `json:"image,omitempty"`
-	Digest  string  `json:"digest,omitempty"`
-	Rules   Rules   `json:"rules,omitzero"`
-	Layers  []Layer `json:"layers"`
+	Version      int     `json:"version"`
+	Kind         string  `json:"kind"`
+	Image        string  `json:"image,omitempty"`
+	Digest       string  `json:"digest,omitempty"`
+	SourceDigest string  `json:"sourceDigest,omitempty"`
+	Rules        Rules   `json:"rules,omitzero"`
+	Layers       []Layer `json:"layers"`
 }
 
 // Rules are the static rules of a profile.
@@ -81,13 +89,16 @@ func (r Rules) IsZero() bool {
 
 // Layer is what the workload read from one layer. Digest is the layer's
 // compressed digest as the snapshotter saw it; DiffID is its uncompressed
-// digest, when known. Size is the layer's uncompressed size, 0 when unknown.
+// digest, when known; SourceDigest is the digest of the layer it was
+// converted from, when known. The layer matches a layer being converted by
+// any of the three. Size is the layer's uncompressed size, 0 when unknown.
 type Layer struct {
-	Digest string `json:"digest,omitempty"`
-	DiffID string `json:"diffID,omitempty"`
-	Size   int64  `json:"size,omitempty"`
-	Runs   int    `json:"runs"`
-	Files  []File `json:"files"`
+	Digest       string `json:"digest,omitempty"`
+	DiffID       string `json:"diffID,omitempty"`
+	SourceDigest string `json:"sourceDigest,omitempty"`
+	Size         int64  `json:"size,omitempty"`
+	Runs         int    `json:"runs"`
+	Files        []File `json:"files"`
 }
 
 // File is one file the workload read.
@@ -159,9 +170,12 @@ func (p *Profile) Validate() error {
 			return fmt.Errorf("image %q: %w", p.Image, err)
 		}
 	}
-	if p.Digest != "" {
-		if _, err := v1.NewHash(p.Digest); err != nil {
-			return fmt.Errorf("digest %q: %w", p.Digest, err)
+	for _, d := range []string{p.Digest, p.SourceDigest} {
+		if d == "" {
+			continue
+		}
+		if _, err := v1.NewHash(d); err != nil {
+			return fmt.Errorf("digest %q: %w", d, err)
 		}
 	}
 	if err := p.Rules.validate(); err != nil {
@@ -211,7 +225,7 @@ func (l *Layer) validate() error {
 	if l.Digest == "" && l.DiffID == "" {
 		return errors.New("neither digest nor diffID")
 	}
-	for _, k := range []string{l.Digest, l.DiffID} {
+	for _, k := range []string{l.Digest, l.DiffID, l.SourceDigest} {
 		if k == "" {
 			continue
 		}
@@ -289,9 +303,10 @@ func (p *Profile) Marshal() ([]byte, error) {
 // -1 if none.
 func (p *Profile) layer(diffID, digest v1.Hash) int {
 	for i, l := range p.Layers {
-		if (l.Digest != "" && (l.Digest == digest.String() || l.Digest == diffID.String())) ||
-			(l.DiffID != "" && (l.DiffID == diffID.String() || l.DiffID == digest.String())) {
-			return i
+		for _, k := range []string{l.Digest, l.DiffID, l.SourceDigest} {
+			if k != "" && (k == digest.String() || k == diffID.String()) {
+				return i
+			}
 		}
 	}
 	return -1
@@ -362,14 +377,14 @@ func (p *Profile) PrefetchFiles(diffID, digest v1.Hash) []string {
 //		log.G(ctx).Warnf("prefetch profile is for %s, not %s: ignored", prof.Image, ref)
 //	}
 //
-// A known digest decides: equal means the same image, whatever the
-// references. Otherwise the references are compared after parsing (so
+// A known digest decides: equal to the profile's digest or source digest
+// means the same image, whatever the references. Otherwise the references are compared after parsing (so
 // "golang:1.22" and "index.docker.io/library/golang:1.22" are the same). An
 // empty ref or zero digest is unknown and does not count against the
 // profile.
 func (p *Profile) ForImage(ref string, digest v1.Hash) (Source, bool) {
-	if p.Digest != "" && digest != (v1.Hash{}) {
-		if p.Digest == digest.String() {
+	if (p.Digest != "" || p.SourceDigest != "") && digest != (v1.Hash{}) {
+		if p.Digest == digest.String() || p.SourceDigest == digest.String() {
 			return p, true
 		}
 		return nil, false

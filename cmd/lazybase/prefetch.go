@@ -1,15 +1,20 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
 	"text/tabwriter"
 
+	"github.com/containerd/log"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/spf13/cobra"
 
+	"github.com/lazybase/lazybase/internal/imageio"
 	"github.com/lazybase/lazybase/internal/progress"
 	"github.com/lazybase/lazybase/prefetch"
 )
@@ -29,6 +34,8 @@ profile (or a simple prefetch list) and places those files first in each layer.`
 type collectOptions struct {
 	from, image, out, merge string
 	rules                   prefetch.Rules
+	resolve                 bool
+	plainHTTP, insecure     bool
 }
 
 func newPrefetchCollectCmd() *cobra.Command {
@@ -41,7 +48,12 @@ configuration: one JSON-lines file per image) into a prefetch profile.
 
 Without --image the directory must hold the records of one image. --merge
 folds the new runs into an existing profile (it may be the output file), whose
-rules are kept unless rule flags are given. The profile is written atomically.`,
+rules are kept unless rule flags are given. The profile is written atomically.
+
+The snapshotter records the layers it serves: converted layers. --resolve reads
+the image's manifest from its registry and adds, from the annotations lazybase
+convert wrote, the layers and manifest each was converted from and the layer
+sizes, so that lazybase convert --prefetch of the source image uses the profile.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return runPrefetchCollect(cmd, o)
@@ -57,6 +69,9 @@ rules are kept unless rule flags are given. The profile is written atomically.`,
 	f.IntVar(&o.rules.MinCount, "min-count", 0, "keep only files read in at least this many runs")
 	f.Int64Var(&o.rules.LayerBytes, "layer-bytes", 0, "prefetch at most this many bytes per layer (0: no limit)")
 	f.Int64Var(&o.rules.ImageBytes, "image-bytes", 0, "prefetch at most this many bytes per image (0: no limit)")
+	f.BoolVar(&o.resolve, "resolve", false, "read the image's manifest to learn the source layers and layer sizes")
+	f.BoolVar(&o.plainHTTP, "plain-http", false, "with --resolve: allow plain HTTP to registries that are not on a loopback address")
+	f.BoolVar(&o.insecure, "insecure", false, "with --resolve: skip TLS certificate verification")
 	_ = cmd.MarkFlagRequired("from")
 	_ = cmd.MarkFlagRequired("output")
 	return cmd
@@ -88,6 +103,11 @@ func runPrefetchCollect(cmd *cobra.Command, o collectOptions) error {
 	if err != nil {
 		return err
 	}
+	if o.resolve {
+		if err := resolveProfile(ctx, p, o); err != nil {
+			return err
+		}
+	}
 	if !o.rules.IsZero() {
 		p.Rules = o.rules
 		if err := p.Validate(); err != nil {
@@ -99,6 +119,64 @@ func runPrefetchCollect(cmd *cobra.Command, o collectOptions) error {
 		return err
 	}
 	return writeFileAtomic(o.out, b)
+}
+
+// resolveProfile adds to p what the manifest of its image tells about its
+// layers; for an index, what the manifest holding its layers tells.
+func resolveProfile(ctx context.Context, p *prefetch.Profile, o collectOptions) error {
+	if p.Image == "" {
+		return errors.New("--resolve: the access records name no image")
+	}
+	client, err := imageio.New(imageio.WithPlainHTTP(o.plainHTTP), imageio.WithInsecure(o.insecure), imageio.WithUserAgent("lazybase/"+version))
+	if err != nil {
+		return err
+	}
+	ref, err := client.ParseRef(p.Image)
+	if err != nil {
+		return fmt.Errorf("--resolve: %w", err)
+	}
+	src, err := client.Open(ctx, ref)
+	if err != nil {
+		return fmt.Errorf("--resolve: %w", err)
+	}
+	var n int
+	resolve := func(d v1.Hash, img v1.Image) error {
+		m, err := img.Manifest()
+		if err != nil {
+			return fmt.Errorf("--resolve: manifest %s: %w", d, err)
+		}
+		n += p.Resolve(d, m)
+		return nil
+	}
+	if src.Image != nil {
+		if err := resolve(src.Descriptor.Digest, src.Image); err != nil {
+			return err
+		}
+	} else {
+		im, err := src.Index.IndexManifest()
+		if err != nil {
+			return fmt.Errorf("--resolve: index %s: %w", src.Descriptor.Digest, err)
+		}
+		for _, d := range im.Manifests {
+			if !d.MediaType.IsImage() {
+				continue
+			}
+			img, err := src.Index.Image(d.Digest)
+			if err != nil {
+				return fmt.Errorf("--resolve: manifest %s: %w", d.Digest, err)
+			}
+			if err := resolve(d.Digest, img); err != nil {
+				return err
+			}
+		}
+	}
+	if n == 0 {
+		return fmt.Errorf("--resolve: %s holds none of the %d recorded layers", p.Image, len(p.Layers))
+	}
+	if n < len(p.Layers) {
+		log.G(ctx).WithField("image", p.Image).Warnf("--resolve: %d of %d recorded layers are not in the image", len(p.Layers)-n, len(p.Layers))
+	}
+	return nil
 }
 
 func writeFileAtomic(file string, b []byte) error {
@@ -149,16 +227,18 @@ layer's uncompressed size when the profile knows it.`,
 
 // showReport is the report of prefetch show.
 type showReport struct {
-	Image  string            `json:"image,omitempty"`
-	Digest string            `json:"digest,omitempty"`
-	Rules  prefetch.Rules    `json:"rules,omitzero"`
-	Layers []showLayerReport `json:"layers"`
-	Totals showTotals        `json:"totals"`
+	Image        string            `json:"image,omitempty"`
+	Digest       string            `json:"digest,omitempty"`
+	SourceDigest string            `json:"sourceDigest,omitempty"`
+	Rules        prefetch.Rules    `json:"rules,omitzero"`
+	Layers       []showLayerReport `json:"layers"`
+	Totals       showTotals        `json:"totals"`
 }
 
 type showLayerReport struct {
 	Digest        string `json:"digest,omitempty"`
 	DiffID        string `json:"diffID,omitempty"`
+	SourceDigest  string `json:"sourceDigest,omitempty"`
 	Runs          int    `json:"runs"`
 	RecordedFiles int    `json:"recordedFiles"`
 	Files         int    `json:"files"`
@@ -180,11 +260,11 @@ type showTotals struct {
 }
 
 func showProfile(p *prefetch.Profile) showReport {
-	rep := showReport{Image: p.Image, Digest: p.Digest, Rules: p.Rules, Layers: []showLayerReport{}}
+	rep := showReport{Image: p.Image, Digest: p.Digest, SourceDigest: p.SourceDigest, Rules: p.Rules, Layers: []showLayerReport{}}
 	sel := p.Selected()
 	allKnown := len(p.Layers) > 0
 	for i, l := range p.Layers {
-		lr := showLayerReport{Digest: l.Digest, DiffID: l.DiffID, Runs: l.Runs, RecordedFiles: len(l.Files), Files: len(sel[i]), LayerSize: l.Size}
+		lr := showLayerReport{Digest: l.Digest, DiffID: l.DiffID, SourceDigest: l.SourceDigest, Runs: l.Runs, RecordedFiles: len(l.Files), Files: len(sel[i]), LayerSize: l.Size}
 		for _, f := range sel[i] {
 			lr.Bytes += f.Size
 		}
@@ -217,6 +297,9 @@ func (r showReport) print(w io.Writer) error {
 		digest = "unknown"
 	}
 	fmt.Fprintf(w, "image:  %s\ndigest: %s\n", image, digest)
+	if r.SourceDigest != "" {
+		fmt.Fprintf(w, "converted from: %s\n", r.SourceDigest)
+	}
 	if rl := r.Rules; !rl.IsZero() {
 		fmt.Fprintf(w, "rules:  include %q, exclude %q, min count %d, layer budget %s, image budget %s\n",
 			rl.Include, rl.Exclude, rl.MinCount, budget(rl.LayerBytes), budget(rl.ImageBytes))

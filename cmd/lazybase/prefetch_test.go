@@ -244,3 +244,75 @@ func TestConvertWithPrefetchProfile(t *testing.T) {
 		t.Error("tag written with a corrupt profile")
 	}
 }
+
+// TestPrefetchRecordedOnConvertedImage runs the loop of issue 6 without the
+// snapshotter: convert an image, record accesses to its converted layers as
+// the snapshotter does, collect them with --resolve, and convert the source
+// again with the profile: the profiled files are prefetched from the right
+// source layers.
+func TestPrefetchRecordedOnConvertedImage(t *testing.T) {
+	isolate(t)
+	ctx := context.Background()
+	reg := testimage.NewRegistry(t)
+	base := testimage.GzipLayer(testimage.MustTar(testimage.Files("etc/os-release", "ID=test\n", "bin/sh", "sh")))
+	app := testimage.GzipLayer(testimage.MustTar(testimage.Files("app/main", "main", "app/lib.so", "lib", "app/data", "data")))
+	img, err := testimage.Image(testimage.LinuxAMD64, base, app)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, lazy := reg.Host+"/loop/app:v1", reg.Host+"/loop/app:lazy"
+	push(t, src, img)
+	stdout, stderr, err := runCLI(ctx, t, "convert", "--json", src, lazy)
+	if err != nil {
+		t.Fatalf("convert: %v\n%s", err, stderr)
+	}
+	conv := parseReport(t, stdout)
+	lb, la := conv.Images[0].Layers[0], conv.Images[0].Layers[1]
+
+	dir, profile := t.TempDir(), filepath.Join(t.TempDir(), "app.json")
+	writeAccessRecords(t, dir, lazy,
+		la.Digest, "/app/lib.so", 3,
+		lb.Digest, "/bin/sh", 2,
+		la.Digest, "/app/main", 4,
+	)
+	if _, stderr, err := runCLI(ctx, t, "prefetch", "collect", "--from", dir, "--resolve", "-o", profile); err != nil {
+		t.Fatalf("collect --resolve: %v\n%s", err, stderr)
+	}
+	p, err := prefetch.LoadProfile(profile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Digest != conv.Images[0].Digest || p.SourceDigest != conv.Images[0].SourceDigest {
+		t.Errorf("profile digest %s source %s, want %s and %s", p.Digest, p.SourceDigest, conv.Images[0].Digest, conv.Images[0].SourceDigest)
+	}
+	if len(p.Layers) != 2 || p.Layers[0].SourceDigest != la.SourceDigest || p.Layers[1].SourceDigest != lb.SourceDigest ||
+		p.Layers[0].Size != la.UncompressedSize || p.Layers[1].Size != lb.UncompressedSize {
+		t.Fatalf("resolved layers %+v; converted %+v %+v", p.Layers, la, lb)
+	}
+	if _, ok := p.ForImage(src, mustHash(t, conv.Images[0].SourceDigest)); !ok {
+		t.Error("the resolved profile is not for its source image")
+	}
+	stdout, _, err = runCLI(ctx, t, "prefetch", "show", profile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(stdout, "converted from: "+p.SourceDigest) || strings.Contains(stdout, "unknown (") {
+		t.Errorf("show of a resolved profile:\n%s", stdout)
+	}
+
+	stdout, stderr, err = runCLI(ctx, t, "convert", "--json", "--prefetch", profile, src, reg.Host+"/loop/app:profiled")
+	if err != nil {
+		t.Fatalf("convert --prefetch: %v\n%s", err, stderr)
+	}
+	rep := parseReport(t, stdout)
+	if got := []int{rep.Images[0].Layers[0].PrefetchFiles, rep.Images[0].Layers[1].PrefetchFiles}; !slices.Equal(got, []int{1, 2}) {
+		t.Errorf("prefetched files per layer %v, want [1 2]", got)
+	}
+
+	// Records of layers the image does not hold cannot be resolved.
+	writeAccessRecords(t, dir, lazy, pfLayerA, "/bin/sh", 2)
+	_, _, err = runCLI(ctx, t, "prefetch", "collect", "--from", dir, "--resolve", "-o", filepath.Join(t.TempDir(), "x.json"))
+	if err == nil || !strings.Contains(err.Error(), "none of the 1 recorded layers") {
+		t.Errorf("collect --resolve of foreign layers: %v", err)
+	}
+}
