@@ -1,5 +1,22 @@
-// Package prefetch holds prefetch lists: for each layer of an image, the files
-// a workload reads, in the order it first reads them. The converter places
-// those files before the prefetch landmark of an eStargz layer so that a lazy
-// snapshotter fetches them in one go when it mounts the layer.
+// Package prefetch decides which files of an image's layers a lazy pull
+// fetches first: for each layer, the files a workload reads, in the order it
+// first reads them. The converter places those files before the prefetch
+// landmark of an eStargz layer so that a lazy snapshotter fetches them in one
+// go when it mounts the layer.
+//
+// Two formats carry that input, and Load reads either:
+//
+//   - List, the simple hand-written format: files per layer and for every
+//     layer.
+//   - Profile, the learned format ("kind": ProfileKind): per image and layer,
+//     the files read with their sizes, in how many runs each was read and
+//     their first-access ranks, plus static rules (include and exclude globs,
+//     a minimum count, byte budgets per layer and per image).
+//
+// Profiles are built from the lazy snapshotter's access records
+// (ReadAccessRecords, FromRecords, CollectDir), folded over many runs with
+// Merge, tied to the image they were converted from with Resolve, and
+// checked against the image being converted with ForImage. Both formats are
+// sources for the converter (convert.WithPrefetch) through their
+// PrefetchFiles method; this package does not import the converter.
 package prefetch
