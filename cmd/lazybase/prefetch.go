@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -199,7 +200,7 @@ func writeFileAtomic(file string, b []byte) error {
 }
 
 func newPrefetchShowCmd() *cobra.Command {
-	var asJSON bool
+	var asJSON, files bool
 	cmd := &cobra.Command{
 		Use:   "show PROFILE",
 		Short: "Show what a prefetch profile fetches: files, bytes and share of each layer",
@@ -212,7 +213,7 @@ layer's uncompressed size when the profile knows it.`,
 			if err != nil {
 				return err
 			}
-			rep := showProfile(p)
+			rep := showProfile(p, files)
 			if asJSON {
 				enc := json.NewEncoder(cmd.OutOrStdout())
 				enc.SetIndent("", "  ")
@@ -222,6 +223,7 @@ layer's uncompressed size when the profile knows it.`,
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print a JSON report")
+	cmd.Flags().BoolVar(&files, "files", false, "list the files fetched first, per layer, in order")
 	return cmd
 }
 
@@ -247,6 +249,8 @@ type showLayerReport struct {
 	LayerSize int64 `json:"layerSize,omitempty"`
 	// Share is Bytes/LayerSize, absent when the layer size is unknown.
 	Share *float64 `json:"share,omitempty"`
+	// FileList is the files kept, in fetch order (with --files).
+	FileList []prefetch.File `json:"fileList,omitempty"`
 }
 
 type showTotals struct {
@@ -259,7 +263,7 @@ type showTotals struct {
 	Share     *float64 `json:"share,omitempty"`
 }
 
-func showProfile(p *prefetch.Profile) showReport {
+func showProfile(p *prefetch.Profile, files bool) showReport {
 	rep := showReport{Image: p.Image, Digest: p.Digest, SourceDigest: p.SourceDigest, Rules: p.Rules, Layers: []showLayerReport{}}
 	sel := p.Selected()
 	allKnown := len(p.Layers) > 0
@@ -267,6 +271,9 @@ func showProfile(p *prefetch.Profile) showReport {
 		lr := showLayerReport{Digest: l.Digest, DiffID: l.DiffID, SourceDigest: l.SourceDigest, Runs: l.Runs, RecordedFiles: len(l.Files), Files: len(sel[i]), LayerSize: l.Size}
 		for _, f := range sel[i] {
 			lr.Bytes += f.Size
+		}
+		if files {
+			lr.FileList = sel[i]
 		}
 		if l.Size > 0 {
 			s := float64(lr.Bytes) / float64(l.Size)
@@ -315,7 +322,23 @@ func (r showReport) print(w io.Writer) error {
 	}
 	t := r.Totals
 	fmt.Fprintf(tw, "total\t\t%d of %d\t%s\t%s\n", t.Files, t.RecordedFiles, progress.Bytes(t.Bytes), share(t.Share, t.LayerSize))
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	for _, l := range r.Layers {
+		if len(l.FileList) == 0 {
+			continue
+		}
+		fmt.Fprintf(w, "\n%s:\n", cmp.Or(l.Digest, l.DiffID))
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		for _, f := range l.FileList {
+			fmt.Fprintf(tw, "  %s\t%s\tread in %d of %d runs\n", f.Path, progress.Bytes(f.Size), f.Count, l.Runs)
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func budget(n int64) string {

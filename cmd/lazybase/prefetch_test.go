@@ -115,6 +115,13 @@ func TestPrefetchCollectAndShow(t *testing.T) {
 			t.Errorf("show output lacks %q:\n%s", want, stdout)
 		}
 	}
+	stdout, _, err = runCLI(ctx, t, "prefetch", "show", "--files", out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(stdout, "usr/local/go/bin/go  1.0 kB  read in 2 of 2 runs") || !strings.Contains(stdout, "etc/os-release") || strings.Contains(stdout, "README") {
+		t.Errorf("show --files:\n%s", stdout)
+	}
 	stdout, _, err = runCLI(ctx, t, "prefetch", "show", "--json", out)
 	if err != nil {
 		t.Fatal(err)
