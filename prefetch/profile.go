@@ -130,8 +130,8 @@ func LoadProfile(file string) (*Profile, error) {
 	return p, nil
 }
 
-// ParseProfile parses and validates a profile. Unknown fields, trailing
-// data, a wrong version or kind, bad digests, bad globs, negative numbers,
+// ParseProfile parses and validates a profile. Unknown fields (keys are
+// case-sensitive), keys given twice, trailing data, a wrong version or kind, bad digests, bad globs, negative numbers,
 // counts above the runs, and paths that are empty, hold NUL or name the root
 // are errors. Paths are normalized: cleaned, relative, no leading "/".
 func ParseProfile(b []byte) (*Profile, error) {
@@ -149,6 +149,9 @@ func ParseProfile(b []byte) (*Profile, error) {
 	}
 	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
 		return nil, errors.New("decoding: trailing data after the profile")
+	}
+	if err := checkKeys(b, profileShape); err != nil {
+		return nil, fmt.Errorf("decoding: %w", err)
 	}
 	if err := p.Validate(); err != nil {
 		return nil, err
