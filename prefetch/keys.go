@@ -14,7 +14,7 @@ type shape struct {
 }
 
 var profileShape = &shape{obj: map[string]*shape{
-	"version": nil, "kind": nil, "image": nil, "digest": nil, "sourceDigest": nil,
+	"version": nil, "kind": nil, "image": nil, "digest": nil, "sourceDigest": nil, "lastRecord": nil,
 	"rules": {obj: map[string]*shape{"include": nil, "exclude": nil, "minCount": nil, "layerBytes": nil, "imageBytes": nil}},
 	"layers": {elem: &shape{obj: map[string]*shape{
 		"digest": nil, "diffID": nil, "sourceDigest": nil, "size": nil, "runs": nil,

@@ -22,6 +22,7 @@ func compareMeans(sa int64, ca int, sb int64, cb int) int {
 //
 //   - The image, digest and source digest are the first ones set; profiles
 //     naming different images or digests are an error.
+//   - LastRecord is the latest one.
 //   - The rules are those of the first profile that has any.
 //   - Layers are the same when their digests or their diffIDs are equal; they
 //     are listed in the order they first appear in the arguments. Runs add up,
@@ -61,6 +62,9 @@ func Merge(profiles ...*Profile) (*Profile, error) {
 			out.SourceDigest = p.SourceDigest
 		case p.SourceDigest != "" && p.SourceDigest != out.SourceDigest:
 			return nil, fmt.Errorf("profile %d is for source digest %s, not %s", i, p.SourceDigest, out.SourceDigest)
+		}
+		if p.LastRecord.After(out.LastRecord) {
+			out.LastRecord = p.LastRecord.UTC()
 		}
 		if out.Rules.IsZero() && !p.Rules.IsZero() {
 			out.Rules = p.Rules

@@ -224,7 +224,7 @@ func TestCollectDir(t *testing.T) {
 		digestA, "/lib/libc.so.6",
 	), `{"time":"2026-11-23T12:00:01Z","image":"`+img+`","layer":"`+digestA+`","pa`)
 
-	p, err := CollectDir(ctx, dir, "")
+	p, err := CollectDir(ctx, dir, "", time.Time{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -247,23 +247,36 @@ func TestCollectDir(t *testing.T) {
 		t.Errorf("layer B: %+v", b)
 	}
 
+	// Records up to the profile's last one are not collected again.
+	if want := time.Date(2026, 11, 23, 12, 0, 0, 10e6, time.UTC); !p.LastRecord.Equal(want) {
+		t.Errorf("LastRecord %s, want %s", p.LastRecord, want)
+	}
+	again, err := CollectDir(ctx, dir, img, p.LastRecord)
+	if err != nil || len(again.Layers) != 0 {
+		t.Errorf("CollectDir since the last record: %+v, %v; want no layers", again, err)
+	}
+	later, err := CollectDir(ctx, dir, img, p.LastRecord.Add(-3*time.Millisecond))
+	if err != nil || len(later.Layers) != 1 || !slices.Equal(paths(later.Layers[0]), []string{"bin/sh", "lib/libc.so.6"}) {
+		t.Errorf("CollectDir of the last two records: %+v, %v", later, err)
+	}
+
 	// With a second image in the directory, the image must be named.
 	const other = "registry.example/python:3"
 	writeRecords(t, dir, other, records(other, digestC, "/usr/bin/python3"), "")
-	if _, err := CollectDir(ctx, dir, ""); err == nil || !strings.Contains(err.Error(), "2 images") {
+	if _, err := CollectDir(ctx, dir, "", time.Time{}); err == nil || !strings.Contains(err.Error(), "2 images") {
 		t.Errorf("CollectDir of two images without --image: %v", err)
 	}
-	p2, err := CollectDir(ctx, dir, other)
+	p2, err := CollectDir(ctx, dir, other, time.Time{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if p2.Image != other || len(p2.Layers) != 1 || p2.Layers[0].Digest != digestC {
 		t.Errorf("python profile %+v", p2)
 	}
-	if _, err := CollectDir(ctx, dir, "registry.example/absent:1"); err == nil {
+	if _, err := CollectDir(ctx, dir, "registry.example/absent:1", time.Time{}); err == nil {
 		t.Error("CollectDir of an image without records succeeded")
 	}
-	if _, err := CollectDir(ctx, t.TempDir(), ""); err == nil || !strings.Contains(err.Error(), "no *.jsonl") {
+	if _, err := CollectDir(ctx, t.TempDir(), "", time.Time{}); err == nil || !strings.Contains(err.Error(), "no *.jsonl") {
 		t.Errorf("CollectDir of an empty directory: %v", err)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path"
 	"strings"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -64,13 +65,16 @@ const ProfileKind = "lazybase.prefetch.profile"
 // names the image and layers they were converted from, so that a profile
 // recorded on a converted image applies when its source is converted again.
 type Profile struct {
-	Version      int     `json:"version"`
-	Kind         string  `json:"kind"`
-	Image        string  `json:"image,omitempty"`
-	Digest       string  `json:"digest,omitempty"`
-	SourceDigest string  `json:"sourceDigest,omitempty"`
-	Rules        Rules   `json:"rules,omitzero"`
-	Layers       []Layer `json:"layers"`
+	Version      int    `json:"version"`
+	Kind         string `json:"kind"`
+	Image        string `json:"image,omitempty"`
+	Digest       string `json:"digest,omitempty"`
+	SourceDigest string `json:"sourceDigest,omitempty"`
+	// LastRecord is the time of the latest access record folded into the
+	// profile; collecting again takes only later records.
+	LastRecord time.Time `json:"lastRecord,omitzero"`
+	Rules      Rules     `json:"rules,omitzero"`
+	Layers     []Layer   `json:"layers"`
 }
 
 // Rules are the static rules of a profile.
@@ -181,6 +185,9 @@ func (p *Profile) Validate() error {
 			return fmt.Errorf("digest %q: %w", d, err)
 		}
 	}
+	if !p.LastRecord.IsZero() && (p.LastRecord.Year() < 1 || p.LastRecord.Year() > 9999) {
+		return fmt.Errorf("lastRecord %s out of range", p.LastRecord)
+	}
 	if err := p.Rules.validate(); err != nil {
 		return fmt.Errorf("rules: %w", err)
 	}
@@ -285,6 +292,9 @@ func cleanPath(p string) (string, error) {
 }
 
 func (p *Profile) normalize() {
+	if !p.LastRecord.IsZero() {
+		p.LastRecord = p.LastRecord.UTC()
+	}
 	for i := range p.Layers {
 		for j := range p.Layers[i].Files {
 			p.Layers[i].Files[j].Path, _ = cleanPath(p.Layers[i].Files[j].Path)

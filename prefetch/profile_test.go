@@ -2,12 +2,14 @@ package prefetch
 
 import (
 	"bytes"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"reflect"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 )
@@ -333,5 +335,29 @@ func TestForImage(t *testing.T) {
 				t.Errorf("ForImage returned a source %v with ok false", s)
 			}
 		})
+	}
+}
+
+// Every field of a fully populated profile is a key the strict reader knows.
+func TestKeysCoverTheFormat(t *testing.T) {
+	p := sample()
+	p.SourceDigest = digestC
+	p.LastRecord = time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC)
+	p.Rules = Rules{Include: []string{"a"}, Exclude: []string{"b"}, MinCount: 1, LayerBytes: 1, ImageBytes: 1}
+	p.Layers[0].SourceDigest = digestC
+	p.Layers[0].Files[0].RankSum = 1
+	b, err := p.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var all map[string]any
+	if err := json.Unmarshal(b, &all); err != nil {
+		t.Fatal(err)
+	}
+	if len(all) != len(profileShape.obj) {
+		t.Errorf("the profile has %d keys, the strict reader knows %d", len(all), len(profileShape.obj))
+	}
+	if _, err := ParseProfile(b); err != nil {
+		t.Fatalf("a fully populated profile: %v", err)
 	}
 }

@@ -110,9 +110,13 @@ func FromRecords(image string, recs []AccessRecord) (*Profile, error) {
 	}
 	var runs []*run
 	current := map[string]*run{}
+	var last time.Time
 	for _, r := range recs {
 		if image != "" && r.Image != image {
 			continue
+		}
+		if r.Time.After(last) {
+			last = r.Time
 		}
 		p, err := cleanPath(r.Path)
 		if err != nil {
@@ -128,7 +132,7 @@ func FromRecords(image string, recs []AccessRecord) (*Profile, error) {
 		cur.files = append(cur.files, File{Path: p, Size: r.Size, Count: 1, RankSum: int64(len(cur.files))})
 	}
 	profiles := make([]*Profile, 0, len(runs)+1)
-	profiles = append(profiles, &Profile{Version: ProfileVersion, Kind: ProfileKind, Image: image})
+	profiles = append(profiles, &Profile{Version: ProfileVersion, Kind: ProfileKind, Image: image, LastRecord: last})
 	for _, r := range runs {
 		profiles = append(profiles, &Profile{
 			Version: ProfileVersion, Kind: ProfileKind, Image: image,
@@ -139,8 +143,12 @@ func FromRecords(image string, recs []AccessRecord) (*Profile, error) {
 }
 
 // CollectDir reads the access record directory dir and returns the profile
-// of image. With image "", dir must hold records of exactly one image.
-func CollectDir(ctx context.Context, dir, image string) (*Profile, error) {
+// of image. With image "", dir must hold records of exactly one image. With
+// a non-zero since, only records timed after it count (the snapshotter
+// appends to its record files, so a profile collected before holds the
+// earlier ones: pass its LastRecord); when there are none, the profile has
+// no layers. A run that spans since counts as two.
+func CollectDir(ctx context.Context, dir, image string, since time.Time) (*Profile, error) {
 	var file string
 	if image != "" {
 		file = filepath.Join(dir, RecordFileName(image))
@@ -190,6 +198,9 @@ func CollectDir(ctx context.Context, dir, image string) (*Profile, error) {
 		if n == 0 {
 			return nil, fmt.Errorf("access records %s: no record of image %s", file, image)
 		}
+	}
+	if !since.IsZero() {
+		recs = slices.DeleteFunc(recs, func(r AccessRecord) bool { return !r.Time.After(since) })
 	}
 	p, err := FromRecords(image, recs)
 	if err != nil {

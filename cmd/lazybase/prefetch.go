@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"text/tabwriter"
+	"time"
 
 	"github.com/containerd/log"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -49,7 +50,9 @@ configuration: one JSON-lines file per image) into a prefetch profile.
 
 Without --image the directory must hold the records of one image. --merge
 folds the new runs into an existing profile (it may be the output file), whose
-rules are kept unless rule flags are given. The profile is written atomically.
+rules are kept unless rule flags are given; only records later than the
+profile's lastRecord count, so collecting again into the same profile does
+not count a run twice. The profile is written atomically.
 
 The snapshotter records the layers it serves: converted layers. --resolve reads
 the image's manifest from its registry and adds, from the annotations lazybase
@@ -92,9 +95,16 @@ func runPrefetchCollect(cmd *cobra.Command, o collectOptions) error {
 	if image == "" && base != nil {
 		image = base.Image
 	}
-	got, err := prefetch.CollectDir(ctx, o.from, image)
+	var since time.Time
+	if base != nil {
+		since = base.LastRecord
+	}
+	got, err := prefetch.CollectDir(ctx, o.from, image, since)
 	if err != nil {
 		return err
+	}
+	if len(got.Layers) == 0 {
+		log.G(ctx).WithField("since", since).Info("no new access records")
 	}
 	profiles := []*prefetch.Profile{got}
 	if base != nil {

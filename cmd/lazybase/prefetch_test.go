@@ -21,15 +21,23 @@ const (
 	pfLayerB = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
 )
 
-// writeAccessRecords writes an access record file as the snapshotter does:
-// one JSON object per line, path, layer and size of each first access.
+// writeAccessRecords appends to an access record file as the snapshotter
+// does: one JSON object per line, path, layer and size of each first access,
+// each later than the lines before.
 func writeAccessRecords(t *testing.T, dir, image string, entries ...any) {
 	t.Helper()
-	var b strings.Builder
+	file := filepath.Join(dir, prefetch.RecordFileName(image))
+	old, err := os.ReadFile(file)
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	n := strings.Count(string(old), "\n")
+	b := strings.Builder{}
+	b.Write(old)
 	t0 := time.Date(2026, 11, 23, 12, 0, 0, 0, time.UTC)
 	for i := 0; i < len(entries); i += 3 {
 		line, err := json.Marshal(prefetch.AccessRecord{
-			Time: t0.Add(time.Duration(i) * time.Millisecond), Image: image,
+			Time: t0.Add(time.Duration(n+i/3) * time.Second), Image: image,
 			Layer: entries[i].(string), Path: entries[i+1].(string), Size: int64(entries[i+2].(int)),
 		})
 		if err != nil {
@@ -38,7 +46,7 @@ func writeAccessRecords(t *testing.T, dir, image string, entries ...any) {
 		b.Write(line)
 		b.WriteByte('\n')
 	}
-	if err := os.WriteFile(filepath.Join(dir, prefetch.RecordFileName(image)), []byte(b.String()), 0o600); err != nil {
+	if err := os.WriteFile(file, []byte(b.String()), 0o600); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -80,6 +88,17 @@ func TestPrefetchCollectAndShow(t *testing.T) {
 	a := p.Layers[0]
 	if a.Runs != 2 || a.Files[0].Path != "usr/local/go/bin/go" || a.Files[0].Count != 2 {
 		t.Fatalf("merged layer %+v", a)
+	}
+	// Collecting again with no new records counts nothing twice.
+	before, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, stderr, err := runCLI(ctx, t, "prefetch", "collect", "--from", dir, "--merge", out, "-o", out); err != nil {
+		t.Fatalf("collect --merge again: %v\n%s", err, stderr)
+	}
+	if after, err := os.ReadFile(out); err != nil || string(after) != string(before) {
+		t.Errorf("collecting the same records again changed the profile:\n%s\n%s", before, after)
 	}
 	// go (0+1)/2, compile (2+0)/2 with equal counts: go first (seen first).
 	if got, want := p.PrefetchFiles(v1.Hash{}, mustHash(t, pfLayerA)), []string{"usr/local/go/bin/go"}; !slices.Equal(got, want) {
@@ -317,6 +336,7 @@ func TestPrefetchRecordedOnConvertedImage(t *testing.T) {
 	}
 
 	// Records of layers the image does not hold cannot be resolved.
+	dir = t.TempDir()
 	writeAccessRecords(t, dir, lazy, pfLayerA, "/bin/sh", 2)
 	_, _, err = runCLI(ctx, t, "prefetch", "collect", "--from", dir, "--resolve", "-o", filepath.Join(t.TempDir(), "x.json"))
 	if err == nil || !strings.Contains(err.Error(), "none of the 1 recorded layers") {
