@@ -29,7 +29,7 @@ func newPrefetchCmd() *cobra.Command {
 reads, in the order it first reads them. lazybase convert --prefetch takes a
 profile (or a simple prefetch list) and places those files first in each layer.`,
 	}
-	cmd.AddCommand(newPrefetchCollectCmd(), newPrefetchShowCmd())
+	cmd.AddCommand(newPrefetchCollectCmd(), newPrefetchMergeCmd(), newPrefetchShowCmd())
 	return cmd
 }
 
@@ -207,6 +207,41 @@ func writeFileAtomic(file string, b []byte) error {
 		return err
 	}
 	return os.Rename(tmp.Name(), file)
+}
+
+func newPrefetchMergeCmd() *cobra.Command {
+	var out string
+	cmd := &cobra.Command{
+		Use:   "merge -o PROFILE PROFILE...",
+		Short: "Merge prefetch profiles of one image",
+		Long: `Merge prefetch profiles of one image, for example recorded on several build
+machines: runs and counts add up, files are ordered by their mean first-access
+rank, and the rules are those of the first profile that has any. The same
+profiles in the same order always give the same bytes.`,
+		Args: cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ps := make([]*prefetch.Profile, len(args))
+			for i, f := range args {
+				p, err := prefetch.LoadProfile(f)
+				if err != nil {
+					return err
+				}
+				ps[i] = p
+			}
+			m, err := prefetch.Merge(ps...)
+			if err != nil {
+				return err
+			}
+			b, err := m.Marshal()
+			if err != nil {
+				return err
+			}
+			return writeFileAtomic(out, b)
+		},
+	}
+	cmd.Flags().StringVarP(&out, "output", "o", "", "profile file to write (required)")
+	_ = cmd.MarkFlagRequired("output")
+	return cmd
 }
 
 func newPrefetchShowCmd() *cobra.Command {

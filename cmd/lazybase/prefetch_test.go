@@ -105,6 +105,18 @@ func TestPrefetchCollectAndShow(t *testing.T) {
 		t.Errorf("after rules, layer A prefetches %q, want %q (README excluded, compile over the budget)", got, want)
 	}
 
+	// prefetch merge of the profile with itself: runs and counts double.
+	twice := filepath.Join(t.TempDir(), "twice.json")
+	if _, stderr, err := runCLI(ctx, t, "prefetch", "merge", "-o", twice, out, out); err != nil {
+		t.Fatalf("merge: %v\n%s", err, stderr)
+	}
+	if m, err := prefetch.LoadProfile(twice); err != nil || m.Layers[0].Runs != 4 || m.Layers[0].Files[0].Count != 4 || !slices.Equal(m.Rules.Exclude, []string{"**/*.md"}) {
+		t.Errorf("merged twice: %+v, %v", m, err)
+	}
+	if _, _, err := runCLI(ctx, t, "prefetch", "merge", "-o", twice, out, filepath.Join(t.TempDir(), "absent.json")); err == nil || !strings.Contains(err.Error(), "absent.json") {
+		t.Errorf("merge with a missing profile: %v", err)
+	}
+
 	// Show: per layer, kept files of recorded ones, bytes, share unknown
 	// without a layer size, and known with one.
 	stdout, stderr, err := runCLI(ctx, t, "prefetch", "show", out)
