@@ -29,6 +29,7 @@ import (
 	"github.com/lazybase/lazybase/convert"
 	"github.com/lazybase/lazybase/internal/imageio"
 	"github.com/lazybase/lazybase/internal/testimage"
+	"github.com/lazybase/lazybase/prefetch"
 )
 
 // runCLI runs the lazybase command in-process.
@@ -723,5 +724,58 @@ func TestConvertTerminalDisplay(t *testing.T) {
 	}
 	if !strings.Contains(s, "writing oci:") || !strings.HasPrefix(last, "converted "+src+" -> oci:") {
 		t.Errorf("stderr %q", s)
+	}
+}
+
+func TestConvertProfileAppliesOnlyToItsImage(t *testing.T) {
+	isolate(t)
+	ctx := context.Background()
+	reg := testimage.NewRegistry(t)
+	img, err := testimage.SeedImage(9, testimage.LinuxAMD64, testimage.WithoutLargeFiles())
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := reg.Host + "/pf/prof:v1"
+	push(t, src, img)
+	layers, _ := img.Layers()
+	second, _ := layers[1].Digest()
+	profile := func(imageDigest string) string {
+		p := prefetch.Profile{
+			Version: prefetch.ProfileVersion,
+			Kind:    prefetch.ProfileKind,
+			Digest:  imageDigest,
+			Layers: []prefetch.Layer{{Digest: second.String(), Runs: 1, Files: []prefetch.File{
+				{Path: "etc/hostname", Size: 1, Count: 1, RankSum: 0},
+			}}},
+		}
+		b, err := json.Marshal(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := filepath.Join(t.TempDir(), "profile.json")
+		if err := os.WriteFile(f, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	d, _ := img.Digest()
+	for _, tc := range []struct {
+		name, digest string
+		want         int
+	}{
+		{"this image", d.String(), 1},
+		{"another image", "sha256:" + strings.Repeat("ab", 32), 0},
+	} {
+		stdout, stderr, err := runCLI(ctx, t, "convert", "--json", "--prefetch", profile(tc.digest), src, reg.Host+"/pf/prof:out")
+		if err != nil {
+			t.Fatalf("%s: convert: %v\n%s", tc.name, err, stderr)
+		}
+		rep := parseReport(t, stdout)
+		if got := rep.Images[0].Layers[1].PrefetchFiles; got != tc.want {
+			t.Errorf("%s: %d prefetched files, want %d", tc.name, got, tc.want)
+		}
+		if warned := strings.Contains(stderr, "another image"); warned != (tc.want == 0) {
+			t.Errorf("%s: warning about another image: %v\n%s", tc.name, warned, stderr)
+		}
 	}
 }
