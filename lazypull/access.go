@@ -7,22 +7,16 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"time"
 
 	"github.com/containerd/log"
+	"github.com/lazybase/lazybase/prefetch"
 	"github.com/sirupsen/logrus"
 )
 
 // AccessRecord is one line of an access record file: the first access to a
-// file of a lazily mounted layer.
-type AccessRecord struct {
-	Time  time.Time `json:"time"`
-	Image string    `json:"image"`
-	Layer string    `json:"layer"`
-	Path  string    `json:"path"`
-	// Size is the file's size in bytes.
-	Size int64 `json:"size"`
-}
+// file of a lazily mounted layer. The format belongs to the prefetch
+// package, which turns these files into profiles.
+type AccessRecord = prefetch.AccessRecord
 
 // upstreamAccessPrefix starts the message the upstream filesystem logs, at
 // debug level, on the first open of each file of a mounted layer when its
@@ -125,22 +119,8 @@ func (r *accessRecorder) Fire(e *logrus.Entry) error {
 }
 
 // AccessRecordFile is the name of the access record file of image in the
-// access record directory: the reference with every character outside
-// [A-Za-z0-9._-] replaced by "_", and ".jsonl".
-func AccessRecordFile(image string) string {
-	if image == "" {
-		image = "unknown"
-	}
-	b := []byte(image)
-	for i, c := range b {
-		switch {
-		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '.', c == '-', c == '_':
-		default:
-			b[i] = '_'
-		}
-	}
-	return string(b) + ".jsonl"
-}
+// access record directory (prefetch.RecordFileName).
+func AccessRecordFile(image string) string { return prefetch.RecordFileName(image) }
 
 // levelFilter formats only entries at or above level; the others become
 // empty writes.
