@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -441,5 +442,31 @@ func TestOptionsRejectBadValues(t *testing.T) {
 		if _, err := convert.New(opt); err == nil {
 			t.Errorf("%s: no error", name)
 		}
+	}
+}
+
+func TestCloseWaitsForConversionsUnderWay(t *testing.T) {
+	c, err := convert.New(convert.WithTempDir(t.TempDir()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tarball := testimage.MustTar(testimage.Entries(61))
+	src := &slowLayer{Layer: testimage.GzipLayer(tarball), started: make(chan struct{}), delay: 100 * time.Millisecond}
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.Layer(context.Background(), src, v1.Hash{})
+		done <- err
+	}()
+	<-src.started // the conversion is reading its blob
+	// Closing now must neither panic nor pull files from under the
+	// conversion: it waits for it.
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Errorf("conversion under way during Close: %v", err)
+	}
+	if _, err := c.Layer(context.Background(), src, v1.Hash{}); err == nil {
+		t.Error("closed converter converted")
 	}
 }

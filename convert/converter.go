@@ -31,6 +31,7 @@ type Converter struct {
 		blobReads, decompressions, converted, reused atomic.Int64
 	}
 	closed atomic.Bool
+	active sync.WaitGroup // conversions under way
 
 	gzip     *GzipCompressor
 	zstdOnce sync.Once
@@ -87,12 +88,17 @@ func (c *Converter) Stats() Stats {
 	}
 }
 
-// Close stops the compressors and removes every temporary file, including the
-// blobs of converted layers: write the results out before closing.
+// Close waits for conversions under way, stops the compressors and removes
+// every temporary file, including the blobs of converted layers: write the
+// results out before closing.
 func (c *Converter) Close() error {
+	c.mu.Lock()
 	if c.closed.Swap(true) {
+		c.mu.Unlock()
 		return nil
 	}
+	c.mu.Unlock()
+	c.active.Wait()
 	c.pool.close()
 	return os.RemoveAll(c.dir)
 }
@@ -128,8 +134,13 @@ func (c *Converter) Layer(ctx context.Context, src v1.Layer, diffID v1.Hash) (*L
 		c.mu.Unlock()
 		return l, nil
 	}
+	if c.closed.Load() {
+		c.mu.Unlock()
+		return nil, errClosed
+	}
 	f, ok := c.flights[dgst]
 	if !ok {
+		c.active.Add(1)
 		fctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 		f = &flight{done: make(chan struct{}), cancel: cancel}
 		c.flights[dgst] = f
@@ -162,6 +173,7 @@ func (c *Converter) Layer(ctx context.Context, src v1.Layer, diffID v1.Hash) (*L
 }
 
 func (c *Converter) run(ctx context.Context, f *flight, src v1.Layer, dgst, diffID v1.Hash) {
+	defer c.active.Done()
 	defer f.cancel()
 	select {
 	case c.jobs <- struct{}{}:
