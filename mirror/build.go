@@ -22,9 +22,13 @@ func (l recordedLayer) DiffID() (v1.Hash, error)            { return l.diffID, n
 
 // layerFunc gives convert.Assemble the mirror's layers: from this session,
 // from a conversion record, or converted now.
-func (m *Mirror) layerFunc(list *prefetch.List, st *imageStats) convert.LayerFunc {
+func (m *Mirror) layerFunc(list prefetch.Source, st *imageStats) convert.LayerFunc {
 	return func(ctx context.Context, src v1.Layer, desc v1.Descriptor, diffID v1.Hash) (convert.ConvertedLayer, error) {
-		l, err := m.layer(ctx, src, desc, diffID, list.PrefetchFiles(diffID, desc.Digest), st)
+		var files []string
+		if list != nil {
+			files = list.PrefetchFiles(diffID, desc.Digest)
+		}
+		l, err := m.layer(ctx, src, desc, diffID, files, st)
 		if err != nil {
 			return nil, err
 		}
@@ -35,7 +39,7 @@ func (m *Mirror) layerFunc(list *prefetch.List, st *imageStats) convert.LayerFun
 	}
 }
 
-func (m *Mirror) buildImage(ctx context.Context, img v1.Image, list *prefetch.List, st *imageStats) (v1.Image, error) {
+func (m *Mirror) buildImage(ctx context.Context, img v1.Image, list prefetch.Source, st *imageStats) (v1.Image, error) {
 	res, err := convert.Assemble(ctx, img, m.format, m.layerFunc(list, st))
 	if err != nil {
 		return nil, err
@@ -43,7 +47,7 @@ func (m *Mirror) buildImage(ctx context.Context, img v1.Image, list *prefetch.Li
 	return res.Image, nil
 }
 
-func (m *Mirror) buildIndex(ctx context.Context, idx v1.ImageIndex, plats []v1.Platform, list *prefetch.List, st *imageStats) (v1.ImageIndex, error) {
+func (m *Mirror) buildIndex(ctx context.Context, idx v1.ImageIndex, plats []v1.Platform, list prefetch.Source, st *imageStats) (v1.ImageIndex, error) {
 	res, err := convert.AssembleIndex(ctx, idx, m.format, plats, m.layerFunc(list, st))
 	if err != nil {
 		return nil, err

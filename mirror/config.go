@@ -37,10 +37,11 @@ import (
 //	level = 0
 //	# Largest piece of a file compressed as one stream. Default: 0 (4 MiB).
 //	chunk_size = 0
-//	# Directory of prefetch lists (prefetch.LoadList format). For a source
-//	# repository PATH (without the registry) and tag TAG the mirror reads
-//	# NAME.TAG.json, else NAME.json, where NAME is PATH with "/" replaced
-//	# by "_"; no file means no prefetch list. Default: "".
+//	# Directory of prefetch lists or profiles (prefetch.Load formats). For a
+//	# source repository PATH (without the registry) and tag TAG the mirror
+//	# reads NAME.TAG.json, else NAME.json, where NAME is PATH with "/"
+//	# replaced by "_"; no file means no prefetch list. A profile recorded for
+//	# another image is ignored with a warning. Default: "".
 //	prefetch_dir = "/etc/lazybase/prefetch"
 //	# Platforms converted from multi-platform sources ("os/arch[/variant]").
 //	# Default: every platform. A source's own list overrides it.

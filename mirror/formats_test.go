@@ -2,6 +2,7 @@ package mirror
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -207,5 +208,79 @@ repository = %q
 	rep, err = m.Run(ctx)
 	if err != nil || rep.Skipped != 5 {
 		t.Fatalf("%v %+v", err, rep)
+	}
+}
+
+// TestMirrorPrefetchProfiles applies a prefetch profile found in the prefetch
+// directory when it was recorded for the image being mirrored, and ignores a
+// profile recorded for another image.
+func TestMirrorPrefetchProfiles(t *testing.T) {
+	ctx := context.Background()
+	src, dst := newServer(t), newServer(t)
+	imageSet(t, src, 16<<10)
+	digestOf := func(tag string) v1.Hash {
+		ref, _ := name.ParseReference(src.host + "/lib/a:" + tag)
+		d, err := remote.Head(ref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d.Digest
+	}
+	dir := t.TempDir()
+	writeProfile := func(file string, digest v1.Hash) *prefetch.Profile {
+		p := &prefetch.Profile{
+			Version: prefetch.ProfileVersion, Kind: prefetch.ProfileKind, Digest: digest.String(),
+			Layers: []prefetch.Layer{{Runs: 1, Files: []prefetch.File{{Path: "etc/os-release", Size: 8, Count: 1}}}},
+		}
+		// The profile covers the base layer, which every lib/a image shares.
+		ref, _ := name.ParseReference(src.host + "/lib/a:1.0")
+		img, err := remote.Image(ref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ls, _ := img.Layers()
+		base, _ := ls[0].Digest()
+		p.Layers[0].Digest = base.String()
+		b, err := json.Marshal(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, file), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	own := writeProfile("lib_a.1.0.json", digestOf("1.0"))
+	writeProfile("lib_a.1.1.json", digestOf("1.0")) // recorded for 1.0, found for 1.1
+
+	c := testConfig(t, src, dst, fmt.Sprintf("prefetch_dir = %q", dir))
+	rep, err := newMirror(t, c).Run(ctx)
+	if err != nil || !rep.OK() {
+		t.Fatalf("%v %+v", err, rep)
+	}
+	withProfile, _ := convert.New(convert.WithPrefetch(own))
+	defer withProfile.Close()
+	without, _ := convert.New()
+	defer without.Close()
+	for _, ir := range rep.Images {
+		sref, _ := name.ParseReference(ir.Source)
+		if sref.Context().RepositoryStr() != "lib/a" || (sref.Identifier() != "1.0" && sref.Identifier() != "1.1") {
+			continue
+		}
+		simg, err := remote.Image(sref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conv := without
+		if sref.Identifier() == "1.0" {
+			conv = withProfile
+		}
+		want, err := conv.Image(ctx, simg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ir.Digest != want.Digest.String() {
+			t.Errorf("%s: mirror wrote %s, want %s (profile applied only to its own image)", ir.Source, ir.Digest, want.Digest)
+		}
 	}
 }

@@ -113,7 +113,7 @@ type Mirror struct {
 	layerSF singleflight.Group // by record key, across sessions
 
 	listMu sync.Mutex
-	lists  map[string]*prefetch.List
+	lists  map[string]prefetch.Source
 
 	converted, fromRecords, recordFailures atomic.Int64
 
@@ -160,7 +160,7 @@ func New(cfg *Config, opts ...Option) (*Mirror, error) {
 		listRT:   imageio.PolicyTransport(rt, cfg.PlainHTTP),
 		format:   FormatAnnotation(f, cfg.Level, cfg.ChunkSize),
 		sessions: map[*session]bool{},
-		lists:    map[string]*prefetch.List{},
+		lists:    map[string]prefetch.Source{},
 	}
 	ref, err := client.ParseRef(cfg.RecordsRepository + ":probe")
 	if err != nil || ref.IsLayout() {
@@ -571,7 +571,7 @@ func (m *Mirror) attempt(ctx context.Context, j Job, st *imageStats) (status, sr
 			return StatusSkipped, srcDigest, dgst, nil
 		}
 	}
-	list, err := m.prefetchFor(j)
+	list, err := m.prefetchFor(ctx, j, src.Descriptor.Digest)
 	if err != nil {
 		return "", srcDigest, "", err
 	}
@@ -772,7 +772,7 @@ func PrefetchFile(dir, repoPath, tag string) []string {
 	return []string{filepath.Join(dir, base+"."+tag+".json"), filepath.Join(dir, base+".json")}
 }
 
-func (m *Mirror) prefetchFor(j Job) (*prefetch.List, error) {
+func (m *Mirror) prefetchFor(ctx context.Context, j Job, digest v1.Hash) (prefetch.Source, error) {
 	if m.cfg.PrefetchDir == "" {
 		return nil, nil
 	}
@@ -783,17 +783,18 @@ func (m *Mirror) prefetchFor(j Job) (*prefetch.List, error) {
 		m.listMu.Lock()
 		l, ok := m.lists[f]
 		m.listMu.Unlock()
-		if ok {
-			return l, nil
+		if !ok {
+			var err error
+			if l, err = prefetch.Load(f); err != nil {
+				return nil, err
+			}
+			m.listMu.Lock()
+			m.lists[f] = l
+			m.listMu.Unlock()
 		}
-		l, err := prefetch.LoadList(f)
-		if err != nil {
-			return nil, err
-		}
-		m.listMu.Lock()
-		m.lists[f] = l
-		m.listMu.Unlock()
-		return l, nil
+		// A profile recorded for another image (say, an older tag) is
+		// ignored with a warning.
+		return prefetch.For(ctx, l, j.Source, digest), nil
 	}
 	return nil, nil
 }
