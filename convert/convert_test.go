@@ -17,7 +17,6 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/validate"
 	"github.com/lazybase/lazybase/convert"
 	"github.com/lazybase/lazybase/internal/testimage"
-	"github.com/lazybase/lazybase/prefetch"
 	digest "github.com/opencontainers/go-digest"
 )
 
@@ -470,21 +469,4 @@ func TestCloseWaitsForConversionsUnderWay(t *testing.T) {
 	if _, err := c.Layer(context.Background(), src, v1.Hash{}); err == nil {
 		t.Error("closed converter converted")
 	}
-}
-
-func TestPrefetchListRebuildsAnEStargzLayer(t *testing.T) {
-	first, err := newConverter(t).Image(context.Background(), seedImage(t, 71))
-	if err != nil {
-		t.Fatal(err)
-	}
-	list := &prefetch.List{Version: prefetch.ListVersion, Files: []string{"etc/hostname"}}
-	again, err := newConverter(t, convert.WithPrefetch(list)).Image(context.Background(), first.Image)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// The second layer holds etc/hostname: it is rebuilt with it first.
-	if l := again.Layers[1]; l.Reused || l.Prefetch != 1 {
-		t.Errorf("layer with a prefetched file: reused=%v prefetched=%d, want rebuilt with 1", l.Reused, l.Prefetch)
-	}
-	checkConverted(t, first.Image, again)
 }

@@ -113,18 +113,12 @@ func (c *Converter) convertLayer(ctx context.Context, src v1.Layer, dgst, diffID
 	defer rc.Close()
 	blob := &sourceReader{r: rc, h: sha256.New(), ctx: ctx, total: size, layer: dgst, progress: c.opts.progress}
 
-	var files []string
-	if c.opts.prefetch != nil {
-		files = c.opts.prefetch.PrefetchFiles(diffID, dgst)
-	}
-	// An eStargz layer is kept as it is unless asked otherwise, or unless a
-	// prefetch list wants files of it placed first.
-	reuse := !c.opts.force && len(files) == 0 && c.opts.format == FormatEStargz && comp == compGzip && srcAnn[AnnotationTOCDigest] != ""
+	reuse := !c.opts.force && c.opts.format == FormatEStargz && comp == compGzip && srcAnn[AnnotationTOCDigest] != ""
 	var l *Layer
 	if reuse {
 		l, err = c.reuseLayer(ctx, blob, out, srcAnn, diffID, &res)
 	} else {
-		l, err = c.rebuildLayer(ctx, blob, comp, out, srcAnn, diffID, files, &res)
+		l, err = c.rebuildLayer(ctx, blob, comp, out, srcAnn, diffID, &res)
 	}
 	if err != nil {
 		return nil, blameBlob(ctx, blob, res.Source, err)
@@ -210,7 +204,7 @@ func (c *Converter) reuseLayer(ctx context.Context, blob *sourceReader, out *os.
 }
 
 // rebuildLayer converts a layer, reading and decompressing its blob once.
-func (c *Converter) rebuildLayer(ctx context.Context, blob *sourceReader, comp compression, out *os.File, srcAnn map[string]string, diffID v1.Hash, files []string, res *LayerResult) (*Layer, error) {
+func (c *Converter) rebuildLayer(ctx context.Context, blob *sourceReader, comp compression, out *os.File, srcAnn map[string]string, diffID v1.Hash, res *LayerResult) (*Layer, error) {
 	codec, err := c.codec()
 	if err != nil {
 		return nil, err
@@ -244,6 +238,10 @@ func (c *Converter) rebuildLayer(ctx context.Context, blob *sourceReader, comp c
 	ow := bufio.NewWriterSize(io.MultiWriter(out, odig), 1<<20)
 	w := newLayerWriter(ctx, ow, codec, c.pool, c.opts.chunkSize, 2*c.opts.workers+2)
 
+	var files []string
+	if c.opts.prefetch != nil {
+		files = c.opts.prefetch.PrefetchFiles(diffID, res.Source.Digest)
+	}
 	if len(files) == 0 {
 		err = c.streamEntries(ctx, srcDiff, w)
 	} else {
