@@ -78,6 +78,11 @@ type Config struct {
 	// FUSE configures the FUSE mounts (table "fuse").
 	FUSE FUSEConfig `toml:"fuse"`
 
+	// Guard configures the export guard, which materializes the compressed
+	// blobs of lazily mounted layers into containerd's content store
+	// (table "guard").
+	Guard GuardConfig `toml:"guard"`
+
 	// DefaultMode is the mode of images no policy rule matches (key
 	// "default_mode"). Default "lazy".
 	DefaultMode Mode `toml:"default_mode"`
@@ -218,6 +223,33 @@ type FUSEConfig struct {
 	EntryTimeout Duration `toml:"entry_timeout"`
 }
 
+// GuardConfig configures the export guard. The policy decides per image
+// when a lazily mounted layer's blob is materialized: export-base at once
+// when the layer is mounted, lazy in the background after Delay, lazy-only
+// never (eager layers are pulled normally and need no guard).
+type GuardConfig struct {
+	// Enable materializes the blobs of lazily mounted layers into the
+	// content store of the containerd namespace that mounted them (key
+	// "guard.enable"). Default true.
+	Enable bool `toml:"enable"`
+
+	// ContainerdAddress is containerd's gRPC unix socket (key
+	// "guard.containerd_address"). The daemon connects when the first layer
+	// needs its blob and retries while containerd is not up. Absolute path.
+	// Default "/run/containerd/containerd.sock".
+	ContainerdAddress string `toml:"containerd_address"`
+
+	// Parallelism is how many blobs are transferred at once (key
+	// "guard.parallelism"). 1 to 64. Default 4.
+	Parallelism int `toml:"parallelism"`
+
+	// Delay is how long after its mount a layer of a "lazy" image waits
+	// before its blob is materialized, so that on-demand reads and prefetch
+	// go first (key "guard.delay"). Export-base layers never wait. A
+	// duration such as "10s", "0s" or more. Default "10s".
+	Delay Duration `toml:"delay"`
+}
+
 // PolicyRule decides the Mode of the images whose reference matches.
 type PolicyRule struct {
 	// Match is a glob on the image reference as containerd passes it
@@ -269,6 +301,12 @@ func DefaultConfig() Config {
 		FUSE: FUSEConfig{
 			AttrTimeout:  Duration(time.Second),
 			EntryTimeout: Duration(time.Second),
+		},
+		Guard: GuardConfig{
+			Enable:            true,
+			ContainerdAddress: "/run/containerd/containerd.sock",
+			Parallelism:       4,
+			Delay:             Duration(10 * time.Second),
 		},
 		DefaultMode: ModeLazy,
 	}
@@ -444,6 +482,14 @@ func (c *Config) Validate() error {
 	}
 	wholeSeconds("fuse.attr_timeout", c.FUSE.AttrTimeout)
 	wholeSeconds("fuse.entry_timeout", c.FUSE.EntryTimeout)
+
+	absPath("guard.containerd_address", c.Guard.ContainerdAddress, c.Guard.Enable)
+	if c.Guard.Parallelism < 1 || c.Guard.Parallelism > 64 {
+		bad("guard.parallelism", "%d: want 1 to 64", c.Guard.Parallelism)
+	}
+	if c.Guard.Delay < 0 {
+		bad("guard.delay", "%s: must not be negative", c.Guard.Delay.D())
+	}
 
 	if err := c.DefaultMode.check(); err != nil {
 		bad("default_mode", "%v", err)

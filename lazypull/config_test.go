@@ -119,6 +119,14 @@ func TestParseConfigInvalid(t *testing.T) {
 		{"passthrough memory cache", "[fuse]\npassthrough = true\n[cache]\nfs_cache = \"memory\"", "fuse.passthrough"},
 		{"attr timeout", "[fuse]\nattr_timeout = \"100ms\"", "fuse.attr_timeout"},
 		{"entry timeout", "[fuse]\nentry_timeout = \"-1s\"", "fuse.entry_timeout"},
+		{"guard address relative", "[guard]\ncontainerd_address = \"containerd.sock\"", "guard.containerd_address"},
+		{"guard address empty", "[guard]\ncontainerd_address = \"\"", "guard.containerd_address"},
+		{"guard parallelism", "[guard]\nparallelism = 0", "guard.parallelism"},
+		{"guard parallelism too many", "[guard]\nparallelism = 65", "guard.parallelism"},
+		{"guard delay negative", "[guard]\ndelay = \"-1s\"", "guard.delay"},
+		{"guard delay syntax", "[guard]\ndelay = \"later\"", "guard.delay"},
+		{"guard enable type", "[guard]\nenable = 1", "guard.enable"},
+		{"guard unknown key", "[guard]\nnamespace = \"buildkit\"", "guard.namespace"},
 		{"default mode", `default_mode = "sometimes"`, "default_mode"},
 		{"policy match empty", "[[policy]]\nmatch = \"\"\nmode = \"lazy\"", "policy[0].match"},
 		{"policy match class", "[[policy]]\nmatch = \"a\"\nmode = \"lazy\"\n[[policy]]\nmatch = \"[abc\"\nmode = \"lazy\"", "policy[1].match"},
@@ -249,5 +257,28 @@ entry_timeout = "3s"
 	}
 	if len(opts) != 1 {
 		t.Errorf("want the registry hosts option, got %d options", len(opts))
+	}
+}
+
+func TestParseConfigGuard(t *testing.T) {
+	cfg, err := ParseConfig(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := cfg.Guard
+	if !g.Enable || g.ContainerdAddress != "/run/containerd/containerd.sock" || g.Parallelism != 4 || g.Delay.D() != 10*time.Second {
+		t.Errorf("guard defaults %+v", g)
+	}
+	cfg, err = ParseConfig([]byte("[guard]\nenable = true\ncontainerd_address = \"/tmp/x/containerd.sock\"\nparallelism = 8\ndelay = \"0s\""))
+	if err != nil {
+		t.Fatal(err)
+	}
+	g = cfg.Guard
+	if g.ContainerdAddress != "/tmp/x/containerd.sock" || g.Parallelism != 8 || g.Delay.D() != 0 {
+		t.Errorf("guard values %+v", g)
+	}
+	// A disabled guard needs no containerd address.
+	if cfg, err = ParseConfig([]byte("[guard]\nenable = false\ncontainerd_address = \"\"")); err != nil || cfg.Guard.Enable {
+		t.Errorf("disabled guard: %+v, %v", cfg.Guard, err)
 	}
 }

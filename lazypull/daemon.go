@@ -34,6 +34,7 @@ type Daemon struct {
 	base   snapshots.Snapshotter
 	sn     snapshots.Snapshotter
 	access *accessRecorder
+	guard  *guardTrigger // nil when guard.enable is false
 	closed sync.Once
 	err    error
 }
@@ -81,14 +82,26 @@ func NewDaemon(ctx context.Context, cfg Config) (*Daemon, error) {
 		}
 		return nil, fmt.Errorf("snapshotter at %s: %w", snRoot, err)
 	}
-	return &Daemon{
+	psn := &policySnapshotter{Snapshotter: base, policy: policy, m: m}
+	d := &Daemon{
 		cfg:    cfg,
 		m:      m,
 		fs:     tfs,
 		base:   base,
 		access: access,
-		sn:     &policySnapshotter{Snapshotter: base, policy: policy, m: m},
-	}, nil
+		sn:     psn,
+	}
+	if cfg.Guard.Enable {
+		if d.guard, err = newDaemonGuard(ctx, cfg, m.reg); err != nil {
+			base.Close()
+			if access != nil {
+				access.stop()
+			}
+			return nil, err
+		}
+		psn.lazy = d.guardMounted
+	}
+	return d, nil
 }
 
 // Snapshotter returns the policy-applying snapshotter the daemon serves.
@@ -131,6 +144,9 @@ func (d *Daemon) Serve(ctx context.Context) (retErr error) {
 
 	mux := http.NewServeMux()
 	mux.Handle("GET /status", d.statusHandler())
+	if d.guard != nil {
+		mux.Handle("GET /guard", d.guard.handler())
+	}
 	mux.Handle("GET /metrics", promhttp.HandlerFor(d.m.gatherer(), promhttp.HandlerOpts{}))
 	httpSrv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 
@@ -225,7 +241,12 @@ func listenUnix(path string, mode os.FileMode) (net.Listener, error) {
 func (d *Daemon) Close() error {
 	d.closed.Do(func() {
 		ctx := context.Background()
-		if err := d.base.Close(); err != nil {
+		if d.guard != nil {
+			if err := d.guard.close(); err != nil {
+				d.err = fmt.Errorf("closing export guard: %w", err)
+			}
+		}
+		if err := d.base.Close(); err != nil && d.err == nil {
 			d.err = fmt.Errorf("closing snapshotter: %w", err)
 		}
 		if err := unmountLeftovers(ctx, filepath.Join(d.cfg.Root, "snapshotter", "snapshots")); err != nil && d.err == nil {

@@ -6,6 +6,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 )
 
@@ -15,6 +16,9 @@ type policySnapshotter struct {
 	snapshots.Snapshotter
 	policy *Policy
 	m      *metrics
+	// lazy, when set, is told about every layer mounted lazily, with the
+	// containerd namespace of the request in ctx.
+	lazy func(ctx context.Context, plan preparePlan)
 }
 
 var _ snapshots.Snapshotter = (*policySnapshotter)(nil)
@@ -52,7 +56,13 @@ func (s *policySnapshotter) Prepare(ctx context.Context, key, parent string, opt
 	}
 	// snapshots.WithLabels merges, so the labels are replaced by an option of
 	// our own, applied last; the plan's labels carry every label kept.
-	return s.Snapshotter.Prepare(ctx, key, parent, append(opts, replaceLabels(plan.Labels))...)
+	mounts, err := s.Snapshotter.Prepare(ctx, key, parent, append(opts, replaceLabels(plan.Labels))...)
+	// The upstream snapshotter answers a successful remote mount with
+	// "already exists": the layer's committed snapshot is there.
+	if plan.Remote && errdefs.IsAlreadyExists(err) && s.lazy != nil {
+		s.lazy(ctx, plan)
+	}
+	return mounts, err
 }
 
 // replaceLabels is a snapshots.Opt that sets the labels to a copy of labels.
