@@ -115,6 +115,9 @@ func (c *Converter) convertLayer(ctx context.Context, src v1.Layer, dgst, diffID
 
 	reuse := !c.opts.force && c.opts.format == FormatEStargz && comp == compGzip && srcAnn[AnnotationTOCDigest] != ""
 	var l *Layer
+	if reuse && c.opts.prefetch != nil && len(c.opts.prefetch.PrefetchFiles(diffID, dgst)) > 0 {
+		log.G(ctx).Warn("layer already is eStargz and is kept as it is: the prefetch list does not apply to it (use force to rebuild it with the list)")
+	}
 	if reuse {
 		l, err = c.reuseLayer(ctx, blob, out, srcAnn, diffID, &res)
 	} else {
