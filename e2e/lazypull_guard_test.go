@@ -1,0 +1,219 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/lazybase/lazybase/e2e/harness"
+	"github.com/lazybase/lazybase/lazypull"
+)
+
+// TestLazypullGuardExport runs the multi-stage build on buildkitd's
+// containerd worker with the lazybase snapshotter and its export guard: the
+// final stage's base (debian-like, eStargz) is an export-base, so the daemon
+// materializes its blob into the buildkit namespace's content store as soon
+// as it is mounted; the builder base (golang-like) is lazy-only. The export
+// (push to the harness registry) must then fetch no byte of the final base's
+// blob, the builder base must stay mostly unfetched, and the pushed image
+// must reference the lazy base's own layer blobs.
+func TestLazypullGuardExport(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	// The daemon starts before containerd, whose socket lives in the
+	// stack's own directory: the guard dials this link, made once the
+	// stack runs, and retries until it resolves.
+	link := filepath.Join(dir, "containerd.sock")
+	cfg := filepath.Join(dir, "lazybase.toml")
+	toml := fmt.Sprintf(`[background_fetch]
+enable = false
+[guard]
+containerd_address = %q
+[[policy]]
+match = "*/%s:*"
+mode = "export-base"
+[[policy]]
+match = "*/%s:*"
+mode = "lazy-only"
+`, link, repoDebian, repoGolang)
+	if err := os.WriteFile(cfg, []byte(toml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("LAZYBASE_SNAPSHOTTER_CONFIG", cfg)
+	s := harness.Start(ctx, t,
+		harness.WithLazySnapshotter(harness.Lazybase),
+		harness.WithBuildkitLazy(),
+	)
+	if err := os.Symlink(s.Containerd.Address, link); err != nil {
+		t.Fatal(err)
+	}
+	debian, golang := publishAll(ctx, t, s)
+
+	work := t.TempDir()
+	dockerfile := "FROM " + s.Registry.Ref(repoGolang, tagEStargz) + ` AS build
+ENV CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-buildvcs=false GOCACHE=/tmp/gocache
+WORKDIR /src
+COPY main.go .
+RUN go build -o /out/hello main.go
+
+FROM ` + s.Registry.Ref(repoDebian, tagEStargz) + `
+COPY --from=build /out/hello /usr/local/bin/hello
+CMD ["/usr/local/bin/hello"]
+`
+	for name, body := range map[string]string{"Dockerfile": dockerfile, "main.go": helloMain} {
+		if err := os.WriteFile(filepath.Join(work, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	common := []string{"build", "--frontend", "dockerfile.v0", "--local", "context=" + work, "--local", "dockerfile=" + work}
+	p := s.Registry.Proxy
+
+	p.SetPhase("build")
+	start := time.Now()
+	if _, err := s.Buildkit.Buildctl(ctx, common...); err != nil {
+		t.Fatalf("%v\n%s", err, s.Logs(40))
+	}
+	record(t, "lazybase-guard-build", time.Since(start))
+
+	// The guard started on the debian-like layers when they were mounted;
+	// wait until the status API says every one is in the content store.
+	debianLayers := layerDigests(t, debian.estargz)
+	// The golang-like image is built on the debian-like one: the layers
+	// they share are export bases; the rest is lazy-only.
+	shared := map[string]bool{}
+	for _, d := range debianLayers {
+		shared[d] = true
+	}
+	builderOnly := map[string]int64{}
+	for d, size := range layerSizes(t, golang.estargz) {
+		if !shared[d] {
+			builderOnly[d] = size
+		}
+	}
+	if len(builderOnly) == 0 {
+		t.Fatal("the golang-like image has no layer of its own")
+	}
+	start = time.Now()
+	statusSocket := s.Snapshotter.Address + ".status"
+	for {
+		st, err := fetchGuardStatus(ctx, statusSocket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		state := map[string]lazypull.GuardLayerStatus{}
+		for _, l := range st.Layers {
+			if l.Namespace == harness.BuildkitNamespace {
+				state[l.Layer] = l
+			}
+		}
+		done := true
+		for _, d := range debianLayers {
+			l := state[d]
+			if l.State == lazypull.GuardFailed {
+				t.Fatalf("guard failed on final base layer %s: %s", d, l.Error)
+			}
+			done = done && l.Materialized
+		}
+		for d := range builderOnly {
+			if l, ok := state[d]; ok && l.State != lazypull.GuardSkipped {
+				t.Errorf("lazy-only builder layer %s: guard state %q, want %q", d, l.State, lazypull.GuardSkipped)
+			}
+		}
+		if done {
+			break
+		}
+		if time.Since(start) > 2*time.Minute {
+			t.Fatalf("final base layers not materialized after 2m: %+v\n%s", st.Layers, s.Logs(40))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Logf("guard wait after the build: %s", time.Since(start).Round(time.Millisecond))
+
+	p.SetPhase("export")
+	out := s.Registry.DirectRef("e2e/hello-guard", "latest")
+	start = time.Now()
+	if _, err := s.Buildkit.Buildctl(ctx, append(common, "--output", "type=image,name="+out+",push=true,registry.insecure=true")...); err != nil {
+		t.Fatalf("%v\n%s", err, s.Logs(40))
+	}
+	exportTime := time.Since(start)
+	record(t, "lazybase-guard-export-push", exportTime)
+	p.SetPhase("")
+
+	build, export := p.StatsFor("build"), p.StatsFor("export")
+	t.Logf("export phase: %s, %d blob bytes fetched from the source registry", exportTime.Round(time.Millisecond), export.BlobBytes())
+	for d, size := range layerSizes(t, debian.estargz) {
+		e := export.Blob(d)
+		t.Logf("final base layer %s (%d bytes): build phase fetched %d, export phase %d bytes in %d GETs", d, size, build.Blob(d).Bytes, e.Bytes, e.GETs)
+		if e.Bytes != 0 {
+			t.Errorf("final base layer %s: %d bytes fetched during the export", d, e.Bytes)
+		}
+	}
+	for d, size := range builderOnly {
+		b, e := build.Blob(d), export.Blob(d)
+		covered := b.Covered() + e.Covered()
+		t.Logf("builder base layer %s (%d bytes): build fetched %d (%.1f%%), export %d", d, size, b.Covered(), 100*build.Coverage(d, size), e.Bytes)
+		if b.FullGETs+e.FullGETs != 0 {
+			t.Errorf("lazy-only layer %s fetched whole", d)
+		}
+		if covered*2 >= size {
+			t.Errorf("lazy-only layer %s: %d of %d bytes fetched, want under half", d, covered, size)
+		}
+	}
+
+	ref, err := name.ParseReference(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := remote.Image(ref, remote.WithContext(ctx))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pushed := layerDigests(t, img)
+	if len(pushed) != len(debianLayers)+1 {
+		t.Fatalf("pushed image has layers %v, want the %d base layers and one more", pushed, len(debianLayers))
+	}
+	for i, d := range debianLayers {
+		if pushed[i] != d {
+			t.Errorf("pushed layer %d is %s, want the lazy base's %s", i, pushed[i], d)
+		}
+	}
+}
+
+// fetchGuardStatus reads the export guard's status from the daemon's status
+// socket.
+func fetchGuardStatus(ctx context.Context, socket string) (*lazypull.GuardStatus, error) {
+	c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", socket)
+	}}}
+	defer c.CloseIdleConnections()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://lazybase/guard", nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("guard status on %s: %w", socket, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("guard status on %s: %s", socket, resp.Status)
+	}
+	var st lazypull.GuardStatus
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		return nil, fmt.Errorf("guard status on %s: %w", socket, err)
+	}
+	return &st, nil
+}
