@@ -254,3 +254,24 @@ func TestStripDigest(t *testing.T) {
 		}
 	}
 }
+
+// TestDaemonGuardMountedNamespace: the daemon's hook hands a lazily mounted
+// layer to the guard under the namespace of the Prepare's context, and the
+// blob lands in that namespace's content store.
+func TestDaemonGuardMountedNamespace(t *testing.T) {
+	e := newGuardEnv(t)
+	g := e.trigger(t, guardCfg(0), 0, nil)
+	d := &Daemon{guard: g}
+	plan := preparePlan{Candidate: true, Remote: true, Ref: e.ref, Layer: e.layer.String(), Decision: Decision{Mode: ModeExportBase, Rule: 0}}
+	d.guardMounted(namespaces.WithNamespace(context.Background(), "builder-ns"), plan)
+	waitState(t, g, "builder-ns", e.layer, GuardMaterialized)
+	if _, err := e.store.Info(namespaces.WithNamespace(context.Background(), "builder-ns"), e.layer); err != nil {
+		t.Fatal(err)
+	}
+	// Without a namespace the layer goes to containerd's default one.
+	d.guardMounted(context.Background(), plan)
+	waitState(t, g, namespaces.Default, e.layer, GuardMaterialized)
+	if got := d.GuardStatus(); len(got.Layers) != 2 {
+		t.Errorf("guard status %+v, want the layer in two namespaces", got.Layers)
+	}
+}
