@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -149,7 +150,31 @@ CMD ["/usr/local/bin/hello"]
 	}
 	exportTime := time.Since(start)
 	record(t, "lazybase-guard-export-push", exportTime)
+
+	p.SetPhase("export-oci")
+	start = time.Now()
+	ociTar := filepath.Join(t.TempDir(), "hello.oci.tar")
+	if _, err := s.Buildkit.Buildctl(ctx, append(common, "--output", "type=oci,dest="+ociTar)...); err != nil {
+		t.Fatalf("%v\n%s", err, s.Logs(40))
+	}
+	record(t, "lazybase-guard-export-oci", time.Since(start))
 	p.SetPhase("")
+	if fi, err := os.Stat(ociTar); err != nil || fi.Size() == 0 {
+		t.Errorf("OCI export %s: %v", ociTar, err)
+	}
+	if oci := p.StatsFor("export-oci"); oci.BlobBytes() != 0 {
+		t.Errorf("type=oci export fetched %d blob bytes from the source registry", oci.BlobBytes())
+	}
+
+	// The materialized blobs are held in the daemon's lease in the
+	// builder's namespace.
+	leaseOut, err := s.Containerd.CtrNS(ctx, harness.BuildkitNamespace, "leases", "ls")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(leaseOut, lazypull.GuardLeaseID) {
+		t.Errorf("no lease %s in namespace %s:\n%s", lazypull.GuardLeaseID, harness.BuildkitNamespace, leaseOut)
+	}
 
 	build, export := p.StatsFor("build"), p.StatsFor("export")
 	t.Logf("export phase: %s, %d blob bytes fetched from the source registry", exportTime.Round(time.Millisecond), export.BlobBytes())
