@@ -29,7 +29,7 @@ func newPrefetchCmd() *cobra.Command {
 reads, in the order it first reads them. lazybase convert --prefetch takes a
 profile (or a simple prefetch list) and places those files first in each layer.`,
 	}
-	cmd.AddCommand(newPrefetchCollectCmd(), newPrefetchMergeCmd(), newPrefetchShowCmd())
+	cmd.AddCommand(newPrefetchCollectCmd(), newPrefetchMergeCmd(), newPrefetchShowCmd(), newPrefetchRecordCmd())
 	return cmd
 }
 
