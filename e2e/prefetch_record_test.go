@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -75,6 +76,26 @@ func TestPrefetchRecord(t *testing.T) {
 	}
 	if !found {
 		t.Fatalf("profile has no %s:\n%+v", goBin, p.Layers)
+	}
+
+	// A failing command: the profile is still written, the error names
+	// the status.
+	failed := filepath.Join(dir, "failed.json")
+	out, err = exec.CommandContext(ctx, bin, "prefetch", "record", "--image", lazyRef,
+		"--containerd", s.Containerd.Address, "--namespace", s.Containerd.Namespace,
+		"--access-dir", access, "-o", failed, "--", "sh", "-c", "go version; exit 3").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "status 3") {
+		t.Errorf("failing command: %v\n%s", err, out)
+	}
+	if _, err := prefetch.LoadProfile(failed); err != nil {
+		t.Errorf("failing command: no profile: %v", err)
+	}
+	// An image that is not eStargz is not lazily mounted: nothing recorded.
+	out, err = exec.CommandContext(ctx, bin, "prefetch", "record", "--image", s.Registry.Ref(repoGolang, tagGzip),
+		"--containerd", s.Containerd.Address, "--namespace", s.Containerd.Namespace,
+		"--access-dir", access, "-o", filepath.Join(dir, "gzip.json"), "--", "go", "version").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "lazily mounted") {
+		t.Errorf("gzip image: %v\n%s", err, out)
 	}
 
 	c, err := convert.New(convert.WithPrefetch(p))
