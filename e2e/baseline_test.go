@@ -72,6 +72,31 @@ import "fmt"
 func main() { fmt.Println("hello from the lazybase e2e build") }
 `
 
+// multiStageContext writes the build context of the multi-stage build the
+// e2e tests run into a new temporary directory and returns it: a builder
+// stage FROM the golang-like image compiles helloMain, and the final stage
+// FROM the debian-like image copies the program; both images with tag.
+func multiStageContext(t *testing.T, s *harness.Stack, tag string) string {
+	t.Helper()
+	dir := t.TempDir()
+	dockerfile := "FROM " + s.Registry.Ref(repoGolang, tag) + ` AS build
+ENV CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-buildvcs=false GOCACHE=/tmp/gocache
+WORKDIR /src
+COPY main.go .
+RUN go build -o /out/hello main.go
+
+FROM ` + s.Registry.Ref(repoDebian, tag) + `
+COPY --from=build /out/hello /usr/local/bin/hello
+CMD ["/usr/local/bin/hello"]
+`
+	for name, body := range map[string]string{"Dockerfile": dockerfile, "main.go": helloMain} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
 // TestBuildkitMultiStage is the build baseline: buildkitd (containerd
 // worker) builds a program in a stage FROM the gzip golang-like image, copies
 // it onto the gzip debian-like image, and pushes the result; containerd then
@@ -82,22 +107,7 @@ func TestBuildkitMultiStage(t *testing.T) {
 	s := harness.Start(ctx, t, harness.WithBuildkit())
 	debian, golang := publishAll(ctx, t, s)
 
-	dir := t.TempDir()
-	dockerfile := "FROM " + s.Registry.Ref(repoGolang, tagGzip) + ` AS build
-ENV CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-buildvcs=false GOCACHE=/tmp/gocache
-WORKDIR /src
-COPY main.go .
-RUN go build -o /out/hello main.go
-
-FROM ` + s.Registry.Ref(repoDebian, tagGzip) + `
-COPY --from=build /out/hello /usr/local/bin/hello
-CMD ["/usr/local/bin/hello"]
-`
-	for name, body := range map[string]string{"Dockerfile": dockerfile, "main.go": helloMain} {
-		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
+	dir := multiStageContext(t, s, tagGzip)
 	out := s.Registry.DirectRef("e2e/hello", "latest")
 	mark := s.Registry.Proxy.Mark()
 	start := time.Now()

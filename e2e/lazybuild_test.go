@@ -4,8 +4,6 @@ package e2e
 
 import (
 	"context"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -30,22 +28,7 @@ func TestBuildkitLazyMultiStage(t *testing.T) {
 	)
 	debian, golang := publishAll(ctx, t, s)
 
-	dir := t.TempDir()
-	dockerfile := "FROM " + s.Registry.Ref(repoGolang, tagEStargz) + ` AS build
-ENV CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-buildvcs=false GOCACHE=/tmp/gocache
-WORKDIR /src
-COPY main.go .
-RUN go build -o /out/hello main.go
-
-FROM ` + s.Registry.Ref(repoDebian, tagEStargz) + `
-COPY --from=build /out/hello /usr/local/bin/hello
-CMD ["/usr/local/bin/hello"]
-`
-	for name, body := range map[string]string{"Dockerfile": dockerfile, "main.go": helloMain} {
-		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
+	dir := multiStageContext(t, s, tagEStargz)
 	common := []string{"build", "--frontend", "dockerfile.v0", "--local", "context=" + dir, "--local", "dockerfile=" + dir}
 	p := s.Registry.Proxy
 

@@ -35,22 +35,7 @@ func TestLazypullBuildkitMultiStage(t *testing.T) {
 	_, golang := publishAll(ctx, t, s)
 	golangRef := s.Registry.Ref(repoGolang, tagEStargz)
 
-	dir := t.TempDir()
-	dockerfile := "FROM " + golangRef + ` AS build
-ENV CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-buildvcs=false GOCACHE=/tmp/gocache
-WORKDIR /src
-COPY main.go .
-RUN go build -o /out/hello main.go
-
-FROM ` + s.Registry.Ref(repoDebian, tagEStargz) + `
-COPY --from=build /out/hello /usr/local/bin/hello
-CMD ["/usr/local/bin/hello"]
-`
-	for name, body := range map[string]string{"Dockerfile": dockerfile, "main.go": helloMain} {
-		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
+	dir := multiStageContext(t, s, tagEStargz)
 	p := s.Registry.Proxy
 	p.SetPhase("build")
 	start := time.Now()
