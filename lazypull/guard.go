@@ -102,7 +102,10 @@ type guardTrigger struct {
 	mu     sync.Mutex
 	guards map[string]*exportguard.Guard // by namespace
 	layers map[string]*GuardLayerStatus  // by namespace + "/" + digest
+	wake   map[string]chan struct{}      // closed to end a layer's delay, same keys
 	closed bool
+
+	promotions prometheus.Counter
 
 	onClose func() error // run last by close
 }
@@ -114,13 +117,18 @@ func newGuardTrigger(cfg GuardConfig, stores guardStores, sizer blobSizer, fetch
 		ctx: ctx, cancel: cancel,
 		guards: map[string]*exportguard.Guard{},
 		layers: map[string]*GuardLayerStatus{},
+		wake:   map[string]chan struct{}{},
+		promotions: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "lazybase", Subsystem: "guard", Name: "promotions_total",
+			Help: "Layers of lazy images materialized before guard.delay ended because the lazy filesystem started fetching their blob in earnest.",
+		}),
 		triggers: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "lazybase", Subsystem: "guard", Name: "triggers_total",
 			Help: "Lazily mounted layers handed to the export guard, by policy mode and action (now, delayed, skipped).",
 		}, []string{"mode", "action"}),
 	}
 	if reg != nil {
-		if err := reg.Register(g.triggers); err != nil {
+		if err := errors.Join(reg.Register(g.triggers), reg.Register(g.promotions)); err != nil {
 			cancel()
 			return nil, fmt.Errorf("registering guard metrics: %w", err)
 		}
@@ -163,6 +171,8 @@ func (g *guardTrigger) mounted(ctx context.Context, ev mountEvent) {
 		return
 	}
 	st.State = GuardScheduled
+	wake := make(chan struct{})
+	g.wake[key] = wake
 	g.wg.Add(1)
 	g.mu.Unlock()
 	l.WithField("delay", delay).Info("export guard: materializing blob")
@@ -173,10 +183,16 @@ func (g *guardTrigger) mounted(ctx context.Context, ev mountEvent) {
 			defer t.Stop()
 			select {
 			case <-t.C:
+			case <-wake:
 			case <-g.ctx.Done():
 				return
 			}
 		}
+		g.mu.Lock()
+		if g.wake[key] == wake {
+			delete(g.wake, key)
+		}
+		g.mu.Unlock()
 		g.materialize(ev, st)
 	}()
 }
@@ -409,7 +425,15 @@ func newDaemonGuard(ctx context.Context, cfg Config, reg prometheus.Registerer) 
 	if err != nil {
 		return nil, err
 	}
+	// The lazy filesystem reads the blobs the guard committed instead of
+	// fetching them again.
+	src := blobSourceFor(cfg.Root)
+	if err := src.attach(g.localBlob, g.promote, reg); err != nil {
+		g.close()
+		return nil, err
+	}
 	g.onClose = func() error {
+		src.detach()
 		mu.Lock()
 		defer mu.Unlock()
 		if conn == nil {

@@ -88,6 +88,9 @@ func (c *Config) upstream(ctx context.Context) (service.Config, []service.Option
 		}
 		hosts = resolver.RegistryHostsFromConfig(rc, creds)
 	}
+	// Blob reads are served from the export guard's verified copies once
+	// it has committed them (blobsource.go).
+	hosts = blobSourceFor(c.Root).wrapHosts(hosts)
 	return sc, []service.Option{service.WithCustomRegistryHosts(hosts)}
 }
 
