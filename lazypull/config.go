@@ -83,6 +83,10 @@ type Config struct {
 	// (table "guard").
 	Guard GuardConfig `toml:"guard"`
 
+	// Local unpacks lazily mounted layers once the export guard has their
+	// verified blobs, so later containers read them through overlayfs.
+	Local LocalConfig `toml:"local"`
+
 	// DefaultMode is the mode of images no policy rule matches (key
 	// "default_mode"). Default "lazy".
 	DefaultMode Mode `toml:"default_mode"`
@@ -250,6 +254,26 @@ type GuardConfig struct {
 	Delay Duration `toml:"delay"`
 }
 
+// LocalConfig configures local unpacking. Once the export guard has put a
+// lazily mounted layer's verified blob in the content store, the daemon
+// unpacks it next to the layer's FUSE mount, as containerd would unpack
+// it, and hands out mounts that use the unpacked directory from then on:
+// containers started afterwards (the next RUN step of a build) read the
+// layer through overlayfs alone, at local-disk cost, with no FUSE round
+// trip. Containers already running keep their lazy mounts. Layers of
+// lazy-only images are never unpacked; nothing is unpacked when the guard
+// is off. The unpacked copy costs the layer's uncompressed size on disk
+// and is removed with the snapshot.
+type LocalConfig struct {
+	// Enable turns local unpacking on (key "local.enable"). Default true.
+	Enable bool `toml:"enable"`
+
+	// Parallelism is how many layers are unpacked at once (key
+	// "local.parallelism"). 1 to 16. Default 1, so that unpacking takes one
+	// core at most from the build.
+	Parallelism int `toml:"parallelism"`
+}
+
 // PolicyRule decides the Mode of the images whose reference matches.
 type PolicyRule struct {
 	// Match is a glob on the image reference as containerd passes it
@@ -307,6 +331,10 @@ func DefaultConfig() Config {
 			ContainerdAddress: "/run/containerd/containerd.sock",
 			Parallelism:       4,
 			Delay:             Duration(10 * time.Second),
+		},
+		Local: LocalConfig{
+			Enable:      true,
+			Parallelism: 1,
 		},
 		DefaultMode: ModeLazy,
 	}
@@ -489,6 +517,10 @@ func (c *Config) Validate() error {
 	}
 	if c.Guard.Delay < 0 {
 		bad("guard.delay", "%s: must not be negative", c.Guard.Delay.D())
+	}
+
+	if c.Local.Parallelism < 1 || c.Local.Parallelism > 16 {
+		bad("local.parallelism", "%d: want 1 to 16", c.Local.Parallelism)
 	}
 
 	if err := c.DefaultMode.check(); err != nil {

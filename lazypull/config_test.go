@@ -119,6 +119,7 @@ func TestParseConfigInvalid(t *testing.T) {
 		{"passthrough memory cache", "[fuse]\npassthrough = true\n[cache]\nfs_cache = \"memory\"", "fuse.passthrough"},
 		{"attr timeout", "[fuse]\nattr_timeout = \"100ms\"", "fuse.attr_timeout"},
 		{"entry timeout", "[fuse]\nentry_timeout = \"-1s\"", "fuse.entry_timeout"},
+		{"local parallelism", "[local]\nparallelism = 0", "local.parallelism"},
 		{"guard address relative", "[guard]\ncontainerd_address = \"containerd.sock\"", "guard.containerd_address"},
 		{"guard address empty", "[guard]\ncontainerd_address = \"\"", "guard.containerd_address"},
 		{"guard parallelism", "[guard]\nparallelism = 0", "guard.parallelism"},
@@ -191,6 +192,7 @@ func TestDeployExampleLoads(t *testing.T) {
 		"[background_fetch]", "max_concurrency",
 		"[cache]", "http_cache", "fs_cache", "max_lru_entries", "max_open_files", "resolve_ttl",
 		"[fuse]", "passthrough", "attr_timeout", "entry_timeout",
+		"[guard]", "containerd_address", "parallelism", "delay", "[local]",
 		"default_mode", "[[policy]]", "match", "mode",
 	} {
 		if !strings.Contains(string(b), key) {

@@ -35,6 +35,7 @@ type Daemon struct {
 	sn     snapshots.Snapshotter
 	access *accessRecorder
 	guard  *guardTrigger // nil when guard.enable is false
+	local  *localizer    // nil when local.enable or guard.enable is false
 	closed sync.Once
 	err    error
 }
@@ -100,6 +101,13 @@ func NewDaemon(ctx context.Context, cfg Config) (*Daemon, error) {
 			return nil, err
 		}
 		psn.lazy = d.guardMounted
+		if cfg.Local.Enable {
+			d.local = newLocalizer(tfs, d.guard.verifiedBlob, cfg.Local.Parallelism, m)
+			psn.local = d.local
+			d.local.start(log.WithLogger(context.Background(), log.G(ctx)))
+		}
+	} else if cfg.Local.Enable {
+		log.G(ctx).Info("local unpacking is off: it unpacks the blobs the export guard materializes, and guard.enable is false")
 	}
 	return d, nil
 }
@@ -241,6 +249,9 @@ func listenUnix(path string, mode os.FileMode) (net.Listener, error) {
 func (d *Daemon) Close() error {
 	d.closed.Do(func() {
 		ctx := context.Background()
+		if d.local != nil {
+			d.local.stop()
+		}
 		if d.guard != nil {
 			if err := d.guard.close(); err != nil {
 				d.err = fmt.Errorf("closing export guard: %w", err)

@@ -19,6 +19,9 @@ type policySnapshotter struct {
 	// lazy, when set, is told about every layer mounted lazily, with the
 	// containerd namespace of the request in ctx.
 	lazy func(ctx context.Context, plan preparePlan)
+	// local, when set, replaces unpacked lazy layers in the mounts handed
+	// out.
+	local *localizer
 }
 
 var _ snapshots.Snapshotter = (*policySnapshotter)(nil)
@@ -36,7 +39,8 @@ func (s *policySnapshotter) Prepare(ctx context.Context, key, parent string, opt
 	}
 	plan := planPrepare(s.policy, info.Labels)
 	if !plan.Candidate {
-		return s.Snapshotter.Prepare(ctx, key, parent, opts...)
+		mounts, err := s.Snapshotter.Prepare(ctx, key, parent, opts...)
+		return s.localMounts(mounts), err
 	}
 	decidedBy := "default"
 	if plan.Decision.Rule >= 0 {
@@ -57,12 +61,34 @@ func (s *policySnapshotter) Prepare(ctx context.Context, key, parent string, opt
 	// snapshots.WithLabels merges, so the labels are replaced by an option of
 	// our own, applied last; the plan's labels carry every label kept.
 	mounts, err := s.Snapshotter.Prepare(ctx, key, parent, append(opts, replaceLabels(plan.Labels))...)
+	mounts = s.localMounts(mounts)
 	// The upstream snapshotter answers a successful remote mount with
 	// "already exists": the layer's committed snapshot is there.
 	if plan.Remote && errdefs.IsAlreadyExists(err) && s.lazy != nil {
 		s.lazy(ctx, plan)
 	}
 	return mounts, err
+}
+
+// View is the upstream View with unpacked lazy layers in place of their
+// lazy mounts.
+func (s *policySnapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	mounts, err := s.Snapshotter.View(ctx, key, parent, opts...)
+	return s.localMounts(mounts), err
+}
+
+// Mounts is the upstream Mounts with unpacked lazy layers in place of
+// their lazy mounts.
+func (s *policySnapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
+	mounts, err := s.Snapshotter.Mounts(ctx, key)
+	return s.localMounts(mounts), err
+}
+
+func (s *policySnapshotter) localMounts(mounts []mount.Mount) []mount.Mount {
+	if s.local == nil || len(mounts) == 0 {
+		return mounts
+	}
+	return s.local.rewrite(mounts)
 }
 
 // replaceLabels is a snapshots.Opt that sets the labels to a copy of labels.

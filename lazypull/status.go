@@ -41,6 +41,10 @@ type LayerStatus struct {
 	PrefetchBytes int64 `json:"prefetch_bytes"`
 	// FetchedPercent is 100*FetchedBytes/Size, -1 when unknown.
 	FetchedPercent float64 `json:"fetched_percent"`
+	// LocalDir is where the layer is unpacked locally (local.enable), ""
+	// until then; mounts handed out afterwards use it instead of the lazy
+	// mount.
+	LocalDir string `json:"local_dir,omitempty"`
 }
 
 // Status returns the daemon's lazily mounted layers, sorted by image and
@@ -55,6 +59,7 @@ func (d *Daemon) Status(ctx context.Context) (*Status, error) {
 		ls := LayerStatus{
 			Mountpoint: mp, Image: rec.image, Layer: rec.layer, Mode: rec.mode, MountedAt: rec.mountedAt,
 			Size: -1, FetchedBytes: -1, PrefetchBytes: -1, FetchedPercent: -1,
+			LocalDir: d.local.localDir(mp),
 		}
 		if s, ok := perMount[mp]; ok {
 			ls.Size, ls.FetchedBytes, ls.PrefetchBytes = s[0], s[1], s[2]

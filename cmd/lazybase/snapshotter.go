@@ -137,14 +137,18 @@ config's socket) with ".status" appended.`,
 				return enc.Encode(st)
 			}
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "IMAGE\tLAYER\tMODE\tFETCHED\tSIZE\tPERCENT\tMOUNTED")
+			fmt.Fprintln(tw, "IMAGE\tLAYER\tMODE\tFETCHED\tSIZE\tPERCENT\tLOCAL\tMOUNTED")
 			for _, l := range st.Layers {
 				pct := "unknown"
 				if l.FetchedPercent >= 0 {
 					pct = fmt.Sprintf("%.1f%%", l.FetchedPercent)
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", l.Image, layerShort(l.Layer), l.Mode,
-					sizeOrUnknown(l.FetchedBytes), sizeOrUnknown(l.Size), pct, l.MountedAt.Format(time.RFC3339))
+				local := "no"
+				if l.LocalDir != "" {
+					local = "yes"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", l.Image, layerShort(l.Layer), l.Mode,
+					sizeOrUnknown(l.FetchedBytes), sizeOrUnknown(l.Size), pct, local, l.MountedAt.Format(time.RFC3339))
 			}
 			return tw.Flush()
 		},
