@@ -132,7 +132,16 @@ func newSourceEnv(t *testing.T, size int) *sourceEnv {
 		t.Fatal(err)
 	}
 	dgst, _ := l.Digest()
+	store, lm := newContentStore(t)
+	return &sourceEnv{proxy: p, ref: repo.Name() + ":v1", data: data, layer: digest.Digest(dgst.String()),
+		store: store, leases: lm}
+}
 
+// newContentStore returns containerd's namespaced metadata content store
+// and lease manager over its local store, as the containerd daemon builds
+// them.
+func newContentStore(t *testing.T) (content.Store, leases.Manager) {
+	t.Helper()
 	dir := t.TempDir()
 	cs, err := local.NewStore(filepath.Join(dir, "content"))
 	if err != nil {
@@ -147,8 +156,7 @@ func newSourceEnv(t *testing.T, size int) *sourceEnv {
 	if err := db.Init(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	return &sourceEnv{proxy: p, ref: repo.Name() + ":v1", data: data, layer: digest.Digest(dgst.String()),
-		store: db.ContentStore(), leases: metadata.NewLeaseManager(db)}
+	return db.ContentStore(), metadata.NewLeaseManager(db)
 }
 
 // trigger returns a guard trigger over the env's content store, attached to

@@ -1,0 +1,133 @@
+package lazypull
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/leases"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
+	"github.com/moby/sys/mountinfo"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/lazybase/lazybase/internal/testimage"
+)
+
+// TestLazyReadsAfterGuardCommitStayLocal mounts an eStargz layer of an
+// export-base image lazily through the daemon, with background fetch on.
+// The guard materializes its blob into a containerd content store; after
+// that, reading every file of the FUSE mount in full takes no byte of the
+// blob from the registry: the registry sends the blob about once (the
+// guard's transfer plus the mount's table-of-contents reads), never twice.
+func TestLazyReadsAfterGuardCommitStayLocal(t *testing.T) {
+	requireFUSE(t)
+	reg := testimage.NewRegistry(t)
+	img := pushTestImage(t, reg, "base:estargz")
+	proxy := newCountingProxy(t, reg.Server.URL)
+	img.ref = strings.Replace(img.ref, reg.Host, proxy.host, 1)
+	layer := digest.Digest(img.layers[0].Digest.String())
+	size := img.layers[0].Size
+
+	root := t.TempDir()
+	td := startDaemon(t, root, func(c *Config) {
+		c.Policy = []PolicyRule{{Match: "*/base:estargz", Mode: ModeExportBase}}
+		c.Guard.Delay = Duration(time.Hour) // export-base must not wait for it
+	})
+	if td.d.guard == nil {
+		t.Fatal("the daemon runs no export guard")
+	}
+	// containerd's content store, in process, in place of the daemon's
+	// connection to a containerd socket.
+	store, lm := newContentStore(t)
+	td.d.guard.stores = func(context.Context) (content.Store, leases.Manager, error) { return store, lm, nil }
+
+	ctx := namespaces.WithNamespace(context.Background(), "builder")
+	if _, err := td.sn.Prepare(ctx, "extract-0", "", snapshots.WithLabels(img.unpackLabels(0, "chain-0"))); !errdefs.IsAlreadyExists(err) {
+		t.Fatalf("Prepare = %v, want a remote snapshot", err)
+	}
+	ms, err := mountinfo.GetMounts(mountinfo.PrefixFilter(root))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fuseDir string
+	for _, m := range ms {
+		if strings.HasPrefix(m.FSType, "fuse") {
+			fuseDir = m.Mountpoint
+		}
+	}
+	if fuseDir == "" {
+		t.Fatalf("no FUSE mount under %s", root)
+	}
+
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var st GuardLayerStatus
+		for _, l := range td.d.GuardStatus().Layers {
+			if l.Layer == layer.String() && l.Namespace == "builder" {
+				st = l
+			}
+		}
+		if st.Materialized {
+			break
+		}
+		if st.State == GuardFailed || time.Now().After(deadline) {
+			t.Fatalf("layer %s: guard state %q (%s), want materialized", layer, st.State, st.Error)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if _, err := store.Info(ctx, layer); err != nil {
+		t.Fatalf("blob not in the content store: %v", err)
+	}
+	atCommit := proxy.blobBytes(layer)
+
+	// Read every file of the lazy mount, in full, through FUSE.
+	var read int64
+	err = filepath.WalkDir(fuseDir, func(p string, d os.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return err
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		read += int64(len(b))
+		rel, _ := filepath.Rel(fuseDir, p)
+		if want, ok := img.files[rel]; ok && !bytes.Equal(b, want) {
+			t.Errorf("%s: bytes differ from the image's", rel)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want int64
+	for _, b := range img.files {
+		want += int64(len(b))
+	}
+	if read != want {
+		t.Errorf("read %d bytes of files, want %d", read, want)
+	}
+	// Leave the background fill a moment: it must not fetch either.
+	time.Sleep(time.Second)
+
+	total := proxy.blobBytes(layer)
+	src := blobSourceFor(root)
+	local := counterValue(t, src.bytes.WithLabelValues(sourceLocal))
+	t.Logf("blob %d bytes: registry sent %d before the commit (guard transfer and mount), %d after; %v bytes read locally", size, atCommit, total-atCommit, local)
+	if total != atCommit {
+		t.Errorf("the registry sent %d blob bytes after the guard's commit, want 0", total-atCommit)
+	}
+	if total >= 2*size {
+		t.Errorf("the registry sent %d bytes of a %d-byte blob: downloaded twice", total, size)
+	}
+	if local < float64(size)/2 {
+		t.Errorf("only %v bytes read from the local copy", local)
+	}
+}
