@@ -9,7 +9,8 @@ import (
 )
 
 // Buildkit is the Stack's buildkitd, with its containerd worker on the
-// Stack's containerd in namespace "buildkit".
+// Stack's containerd in namespace "buildkit", or with its OCI worker
+// (WithBuildkitOCI).
 type Buildkit struct {
 	// Address is buildkitd's gRPC address ("unix://...").
 	Address string
@@ -33,15 +34,7 @@ func (s *Stack) startBuildkit(ctx context.Context) (*Buildkit, error) {
 	if s.opts.buildkitLazy {
 		snapshotter = LazySnapshotterName
 	}
-	cfg := fmt.Sprintf(`root = %q
-
-[grpc]
-  address = ["unix://%s"]
-
-[otel]
-  socketPath = %q
-
-[worker.oci]
+	workers := fmt.Sprintf(`[worker.oci]
   enabled = false
 
 [worker.containerd]
@@ -53,13 +46,36 @@ func (s *Stack) startBuildkit(ctx context.Context) (*Buildkit, error) {
   [worker.containerd.runtime]
     name = "io.containerd.runc.v2"
     options = { Root = %q }
+`, s.Containerd.Address, BuildkitNamespace, snapshotter, s.path("containerd", "runc"))
+	if s.opts.buildkitOCI != "" {
+		// The OCI worker keeps its snapshots, content and runc state
+		// under root.
+		snapshotter = s.opts.buildkitOCI
+		workers = fmt.Sprintf(`[worker.oci]
+  enabled = true
+  snapshotter = %q
+  binary = %q
+  networkMode = "host"
+  gc = false
 
+[worker.containerd]
+  enabled = false
+`, snapshotter, s.bins.runc)
+	}
+	cfg := fmt.Sprintf(`root = %q
+
+[grpc]
+  address = ["unix://%s"]
+
+[otel]
+  socketPath = %q
+
+%s
 [registry.%q]
   http = true
 [registry.%q]
   http = true
-`, root, sock, s.path("buildkit-otel.sock"), s.Containerd.Address, BuildkitNamespace, snapshotter,
-		s.path("containerd", "runc"), s.Registry.Host(), s.Registry.Direct)
+`, root, sock, s.path("buildkit-otel.sock"), workers, s.Registry.Host(), s.Registry.Direct)
 	cfgPath := s.path("buildkitd.toml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		return nil, err

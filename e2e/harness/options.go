@@ -40,6 +40,10 @@ type options struct {
 	lazyConfig   string // extra TOML for the upstream stargz service
 	buildkit     bool
 	buildkitLazy bool
+	// buildkitOCI is the snapshotter of buildkitd's OCI worker; empty
+	// runs the containerd worker.
+	buildkitOCI  string
+	lazybaseTOML string // the lazybase daemon's config; empty: $LAZYBASE_SNAPSHOTTER_CONFIG
 	bandwidth    int64
 	rtt          time.Duration
 	namespace    string
@@ -98,6 +102,32 @@ func WithBuildkitLazy() Option {
 	}
 }
 
+// WithBuildkitOCI runs buildkitd with its OCI worker (runc from the
+// harness's PATH, state under the Stack's directory) on one of BuildKit's
+// own snapshotters, such as "overlayfs" or "stargz" (BuildKit's built-in
+// stargz snapshotter), instead of the containerd worker.
+func WithBuildkitOCI(snapshotter string) Option {
+	return func(o *options) error {
+		if snapshotter == "" {
+			return fmt.Errorf("buildkit OCI worker: empty snapshotter name")
+		}
+		o.buildkit = true
+		o.buildkitOCI = snapshotter
+		return nil
+	}
+}
+
+// WithLazybaseConfig gives the lazybase daemon this TOML configuration
+// instead of the file $LAZYBASE_SNAPSHOTTER_CONFIG names. Either way, the
+// harness sets guard.containerd_address to the Stack's containerd unless
+// the configuration names one.
+func WithLazybaseConfig(toml string) Option {
+	return func(o *options) error {
+		o.lazybaseTOML = toml
+		return nil
+	}
+}
+
 // WithBandwidth starts the shaping proxy with a bandwidth limit in bytes per
 // second (zero: unlimited).
 func WithBandwidth(bytesPerSecond int64) Option {
@@ -121,6 +151,9 @@ func makeOptions(opts ...Option) (*options, error) {
 		if err := opt(o); err != nil {
 			return nil, err
 		}
+	}
+	if o.buildkitLazy && o.buildkitOCI != "" {
+		return nil, fmt.Errorf("buildkit: WithBuildkitLazy uses the containerd worker, WithBuildkitOCI the OCI worker: choose one")
 	}
 	if o.buildkitLazy && o.lazy == NoLazySnapshotter {
 		return nil, fmt.Errorf("buildkit on the lazy snapshotter needs WithLazySnapshotter")

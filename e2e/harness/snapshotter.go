@@ -7,6 +7,8 @@ import (
 	"os"
 	"strings"
 	"time"
+
+	"github.com/pelletier/go-toml/v2"
 )
 
 // LazySnapshotterName is the proxy snapshotter's name in containerd's
@@ -54,7 +56,11 @@ func (s *Stack) startSnapshotter(ctx context.Context) (*Snapshotter, error) {
 		if out, err := runCmd(ctx, s.env(), bin, "snapshotter", "--help"); err != nil {
 			return nil, fmt.Errorf("lazybase has no working snapshotter verb yet: %w\n%s", err, out)
 		}
-		args = []string{"snapshotter", "--address", sn.Address, "--root", sn.Root}
+		cfgPath, err := s.lazybaseConfig()
+		if err != nil {
+			return nil, err
+		}
+		args = []string{"snapshotter", "--address", sn.Address, "--root", sn.Root, "--config", cfgPath}
 	default:
 		return nil, fmt.Errorf("unknown lazy snapshotter %q", sn.Kind)
 	}
@@ -63,6 +69,50 @@ func (s *Stack) startSnapshotter(ctx context.Context) (*Snapshotter, error) {
 		return nil, err
 	}
 	return sn, nil
+}
+
+// LazybaseConfigEnv names the lazybase daemon's configuration file, as
+// `lazybase snapshotter` reads it.
+const LazybaseConfigEnv = "LAZYBASE_SNAPSHOTTER_CONFIG"
+
+// lazybaseConfig writes the lazybase daemon's configuration under the
+// Stack's directory: WithLazybaseConfig's TOML, else the file
+// $LAZYBASE_SNAPSHOTTER_CONFIG names, else the defaults; with
+// guard.containerd_address set to the Stack's containerd (which starts
+// after the daemon; the guard connects when it first needs it) unless the
+// configuration names one.
+func (s *Stack) lazybaseConfig() (string, error) {
+	text := s.opts.lazybaseTOML
+	if text == "" {
+		if p := os.Getenv(LazybaseConfigEnv); p != "" {
+			b, err := os.ReadFile(p)
+			if err != nil {
+				return "", fmt.Errorf("lazybase config: %w", err)
+			}
+			text = string(b)
+		}
+	}
+	cfg := map[string]any{}
+	if err := toml.Unmarshal([]byte(text), &cfg); err != nil {
+		return "", fmt.Errorf("lazybase config: %w", err)
+	}
+	guard, _ := cfg["guard"].(map[string]any)
+	if guard == nil {
+		guard = map[string]any{}
+		cfg["guard"] = guard
+	}
+	if _, ok := guard["containerd_address"]; !ok {
+		guard["containerd_address"] = s.path("containerd.sock")
+	}
+	b, err := toml.Marshal(cfg)
+	if err != nil {
+		return "", fmt.Errorf("lazybase config: %w", err)
+	}
+	path := s.path("lazybase.toml")
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		return "", err
+	}
+	return path, nil
 }
 
 func (s *Stack) runSnapshotter(ctx context.Context, sn *Snapshotter) error {
