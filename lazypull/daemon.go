@@ -155,6 +155,7 @@ func (d *Daemon) Serve(ctx context.Context) (retErr error) {
 	if d.guard != nil {
 		mux.Handle("GET /guard", d.guard.handler())
 	}
+	mux.Handle("POST "+BarrierPath, d.barrierHandler())
 	mux.Handle("GET /metrics", promhttp.HandlerFor(d.m.gatherer(), promhttp.HandlerOpts{}))
 	httpSrv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 
