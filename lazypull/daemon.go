@@ -102,7 +102,7 @@ func NewDaemon(ctx context.Context, cfg Config) (*Daemon, error) {
 		}
 		psn.lazy = d.guardMounted
 		if cfg.Local.Enable {
-			d.local = newLocalizer(tfs, d.guard.verifiedBlob, cfg.Local.Parallelism, m)
+			d.local = newLocalizer(tfs, d.guard.localBlob, cfg.Local.Parallelism, m)
 			psn.local = d.local
 			d.local.start(log.WithLogger(context.Background(), log.G(ctx)))
 		}

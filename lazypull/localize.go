@@ -3,7 +3,6 @@ package lazypull
 import (
 	"archive/tar"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -16,11 +15,9 @@ import (
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/pkg/archive"
 	"github.com/containerd/containerd/v2/pkg/archive/compression"
-	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/log"
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/opencontainers/go-digest"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
 // Names next to a lazily mounted layer's FUSE mountpoint (".../N/fs") in
@@ -32,8 +29,9 @@ const (
 )
 
 // blobFinder returns a reader of a layer's verified compressed blob when
-// one is at hand locally, ok false when not (yet).
-type blobFinder func(ctx context.Context, layer digest.Digest) (ra content.ReaderAt, ok bool, err error)
+// one is at hand locally, ok false when not (yet). The export guard's
+// localBlob is one.
+type blobFinder func(ctx context.Context, layer digest.Digest) (ra content.ReaderAt, ok bool)
 
 // localizer unpacks each lazily mounted layer, once its verified blob is in
 // the content store (the export guard put it there), into a plain
@@ -149,11 +147,7 @@ func (l *localizer) scan(ctx context.Context) {
 			l.mu.Unlock()
 			continue
 		}
-		ra, ok, err := l.find(ctx, layer)
-		if err != nil {
-			log.G(ctx).WithError(err).WithField("layer", layer).Debug("local unpack: looking for the verified blob")
-			continue
-		}
+		ra, ok := l.find(ctx, layer)
 		if !ok {
 			continue
 		}
@@ -358,34 +352,4 @@ func (l *localizer) localDir(mp string) string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.done[mp]
-}
-
-// verifiedBlob implements blobFinder over the export guard: a layer's blob
-// is at hand when the guard has materialized it in some namespace's
-// content store (verified before commit).
-func (g *guardTrigger) verifiedBlob(ctx context.Context, layer digest.Digest) (content.ReaderAt, bool, error) {
-	var nss []string
-	g.mu.Lock()
-	for _, st := range g.layers {
-		if st.Layer == layer.String() && st.Materialized {
-			nss = append(nss, st.Namespace)
-		}
-	}
-	g.mu.Unlock()
-	if len(nss) == 0 {
-		return nil, false, nil
-	}
-	cs, _, err := g.stores(ctx)
-	if err != nil {
-		return nil, false, err
-	}
-	var errs []error
-	for _, ns := range nss {
-		ra, err := cs.ReaderAt(namespaces.WithNamespace(ctx, ns), ocispec.Descriptor{Digest: layer})
-		if err == nil {
-			return ra, true, nil
-		}
-		errs = append(errs, fmt.Errorf("namespace %s: %w", ns, err))
-	}
-	return nil, false, errors.Join(errs...)
 }

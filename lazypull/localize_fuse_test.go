@@ -212,12 +212,12 @@ func TestLocalUnpack(t *testing.T) {
 	requireFUSE(t)
 	reg := testimage.NewRegistry(t)
 	img, blobs := localizeImage(t, reg)
-	find := func(_ context.Context, layer digest.Digest) (content.ReaderAt, bool, error) {
+	find := func(_ context.Context, layer digest.Digest) (content.ReaderAt, bool) {
 		b, ok := blobs[layer]
 		if !ok {
-			return nil, false, nil
+			return nil, false
 		}
-		return memBlob{bytes.NewReader(b)}, true, nil
+		return memBlob{bytes.NewReader(b)}, true
 	}
 	root := t.TempDir()
 	noGuard := func(c *Config) { c.Guard.Enable = false }
@@ -339,8 +339,8 @@ func TestLocalUnpackBadBlob(t *testing.T) {
 	reg := testimage.NewRegistry(t)
 	img, _ := localizeImage(t, reg)
 	td := startDaemon(t, "", func(c *Config) { c.Guard.Enable = false })
-	l := attachLocalizer(td, func(context.Context, digest.Digest) (content.ReaderAt, bool, error) {
-		return memBlob{bytes.NewReader([]byte("this is no layer"))}, true, nil
+	l := attachLocalizer(td, func(context.Context, digest.Digest) (content.ReaderAt, bool) {
+		return memBlob{bytes.NewReader([]byte("this is no layer"))}, true
 	})
 	ctx := namespaces.WithNamespace(context.Background(), "test")
 	_, err := td.sn.Prepare(ctx, "extract-0", "", snapshots.WithLabels(img.unpackLabels(0, "c0")))
