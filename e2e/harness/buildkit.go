@@ -1,10 +1,13 @@
 package harness
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
+	"strings"
 	"time"
 )
 
@@ -104,4 +107,22 @@ func (s *Stack) startBuildkit(ctx context.Context) (*Buildkit, error) {
 // output.
 func (b *Buildkit) Buildctl(ctx context.Context, args ...string) (string, error) {
 	return runCmd(ctx, b.s.env(), b.s.bins.buildctl, append([]string{"--addr", b.Address}, args...)...)
+}
+
+// BuildctlProgress runs buildctl against this buildkitd and returns its
+// standard output and standard error, where `--progress=rawjson` writes
+// the solve status.
+func (b *Buildkit) BuildctlProgress(ctx context.Context, args ...string) (stdout, stderr string, err error) {
+	cmd := exec.CommandContext(ctx, b.s.bins.buildctl, append([]string{"--addr", b.Address}, args...)...)
+	cmd.Env = b.s.env()
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Run(); err != nil {
+		tail := errb.String()
+		if len(tail) > 4000 {
+			tail = tail[len(tail)-4000:]
+		}
+		return out.String(), errb.String(), fmt.Errorf("buildctl %s: %w: %s", strings.Join(args, " "), err, tail)
+	}
+	return out.String(), errb.String(), nil
 }

@@ -1,0 +1,389 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/lazybase/lazybase/e2e/harness"
+	"github.com/lazybase/lazybase/e2e/shaper"
+)
+
+// exportBenchRunsEnv sets how many cold runs of each variant
+// TestExportBench makes (default 1); it prints medians.
+const exportBenchRunsEnv = "LAZYBASE_BENCH_RUNS"
+
+// benchPhases are the phases of one cold build-and-push, from buildctl's
+// rawjson progress.
+type benchPhases struct {
+	total      time.Duration // buildctl's wall time
+	firstRun   time.Duration // start to the start of the first RUN step
+	build      time.Duration // start to the end of the last step before the export
+	export     time.Duration // start of "exporting to image" to the end
+	exportFrom time.Time     // wall clock of the export's start
+}
+
+// benchVariant is one of the issue's three set-ups.
+type benchVariant struct {
+	key, what string
+	tag       string
+	opts      func(t *testing.T) []harness.Option
+}
+
+// TestExportBench is the issue's benchmark: on a 1 Gbit/s link with 20 ms
+// round trips, the cold build-and-push wall time of the multi-stage build
+// (go build in a stage FROM the golang-like image, the program copied onto
+// the debian-like image) for
+//
+//	(a) buildkitd's containerd worker on overlayfs with the gzip images,
+//	(b) buildkitd's OCI worker on BuildKit's built-in stargz snapshotter
+//	    with the eStargz images,
+//	(c) buildkitd's containerd worker on the lazybase daemon with the export
+//	    guard (final base export-base, builder base lazy-only) with the
+//	    eStargz images.
+//
+// It prints the phases (time to first RUN, build, export), the ratios c/a,
+// c/b and export(c)/export(a), and PASS/MISS against the targets
+// (c ≤ 0.6×a, c < b, export(c) ≤ export(a)); it asserts correctness only:
+// every push succeeds, the pushed images carry their base's layers and the
+// same program, and (c) fetches no final-base blob byte during its export.
+func TestExportBench(t *testing.T) {
+	const (
+		bandwidth = 125_000_000 // 1 Gbit/s
+		rtt       = 20 * time.Millisecond
+	)
+	runs := 1
+	if v := os.Getenv(exportBenchRunsEnv); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			t.Fatalf("%s=%q: want a positive count", exportBenchRunsEnv, v)
+		}
+		runs = n
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(runs)*30*time.Minute)
+	defer cancel()
+	shaping := []harness.Option{harness.WithBandwidth(bandwidth), harness.WithRTT(rtt)}
+	lazybaseTOML := fmt.Sprintf(`[[policy]]
+match = "*/%s:*"
+mode = "export-base"
+[[policy]]
+match = "*/%s:*"
+mode = "lazy-only"
+`, repoDebian, repoGolang)
+	variants := []benchVariant{
+		{"a", "overlayfs, gzip images (containerd worker)", tagGzip, func(*testing.T) []harness.Option {
+			return append([]harness.Option{harness.WithBuildkit()}, shaping...)
+		}},
+		{"b", "BuildKit stargz snapshotter, eStargz images (OCI worker)", tagEStargz, func(*testing.T) []harness.Option {
+			return append([]harness.Option{harness.WithBuildkitOCI("stargz")}, shaping...)
+		}},
+		{"c", "lazybase with the export guard, eStargz images (containerd worker)", tagEStargz, func(*testing.T) []harness.Option {
+			return append([]harness.Option{
+				harness.WithLazySnapshotter(harness.Lazybase),
+				harness.WithLazybaseConfig(lazybaseTOML),
+				harness.WithBuildkitLazy(),
+			}, shaping...)
+		}},
+	}
+	results := map[string][]benchPhases{}
+	programs := map[string][]byte{}
+	for run := 1; run <= runs; run++ {
+		for _, v := range variants {
+			ok := t.Run(fmt.Sprintf("%s-run%d", v.key, run), func(t *testing.T) {
+				ph, prog := benchOnce(ctx, t, v)
+				results[v.key] = append(results[v.key], ph)
+				if prev, ok := programs[v.key]; ok && !bytes.Equal(prev, prog) {
+					t.Errorf("(%s) built a different program than in its first run", v.key)
+				}
+				programs[v.key] = prog
+			})
+			if !ok {
+				t.FailNow()
+			}
+		}
+	}
+	if !bytes.Equal(programs["a"], programs["b"]) || !bytes.Equal(programs["a"], programs["c"]) {
+		t.Errorf("the pushed programs differ: (a) %d bytes, (b) %d, (c) %d", len(programs["a"]), len(programs["b"]), len(programs["c"]))
+	}
+
+	med := map[string]benchPhases{}
+	for _, v := range variants {
+		med[v.key] = medianPhases(results[v.key])
+		m := med[v.key]
+		t.Logf("BENCH (%s) %s: median of %d: total %s, first RUN at %s, build %s, export %s",
+			v.key, v.what, len(results[v.key]), r(m.total), r(m.firstRun), r(m.build), r(m.export))
+		record(t, "exportbench-"+v.key+"-total", m.total)
+		record(t, "exportbench-"+v.key+"-export", m.export)
+	}
+	a, b, c := med["a"], med["b"], med["c"]
+	ca := float64(c.total) / float64(a.total)
+	cb := float64(c.total) / float64(b.total)
+	ea := float64(c.export) / float64(a.export)
+	t.Logf("BENCH 1Gbit/s 20ms: c/a %.3f (target <= 0.6) %s; c/b %.3f (target < 1) %s; export(c)/export(a) %.3f (target <= 1) %s",
+		ca, verdict(ca <= 0.6), cb, verdict(cb < 1), ea, verdict(ea <= 1))
+}
+
+func r(d time.Duration) time.Duration { return d.Round(time.Millisecond) }
+
+// benchOnce runs one cold build-and-push of variant v on a new stack and
+// returns its phases and the program in the pushed image.
+func benchOnce(ctx context.Context, t *testing.T, v benchVariant) (benchPhases, []byte) {
+	s := harness.Start(ctx, t, v.opts(t)...)
+	debian, golang := publishAll(ctx, t, s)
+	baseImg := debian.gzip
+	if v.tag == tagEStargz {
+		baseImg = debian.estargz
+	}
+	work := multiStageContext(t, s, v.tag)
+	out := s.Registry.DirectRef("e2e/bench-"+v.key, "latest")
+	p := s.Registry.Proxy
+	mark := p.Mark()
+	p.SetPhase("bench")
+	start := time.Now()
+	_, progress, err := s.Buildkit.BuildctlProgress(ctx, "build", "--progress=rawjson",
+		"--frontend", "dockerfile.v0", "--local", "context="+work, "--local", "dockerfile="+work,
+		"--output", "type=image,name="+out+",push=true,registry.insecure=true")
+	end := time.Now()
+	p.SetPhase("")
+	if err != nil {
+		t.Fatalf("(%s) build and push: %v\n%s", v.key, err, s.Logs(30))
+	}
+	ph, err := parsePhases(progress, start, end)
+	if err != nil {
+		t.Fatalf("(%s) progress: %v", v.key, err)
+	}
+	t.Logf("(%s) total %s: first RUN at %s, build %s, export %s", v.key, r(ph.total), r(ph.firstRun), r(ph.build), r(ph.export))
+
+	// What crossed the shaped link, per base layer, and during the export.
+	events := p.Events()[mark:]
+	var during []shaper.Event
+	for _, e := range events {
+		if !e.Time.Before(ph.exportFrom) {
+			during = append(during, e)
+		}
+	}
+	all, exp := shaper.Summarize(events), shaper.Summarize(during)
+	finalSizes := layerSizes(t, baseImg)
+	for d, size := range finalSizes {
+		b, e := all.Blob(d), exp.Blob(d)
+		t.Logf("(%s) final base layer %s (%d bytes): %d bytes fetched (%.2fx), %d of them during the export", v.key, d, size, b.Bytes, float64(b.Bytes)/float64(size), e.Bytes)
+	}
+	builderImg := golang.gzip
+	if v.tag == tagEStargz {
+		builderImg = golang.estargz
+	}
+	for d, size := range layerSizes(t, builderImg) {
+		if _, shared := finalSizes[d]; shared {
+			continue
+		}
+		b := all.Blob(d)
+		t.Logf("(%s) builder base layer %s (%d bytes): %d bytes fetched (%.1f%% of it covered)", v.key, d, size, b.Bytes, 100*float64(b.Covered())/float64(size))
+	}
+	if v.key == "c" {
+		for d := range finalSizes {
+			if n := exp.Blob(d).Bytes; n != 0 {
+				t.Errorf("(c) final base layer %s: %d bytes fetched during the export", d, n)
+			}
+			if n, size := all.Blob(d).Bytes, finalSizes[d]; n >= 2*size {
+				t.Errorf("(c) final base layer %s: %d bytes fetched for %d: more than one download", d, n, size)
+			}
+		}
+		if m, err := daemonMetrics(ctx, s.Snapshotter.Address+".status", "lazybase_blobsource_bytes_total"); err != nil {
+			t.Logf("(c) daemon metrics: %v", err)
+		} else {
+			t.Logf("(c) lazy filesystem blob bytes: %s", m)
+		}
+	}
+
+	// The push: the base's layers and one layer with the program.
+	ref, err := name.ParseReference(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := remote.Image(ref, remote.WithContext(ctx))
+	if err != nil {
+		t.Fatalf("(%s) pushed image: %v", v.key, err)
+	}
+	pushed, base := layerDigests(t, img), layerDigests(t, baseImg)
+	if len(pushed) != len(base)+1 {
+		t.Fatalf("(%s) pushed layers %v, want the base's %v and one more", v.key, pushed, base)
+	}
+	for i := range base {
+		if pushed[i] != base[i] {
+			t.Errorf("(%s) pushed layer %d is %s, want the base's %s", v.key, i, pushed[i], base[i])
+		}
+	}
+	layers, err := img.Layers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	prog, err := fileInLayer(layers[len(layers)-1].Uncompressed, "usr/local/bin/hello")
+	if err != nil {
+		t.Fatalf("(%s) program in the pushed image: %v", v.key, err)
+	}
+	return ph, prog
+}
+
+// fileInLayer returns the contents of the file at path in a layer tar.
+func fileInLayer(open func() (io.ReadCloser, error), path string) ([]byte, error) {
+	rc, err := open()
+	if err != nil {
+		return nil, err
+	}
+	defer rc.Close()
+	tr := tar.NewReader(rc)
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			return nil, fmt.Errorf("%s not in the layer", path)
+		}
+		if err != nil {
+			return nil, err
+		}
+		if strings.TrimPrefix(h.Name, "./") == path {
+			return io.ReadAll(tr)
+		}
+	}
+}
+
+// rawVertex is the part of a BuildKit progress vertex the phases need.
+type rawVertex struct {
+	Digest    string     `json:"digest"`
+	Name      string     `json:"name"`
+	Started   *time.Time `json:"started"`
+	Completed *time.Time `json:"completed"`
+}
+
+// parsePhases reads buildctl's --progress=rawjson output (a stream of
+// solve statuses) of a build that ran from start to end.
+func parsePhases(progress string, start, end time.Time) (benchPhases, error) {
+	type span struct {
+		name       string
+		start, end time.Time
+	}
+	spans := map[string]*span{}
+	dec := json.NewDecoder(strings.NewReader(progress))
+	for {
+		var st struct {
+			Vertexes []rawVertex `json:"vertexes"`
+		}
+		err := dec.Decode(&st)
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return benchPhases{}, fmt.Errorf("decoding rawjson: %w", err)
+		}
+		for _, v := range st.Vertexes {
+			sp := spans[v.Digest]
+			if sp == nil {
+				sp = &span{name: v.Name}
+				spans[v.Digest] = sp
+			}
+			if v.Started != nil && (sp.start.IsZero() || v.Started.Before(sp.start)) {
+				sp.start = *v.Started
+			}
+			if v.Completed != nil && v.Completed.After(sp.end) {
+				sp.end = *v.Completed
+			}
+		}
+	}
+	ph := benchPhases{total: end.Sub(start)}
+	var firstRun, buildEnd, exportStart time.Time
+	for _, sp := range spans {
+		switch {
+		case strings.HasPrefix(sp.name, "exporting to"):
+			if !sp.start.IsZero() && (exportStart.IsZero() || sp.start.Before(exportStart)) {
+				exportStart = sp.start
+			}
+		default:
+			if strings.Contains(sp.name, "] RUN ") && !sp.start.IsZero() && (firstRun.IsZero() || sp.start.Before(firstRun)) {
+				firstRun = sp.start
+			}
+			if sp.end.After(buildEnd) {
+				buildEnd = sp.end
+			}
+		}
+	}
+	if firstRun.IsZero() || exportStart.IsZero() || buildEnd.IsZero() {
+		names := make([]string, 0, len(spans))
+		for _, sp := range spans {
+			names = append(names, sp.name)
+		}
+		sort.Strings(names)
+		return ph, fmt.Errorf("no RUN step, build end or export among the vertices %q", names)
+	}
+	ph.firstRun = firstRun.Sub(start)
+	ph.build = buildEnd.Sub(start)
+	ph.exportFrom = exportStart
+	ph.export = end.Sub(exportStart)
+	return ph, nil
+}
+
+// medianPhases returns the per-phase medians of runs.
+func medianPhases(runs []benchPhases) benchPhases {
+	pick := func(f func(benchPhases) time.Duration) time.Duration {
+		ds := make([]time.Duration, len(runs))
+		for i, p := range runs {
+			ds[i] = f(p)
+		}
+		sort.Slice(ds, func(i, j int) bool { return ds[i] < ds[j] })
+		if n := len(ds); n%2 == 0 {
+			return (ds[n/2-1] + ds[n/2]) / 2
+		}
+		return ds[len(ds)/2]
+	}
+	return benchPhases{
+		total:    pick(func(p benchPhases) time.Duration { return p.total }),
+		firstRun: pick(func(p benchPhases) time.Duration { return p.firstRun }),
+		build:    pick(func(p benchPhases) time.Duration { return p.build }),
+		export:   pick(func(p benchPhases) time.Duration { return p.export }),
+	}
+}
+
+// daemonMetrics returns the lines of the lazybase daemon's metrics, from
+// its status socket, that start with prefix.
+func daemonMetrics(ctx context.Context, socket, prefix string) (string, error) {
+	c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", socket)
+	}}}
+	defer c.CloseIdleConnections()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://lazybase/metrics", nil)
+	if err != nil {
+		return "", err
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return "", err
+	}
+	var lines []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, prefix) {
+			lines = append(lines, l)
+		}
+	}
+	return strings.Join(lines, "; "), nil
+}
