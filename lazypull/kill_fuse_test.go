@@ -32,7 +32,9 @@ type daemonProc struct {
 	log  *bytes.Buffer
 }
 
-func startDaemonProc(t *testing.T, bin, root, sock string) *daemonProc {
+// startDaemonProc starts `lazybase snapshotter` as a process; config is
+// its configuration file, "" for the defaults.
+func startDaemonProc(t *testing.T, bin, root, sock, config string) *daemonProc {
 	t.Helper()
 	// Never mistake the sockets of a killed daemon for the new one's.
 	os.Remove(sock)
@@ -40,7 +42,7 @@ func startDaemonProc(t *testing.T, bin, root, sock string) *daemonProc {
 	var logBuf bytes.Buffer
 	cmd := exec.Command(bin, "snapshotter", "--root", root, "--address", sock)
 	cmd.Stdout, cmd.Stderr = &logBuf, &logBuf
-	cmd.Env = append(os.Environ(), "LAZYBASE_SNAPSHOTTER_CONFIG=")
+	cmd.Env = append(os.Environ(), "LAZYBASE_SNAPSHOTTER_CONFIG="+config)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -70,6 +72,17 @@ func startDaemonProc(t *testing.T, bin, root, sock string) *daemonProc {
 	}
 }
 
+// buildLazybase builds the lazybase command into dir.
+func buildLazybase(t *testing.T, dir string) string {
+	t.Helper()
+	bin := filepath.Join(dir, "lazybase")
+	build := exec.Command("go", "build", "-o", bin, "github.com/lazybase/lazybase/cmd/lazybase")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
+}
+
 func dialSnapshotter(t *testing.T, sock string) snapshots.Snapshotter {
 	t.Helper()
 	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -86,11 +99,7 @@ func dialSnapshotter(t *testing.T, sock string) snapshots.Snapshotter {
 func TestKill9Restart(t *testing.T) {
 	requireFUSE(t)
 	dir := t.TempDir()
-	bin := filepath.Join(dir, "lazybase")
-	build := exec.Command("go", "build", "-o", bin, "github.com/lazybase/lazybase/cmd/lazybase")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := buildLazybase(t, dir)
 	reg := testimage.NewRegistry(t)
 	img := pushTestImage(t, reg, "base:estargz")
 	root := filepath.Join(dir, "root")
@@ -109,7 +118,7 @@ func TestKill9Restart(t *testing.T) {
 	sock := filepath.Join(sockDir, "sn.sock")
 	ctx := namespaces.WithNamespace(context.Background(), "test")
 
-	p := startDaemonProc(t, bin, root, sock)
+	p := startDaemonProc(t, bin, root, sock, "")
 	sn := dialSnapshotter(t, sock)
 	if _, err := sn.Prepare(ctx, "extract-0", "", snapshots.WithLabels(img.unpackLabels(0, "chain-0"))); !errdefs.IsAlreadyExists(err) {
 		t.Fatalf("Prepare = %v, want a remote snapshot", err)
@@ -140,7 +149,7 @@ func TestKill9Restart(t *testing.T) {
 		t.Errorf("reading the mount of the killed daemon = %v, want ENOTCONN", err)
 	}
 
-	p2 := startDaemonProc(t, bin, root, sock)
+	p2 := startDaemonProc(t, bin, root, sock, "")
 	sn2 := dialSnapshotter(t, sock)
 	if n := fuseMountsUnder(t, root); n != 1 {
 		t.Fatalf("%d FUSE mounts after restart, want 1: %v", n, mountsUnder(t, root))
