@@ -53,30 +53,22 @@ func TestLazypullGoBuildLocalReads(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Minute)
 	defer cancel()
 	cfgDir := t.TempDir()
-	// The guard reaches the harness's containerd through this link, made
-	// once the harness has started it.
-	link := filepath.Join(cfgDir, "containerd.sock")
 	const repoLocal, localNS = "ref/golang-local", "lzlocal"
 	cfg := filepath.Join(cfgDir, "lazybase.toml")
 	body := fmt.Sprintf(`[background_fetch]
 enable = false
-[guard]
-containerd_address = %q
 [[policy]]
 match = "*/%s:*"
 mode = "lazy-only"
 [[policy]]
 match = "*/%s:*"
 mode = "export-base"
-`, link, repoGolang, repoLocal)
+`, repoGolang, repoLocal)
 	if err := os.WriteFile(cfg, []byte(body), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	t.Setenv("LAZYBASE_SNAPSHOTTER_CONFIG", cfg)
 	s := harness.Start(ctx, t, harness.WithLazySnapshotter(harness.Lazybase))
-	if err := os.Symlink(s.Containerd.Address, link); err != nil {
-		t.Fatal(err)
-	}
 	_, golang := publishAll(ctx, t, s)
 	publish(ctx, t, s, repoLocal, tagEStargz, golang.estargz)
 	gzipRef, lazyRef := s.Registry.Ref(repoGolang, tagGzip), s.Registry.Ref(repoGolang, tagEStargz)
