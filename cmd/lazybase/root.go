@@ -31,6 +31,7 @@ func newRootCmd() *cobra.Command {
 		newSnapshotterCmd(),
 		newMirrorCmd(),
 		newPrefetchCmd(),
+		newGuardCmd(),
 	)
 	// Errors go to stderr once, prefixed like other container tools.
 	root.SetErr(os.Stderr)
