@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
+	"golang.org/x/sys/unix"
 )
 
 // Config is the lazybase snapshotter's configuration, read from TOML by
@@ -215,7 +216,8 @@ type FUSEConfig struct {
 	// passthrough, Linux 6.9 and later, needs root), so they cost what
 	// local reads cost (key "fuse.passthrough"). Needs cache.fs_cache
 	// "disk". Opening a file through passthrough first fetches all of it.
-	// Default false.
+	// Default true where the kernel supports it (Linux 6.9 or later, run
+	// as root), false elsewhere.
 	Passthrough bool `toml:"passthrough"`
 
 	// AttrTimeout is how long the kernel caches attributes (key
@@ -323,6 +325,7 @@ func DefaultConfig() Config {
 			ResolveTTL:    Duration(120 * time.Second),
 		},
 		FUSE: FUSEConfig{
+			Passthrough:  passthroughSupported(),
 			AttrTimeout:  Duration(time.Second),
 			EntryTimeout: Duration(time.Second),
 		},
@@ -506,7 +509,7 @@ func (c *Config) Validate() error {
 	}
 	wholeSeconds("cache.resolve_ttl", c.Cache.ResolveTTL)
 	if c.FUSE.Passthrough && c.Cache.FSCache != "disk" {
-		bad("fuse.passthrough", "needs cache.fs_cache = \"disk\": the kernel reads the cache files")
+		bad("fuse.passthrough", "needs cache.fs_cache = \"disk\": the kernel reads the cache files (passthrough is on by default on Linux 6.9+; set it to false to use a memory cache)")
 	}
 	wholeSeconds("fuse.attr_timeout", c.FUSE.AttrTimeout)
 	wholeSeconds("fuse.entry_timeout", c.FUSE.EntryTimeout)
@@ -597,3 +600,27 @@ func (m *FileMode) UnmarshalText(b []byte) error {
 
 // MarshalText formats m as an octal string.
 func (m FileMode) MarshalText() ([]byte, error) { return fmt.Appendf(nil, "%04o", uint32(m)), nil }
+
+// passthroughSupported reports whether FUSE passthrough can work here:
+// Linux 6.9 or later, and root (registering a backing file needs
+// CAP_SYS_ADMIN).
+func passthroughSupported() bool {
+	if os.Geteuid() != 0 {
+		return false
+	}
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return false
+	}
+	return kernelAtLeast(unix.ByteSliceToString(u.Release[:]), 6, 9)
+}
+
+// kernelAtLeast reports whether the kernel release string (such as
+// "6.9.0-rc1" or "6.18.44-fc") is major.minor or later.
+func kernelAtLeast(release string, major, minor int) bool {
+	var ma, mi int
+	if _, err := fmt.Sscanf(release, "%d.%d", &ma, &mi); err != nil {
+		return false
+	}
+	return ma > major || ma == major && mi >= minor
+}

@@ -284,3 +284,17 @@ func TestParseConfigGuard(t *testing.T) {
 		t.Errorf("disabled guard: %+v, %v", cfg.Guard, err)
 	}
 }
+
+func TestKernelAtLeast(t *testing.T) {
+	for _, tc := range []struct {
+		release string
+		want    bool
+	}{
+		{"6.9.0", true}, {"6.18.44-fc-v445", true}, {"7.0", true}, {"6.8.12-amd64", false},
+		{"5.15.0-91-generic", false}, {"6", false}, {"", false}, {"x.y", false},
+	} {
+		if got := kernelAtLeast(tc.release, 6, 9); got != tc.want {
+			t.Errorf("kernelAtLeast(%q, 6, 9) = %v, want %v", tc.release, got, tc.want)
+		}
+	}
+}

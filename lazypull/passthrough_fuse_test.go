@@ -26,12 +26,7 @@ func requirePassthrough(t *testing.T) {
 	if err := unix.Uname(&u); err != nil {
 		t.Fatal(err)
 	}
-	release := unix.ByteSliceToString(u.Release[:])
-	var major, minor int
-	if _, err := fmt.Sscanf(release, "%d.%d", &major, &minor); err != nil {
-		t.Skipf("kernel release %q: %v", release, err)
-	}
-	if major < 6 || major == 6 && minor < 9 {
+	if release := unix.ByteSliceToString(u.Release[:]); !kernelAtLeast(release, 6, 9) {
 		t.Skipf("needs Linux 6.9 or later for FUSE passthrough, have %s", release)
 	}
 }
