@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/oci"
 	"github.com/containerd/containerd/v2/pkg/snapshotters"
 	"github.com/containerd/log"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"github.com/spf13/cobra"
 
 	"github.com/lazybase/lazybase/prefetch"
@@ -28,6 +30,18 @@ type recordOptions struct {
 	timeout                                time.Duration
 	resolve, plainHTTP, insecure           bool
 	args                                   []string
+
+	// volumes (-v SRC:DST[:ro|rw]) and mounts (--mount type=bind,...)
+	// as given; workdir and env for the command.
+	volumes, mounts, env []string
+	workdir              string
+}
+
+// runSpec is what the flags that shape the container resolve to.
+type runSpec struct {
+	mounts  []specs.Mount
+	env     []string
+	workdir string
 }
 
 func newPrefetchRecordCmd() *cobra.Command {
@@ -48,7 +62,14 @@ command exits non-zero, the profile is still written (the files it read are
 what it needed so far) and record exits with an error naming the status.
 --merge folds the run into an existing profile (it may be the output file).
 The profile is resolved against the image's manifest (source layers and
-sizes, see prefetch collect --resolve) unless --resolve=false.`,
+sizes, see prefetch collect --resolve) unless --resolve=false.
+
+Host directories and files can be bind-mounted into the container, as with
+docker: -v /host/src:/src:ro or --mount type=bind,src=/host/src,dst=/src,ro.
+Both paths must be absolute and the source must exist. Files read through a
+bind mount are not in the image and never enter the profile. --workdir sets
+the command's working directory, --env KEY=VALUE its environment (KEY alone
+passes this process's value of KEY).`,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if cmd.ArgsLenAtDash() != 0 || len(args) == 0 {
 				return errors.New("the command to run follows --: record --image REF -o PROFILE -- CMD [ARG...]")
@@ -72,6 +93,10 @@ sizes, see prefetch collect --resolve) unless --resolve=false.`,
 	f.BoolVar(&o.resolve, "resolve", true, "read the image's manifest to learn the source layers and layer sizes")
 	f.BoolVar(&o.plainHTTP, "plain-http", false, "allow plain HTTP to registries that are not on a loopback address")
 	f.BoolVar(&o.insecure, "insecure", false, "with --resolve: skip TLS certificate verification")
+	f.StringArrayVarP(&o.volumes, "volume", "v", nil, "bind-mount a host path: SRC:DST[:ro|rw] (repeatable)")
+	f.StringArrayVar(&o.mounts, "mount", nil, "bind-mount a host path: type=bind,src=SRC,dst=DST[,ro|readonly] (repeatable)")
+	f.StringVarP(&o.workdir, "workdir", "w", "", "working directory of the command inside the container (absolute)")
+	f.StringArrayVarP(&o.env, "env", "e", nil, "set an environment variable of the command: KEY=VALUE, or KEY to pass this process's value (repeatable)")
 	_ = cmd.MarkFlagRequired("image")
 	_ = cmd.MarkFlagRequired("access-dir")
 	_ = cmd.MarkFlagRequired("output")
@@ -82,6 +107,10 @@ func runPrefetchRecord(cmd *cobra.Command, o recordOptions) error {
 	ctx := cmd.Context()
 	if st, err := os.Stat(o.accessDir); err != nil || !st.IsDir() {
 		return fmt.Errorf("--access-dir %s: not a directory; does the lazy snapshotter set access_record_dir?", o.accessDir)
+	}
+	spec, err := parseRunSpec(o)
+	if err != nil {
+		return err
 	}
 	var base *prefetch.Profile
 	if o.merge != "" {
@@ -94,7 +123,7 @@ func runPrefetchRecord(cmd *cobra.Command, o recordOptions) error {
 	// Records carry their time; a second back covers the daemon's clock
 	// granularity without reaching a run that ended before this one.
 	start := time.Now().Add(-time.Second)
-	runErr := runInContainer(ctx, cmd, o)
+	runErr := runInContainer(ctx, cmd, o, spec)
 	var exitErr *exitStatusError
 	if runErr != nil && !errors.As(runErr, &exitErr) {
 		return runErr
@@ -140,7 +169,7 @@ func (e *exitStatusError) Error() string {
 
 // runInContainer pulls o.image with the lazy snapshotter and runs o.args in
 // a container on it, removing the container, its task and snapshot after.
-func runInContainer(ctx context.Context, cmd *cobra.Command, o recordOptions) error {
+func runInContainer(ctx context.Context, cmd *cobra.Command, o recordOptions, rs runSpec) error {
 	c, err := containerd.New(o.address, containerd.WithDefaultNamespace(o.namespace))
 	if err != nil {
 		return fmt.Errorf("containerd %s: %w", o.address, err)
@@ -170,7 +199,7 @@ func runInContainer(ctx context.Context, cmd *cobra.Command, o recordOptions) er
 	ctr, err := c.NewContainer(ctx, id,
 		containerd.WithSnapshotter(o.snapshotter),
 		containerd.WithNewSnapshot(id, img),
-		containerd.WithNewSpec(oci.WithImageConfig(img), oci.WithProcessArgs(o.args...)))
+		containerd.WithNewSpec(rs.specOpts(img, o.args)...))
 	if err != nil {
 		return fmt.Errorf("container on %s: %w", o.image, err)
 	}
@@ -219,4 +248,169 @@ func runInContainer(ctx context.Context, cmd *cobra.Command, o recordOptions) er
 		return &exitStatusError{status: code}
 	}
 	return nil
+}
+
+// specOpts are the container's spec options: the image's config, then the
+// flags' environment, working directory and mounts, then the command.
+func (rs runSpec) specOpts(img containerd.Image, args []string) []oci.SpecOpts {
+	opts := []oci.SpecOpts{oci.WithImageConfig(img)}
+	if len(rs.env) > 0 {
+		opts = append(opts, oci.WithEnv(rs.env))
+	}
+	if rs.workdir != "" {
+		opts = append(opts, oci.WithProcessCwd(rs.workdir))
+	}
+	if len(rs.mounts) > 0 {
+		opts = append(opts, oci.WithMounts(rs.mounts))
+	}
+	return append(opts, oci.WithProcessArgs(args...))
+}
+
+// parseRunSpec checks and resolves the flags that shape the container.
+func parseRunSpec(o recordOptions) (runSpec, error) {
+	var rs runSpec
+	for _, v := range o.volumes {
+		m, err := parseVolume(v)
+		if err != nil {
+			return runSpec{}, fmt.Errorf("--volume %q: %w", v, err)
+		}
+		rs.mounts = append(rs.mounts, m)
+	}
+	for _, v := range o.mounts {
+		m, err := parseMount(v)
+		if err != nil {
+			return runSpec{}, fmt.Errorf("--mount %q: %w", v, err)
+		}
+		rs.mounts = append(rs.mounts, m)
+	}
+	seen := map[string]bool{}
+	for _, m := range rs.mounts {
+		if seen[m.Destination] {
+			return runSpec{}, fmt.Errorf("two bind mounts on %s", m.Destination)
+		}
+		seen[m.Destination] = true
+	}
+	if o.workdir != "" {
+		if !filepath.IsAbs(o.workdir) {
+			return runSpec{}, fmt.Errorf("--workdir %q: not an absolute path", o.workdir)
+		}
+		rs.workdir = filepath.Clean(o.workdir)
+	}
+	for _, e := range o.env {
+		kv, err := parseEnv(e)
+		if err != nil {
+			return runSpec{}, fmt.Errorf("--env %q: %w", e, err)
+		}
+		rs.env = append(rs.env, kv)
+	}
+	return rs, nil
+}
+
+// parseVolume parses docker's short form SRC:DST[:ro|rw].
+func parseVolume(v string) (specs.Mount, error) {
+	parts := strings.Split(v, ":")
+	if len(parts) < 2 || len(parts) > 3 {
+		return specs.Mount{}, errors.New("want SRC:DST or SRC:DST:ro|rw")
+	}
+	ro := false
+	if len(parts) == 3 {
+		switch parts[2] {
+		case "ro":
+			ro = true
+		case "rw":
+		default:
+			return specs.Mount{}, fmt.Errorf("unknown option %q: want ro or rw", parts[2])
+		}
+	}
+	return bindMount(parts[0], parts[1], ro)
+}
+
+// parseMount parses docker's long form type=bind,src=SRC,dst=DST[,ro].
+func parseMount(v string) (specs.Mount, error) {
+	var typ, src, dst string
+	ro := false
+	for _, field := range strings.Split(v, ",") {
+		key, val, hasVal := strings.Cut(field, "=")
+		switch key {
+		case "type":
+			typ = val
+		case "src", "source":
+			src = val
+		case "dst", "destination", "target":
+			dst = val
+		case "ro", "readonly":
+			if !hasVal {
+				ro = true
+				break
+			}
+			b, err := strconv.ParseBool(val)
+			if err != nil {
+				return specs.Mount{}, fmt.Errorf("%s=%s: want true or false", key, val)
+			}
+			ro = b
+		case "rw":
+			if hasVal {
+				return specs.Mount{}, fmt.Errorf("rw takes no value")
+			}
+			ro = false
+		default:
+			return specs.Mount{}, fmt.Errorf("unknown field %q: want type, src, dst, ro", key)
+		}
+		if hasVal && val == "" {
+			return specs.Mount{}, fmt.Errorf("%s: empty value", key)
+		}
+	}
+	if typ != "bind" {
+		return specs.Mount{}, fmt.Errorf("type %q: only type=bind is supported", typ)
+	}
+	if src == "" || dst == "" {
+		return specs.Mount{}, errors.New("want src=SRC and dst=DST")
+	}
+	return bindMount(src, dst, ro)
+}
+
+// bindMount checks a bind mount's paths: both absolute, the source
+// present on this host.
+func bindMount(src, dst string, ro bool) (specs.Mount, error) {
+	if !filepath.IsAbs(src) {
+		return specs.Mount{}, fmt.Errorf("source %q: not an absolute path", src)
+	}
+	if !filepath.IsAbs(dst) {
+		return specs.Mount{}, fmt.Errorf("destination %q: not an absolute path", dst)
+	}
+	if filepath.Clean(dst) == "/" {
+		return specs.Mount{}, errors.New("destination /: cannot replace the container's root")
+	}
+	if _, err := os.Stat(src); err != nil {
+		return specs.Mount{}, fmt.Errorf("source %s: %w", src, err)
+	}
+	opt := "rw"
+	if ro {
+		opt = "ro"
+	}
+	return specs.Mount{
+		Type:        "bind",
+		Source:      filepath.Clean(src),
+		Destination: filepath.Clean(dst),
+		Options:     []string{"rbind", opt},
+	}, nil
+}
+
+// parseEnv parses KEY=VALUE, or KEY alone for this process's value.
+func parseEnv(e string) (string, error) {
+	key, _, hasVal := strings.Cut(e, "=")
+	if key == "" {
+		return "", errors.New("empty variable name")
+	}
+	if strings.ContainsAny(key, " \t\n\x00") {
+		return "", fmt.Errorf("variable name %q has white space", key)
+	}
+	if hasVal {
+		return e, nil
+	}
+	val, ok := os.LookupEnv(key)
+	if !ok {
+		return "", fmt.Errorf("%s is not set here: give KEY=VALUE", key)
+	}
+	return key + "=" + val, nil
 }
