@@ -126,11 +126,18 @@ COPY hello.txt /hello.txt
 	}
 
 	out := s.Registry.Ref("e2e/built", "1")
+	p.SetPhase("builder-push")
 	start = time.Now()
 	if _, err := s.BuildctlAt(ctx, b.addr, append(buildArgs, "--output", "type=image,name="+out+",push=true")...); err != nil {
 		t.Fatalf("build and push through the builder image: %v\nbuilder log:\n%s", err, b.proc.Log(60))
 	}
 	record(t, "builder-inner-push", time.Since(start))
+	p.SetPhase("")
+	pst := p.StatsFor("builder-push")
+	for _, d := range baseLayers {
+		bs := pst.Blob(d)
+		t.Logf("base layer %s during the push: %d bytes in %d GETs (%d whole)", d, bs.Covered(), bs.GETs, bs.FullGETs)
+	}
 	ref, err := name.ParseReference(s.Registry.DirectRef("e2e/built", "1"))
 	if err != nil {
 		t.Fatal(err)
@@ -274,7 +281,7 @@ func startBuilder(ctx context.Context, t *testing.T, s *harness.Stack, image, id
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	record(t, "builder-start", time.Since(start))
+	record(t, id+"-start", time.Since(start))
 	workers, err := s.BuildctlAt(ctx, b.addr, "debug", "workers", "--verbose")
 	if err != nil {
 		t.Fatal(err)

@@ -18,6 +18,7 @@ import (
 	"github.com/pelletier/go-toml/v2"
 
 	"github.com/lazybase/lazybase/e2e/harness"
+	"github.com/lazybase/lazybase/lazypull"
 )
 
 // TestDeploySystemdUnits runs `systemd-analyze verify` on every unit and
@@ -251,4 +252,77 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 	if !found {
 		t.Errorf("no snapshotter stargz among containerd's plugins:\n%s", out)
 	}
+}
+
+// TestDeploySnapshotterConfigs loads the snapshotter configurations the
+// deployments ship with the daemon's own loader (unknown keys and invalid
+// values are errors): the builder image's deploy/builder/snapshotter.toml and
+// the DaemonSet ConfigMap's snapshotter.toml; both name the root and socket
+// of the containerd drop-in's proxy plugin.
+func TestDeploySnapshotterConfigs(t *testing.T) {
+	repo, err := harness.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(repo, "deploy", "containerd", "conf.d", "lazybase-stargz.toml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dropIn struct {
+		ProxyPlugins map[string]struct {
+			Address string            `toml:"address"`
+			Exports map[string]string `toml:"exports"`
+		} `toml:"proxy_plugins"`
+	}
+	if err := toml.Unmarshal(b, &dropIn); err != nil {
+		t.Fatal(err)
+	}
+	stargz := dropIn.ProxyPlugins["stargz"]
+
+	cm, err := os.ReadFile(filepath.Join(repo, "deploy", "kubernetes", "snapshotter-configmap.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fromConfigMap := filepath.Join(t.TempDir(), "configmap-snapshotter.toml")
+	writeFile(t, fromConfigMap, blockScalar(t, string(cm), "snapshotter.toml"))
+
+	for _, p := range []string{filepath.Join(repo, "deploy", "builder", "snapshotter.toml"), fromConfigMap} {
+		cfg, err := lazypull.LoadConfig(p)
+		if err != nil {
+			t.Errorf("%s: %v", p, err)
+			continue
+		}
+		if err := cfg.Validate(); err != nil {
+			t.Errorf("%s: %v", p, err)
+		}
+		if cfg.Root != stargz.Exports["root"] || cfg.Socket != stargz.Address {
+			t.Errorf("%s: root %q socket %q; the drop-in has root %q address %q", p, cfg.Root, cfg.Socket, stargz.Exports["root"], stargz.Address)
+		}
+		if !cfg.Guard.Enable || cfg.Guard.ContainerdAddress != "/run/containerd/containerd.sock" {
+			t.Errorf("%s: guard %+v", p, cfg.Guard)
+		}
+	}
+}
+
+// blockScalar returns the literal block (key: |) named key of a YAML
+// document whose block lines are indented by four spaces, as in the
+// ConfigMaps under deploy/kubernetes.
+func blockScalar(t *testing.T, doc, key string) string {
+	t.Helper()
+	var out []string
+	in := false
+	for _, l := range strings.Split(doc, "\n") {
+		if !in {
+			in = strings.TrimSpace(l) == key+": |"
+			continue
+		}
+		if l != "" && !strings.HasPrefix(l, "    ") {
+			break
+		}
+		out = append(out, strings.TrimPrefix(l, "    "))
+	}
+	if !in {
+		t.Fatalf("no block %q", key)
+	}
+	return strings.TrimRight(strings.Join(out, "\n"), "\n") + "\n"
 }
