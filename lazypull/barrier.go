@@ -165,7 +165,11 @@ func (g *guardTrigger) barrier(ctx context.Context, ns string, images []string, 
 			switch {
 			case st.State == GuardMaterialized:
 			case st.State == GuardFailed:
-				failed = append(failed, fmt.Errorf("image %s layer %s: export guard failed: %s", wait[i].image, st.Layer, st.Error))
+				if strings.Contains(st.Error, st.Layer) {
+					failed = append(failed, fmt.Errorf("export guard failed: %s", st.Error))
+				} else {
+					failed = append(failed, fmt.Errorf("image %s layer %s: export guard failed: %s", wait[i].image, st.Layer, st.Error))
+				}
 			default:
 				pending++
 			}
