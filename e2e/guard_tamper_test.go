@@ -143,7 +143,7 @@ func TestGuardTamperedBlob(t *testing.T) {
 	if err == nil {
 		t.Fatalf("lazybase guard passed a tampered base:\n%s", stderr)
 	}
-	for _, want := range []string{"lazybase: image " + s.Registry.Ref(repoDebian, tagEStargz), "layer " + badDigest, "verification"} {
+	for _, want := range []string{"lazybase: export guard failed: image " + s.Registry.Ref(repoDebian, tagEStargz), "layer " + badDigest, "verification"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("lazybase guard error %q does not contain %q", err, want)
 		}
