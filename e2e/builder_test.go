@@ -282,6 +282,21 @@ func startBuilder(ctx context.Context, t *testing.T, s *harness.Stack, image, id
 		time.Sleep(200 * time.Millisecond)
 	}
 	record(t, id+"-start", time.Since(start))
+	// buildx's docker-container driver checks the builder with
+	// `docker exec CONTAINER buildctl debug workers` and talks to it through
+	// `buildctl dial-stdio`: buildctl on PATH, buildkitd on its default
+	// socket inside.
+	var fifo string
+	if ra := s.Containerd.RunArgs(); len(ra) > 0 {
+		for i := range ra[:len(ra)-1] {
+			if ra[i] == "--fifo-dir" {
+				fifo = ra[i+1]
+			}
+		}
+	}
+	if out, err := s.Containerd.Ctr(ctx, "tasks", "exec", "--exec-id", "hc", "--fifo-dir", fifo, id, "buildctl", "debug", "workers"); err != nil {
+		t.Errorf("buildctl debug workers inside the builder: %v\n%s", err, out)
+	}
 	workers, err := s.BuildctlAt(ctx, b.addr, "debug", "workers", "--verbose")
 	if err != nil {
 		t.Fatal(err)

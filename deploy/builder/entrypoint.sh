@@ -143,7 +143,8 @@ if [ -e /sys/fs/cgroup/cgroup.controllers ] && [ "$(cut -d: -f3 /proc/self/cgrou
 	while read -r p; do
 		echo "$p" >/sys/fs/cgroup/init/cgroup.procs 2>/dev/null || true
 	done </sys/fs/cgroup/cgroup.procs
-	for c in $(cat /sys/fs/cgroup/cgroup.controllers); do
+	read -r -a controllers </sys/fs/cgroup/cgroup.controllers
+	for c in "${controllers[@]}"; do
 		echo "+$c" >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || log "cannot enable cgroup controller $c"
 	done
 fi
