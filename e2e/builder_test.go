@@ -65,7 +65,11 @@ func TestBuilderImage(t *testing.T) {
 	if err := s.Containerd.Pull(ctx, image, ""); err != nil {
 		t.Fatal(err)
 	}
-	b := startBuilder(ctx, t, s, image, "lzb-builder")
+	stateDir, err := os.MkdirTemp(s.Dir, "b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := startBuilder(ctx, t, s, image, "lzb-builder", stateDir)
 
 	// 3. Build FROM the eStargz base through it: first without an export
 	// (the build phase, whose reads must be lazy), then the same build
@@ -183,8 +187,18 @@ COPY hello.txt /hello.txt
 		t.Errorf("shutdown not in the order buildkitd, lazybase-snapshotter, containerd; log:\n%s", log)
 	}
 
-	// 5. A daemon that dies takes the builder down with a non-zero status.
-	b2 := startBuilder(ctx, t, s, image, "lzb-builder-2")
+	// 5. Restarted on the same state (a buildx builder's volume survives
+	// its container), the builder serves the same build again, from its
+	// cache: the snapshotter re-mounts its lazy layers, containerd and
+	// buildkitd keep their snapshots and cache records.
+	b2 := startBuilder(ctx, t, s, image, "lzb-builder-2", stateDir)
+	start = time.Now()
+	if _, err := s.BuildctlAt(ctx, b2.addr, buildArgs...); err != nil {
+		t.Fatalf("build after a restart on the same state: %v\nbuilder log:\n%s", err, b2.proc.Log(60))
+	}
+	record(t, "builder-restarted-build", time.Since(start))
+
+	// 6. A daemon that dies takes the builder down with a non-zero status.
 	pid := childNamed(t, b2.pid(ctx, t), "lazybase")
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
@@ -209,14 +223,10 @@ type builder struct {
 }
 
 // startBuilder runs the builder image in the foreground of a `ctr run`
-// (its exit status is the container's) and waits until its buildkitd
-// answers.
-func startBuilder(ctx context.Context, t *testing.T, s *harness.Stack, image, id string) *builder {
+// (its exit status is the container's), its state, /run/buildkit and
+// /run/lazybase under dir, and waits until its buildkitd answers.
+func startBuilder(ctx context.Context, t *testing.T, s *harness.Stack, image, id, dir string) *builder {
 	t.Helper()
-	dir, err := os.MkdirTemp(s.Dir, "b")
-	if err != nil {
-		t.Fatal(err)
-	}
 	state, run, lzRun := filepath.Join(dir, "state"), filepath.Join(dir, "run"), filepath.Join(dir, "lz")
 	for _, d := range []string{state, run, lzRun} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
