@@ -373,7 +373,7 @@ func readerAtBody(ra content.ReaderAt, off, n int64) io.ReadCloser {
 	return struct {
 		io.Reader
 		io.Closer
-	}{bufio.NewReaderSize(io.NewSectionReader(ra, off, n), readBuffer), ra}
+	}{bufio.NewReaderSize(io.NewSectionReader(ra, off, n), int(min(n, readBuffer))), ra}
 }
 
 // countingBody reports the bytes read through it.

@@ -33,6 +33,34 @@ func (s *Stack) startBuildkit(ctx context.Context) (*Buildkit, error) {
 		return nil, err
 	}
 	sock := s.path("buildkitd.sock")
+	cfg, snapshotter := s.buildkitConfig(root, sock)
+	cfgPath := s.path("buildkitd.toml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		return nil, err
+	}
+	p, err := s.spawn("buildkitd", s.bins.buildkitd, "--config", cfgPath)
+	if err != nil {
+		return nil, err
+	}
+	b := &Buildkit{Address: "unix://" + sock, Snapshotter: snapshotter, s: s, proc: p}
+	err = waitFor(ctx, p, 60*time.Second, "buildkitd socket", func() error {
+		conn, err := net.Dial("unix", sock)
+		if err != nil {
+			return err
+		}
+		conn.Close()
+		_, err = b.Buildctl(ctx, "debug", "workers")
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+// buildkitConfig returns buildkitd's configuration with its root and
+// socket, and the snapshotter its worker uses.
+func (s *Stack) buildkitConfig(root, sock string) (string, string) {
 	snapshotter := "overlayfs"
 	if s.opts.buildkitLazy {
 		snapshotter = LazySnapshotterName
@@ -79,28 +107,7 @@ func (s *Stack) startBuildkit(ctx context.Context) (*Buildkit, error) {
 [registry.%q]
   http = true
 `, root, sock, s.path("buildkit-otel.sock"), workers, s.Registry.Host(), s.Registry.Direct)
-	cfgPath := s.path("buildkitd.toml")
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
-		return nil, err
-	}
-	p, err := s.spawn("buildkitd", s.bins.buildkitd, "--config", cfgPath)
-	if err != nil {
-		return nil, err
-	}
-	b := &Buildkit{Address: "unix://" + sock, Snapshotter: snapshotter, s: s, proc: p}
-	err = waitFor(ctx, p, 60*time.Second, "buildkitd socket", func() error {
-		conn, err := net.Dial("unix", sock)
-		if err != nil {
-			return err
-		}
-		conn.Close()
-		_, err = b.Buildctl(ctx, "debug", "workers")
-		return err
-	})
-	if err != nil {
-		return nil, err
-	}
-	return b, nil
+	return cfg, snapshotter
 }
 
 // Buildctl runs buildctl against this buildkitd and returns its standard
