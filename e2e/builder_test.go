@@ -211,6 +211,24 @@ COPY hello.txt /hello.txt
 		t.Errorf("builder exited 0 after its snapshotter was killed; log:\n%s", b2.proc.Log(30))
 	}
 	t.Logf("builder exited %d after its snapshotter (pid %d) was killed", code, pid)
+
+	// 7. A daemon that fails at start (here the snapshotter, on a flag it
+	// does not know) stops the builder with a non-zero status before
+	// buildkitd starts, containerd stopped.
+	dir3, err := os.MkdirTemp(s.Dir, "b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b3 := runBuilder(t, s, image, "lzb-builder-3", dir3, "--no-such-flag")
+	code, err = b3.proc.Wait(ctx, 2*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log = b3.proc.Log(40)
+	if code == 0 || !strings.Contains(log, "lazybase-snapshotter exited with status") ||
+		!strings.Contains(log, "stopping containerd") || strings.Contains(log, "started buildkitd") {
+		t.Errorf("builder with a failing snapshotter exited %d; log:\n%s", code, log)
+	}
 }
 
 // builder is one running builder container.
@@ -227,55 +245,9 @@ type builder struct {
 // /run/lazybase under dir, and waits until its buildkitd answers.
 func startBuilder(ctx context.Context, t *testing.T, s *harness.Stack, image, id, dir string) *builder {
 	t.Helper()
-	state, run, lzRun := filepath.Join(dir, "state"), filepath.Join(dir, "run"), filepath.Join(dir, "lz")
-	for _, d := range []string{state, run, lzRun} {
-		if err := os.MkdirAll(d, 0o700); err != nil {
-			t.Fatal(err)
-		}
-	}
-	root, err := harness.RepoRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	// deploy/buildkitd/buildkitd.toml as buildx's --buildkitd-config, plus
-	// the plain-HTTP registry entry a user adds for a registry without TLS.
-	cfg, err := os.ReadFile(filepath.Join(root, "deploy", "buildkitd", "buildkitd.toml"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg = fmt.Appendf(cfg, "\n[registry.%q]\n  http = true\n", s.Registry.Host())
-	cfgPath := filepath.Join(dir, "buildkitd.toml")
-	writeFile(t, cfgPath, string(cfg))
-
-	bind := func(src, dst, opts string) string {
-		return fmt.Sprintf("type=bind,src=%s,dst=%s,options=rbind:%s", src, dst, opts)
-	}
-	args := []string{"run", "--rm", "--privileged", "--net-host"}
-	args = append(args, s.Containerd.RunArgs()...)
-	args = append(args,
-		"--mount", bind(state, "/var/lib/buildkit", "rw"),
-		"--mount", bind(run, "/run/buildkit", "rw"),
-		"--mount", bind(lzRun, "/run/lazybase", "rw"),
-		"--mount", bind(cfgPath, "/etc/buildkit/buildkitd.toml", "ro"),
-		// Docker mounts the cgroup file system in every container (rw when
-		// privileged); ctr's default spec has none, and the runc inside
-		// needs it for the containers BuildKit runs.
-		"--mount", "type=cgroup,src=cgroup,dst=/sys/fs/cgroup,options=rw:nosuid:nodev:noexec",
-		// The snapshotter's metrics stay off: the builder shares the host's
-		// network namespace here.
-		"--env", "LAZYBASE_SNAPSHOTTER_ARGS=--metrics-address=",
-		image, id,
-		// The image's entrypoint with the flags buildx's docker-container
-		// driver appends (ctr run replaces, not appends, the arguments).
-		"/usr/local/bin/lazybase-builder",
-		"--config", "/etc/buildkit/buildkitd.toml",
-		"--allow-insecure-entitlement=network.host")
 	start := time.Now()
-	proc, err := s.Containerd.StartCtr(id, args...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := &builder{id: id, addr: "unix://" + filepath.Join(run, "buildkitd.sock"), lazybaseRun: lzRun, proc: proc, s: s}
+	b := runBuilder(t, s, image, id, dir, "--metrics-address=")
+	proc := b.proc
 	deadline := time.Now().Add(2 * time.Minute)
 	for {
 		_, err := s.BuildctlAt(ctx, b.addr, "debug", "workers")
@@ -468,4 +440,60 @@ func lastLayerFiles(t *testing.T, img v1.Image) map[string]bool {
 		files[strings.TrimPrefix(strings.TrimPrefix(h.Name, "./"), "/")] = true
 	}
 	return files
+}
+
+// runBuilder starts the builder image in the foreground of a `ctr run` as
+// buildx's docker-container driver would (its exit status is the
+// container's), with its state, /run/buildkit and /run/lazybase under dir,
+// and snapshotterArgs as $LAZYBASE_SNAPSHOTTER_ARGS.
+func runBuilder(t *testing.T, s *harness.Stack, image, id, dir, snapshotterArgs string) *builder {
+	t.Helper()
+	state, run, lzRun := filepath.Join(dir, "state"), filepath.Join(dir, "run"), filepath.Join(dir, "lz")
+	for _, d := range []string{state, run, lzRun} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	root, err := harness.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// deploy/buildkitd/buildkitd.toml as buildx's --buildkitd-config, plus
+	// the plain-HTTP registry entry a user adds for a registry without TLS.
+	cfg, err := os.ReadFile(filepath.Join(root, "deploy", "buildkitd", "buildkitd.toml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg = fmt.Appendf(cfg, "\n[registry.%q]\n  http = true\n", s.Registry.Host())
+	cfgPath := filepath.Join(dir, "buildkitd.toml")
+	writeFile(t, cfgPath, string(cfg))
+
+	bind := func(src, dst, opts string) string {
+		return fmt.Sprintf("type=bind,src=%s,dst=%s,options=rbind:%s", src, dst, opts)
+	}
+	args := []string{"run", "--rm", "--privileged", "--net-host"}
+	args = append(args, s.Containerd.RunArgs()...)
+	args = append(args,
+		"--mount", bind(state, "/var/lib/buildkit", "rw"),
+		"--mount", bind(run, "/run/buildkit", "rw"),
+		"--mount", bind(lzRun, "/run/lazybase", "rw"),
+		"--mount", bind(cfgPath, "/etc/buildkit/buildkitd.toml", "ro"),
+		// Docker mounts the cgroup file system in every container (rw when
+		// privileged); ctr's default spec has none, and the runc inside
+		// needs it for the containers BuildKit runs.
+		"--mount", "type=cgroup,src=cgroup,dst=/sys/fs/cgroup,options=rw:nosuid:nodev:noexec",
+		// The snapshotter's metrics stay off: the builder shares the host's
+		// network namespace here.
+		"--env", "LAZYBASE_SNAPSHOTTER_ARGS="+snapshotterArgs,
+		image, id,
+		// The image's entrypoint with the flags buildx's docker-container
+		// driver appends (ctr run replaces, not appends, the arguments).
+		"/usr/local/bin/lazybase-builder",
+		"--config", "/etc/buildkit/buildkitd.toml",
+		"--allow-insecure-entitlement=network.host")
+	proc, err := s.Containerd.StartCtr(id, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &builder{id: id, addr: "unix://" + filepath.Join(run, "buildkitd.sock"), lazybaseRun: lzRun, proc: proc, s: s}
 }

@@ -101,9 +101,9 @@ start() {
 # ready NAME CHECK... polls CHECK until it succeeds; fails when the daemon
 # started last exits, when $TIMEOUT passes or when a signal arrives.
 ready() {
-	local name=$1 pid=${pids[-1]} n
+	local name=$1 pid=${pids[-1]} deadline=$((SECONDS + TIMEOUT)) rc
 	shift
-	for ((n = 0; n < TIMEOUT * 10; n++)); do
+	while ((SECONDS < deadline)); do
 		if [ "$stopping" = 1 ]; then
 			log "signal while waiting for $name"
 			stop_all
@@ -111,7 +111,9 @@ ready() {
 		fi
 		if ! kill -0 "$pid" 2>/dev/null; then
 			wait "$pid"
-			fail "$name exited with status $? before it was ready"
+			rc=$?
+			unset 'pids[-1]' 'names[-1]'
+			fail "$name exited with status $rc before it was ready"
 		fi
 		if "$@" >/dev/null 2>&1; then
 			log "$name is ready"
