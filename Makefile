@@ -5,7 +5,7 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -X main.version=$(VERSION)
 CACHE    ?= $(CURDIR)/.cache
 
-.PHONY: all build test bench demo lint e2e fuzz clean
+.PHONY: all build test bench demo lint e2e fuzz clean deploy-test
 
 all: build
 
@@ -14,6 +14,14 @@ build:
 
 test:
 	$(GO) test -count=1 -timeout 20m ./...
+
+# deploy-test: the deployment artifacts checked by their own tools, in
+# modules kept apart from the main one: buildkitd.toml files and the builder
+# Dockerfile with BuildKit's own loader and parser (e2e/tools), Kubernetes
+# manifests decoded strictly against the Kubernetes API types.
+deploy-test:
+	cd e2e/tools && $(GO) test -count=1 ./...
+	cd deploy/kubernetes/validate && $(GO) test -count=1 ./...
 
 # demo: in-process registry, sample image from local files, convert, verify.
 demo:
@@ -33,6 +41,8 @@ refimages:
 lint:
 	$(GO) vet ./...
 	$(GO) vet -tags e2e ./e2e/...
+	cd deploy/kubernetes/validate && $(GO) vet ./...
+	shellcheck deploy/builder/entrypoint.sh
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt needed on:"; echo "$$out"; exit 1; fi
 

@@ -20,7 +20,7 @@ GO=${GO:-go}
 
 log() { echo "e2e-deps: $*" >&2; }
 
-apt_packages=(docker-registry runc fuse3 debootstrap)
+apt_packages=(docker-registry runc fuse3 debootstrap systemd shellcheck)
 missing=()
 for p in "${apt_packages[@]}"; do
 	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
