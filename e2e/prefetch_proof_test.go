@@ -51,16 +51,17 @@ var proofBuild = []string{"sh", "-c", "go build -o /tmp/proof . && /tmp/proof"}
 var proofEnv = []string{"GOCACHE=/tmp/gocache", "HOME=/tmp", "GOTOOLCHAIN=local", "GOFLAGS=-buildvcs=false", "CGO_ENABLED=0", "GOPROXY=off"}
 
 // proofConfig is the lazybase daemon's configuration for the proof:
-// accesses recorded; prefetch on (the default, stated here), with a
-// timeout long enough that a shaped link never cuts it short; no
-// background fetch and no export guard, so that every blob byte the proxy
-// serves after the mount is either the prefetch or an on-demand read.
+// accesses recorded; prefetch as by default (stated here: on, up to each
+// layer's landmark, nothing from layers without one, first use waits up to
+// 10s for it); no background fetch and no export guard, so that every blob
+// byte the proxy serves after the mount is either the prefetch or an
+// on-demand read.
 func proofConfig(accessDir string) string {
 	return fmt.Sprintf(`access_record_dir = %q
 [prefetch]
 enable = true
 default_size = 0
-timeout = "60s"
+timeout = "10s"
 [background_fetch]
 enable = false
 [guard]
