@@ -68,6 +68,14 @@ type benchVariant struct {
 // (c ≤ 0.6×a, c < b, export(c) ≤ export(a)); it asserts correctness only:
 // every push succeeds, the pushed images carry their base's layers and the
 // same program, and (c) fetches no final-base blob byte during its export.
+// A variant (c-lazy) runs (c) with the builder base "lazy" rather than
+// "lazy-only": the guard's transfer of its blob, promoted once the build
+// reads it, then serves the rest of the build locally.
+//
+// Each run starts its own stack; one round of the four variants takes about
+// 3–5 minutes here, so more than one run needs a longer -timeout:
+//
+//	LAZYBASE_BENCH_RUNS=3 go test -tags e2e -timeout 60m -run TestExportBench -v ./e2e/
 func TestExportBench(t *testing.T) {
 	const (
 		bandwidth = 125_000_000 // 1 Gbit/s
