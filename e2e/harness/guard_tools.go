@@ -5,7 +5,9 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"time"
 )
@@ -28,6 +30,12 @@ func (s *Stack) Lazybase(ctx context.Context, args ...string) (stdout, stderr st
 	return out.String(), errb.String(), nil
 }
 
+// BuildkitLog returns buildkitd's log so far (every run of it).
+func (s *Stack) BuildkitLog() (string, error) {
+	b, err := os.ReadFile(filepath.Join(s.logDir(), "buildkitd.log"))
+	return string(b), err
+}
+
 // StatusSocket returns the lazy snapshotter's status socket (lazybase
 // daemon only).
 func (sn *Snapshotter) StatusSocket() string { return sn.Address + ".status" }
@@ -35,11 +43,12 @@ func (sn *Snapshotter) StatusSocket() string { return sn.Address + ".status" }
 // Restart stops buildkitd (SIGTERM to its PID, SIGKILL after 20s) and
 // starts it again with the same configuration, root and socket, as a
 // builder host's restart does: its build cache metadata survives on disk.
-func (b *Buildkit) Restart(ctx context.Context) error {
+// args go to the new buildkitd before --config ("--debug", say).
+func (b *Buildkit) Restart(ctx context.Context, args ...string) error {
 	if err := b.proc.stop(20 * time.Second); err != nil {
 		return err
 	}
-	p, err := b.s.spawn("buildkitd", b.s.bins.buildkitd, "--config", b.s.path("buildkitd.toml"))
+	p, err := b.s.spawn("buildkitd", b.s.bins.buildkitd, append(args, "--config", b.s.path("buildkitd.toml"))...)
 	if err != nil {
 		return err
 	}
