@@ -8,6 +8,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -87,7 +89,9 @@ enable = false
 // fetched on demand (asserting at least 90% through the prefetch for the
 // profiled image), and the time from container start to the end of the
 // build, profiled against unprofiled (printed with PASS/MISS, not
-// asserted: the machine is shared).
+// asserted: the machine is shared). The measured builds run in rounds
+// ($LAZYBASE_PREFETCH_PROOF_ROUNDS, default 3), each on fresh stacks, the
+// order alternating; times compare as medians.
 func TestPrefetchProof(t *testing.T) {
 	const (
 		bandwidth = 125_000_000 // 1 Gbit/s
@@ -187,57 +191,95 @@ func TestPrefetchProof(t *testing.T) {
 	profiled := conv(convert.WithPrefetch(p))
 	plain := conv()
 
-	// 3. Measure each on a fresh stack.
+	// 3. Measure each on a fresh stack, in rounds that alternate the
+	// order; the build's compile is CPU-bound on a shared machine, so the
+	// times compare as medians.
+	rounds := 3
+	if v := os.Getenv("LAZYBASE_PREFETCH_PROOF_ROUNDS"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			t.Fatalf("LAZYBASE_PREFETCH_PROOF_ROUNDS=%q: want a positive number", v)
+		}
+		rounds = n
+	}
 	type variant struct {
 		name string
 		img  v1.Image
-		m    *proofRun
+		runs []*proofRun
 	}
-	variants := []*variant{{name: "unprofiled", img: plain}, {name: "profiled", img: profiled}}
-	for _, v := range variants {
-		t.Run(v.name, func(t *testing.T) {
-			v.m = measureProofBuild(ctx, t, dir, src, v.name, v.img, shaped)
-		})
-		if t.Failed() {
-			t.FailNow()
+	un, pr := &variant{name: "unprofiled", img: plain}, &variant{name: "profiled", img: profiled}
+	for i := range rounds {
+		order := []*variant{un, pr}
+		if i%2 == 1 {
+			order = []*variant{pr, un}
+		}
+		for _, v := range order {
+			name := fmt.Sprintf("%s-%d", v.name, i+1)
+			t.Run(name, func(t *testing.T) {
+				v.runs = append(v.runs, measureProofBuild(ctx, t, dir, src, name, v.img, shaped))
+			})
+			if t.Failed() {
+				t.FailNow()
+			}
 		}
 	}
-	un, pr := variants[0].m, variants[1].m
-	for _, v := range variants {
-		record(t, "prefetch-proof-"+v.name+"-pull", v.m.pull)
-		record(t, "prefetch-proof-"+v.name+"-build", v.m.build)
+	median := func(v *variant, f func(*proofRun) time.Duration) time.Duration {
+		ds := make([]time.Duration, len(v.runs))
+		for i, m := range v.runs {
+			ds[i] = f(m)
+		}
+		slices.Sort(ds)
+		return ds[len(ds)/2]
 	}
-	ratio := float64(pr.build) / float64(un.build)
-	total := float64(pr.pull+pr.build) / float64(un.pull+un.build)
-	if pr.regionBytes == 0 {
+	buildTime := func(m *proofRun) time.Duration { return m.build }
+	pullBuild := func(m *proofRun) time.Duration { return m.pull + m.build }
+	for _, v := range []*variant{un, pr} {
+		record(t, "prefetch-proof-"+v.name+"-build-median", median(v, buildTime))
+	}
+	ratio := float64(median(pr, buildTime)) / float64(median(un, buildTime))
+	total := float64(median(pr, pullBuild)) / float64(median(un, pullBuild))
+	minShare := 1.0
+	for _, m := range pr.runs {
+		minShare = min(minShare, m.prefetchedShare())
+	}
+	first := pr.runs[0]
+	if first.regionBytes == 0 {
 		t.Errorf("profiled: no layer has a prefetch landmark")
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "BENCH prefetch proof, 1 Gbit/s 20 ms, go build (net/http, encoding/json) with an empty GOCACHE:\n")
+	fmt.Fprintf(&b, "BENCH prefetch proof, 1 Gbit/s 20 ms, go build (net/http, encoding/json) with an empty GOCACHE, %d rounds on fresh stacks:\n", rounds)
 	fmt.Fprintf(&b, "  profile: %d files, %.1f MB; profiled image: prefetch regions %.1f of %.1f MB of layer blobs\n",
-		profFiles, mb(profBytes), mb(pr.regionBytes), mb(pr.blobBytes))
-	for _, v := range variants {
-		m := v.m
-		fmt.Fprintf(&b, "  %-10s pull %7s  container start to build end %7s | read %5d files %6.1f MB: via prefetch %6.1f MB (%5.1f%%), on demand %6.1f MB, other %5.1f MB | blob bytes: prefetch %6.1f MB in %d req, on demand %6.1f MB in %d req, TOC/footer %5.1f MB\n",
-			v.name, m.pull.Round(time.Millisecond), m.build.Round(time.Millisecond),
-			m.readFiles, mb(m.readBytes), mb(m.prefetchedRead), 100*m.prefetchedShare(), mb(m.onDemandRead), mb(m.otherRead),
-			mb(m.netPrefetch), m.reqPrefetch, mb(m.netOnDemand), m.reqOnDemand, mb(m.netMeta))
+		profFiles, mb(profBytes), mb(first.regionBytes), mb(first.blobBytes))
+	for i := range rounds {
+		for _, v := range []*variant{un, pr} {
+			m := v.runs[i]
+			fmt.Fprintf(&b, "  %-10s #%d pull %7s, container start to build end %8s | read %d files %.1f MB: via prefetch %.1f MB (%.1f%%), on demand %.1f MB, other %.1f MB | blob bytes: prefetch %.1f MB in %d req, on demand %.1f MB in %d req, TOC/footer %.1f MB\n",
+				v.name, i+1, m.pull.Round(time.Millisecond), m.build.Round(time.Millisecond),
+				m.readFiles, mb(m.readBytes), mb(m.prefetchedRead), 100*m.prefetchedShare(), mb(m.onDemandRead), mb(m.otherRead),
+				mb(m.netPrefetch), m.reqPrefetch, mb(m.netOnDemand), m.reqOnDemand, mb(m.netMeta))
+		}
 	}
-	fmt.Fprintf(&b, "  build time profiled/unprofiled %.3f (target < 1: %s); pull+build %.3f (%s)\n", ratio, verdict(ratio < 1), total, verdict(total < 1))
-	fmt.Fprintf(&b, "  read bytes via prefetch, profiled: %.1f%% (target >= 90%%: %s)", 100*pr.prefetchedShare(), verdict(pr.prefetchedShare() >= 0.9))
+	fmt.Fprintf(&b, "  median container start to build end: profiled %s, unprofiled %s, ratio %.3f (target < 1: %s); pull+build ratio %.3f (%s)\n",
+		median(pr, buildTime).Round(time.Millisecond), median(un, buildTime).Round(time.Millisecond), ratio, verdict(ratio < 1), total, verdict(total < 1))
+	fmt.Fprintf(&b, "  read bytes via prefetch, profiled, lowest of the rounds: %.1f%% (target >= 90%%: %s)", 100*minShare, verdict(minShare >= 0.9))
 	t.Log(b.String())
 
-	if pr.readBytes == 0 {
-		t.Fatal("profiled: the access records name no file the build read")
+	for i, m := range pr.runs {
+		if m.readBytes == 0 {
+			t.Errorf("profiled #%d: the access records name no file the build read", i+1)
+			continue
+		}
+		if m.prefetchedShare() < 0.9 {
+			t.Errorf("profiled #%d: %.1f%% of the %d bytes the build read arrived through the prefetch, want at least 90%%", i+1, 100*m.prefetchedShare(), m.readBytes)
+		}
+		if !m.prefetchCovered {
+			t.Errorf("profiled #%d: the prefetch requests did not cover every layer's prefetch region", i+1)
+		}
 	}
-	if pr.prefetchedShare() < 0.9 {
-		t.Errorf("profiled: %.1f%% of the %d bytes the build read arrived through the prefetch, want at least 90%%", 100*pr.prefetchedShare(), pr.readBytes)
-	}
-	if !pr.prefetchCovered {
-		t.Errorf("profiled: the prefetch requests did not cover every layer's prefetch region")
-	}
-	if un.netPrefetch != 0 {
-		t.Errorf("unprofiled: %d blob bytes fetched as a prefetch, want none", un.netPrefetch)
+	for i, m := range un.runs {
+		if m.netPrefetch != 0 {
+			t.Errorf("unprofiled #%d: %d blob bytes fetched as a prefetch, want none", i+1, m.netPrefetch)
+		}
 	}
 }
 
