@@ -86,9 +86,11 @@ func TestLazypullPullRunVerify(t *testing.T) {
 	// The harness starts `lazybase snapshotter --address … --root …`; the
 	// rest of the configuration comes through the environment. Without
 	// background fetch the daemon reads only what is used, so the fetched
-	// share is a real measure.
+	// share is a real measure; without the export guard (which copies
+	// whole blobs into the content store by design, tested on its own) no
+	// layer blob may reach the content store.
 	cfg := filepath.Join(t.TempDir(), "lazybase.toml")
-	if err := os.WriteFile(cfg, []byte("log_level = \"debug\"\n[background_fetch]\nenable = false\n"), 0o600); err != nil {
+	if err := os.WriteFile(cfg, []byte("log_level = \"debug\"\n[background_fetch]\nenable = false\n[guard]\nenable = false\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	t.Setenv("LAZYBASE_SNAPSHOTTER_CONFIG", cfg)
