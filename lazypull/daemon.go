@@ -101,6 +101,7 @@ func NewDaemon(ctx context.Context, cfg Config) (*Daemon, error) {
 			return nil, err
 		}
 		psn.lazy = d.guardMounted
+		psn.hideRemote = true
 		if cfg.Local.Enable {
 			d.local = newLocalizer(tfs, d.guard.localBlob, cfg.Local.Parallelism, m)
 			psn.local = d.local

@@ -22,6 +22,9 @@ type policySnapshotter struct {
 	// local, when set, replaces unpacked lazy layers in the mounts handed
 	// out.
 	local *localizer
+	// hideRemote drops the upstream snapshotter's remote-snapshot marker
+	// from what Stat and Walk tell containerd (guard.enable).
+	hideRemote bool
 }
 
 var _ snapshots.Snapshotter = (*policySnapshotter)(nil)
@@ -97,4 +100,33 @@ func replaceLabels(labels map[string]string) snapshots.Opt {
 		info.Labels = maps.Clone(labels)
 		return nil
 	}
+}
+
+// Stat is the upstream Stat; with hideRemote, without the remote-snapshot
+// marker. BuildKit treats a layer whose snapshot carries the marker as lazy
+// even when its blob is in the content store, and a buildkitd that starts
+// again drops every cache record above a lazy layer ("missing descriptor
+// handlers for lazy blobs"). Without the marker BuildKit decides by the
+// content store alone: a layer whose blob the export guard committed is
+// not lazy, its cache survives a restart and its export reads the blob.
+func (s *policySnapshotter) Stat(ctx context.Context, key string) (snapshots.Info, error) {
+	info, err := s.Snapshotter.Stat(ctx, key)
+	if err == nil && s.hideRemote {
+		delete(info.Labels, remoteLabelPrefix)
+	}
+	return info, err
+}
+
+// Walk is the upstream Walk; with hideRemote, without the remote-snapshot
+// marker. containerd copies the labels of the snapshot a remote Prepare
+// found (by Walk) into its own metadata, and Stat merges those over the
+// snapshotter's: the marker has to be hidden here too.
+func (s *policySnapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters ...string) error {
+	if !s.hideRemote {
+		return s.Snapshotter.Walk(ctx, fn, filters...)
+	}
+	return s.Snapshotter.Walk(ctx, func(ctx context.Context, info snapshots.Info) error {
+		delete(info.Labels, remoteLabelPrefix)
+		return fn(ctx, info)
+	}, filters...)
 }
