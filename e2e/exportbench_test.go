@@ -34,6 +34,10 @@ const exportBenchRunsEnv = "LAZYBASE_BENCH_RUNS"
 // "a,c-lazy" (default: all).
 const exportBenchVariantsEnv = "LAZYBASE_BENCH_VARIANTS"
 
+// exportBenchDaemonEnv is TOML added to the lazybase daemon's configuration
+// in the (c) variants, e.g. "[local]\nenable = false".
+const exportBenchDaemonEnv = "LAZYBASE_BENCH_DAEMON_TOML"
+
 // benchPhases are the phases of one cold build-and-push, from buildctl's
 // rawjson progress.
 type benchPhases struct {
@@ -99,7 +103,8 @@ mode = "export-base"
 [[policy]]
 match = "*/%s:*"
 mode = %q
-`, repoDebian, repoGolang, builderMode)
+%s
+`, repoDebian, repoGolang, builderMode, os.Getenv(exportBenchDaemonEnv))
 	}
 	lazybase := func(toml string) func(*testing.T) []harness.Option {
 		return func(*testing.T) []harness.Option {
