@@ -41,11 +41,12 @@ const exportBenchDaemonEnv = "LAZYBASE_BENCH_DAEMON_TOML"
 // benchPhases are the phases of one cold build-and-push, from buildctl's
 // rawjson progress.
 type benchPhases struct {
-	total      time.Duration // buildctl's wall time
-	firstRun   time.Duration // start to the start of the first RUN step
-	build      time.Duration // start to the end of the last step before the export
-	export     time.Duration // start of "exporting to image" to the end
-	exportFrom time.Time     // wall clock of the export's start
+	total       time.Duration // buildctl's wall time
+	firstRun    time.Duration // start to the start of the first RUN step
+	build       time.Duration // start to the end of the last step before the export
+	export      time.Duration // start of "exporting to image" to the end
+	exportFrom  time.Time     // wall clock of the export's start
+	exportSteps string        // the export's steps and their durations
 }
 
 // benchVariant is one of the issue's three set-ups.
@@ -228,7 +229,7 @@ func benchOnce(ctx context.Context, t *testing.T, v benchVariant) (benchPhases, 
 	if err != nil {
 		t.Fatalf("(%s) progress: %v", v.key, err)
 	}
-	t.Logf("(%s) total %s: first RUN at %s, build %s, export %s", v.key, r(ph.total), r(ph.firstRun), r(ph.build), r(ph.export))
+	t.Logf("(%s) total %s: first RUN at %s, build %s, export %s (%s)", v.key, r(ph.total), r(ph.firstRun), r(ph.build), r(ph.export), ph.exportSteps)
 
 	// What crossed the shaped link, per base layer, and during the export.
 	events := p.Events()[mark:]
@@ -337,6 +338,15 @@ type rawVertex struct {
 	Completed *time.Time `json:"completed"`
 }
 
+// rawStatus is the part of a BuildKit progress status (a step of a
+// vertex) the phases need.
+type rawStatus struct {
+	ID        string     `json:"id"`
+	Vertex    string     `json:"vertex"`
+	Started   *time.Time `json:"started"`
+	Completed *time.Time `json:"completed"`
+}
+
 // parsePhases reads buildctl's --progress=rawjson output (a stream of
 // solve statuses) of a build that ran from start to end.
 func parsePhases(progress string, start, end time.Time) (benchPhases, error) {
@@ -345,10 +355,13 @@ func parsePhases(progress string, start, end time.Time) (benchPhases, error) {
 		start, end time.Time
 	}
 	spans := map[string]*span{}
+	steps := map[string]*span{} // statuses, by vertex and id
+	var stepOrder []string
 	dec := json.NewDecoder(strings.NewReader(progress))
 	for {
 		var st struct {
 			Vertexes []rawVertex `json:"vertexes"`
+			Statuses []rawStatus `json:"statuses"`
 		}
 		err := dec.Decode(&st)
 		if errors.Is(err, io.EOF) {
@@ -370,12 +383,29 @@ func parsePhases(progress string, start, end time.Time) (benchPhases, error) {
 				sp.end = *v.Completed
 			}
 		}
+		for _, s := range st.Statuses {
+			key := s.Vertex + "\x00" + s.ID
+			sp := steps[key]
+			if sp == nil {
+				sp = &span{name: s.ID}
+				steps[key] = sp
+				stepOrder = append(stepOrder, key)
+			}
+			if s.Started != nil && (sp.start.IsZero() || s.Started.Before(sp.start)) {
+				sp.start = *s.Started
+			}
+			if s.Completed != nil && s.Completed.After(sp.end) {
+				sp.end = *s.Completed
+			}
+		}
 	}
 	ph := benchPhases{total: end.Sub(start)}
 	var firstRun, buildEnd, exportStart time.Time
-	for _, sp := range spans {
+	exporting := map[string]bool{}
+	for d, sp := range spans {
 		switch {
 		case strings.HasPrefix(sp.name, "exporting to"):
+			exporting[d] = true
 			if !sp.start.IsZero() && (exportStart.IsZero() || sp.start.Before(exportStart)) {
 				exportStart = sp.start
 			}
@@ -400,6 +430,14 @@ func parsePhases(progress string, start, end time.Time) (benchPhases, error) {
 	ph.build = buildEnd.Sub(start)
 	ph.exportFrom = exportStart
 	ph.export = end.Sub(exportStart)
+	var parts []string
+	for _, key := range stepOrder {
+		vertex, _, _ := strings.Cut(key, "\x00")
+		if sp := steps[key]; exporting[vertex] && !sp.start.IsZero() && !sp.end.IsZero() {
+			parts = append(parts, fmt.Sprintf("%s %s", sp.name, r(sp.end.Sub(sp.start))))
+		}
+	}
+	ph.exportSteps = strings.Join(parts, ", ")
 	return ph, nil
 }
 
