@@ -57,6 +57,8 @@ func TestLazypullGoBuildLocalReads(t *testing.T) {
 	cfg := filepath.Join(cfgDir, "lazybase.toml")
 	body := fmt.Sprintf(`[background_fetch]
 enable = false
+[local]
+enable = true
 [[policy]]
 match = "*/%s:*"
 mode = "lazy-only"

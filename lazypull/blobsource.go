@@ -27,10 +27,12 @@ import (
 
 // PromoteAfterBytes is how many bytes of a layer's blob the lazy filesystem
 // may fetch from the registry before the export guard stops waiting for
-// guard.delay and materializes the blob at once. On-demand reads of a few
-// files stay under it; the filesystem's background fill passes it within
-// seconds, and from then on the guard's single transfer serves the fill.
-const PromoteAfterBytes = 4 << 20
+// guard.delay and materializes the blob at once. A first command's
+// on-demand reads stay under it (`go version` on the golang-like image
+// reads about 14 MB with passthrough), so its link is not shared with a
+// whole-blob transfer; a build crosses it within seconds, and from then on
+// the guard's single transfer serves the rest.
+const PromoteAfterBytes = 24 << 20
 
 // readBuffer is the size of the reads a local blob is served with.
 const readBuffer = 1 << 20

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"fmt"
 	"io"
 	stdlog "log"
 	"mime"
@@ -370,7 +371,7 @@ func TestUpstreamFetcherReadsCommittedBlob(t *testing.T) {
 // guard.delay, unless the filesystem fetches PromoteAfterBytes of its blob
 // from the registry first; then the guard materializes it at once.
 func TestBlobSourcePromotesLazyLayer(t *testing.T) {
-	e := newSourceEnv(t, 6<<20)
+	e := newSourceEnv(t, PromoteAfterBytes+2<<20)
 	reg := prometheus.NewRegistry()
 	g, src := e.trigger(t, time.Hour, reg)
 	c := src.wrapClient(&http.Client{})
@@ -384,14 +385,15 @@ func TestBlobSourcePromotesLazyLayer(t *testing.T) {
 	waitState(t, g, "builder", e.layer, GuardScheduled)
 
 	// A background fill does.
-	readAll(t, get(t, c, http.MethodGet, e.blobURL(), "bytes=65536-5000000").Body)
+	fill := PromoteAfterBytes + 1<<20
+	readAll(t, get(t, c, http.MethodGet, e.blobURL(), fmt.Sprintf("bytes=65536-%d", fill)).Body)
 	waitState(t, g, "builder", e.layer, GuardMaterialized)
 	if got := counterValue(t, g.promotions); got != 1 {
 		t.Errorf("promotions %v, want 1", got)
 	}
 	before := e.proxy.blobBytes(e.layer)
-	resp := get(t, c, http.MethodGet, e.blobURL(), "bytes=5000001-6291455")
-	if !bytes.Equal(readAll(t, resp.Body), e.data[5000001:]) {
+	resp := get(t, c, http.MethodGet, e.blobURL(), fmt.Sprintf("bytes=%d-%d", fill+1, len(e.data)-1))
+	if !bytes.Equal(readAll(t, resp.Body), e.data[fill+1:]) {
 		t.Error("rest of the blob differs")
 	}
 	if n := e.proxy.blobBytes(e.layer) - before; n != 0 {

@@ -108,7 +108,7 @@ func NewDaemon(ctx context.Context, cfg Config) (*Daemon, error) {
 			d.local.start(log.WithLogger(context.Background(), log.G(ctx)))
 		}
 	} else if cfg.Local.Enable {
-		log.G(ctx).Info("local unpacking is off: it unpacks the blobs the export guard materializes, and guard.enable is false")
+		log.G(ctx).Warn("local.enable has no effect: local unpacking unpacks the blobs the export guard materializes, and guard.enable is false")
 	}
 	return d, nil
 }
