@@ -145,7 +145,32 @@ func (s *Stack) RestartSnapshotter(ctx context.Context) error {
 	if err := sn.proc.stop(30 * time.Second); err != nil {
 		return fmt.Errorf("stopping %s: %w", sn.proc.name, err)
 	}
-	return s.runSnapshotter(ctx, sn)
+	if err := s.runSnapshotter(ctx, sn); err != nil {
+		return err
+	}
+	if s.Containerd == nil {
+		return nil
+	}
+	// A restarted daemon restores its mounts before it listens; when that
+	// takes longer than containerd's connect timeout (20s, under load),
+	// containerd's connection to it sits in backoff and fails calls for a
+	// few seconds more. Wait until containerd reaches it again, as a
+	// user's next command would after a retry.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		_, err := s.Containerd.Ctr(ctx, "snapshots", "--snapshotter", LazySnapshotterName, "ls")
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("containerd does not reach the restarted snapshotter: %w", err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }
 
 // FUSEMounts returns the FUSE mounts under the snapshotter's root: one per
