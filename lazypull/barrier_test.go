@@ -19,9 +19,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/leases"
-	"github.com/containerd/containerd/v2/core/metadata"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
-	"github.com/containerd/containerd/v2/plugins/content/local"
 	"github.com/containerd/errdefs"
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -34,7 +32,6 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
-	bolt "go.etcd.io/bbolt"
 )
 
 // barrierEnv is an in-process registry holding a two-layer image, behind a
@@ -106,22 +103,8 @@ func newBarrierEnv(t *testing.T) *barrierEnv {
 		t.Fatal(err)
 	}
 
-	dir := t.TempDir()
-	cs, err := local.NewStore(filepath.Join(dir, "content"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	bdb, err := bolt.Open(filepath.Join(dir, "meta.db"), 0o600, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { bdb.Close() })
-	db := metadata.NewDB(bdb, cs, nil)
-	if err := db.Init(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	e.guardEnv = &guardEnv{ref: ref, layer: e.layers[0], size: 200_000,
-		store: db.ContentStore(), leases: metadata.NewLeaseManager(db)}
+	store, lm := newContentStore(t)
+	e.guardEnv = &guardEnv{ref: ref, layer: e.layers[0], size: 200_000, store: store, leases: lm}
 	return e
 }
 

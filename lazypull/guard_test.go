@@ -8,7 +8,6 @@ import (
 	stdlog "log"
 	"net/http/httptest"
 	"net/url"
-	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -16,9 +15,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/leases"
-	"github.com/containerd/containerd/v2/core/metadata"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
-	"github.com/containerd/containerd/v2/plugins/content/local"
 	"github.com/containerd/errdefs"
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -28,7 +25,6 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus"
-	bolt "go.etcd.io/bbolt"
 
 	"github.com/lazybase/lazybase/exportguard"
 )
@@ -67,22 +63,8 @@ func newGuardEnv(t *testing.T) *guardEnv {
 	}
 	dgst, _ := l.Digest()
 
-	dir := t.TempDir()
-	cs, err := local.NewStore(filepath.Join(dir, "content"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	bdb, err := bolt.Open(filepath.Join(dir, "meta.db"), 0o600, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { bdb.Close() })
-	db := metadata.NewDB(bdb, cs, nil)
-	if err := db.Init(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	return &guardEnv{ref: ref, layer: digest.Digest(dgst.String()), size: int64(len(data)),
-		store: db.ContentStore(), leases: metadata.NewLeaseManager(db)}
+	store, lm := newContentStore(t)
+	return &guardEnv{ref: ref, layer: digest.Digest(dgst.String()), size: int64(len(data)), store: store, leases: lm}
 }
 
 func (e *guardEnv) trigger(t *testing.T, cfg GuardConfig, failFirst int32, reg prometheus.Registerer) *guardTrigger {
