@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -223,21 +222,20 @@ func TestPrefetchProof(t *testing.T) {
 			}
 		}
 	}
-	median := func(v *variant, f func(*proofRun) time.Duration) time.Duration {
+	medianOf := func(v *variant, f func(*proofRun) time.Duration) time.Duration {
 		ds := make([]time.Duration, len(v.runs))
 		for i, m := range v.runs {
 			ds[i] = f(m)
 		}
-		slices.Sort(ds)
-		return ds[len(ds)/2]
+		return median(ds)
 	}
 	buildTime := func(m *proofRun) time.Duration { return m.build }
 	pullBuild := func(m *proofRun) time.Duration { return m.pull + m.build }
 	for _, v := range []*variant{un, pr} {
-		record(t, "prefetch-proof-"+v.name+"-build-median", median(v, buildTime))
+		record(t, "prefetch-proof-"+v.name+"-build-median", medianOf(v, buildTime))
 	}
-	ratio := float64(median(pr, buildTime)) / float64(median(un, buildTime))
-	total := float64(median(pr, pullBuild)) / float64(median(un, pullBuild))
+	ratio := float64(medianOf(pr, buildTime)) / float64(medianOf(un, buildTime))
+	total := float64(medianOf(pr, pullBuild)) / float64(medianOf(un, pullBuild))
 	minShare := 1.0
 	for _, m := range pr.runs {
 		minShare = min(minShare, m.prefetchedShare())
@@ -260,7 +258,7 @@ func TestPrefetchProof(t *testing.T) {
 		}
 	}
 	fmt.Fprintf(&b, "  median container start to build end: profiled %s, unprofiled %s, ratio %.3f (target < 1: %s); pull+build ratio %.3f (%s)\n",
-		median(pr, buildTime).Round(time.Millisecond), median(un, buildTime).Round(time.Millisecond), ratio, verdict(ratio < 1), total, verdict(total < 1))
+		medianOf(pr, buildTime).Round(time.Millisecond), medianOf(un, buildTime).Round(time.Millisecond), ratio, verdict(ratio < 1), total, verdict(total < 1))
 	fmt.Fprintf(&b, "  read bytes via prefetch, profiled, lowest of the rounds: %.1f%% (target >= 90%%: %s)", 100*minShare, verdict(minShare >= 0.9))
 	t.Log(b.String())
 
