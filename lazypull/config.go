@@ -26,12 +26,15 @@ type Config struct {
 
 	// Socket is the unix socket the snapshots gRPC API is served on (key
 	// "socket"); containerd's proxy_plugins.stargz.address. Its parent
-	// directory is created with mode 0700 and a stale socket is removed.
-	// Default "/run/lazybase/snapshotter.sock".
+	// directory is created with mode 0700. A socket some process serves
+	// stops the daemon at start; a stale one (nobody listens) is replaced.
+	// SOCKET.lock and ROOT/lazybase.lock keep a second daemon off the
+	// socket and the root. Default "/run/lazybase/snapshotter.sock".
 	Socket string `toml:"socket"`
 
-	// SocketMode is the permission of Socket, an octal string (key
-	// "socket_mode"). Default "0660".
+	// SocketMode is the permission of Socket and StatusSocket, an octal
+	// string such as "0660" (key "socket_mode"); a TOML integer is an
+	// error. Default "0660".
 	SocketMode FileMode `toml:"socket_mode"`
 
 	// StatusSocket is the unix socket of the status HTTP API that
@@ -40,9 +43,9 @@ type Config struct {
 	StatusSocket string `toml:"status_socket"`
 
 	// MetricsAddress is the TCP address Prometheus metrics are served on at
-	// /metrics, e.g. "127.0.0.1:9106" (key "metrics_address"). The status
-	// API is served there too, at /status. Empty disables the listener.
-	// Default "".
+	// /metrics, e.g. "127.0.0.1:9106" (key "metrics_address"). It serves
+	// GET /metrics only; status, export guard and barrier are served on
+	// StatusSocket alone. Empty disables the listener. Default "".
 	MetricsAddress string `toml:"metrics_address"`
 
 	// LogLevel is one of trace, debug, info, warn, error (key "log_level").

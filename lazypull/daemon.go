@@ -4,12 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
@@ -36,8 +36,12 @@ type Daemon struct {
 	access *accessRecorder
 	guard  *guardTrigger // nil when guard.enable is false
 	local  *localizer    // nil when local.enable or guard.enable is false
-	closed sync.Once
-	err    error
+	// locks are the flocks on the root directory and the socket, held
+	// from NewDaemon until Close.
+	locks       []*os.File
+	metricsAddr atomic.Pointer[net.TCPAddr] // set while the TCP listener serves
+	closed      sync.Once
+	err         error
 }
 
 // NewDaemon validates cfg, sets up the root directory and the upstream
@@ -45,7 +49,12 @@ type Daemon struct {
 // run left (a snapshot whose layer cannot be mounted any more is kept,
 // unusable, with a warning, so that a registry outage does not keep the
 // daemon from starting).
-func NewDaemon(ctx context.Context, cfg Config) (*Daemon, error) {
+//
+// One daemon owns a root directory and a socket: NewDaemon locks
+// ROOT/lazybase.lock and SOCKET.lock (flock, released by Close or when
+// the process dies) and fails, touching nothing, when another daemon holds
+// either or when a process serves the socket or the status socket.
+func NewDaemon(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -53,12 +62,24 @@ func NewDaemon(ctx context.Context, cfg Config) (*Daemon, error) {
 	if err != nil {
 		return nil, err
 	}
+	locks, err := lockDaemon(cfg)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if retErr != nil {
+			unlock(locks)
+		}
+	}()
 	snRoot := filepath.Join(cfg.Root, "snapshotter")
 	if err := os.MkdirAll(snRoot, 0o700); err != nil {
 		return nil, fmt.Errorf("root %s: %w", cfg.Root, err)
 	}
 	if err := service.Supported(cfg.Root); err != nil {
 		return nil, fmt.Errorf("root %s: overlayfs not usable: %w", cfg.Root, err)
+	}
+	if err := initMetaStore(ctx, filepath.Join(snRoot, "metadata.db")); err != nil {
+		return nil, err
 	}
 	m := newMetrics()
 	sc, opts := cfg.upstream(ctx)
@@ -91,6 +112,7 @@ func NewDaemon(ctx context.Context, cfg Config) (*Daemon, error) {
 		base:   base,
 		access: access,
 		sn:     psn,
+		locks:  locks,
 	}
 	if cfg.Guard.Enable {
 		if d.guard, err = newDaemonGuard(ctx, cfg, m.reg); err != nil {
@@ -126,10 +148,65 @@ func (c *Config) statusSocket() string {
 	return c.Socket + ".status"
 }
 
+// lockDaemon takes the locks of cfg's root directory and socket and
+// checks that no process serves either socket, so that a second daemon
+// fails before it mounts anything. Serve checks the sockets again when it
+// listens.
+func lockDaemon(cfg Config) (locks []*os.File, retErr error) {
+	defer func() {
+		if retErr != nil {
+			unlock(locks)
+			locks = nil
+		}
+	}()
+	if err := os.MkdirAll(cfg.Root, 0o700); err != nil {
+		return nil, fmt.Errorf("root %s: %w", cfg.Root, err)
+	}
+	l, err := lockFile(filepath.Join(cfg.Root, "lazybase.lock"))
+	if err != nil {
+		return nil, fmt.Errorf("root %s: %w", cfg.Root, err)
+	}
+	locks = append(locks, l)
+	if err := os.MkdirAll(filepath.Dir(cfg.Socket), 0o700); err != nil {
+		return locks, fmt.Errorf("socket directory %s: %w", filepath.Dir(cfg.Socket), err)
+	}
+	if l, err = lockFile(cfg.Socket + ".lock"); err != nil {
+		return locks, fmt.Errorf("socket %s: %w", cfg.Socket, err)
+	}
+	locks = append(locks, l)
+	for _, p := range []string{cfg.Socket, cfg.statusSocket()} {
+		if err := checkSocketFree(p); err != nil {
+			return locks, err
+		}
+	}
+	return locks, nil
+}
+
+func unlock(locks []*os.File) {
+	for _, l := range locks {
+		l.Close()
+	}
+}
+
+// MetricsAddr returns the address the TCP metrics listener is bound to
+// (metrics_address with the port the kernel chose for port 0), nil when
+// it is not serving.
+func (d *Daemon) MetricsAddr() net.Addr {
+	if a := d.metricsAddr.Load(); a != nil {
+		return a
+	}
+	return nil
+}
+
 // Serve serves the snapshots gRPC API on the configured socket, the status
-// API on the status socket and, when configured, metrics and status on the
-// metrics address, until ctx is done; then it stops the servers and closes
-// the daemon, unmounting every lazy mount.
+// API (status, export guard, barrier and metrics) on the status socket and,
+// when configured, metrics alone on the TCP metrics address, until ctx is
+// done; then it stops the servers, removes the sockets it created and
+// closes the daemon, unmounting every lazy mount.
+//
+// Only the unix sockets, whose mode limits who may connect, serve routes
+// that act or tell about images: the TCP listener answers GET /metrics and
+// 404 to everything else.
 func (d *Daemon) Serve(ctx context.Context) (retErr error) {
 	defer func() {
 		if err := d.Close(); err != nil && retErr == nil {
@@ -140,24 +217,25 @@ func (d *Daemon) Serve(ctx context.Context) (retErr error) {
 	if err != nil {
 		return err
 	}
-	defer os.Remove(d.cfg.Socket)
+	defer grpcL.removeIfOurs()
 	statusL, err := listenUnix(d.cfg.statusSocket(), os.FileMode(d.cfg.SocketMode))
 	if err != nil {
 		grpcL.Close()
 		return err
 	}
-	defer os.Remove(d.cfg.statusSocket())
+	defer statusL.removeIfOurs()
 
 	srv := grpc.NewServer()
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(d.sn))
 
+	metrics := promhttp.HandlerFor(d.m.gatherer(), promhttp.HandlerOpts{})
 	mux := http.NewServeMux()
 	mux.Handle("GET /status", d.statusHandler())
 	if d.guard != nil {
 		mux.Handle("GET /guard", d.guard.handler())
 	}
 	mux.Handle("POST "+BarrierPath, d.barrierHandler())
-	mux.Handle("GET /metrics", promhttp.HandlerFor(d.m.gatherer(), promhttp.HandlerOpts{}))
+	mux.Handle("GET /metrics", metrics)
 	httpSrv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 
 	errc := make(chan error, 3)
@@ -171,9 +249,14 @@ func (d *Daemon) Serve(ctx context.Context) (retErr error) {
 			httpSrv.Close()
 			return fmt.Errorf("metrics_address %s: %w", d.cfg.MetricsAddress, err)
 		}
-		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		metricsMux := http.NewServeMux()
+		metricsMux.Handle("GET /metrics", metrics)
+		metricsSrv = &http.Server{Handler: metricsMux, ReadHeaderTimeout: 10 * time.Second}
+		if a, ok := ml.Addr().(*net.TCPAddr); ok {
+			d.metricsAddr.Store(a)
+		}
 		go func() { errc <- wrapServe("metrics on "+ml.Addr().String(), metricsSrv.Serve(ml)) }()
-		log.G(ctx).WithField("address", ml.Addr().String()).Info("serving metrics and status")
+		log.G(ctx).WithField("address", ml.Addr().String()).Info("serving metrics")
 	}
 	log.G(ctx).WithFields(log.Fields{
 		"socket":        d.cfg.Socket,
@@ -193,6 +276,7 @@ func (d *Daemon) Serve(ctx context.Context) (retErr error) {
 	_ = httpSrv.Shutdown(shutdownCtx)
 	if metricsSrv != nil {
 		_ = metricsSrv.Shutdown(shutdownCtx)
+		d.metricsAddr.Store(nil)
 	}
 	return err
 }
@@ -219,35 +303,9 @@ func stopGRPC(srv *grpc.Server, grace time.Duration) {
 	}
 }
 
-// listenUnix listens on a unix socket at path with the given mode, creating
-// its parent directory (0700) and removing a stale socket left by a previous
-// run. Anything at path that is not a socket is left alone and is an error.
-func listenUnix(path string, mode os.FileMode) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, fmt.Errorf("socket directory %s: %w", filepath.Dir(path), err)
-	}
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode().Type() != fs.ModeSocket {
-			return nil, fmt.Errorf("socket %s: exists and is not a socket", path)
-		}
-		if err := os.Remove(path); err != nil {
-			return nil, fmt.Errorf("stale socket %s: %w", path, err)
-		}
-	}
-	l, err := net.Listen("unix", path)
-	if err != nil {
-		return nil, fmt.Errorf("listen %s: %w", path, err)
-	}
-	if err := os.Chmod(path, mode); err != nil {
-		l.Close()
-		return nil, fmt.Errorf("socket %s: %w", path, err)
-	}
-	return l, nil
-}
-
 // Close closes the snapshotter, which unmounts every lazy mount, then
-// detaches any FUSE mount still left under the root. It is safe to call
-// more than once.
+// detaches any FUSE mount still left under the root, and releases the
+// daemon's locks. It is safe to call more than once.
 func (d *Daemon) Close() error {
 	d.closed.Do(func() {
 		ctx := context.Background()
@@ -270,6 +328,7 @@ func (d *Daemon) Close() error {
 				d.err = fmt.Errorf("closing access records: %w", err)
 			}
 		}
+		unlock(d.locks)
 	})
 	return d.err
 }

@@ -32,6 +32,11 @@ apply. --root, --address and
 --metrics-address override the file, and --log-level overrides its log_level
 when given. SIGTERM or SIGINT stops the daemon and unmounts every lazy mount.
 
+One daemon owns a root and a socket: a second daemon on either fails to
+start, naming it; a socket left by a daemon that died is replaced. The TCP
+--metrics-address serves /metrics only; status, export guard and barrier are
+served on the status unix socket alone.
+
 Register it in containerd as proxy_plugins.stargz (deploy/containerd/).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -74,7 +79,7 @@ Register it in containerd as proxy_plugins.stargz (deploy/containerd/).`,
 	f.StringVar(&configPath, "config", "", "configuration file (TOML; default $"+configEnv+")")
 	f.StringVar(&root, "root", "", "root directory (overrides root)")
 	f.StringVar(&address, "address", "", "unix socket of the snapshots API (overrides socket)")
-	f.StringVar(&metrics, "metrics-address", "", "host:port for /metrics and /status (overrides metrics_address)")
+	f.StringVar(&metrics, "metrics-address", "", "host:port serving /metrics only (overrides metrics_address)")
 	cmd.AddCommand(newSnapshotterStatusCmd())
 	return cmd
 }
