@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -377,6 +378,9 @@ func LoadConfig(path string) (Config, error) {
 
 // ParseConfig decodes TOML over DefaultConfig and validates the result.
 func ParseConfig(b []byte) (Config, error) {
+	if err := checkStringValues(b); err != nil {
+		return Config{}, err
+	}
 	cfg := DefaultConfig()
 	dec := toml.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
@@ -571,7 +575,97 @@ func checkTCPAddress(addr string) error {
 	return nil
 }
 
-// Duration is a time.Duration written in TOML as a string such as "30s".
+// checkStringValues rejects TOML values that are not strings for keys of
+// type Duration or FileMode, with a message that says how to write them.
+// Both types are integers underneath, so the decoder would take an
+// integer as is: timeout = 30 would mean 30ns and socket_mode = 660 the
+// decimal 660 (0o1224). A document that does not parse is left to the
+// decoder, which reports where.
+func checkStringValues(b []byte) error {
+	var doc map[string]any
+	if err := toml.Unmarshal(b, &doc); err != nil {
+		return nil
+	}
+	var errs []error
+	checkStringFields(doc, reflect.TypeFor[Config](), "", &errs)
+	sortKeyErrors(errs)
+	return errors.Join(errs...)
+}
+
+func checkStringFields(doc map[string]any, t reflect.Type, prefix string, errs *[]error) {
+	for i := range t.NumField() {
+		f := t.Field(i)
+		name, _, _ := strings.Cut(f.Tag.Get("toml"), ",")
+		v, ok := doc[name]
+		if name == "" || name == "-" || !ok {
+			continue
+		}
+		key := name
+		if prefix != "" {
+			key = prefix + "." + name
+		}
+		switch f.Type {
+		case reflect.TypeFor[Duration]():
+			if err := durationValue(v); err != nil {
+				*errs = append(*errs, &KeyError{Key: key, Err: err})
+			}
+			continue
+		case reflect.TypeFor[FileMode]():
+			if err := fileModeValue(v); err != nil {
+				*errs = append(*errs, &KeyError{Key: key, Err: err})
+			}
+			continue
+		}
+		switch f.Type.Kind() {
+		case reflect.Struct:
+			if m, ok := v.(map[string]any); ok {
+				checkStringFields(m, f.Type, key, errs)
+			}
+		case reflect.Slice:
+			if f.Type.Elem().Kind() != reflect.Struct {
+				continue
+			}
+			items, _ := v.([]any)
+			for j, item := range items {
+				if m, ok := item.(map[string]any); ok {
+					checkStringFields(m, f.Type.Elem(), fmt.Sprintf("%s[%d]", key, j), errs)
+				}
+			}
+		}
+	}
+}
+
+// durationValue explains why a TOML value that is not a string is not a
+// Duration.
+func durationValue(v any) error {
+	switch v := v.(type) {
+	case string:
+		return nil
+	case int64:
+		return fmt.Errorf("%d is not a duration; write %q", v, strconv.FormatInt(v, 10)+"s")
+	case float64:
+		return fmt.Errorf("%v is not a duration; write %q", v, strconv.FormatFloat(v, 'f', -1, 64)+"s")
+	default:
+		return fmt.Errorf("%v is not a duration; write a string such as \"30s\"", v)
+	}
+}
+
+// fileModeValue explains why a TOML value that is not a string is not a
+// FileMode. Integers are refused whatever their base: 660 would be
+// decimal, and accepting 0o660 alone would make 660 a trap.
+func fileModeValue(v any) error {
+	switch v := v.(type) {
+	case string:
+		return nil
+	case int64:
+		return fmt.Errorf("integer %d (octal %O) is not a mode; write the mode as an octal string such as \"0660\"", v, v)
+	default:
+		return fmt.Errorf("%v is not a mode; write the mode as an octal string such as \"0660\"", v)
+	}
+}
+
+// Duration is a time.Duration written in TOML as a string such as "30s";
+// an integer is an error, not nanoseconds.
 type Duration time.Duration
 
 // D returns d as a time.Duration.
@@ -591,7 +685,7 @@ func (d *Duration) UnmarshalText(b []byte) error {
 func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
 
 // FileMode is a permission written in TOML as an octal string such as
-// "0660".
+// "0660"; an integer is an error, whatever its base.
 type FileMode os.FileMode
 
 // UnmarshalText parses an octal permission.

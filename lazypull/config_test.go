@@ -150,6 +150,55 @@ func TestParseConfigInvalid(t *testing.T) {
 	}
 }
 
+// TestParseConfigIntegerDurationsAndModes: durations and modes are
+// strings; a TOML number is refused with a message that says how to write
+// it instead of being read as nanoseconds or as a decimal mode.
+func TestParseConfigIntegerDurationsAndModes(t *testing.T) {
+	for _, tc := range []struct {
+		name, toml, want string
+	}{
+		{"fetch timeout", "[fetch]\ntimeout = 30", `key fetch.timeout: 30 is not a duration; write "30s"`},
+		{"fetch timeout dotted", "fetch.timeout = 30", `key fetch.timeout: 30 is not a duration; write "30s"`},
+		{"fetch timeout inline table", "fetch = { timeout = 30 }", `key fetch.timeout: 30 is not a duration; write "30s"`},
+		{"fetch timeout float", "[fetch]\ntimeout = 1.5", `key fetch.timeout: 1.5 is not a duration; write "1.5s"`},
+		{"fetch timeout bool", "[fetch]\ntimeout = true", `key fetch.timeout: true is not a duration; write a string such as "30s"`},
+		{"prefetch timeout", "[prefetch]\ntimeout = 10", `key prefetch.timeout: 10 is not a duration; write "10s"`},
+		{"resolve ttl", "[cache]\nresolve_ttl = 120", `key cache.resolve_ttl: 120 is not a duration; write "120s"`},
+		{"attr timeout", "[fuse]\nattr_timeout = 1", `key fuse.attr_timeout: 1 is not a duration; write "1s"`},
+		{"entry timeout", "[fuse]\nentry_timeout = 1", `key fuse.entry_timeout: 1 is not a duration; write "1s"`},
+		{"guard delay zero", "[guard]\ndelay = 0", `key guard.delay: 0 is not a duration; write "0s"`},
+		{"socket mode decimal", "socket_mode = 660", `key socket_mode: integer 660 (octal 0o1224) is not a mode; write the mode as an octal string such as "0660"`},
+		{"socket mode octal integer", "socket_mode = 0o660", `key socket_mode: integer 432 (octal 0o660) is not a mode; write the mode as an octal string such as "0660"`},
+		{"socket mode decimal of 0660", "socket_mode = 432", `key socket_mode: integer 432 (octal 0o660) is not a mode`},
+		{"socket mode bool", "socket_mode = true", `key socket_mode: true is not a mode; write the mode as an octal string such as "0660"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := ParseConfig([]byte(tc.toml))
+			if err == nil {
+				t.Fatalf("no error for %q", tc.toml)
+			}
+			var ke *KeyError
+			if !errors.As(err, &ke) {
+				t.Fatalf("error %q is not a KeyError", err)
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %q, want %q", err, tc.want)
+			}
+		})
+	}
+	// Several at once, in key order; strings are still accepted beside
+	// them, including in [[policy]] tables.
+	_, err := ParseConfig([]byte("socket_mode = 660\n[fetch]\ntimeout = 30\n[guard]\ndelay = \"5s\"\n[[policy]]\nmatch = \"*\"\nmode = \"lazy\""))
+	if err == nil || !strings.Contains(err.Error(), "key fetch.timeout: 30 is not") || !strings.Contains(err.Error(), "key socket_mode: integer 660") ||
+		strings.Index(err.Error(), "fetch.timeout") > strings.Index(err.Error(), "socket_mode") {
+		t.Errorf("got %v", err)
+	}
+	cfg, err := ParseConfig([]byte("socket_mode = \"0600\"\n[fetch]\ntimeout = \"7s\"\n[[policy]]\nmatch = \"*\"\nmode = \"eager\""))
+	if err != nil || cfg.SocketMode != 0o600 || cfg.Fetch.Timeout.D() != 7*time.Second {
+		t.Errorf("string values: %+v, %v", cfg, err)
+	}
+}
+
 func TestParseConfigSeveralErrors(t *testing.T) {
 	_, err := ParseConfig([]byte("log_level = \"x\"\n[fetch]\nchunk_size = 1"))
 	if err == nil || !strings.Contains(err.Error(), "key log_level:") || !strings.Contains(err.Error(), "key fetch.chunk_size:") {
