@@ -1,14 +1,17 @@
 package lazypull
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -344,5 +347,99 @@ func TestCheckSocketFree(t *testing.T) {
 	}
 	if err := checkSocketFree(file); err == nil || !strings.Contains(err.Error(), "not a socket") {
 		t.Errorf("regular file: %v", err)
+	}
+}
+
+// TestSecondProcessRefused runs `lazybase snapshotter` processes: a second
+// one on the socket or the root of a running one exits with an error
+// naming it, and the first keeps answering; after the first is killed
+// with SIGKILL, its sockets are stale and a new daemon replaces them.
+func TestSecondProcessRefused(t *testing.T) {
+	requireFUSE(t)
+	dir := t.TempDir()
+	bin := buildLazybase(t, dir)
+	sockDir, err := os.MkdirTemp("", "lbsock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(sockDir)
+	sock := filepath.Join(sockDir, "sn.sock")
+	root := filepath.Join(dir, "root")
+	p1 := startDaemonProc(t, bin, root, sock, "")
+	ctx, cancel := context.WithTimeout(namespaces.WithNamespace(context.Background(), "default"), time.Minute)
+	defer cancel()
+	answers := func(what string) {
+		t.Helper()
+		if err := dialSnapshotter(t, sock).Walk(ctx, func(context.Context, snapshots.Info) error { return nil }); err != nil {
+			t.Errorf("%s: snapshots API: %v", what, err)
+		}
+		if _, err := FetchStatus(ctx, sock+".status"); err != nil {
+			t.Errorf("%s: status socket: %v", what, err)
+		}
+	}
+	answers("first daemon")
+
+	for _, tc := range []struct{ name, root, sock, want string }{
+		{"same socket", filepath.Join(dir, "root2"), sock, sock},
+		{"same root", root, filepath.Join(sockDir, "other.sock"), root},
+	} {
+		out, err := exec.CommandContext(ctx, bin, "snapshotter", "--root", tc.root, "--address", tc.sock).CombinedOutput()
+		if err == nil {
+			t.Fatalf("%s: second daemon exited 0:\n%s", tc.name, out)
+		}
+		if !strings.Contains(string(out), tc.want) || !strings.Contains(string(out), "in use by another lazybase snapshotter") {
+			t.Errorf("%s: second daemon's error does not name %s:\n%s", tc.name, tc.want, out)
+		}
+		t.Logf("%s: %s", tc.name, bytes.TrimSpace(out))
+		answers("after a refused " + tc.name + " daemon")
+	}
+
+	if err := p1.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-p1.done
+	for _, p := range []string{sock, sock + ".status"} {
+		if _, err := net.Dial("unix", p); !errors.Is(err, unix.ECONNREFUSED) {
+			t.Fatalf("socket %s after SIGKILL: %v, want a stale socket", p, err)
+		}
+	}
+	var logBuf bytes.Buffer
+	p3 := exec.Command(bin, "snapshotter", "--root", root, "--address", sock)
+	p3.Stdout, p3.Stderr = &logBuf, &logBuf
+	p3.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := p3.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- p3.Wait() }()
+	defer func() {
+		if p3.ProcessState == nil {
+			_ = p3.Process.Kill()
+			<-done
+		}
+	}()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		c, err := net.Dial("unix", sock+".status")
+		if err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("daemon did not replace the stale sockets: %v\n%s", err, logBuf.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	answers("daemon on stale sockets")
+	if err := p3.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Errorf("exit after SIGTERM: %v\n%s", err, logBuf.String())
+	}
+	for _, p := range []string{sock, sock + ".status"} {
+		if _, err := os.Lstat(p); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("socket %s left after SIGTERM: %v", p, err)
+		}
 	}
 }
