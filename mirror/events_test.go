@@ -85,12 +85,18 @@ func TestServerConvertsPushedImage(t *testing.T) {
 	src, dst := newServer(t), newServer(t)
 	imageSet(t, src, 16<<10)
 	m := newMirror(t, testConfig(t, src, dst, ""))
-	s := NewServer(m, 4, 1)
+	s, err := NewServer(m, WithQueue(4, 4), WithWorkers(1), WithToken(testToken))
+	if err != nil {
+		t.Fatal(err)
+	}
 	hs := httptest.NewServer(s.Handler())
 	defer hs.Close()
 
 	post := func(body string) (int, string) {
-		resp, err := http.Post(hs.URL+"/events", MediaTypeDistributionEvents, strings.NewReader(body))
+		req, _ := http.NewRequest(http.MethodPost, hs.URL+"/events", strings.NewReader(body))
+		req.Header.Set("Content-Type", MediaTypeDistributionEvents)
+		req.Header.Set("Authorization", "Bearer "+string(testToken))
+		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -150,16 +156,19 @@ func TestServerConvertsPushedImage(t *testing.T) {
 func TestServerQueueBound(t *testing.T) {
 	src, dst := newServer(t), newServer(t)
 	m := newMirror(t, testConfig(t, src, dst, ""))
-	s := NewServer(m, 1, 1)
+	s, err := NewServer(m, WithQueue(1, 1), WithWorkers(1), WithoutAuth())
+	if err != nil {
+		t.Fatal(err)
+	}
 	a, _ := m.JobFor("", "lib/a", "1.0")
-	b, _ := m.JobFor("", "lib/a", "1.1")
+	b, _ := m.JobFor("", "lib/b", "1.1")
 	if got := s.Enqueue(a); got != "queued" {
 		t.Fatal(got)
 	}
 	if got := s.Enqueue(a); got != "deduplicated" {
 		t.Fatal(got)
 	}
-	if got := s.Enqueue(b); got != "rejected" {
+	if got := s.Enqueue(b); got != "queue full" {
 		t.Fatal(got)
 	}
 }
