@@ -101,7 +101,7 @@ import (
 // nor written and every layer is converted. Defaults: "", "".
 //
 //	record_key_file = "/etc/lazybase/record-key"
-//	record_key_env = "LAZYBASE_MIRROR_RECORD_KEY"
+//	# record_key_env = "LAZYBASE_MIRROR_RECORD_KEY"
 //
 // The [serve] table configures `lazybase mirror serve` (see ServeConfig).
 //
@@ -110,7 +110,7 @@ import (
 //	# environment variable (one of the two; at least 16 bytes). Required
 //	# unless no_auth is set. Defaults: "", "".
 //	token_file = "/etc/lazybase/serve/token"
-//	token_env = "LAZYBASE_MIRROR_TOKEN"
+//	# token_env = "LAZYBASE_MIRROR_TOKEN"
 //	# Accept unauthenticated notifications; refused unless the listen
 //	# address is loopback. Default: false.
 //	no_auth = false

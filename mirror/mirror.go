@@ -432,9 +432,10 @@ func (m *Mirror) created(ctx context.Context, s string) (time.Time, error) {
 // JobFor returns the job for a pushed image: repository is the path without
 // the registry; host, when not empty, is matched against the sources'
 // registries first. The tag must pass the source's filters (newest N is not
-// applied to pushes).
+// applied to pushes). A repository or tag outside the reference grammar
+// (PushEvent.Check) names no job.
 func (m *Mirror) JobFor(host, repository, tag string) (Job, bool) {
-	if tag == "" {
+	if (PushEvent{Repository: repository, Tag: tag}).Check() != "" {
 		return Job{}, false
 	}
 	if m.writesIntoSource() && strings.HasSuffix(tag, m.cfg.TagSuffix) {
