@@ -93,6 +93,41 @@ import (
 //	order = "semver"
 //	# Platforms for this source. Default: the global list.
 //	platforms = ["linux/amd64"]
+//
+// Conversion records are reused only when they carry a valid MAC made with
+// the record key (see the package documentation). The key is read from a
+// file or an environment variable (one of the two; at least 16 bytes,
+// surrounding whitespace dropped). Without a key, records are neither read
+// nor written and every layer is converted. Defaults: "", "".
+//
+//	record_key_file = "/etc/lazybase/record-key"
+//	# record_key_env = "LAZYBASE_MIRROR_RECORD_KEY"
+//
+// The [serve] table configures `lazybase mirror serve` (see ServeConfig).
+//
+//	[serve]
+//	# The shared secret notifications must carry, from a file or an
+//	# environment variable (one of the two; at least 16 bytes). Required
+//	# unless no_auth is set. Defaults: "", "".
+//	token_file = "/etc/lazybase/serve/token"
+//	# token_env = "LAZYBASE_MIRROR_TOKEN"
+//	# Accept unauthenticated notifications; refused unless the listen
+//	# address is loopback. Default: false.
+//	no_auth = false
+//	# Push events accepted in one request; more is answered 413.
+//	# Default: 100.
+//	max_events = 100
+//	# Jobs that may wait, in all and per source repository; beyond them a
+//	# notification is answered 503 (all) or 429 (its repository), with
+//	# Retry-After. Defaults: 256, 32.
+//	queue = 256
+//	queue_per_repository = 32
+//	# On SIGTERM, how long queued and running jobs may still run. Default:
+//	# "30s".
+//	grace_period = "30s"
+//	# Where jobs not finished within the grace period are saved; the next
+//	# start queues them again. Default: "" (they are only logged).
+//	state_file = "/var/lib/lazybase/mirror-serve.json"
 type Config struct {
 	Destination       string   `toml:"destination"`
 	TagSuffix         string   `toml:"tag_suffix"`
@@ -114,6 +149,10 @@ type Config struct {
 	Insecure          bool     `toml:"insecure"`
 	TempDir           string   `toml:"temp_dir"`
 	Sources           []Source `toml:"source"`
+
+	// Record authentication and the [serve] table (see security.go).
+	RecordAuth
+	Serve ServeConfig `toml:"serve"`
 }
 
 // Source is one [[source]] table.
@@ -312,7 +351,7 @@ func (c *Config) validate() error {
 			return fmt.Errorf("%s.platforms: %w", key, err)
 		}
 	}
-	return nil
+	return c.validateSecurity()
 }
 
 var validTagPart = regexp.MustCompile(`^[A-Za-z0-9_.-]+$`)

@@ -56,7 +56,7 @@ func freePort(t *testing.T) int {
 
 // startDistribution runs Debian's docker-registry (distribution 2.8) on
 // loopback, with notifications sent to notifyURL.
-func startDistribution(t *testing.T, notifyURL string) string {
+func startDistribution(t *testing.T, notifyURL, token string) string {
 	t.Helper()
 	bin, err := exec.LookPath("docker-registry")
 	if err != nil {
@@ -74,10 +74,12 @@ notifications:
   endpoints:
     - name: lazybase
       url: %s
+      headers:
+        Authorization: [Bearer %s]
       timeout: 2s
       threshold: 10
       backoff: 200ms
-`, filepath.Join(dir, "data"), port, notifyURL)
+`, filepath.Join(dir, "data"), port, notifyURL, token)
 	cfgFile := filepath.Join(dir, "config.yml")
 	if err := os.WriteFile(cfgFile, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
@@ -126,7 +128,8 @@ func TestDistributionMountsAndNotifications(t *testing.T) {
 		srv.Handler().ServeHTTP(w, r)
 	}))
 	defer notify.Close()
-	host := startDistribution(t, notify.URL+"/events")
+	token := "distribution-notify-token-0123456789"
+	host := startDistribution(t, notify.URL+"/events", token)
 
 	// Two images sharing a base layer, pushed before the server listens.
 	base, _ := testimage.EntriesLayer(testimage.Files("usr/lib/base.bin", pseudoRandom(3, 128<<10)))
@@ -162,7 +165,10 @@ func TestDistributionMountsAndNotifications(t *testing.T) {
 	}
 
 	// Now the registry's own notification drives a conversion.
-	srv := NewServer(m, 8, 1)
+	srv, err := NewServer(m, WithQueue(8, 8), WithWorkers(1), WithToken([]byte(token)))
+	if err != nil {
+		t.Fatal(err)
+	}
 	srvp.Store(srv)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -189,6 +195,9 @@ func TestDistributionMountsAndNotifications(t *testing.T) {
 	// The base layer comes from its conversion record; only the new layer
 	// is converted.
 	metrics := get(t, notify.URL+"/metrics")
+	if !strings.Contains(metrics, "lazybase_mirror_unauthorized_requests_total 0") {
+		t.Errorf("distribution's notifications (Authorization from its endpoint headers) were refused:\n%s", metrics)
+	}
 	if !strings.Contains(metrics, `lazybase_mirror_layers_total{source="record"} 1`) || !strings.Contains(metrics, `lazybase_mirror_layers_total{source="converted"} 1`) {
 		t.Errorf("the base layer was not reused:\n%s", metrics)
 	}

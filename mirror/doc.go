@@ -36,6 +36,40 @@
 //	             dev.lazybase.convert.format       F
 //	             dev.lazybase.record.prefetch      P
 //	             dev.lazybase.record.diffid        the converted layer's diffID
+//	             dev.lazybase.record.mac           "hmac-sha256:" and the hex
+//	                                               MAC (RecordMAC)
+//
+// # Trust model of records
+//
+// The records repository is writable by every mirror worker, and by
+// whoever else may push to the mirror registry; a record says "the
+// conversion of source layer S is blob D", and a mirror that believed a
+// planted record would publish the planter's blob under a source it never
+// saw. So a record is reused only when it carries a valid MAC: an
+// HMAC-SHA256, under the record key (record_key_file or record_key_env,
+// the same for every worker, held by the mirror jobs and not by the
+// registry), over the source layer digest, the format annotation, the
+// prefetch fingerprint, the converted layer's diffID and its descriptor
+// (media type, digest, size and every annotation, the TOC digest and
+// uncompressed size among them). The registry proves the blob by its
+// digest; the MAC proves that a key holder converted S into that digest.
+// A record without a valid MAC (none, another key's, or a MAC copied onto
+// another blob) is ignored with a warning and counted
+// (lazybase_mirror_records_rejected_total, LayerCounts.RecordsRejected);
+// the layer is converted again and the record rewritten with a valid MAC.
+// Rotating the key therefore costs one conversion per layer, after which
+// the records carry the new key's MACs.
+//
+// Without a record key, records are neither read nor written and every
+// layer is converted. (Proving a record without a key would take reading
+// the converted blob and the source layer whole and comparing every entry,
+// since an eStargz's diffID differs from its source's: about the cost of
+// converting again, minus compression.)
+//
+// Destination images are not authenticated this way: an image is skipped
+// when its destination tag already carries the source digest in its
+// annotations, which whoever may push there can forge too. Run with force
+// to rewrite every destination.
 //
 // Because the record's layer is the converted blob, the registry keeps the
 // blob alive as long as the record is tagged, and the blob can be mounted
@@ -65,6 +99,22 @@
 // for the same layer in one process wait for a single conversion.
 //
 // Shard splits the images between workers by the FNV-1a hash of the source
-// reference. Server (serve) converts pushed images named by registry
-// notifications (ParseEvents) and exports Prometheus metrics.
+// reference.
+//
+// # Notifications
+//
+// Server (serve) converts pushed images named by registry notifications
+// (ParseEvents) and exports Prometheus metrics. A notification must carry
+// the shared secret ([serve] token_file or token_env) as a bearer token
+// (distribution's notification endpoint headers), verbatim in the
+// Authorization header (Harbor's auth header) or as an HMAC-SHA256 of the
+// body (SignatureHeader); the secret is compared in constant time and
+// never logged. no_auth turns this off, and the serve command accepts it
+// on a loopback listener only. /healthz and /metrics are open. Every
+// event's repository and tag are checked against distribution's reference
+// grammar before the sources' filters see them; a request is bounded in
+// size (MaxEventBody) and in push events (max_events); jobs wait in a
+// bounded queue with a share per source repository, served in turn. On
+// shutdown the queue is drained for a grace period, and the jobs not done
+// are saved to a state file that the next start queues again.
 package mirror

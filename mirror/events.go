@@ -5,7 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"reflect"
 	"strings"
+
+	"github.com/distribution/reference"
 )
 
 // Media types of registry notifications.
@@ -75,13 +78,13 @@ var ErrNotNotification = errors.New("neither a distribution notification envelop
 func ParseEvents(body []byte) ([]PushEvent, error) {
 	var probe map[string]json.RawMessage
 	if err := json.Unmarshal(body, &probe); err != nil {
-		return nil, fmt.Errorf("decoding notification: %w", err)
+		return nil, fmt.Errorf("decoding notification: %w", jsonError(err))
 	}
 	switch {
 	case probe["events"] != nil:
 		var env distEnvelope
 		if err := json.Unmarshal(body, &env); err != nil {
-			return nil, fmt.Errorf("decoding distribution envelope: %w", err)
+			return nil, fmt.Errorf("decoding distribution envelope: %w", jsonError(err))
 		}
 		var out []PushEvent
 		for _, e := range env.Events {
@@ -98,7 +101,7 @@ func ParseEvents(body []byte) ([]PushEvent, error) {
 	case probe["event_data"] != nil && probe["type"] != nil:
 		var p harborPayload
 		if err := json.Unmarshal(body, &p); err != nil {
-			return nil, fmt.Errorf("decoding Harbor payload: %w", err)
+			return nil, fmt.Errorf("decoding Harbor payload: %w", jsonError(err))
 		}
 		if p.Type != "PUSH_ARTIFACT" && p.Type != "pushImage" {
 			return nil, nil
@@ -156,4 +159,82 @@ func urlHost(s string) string {
 		return ""
 	}
 	return u.Host
+}
+
+// jsonError rewrites encoding/json's errors in JSON's terms: a field of
+// the wrong kind is named by its JSON path and the JSON kinds, not by Go
+// types.
+func jsonError(err error) error {
+	var te *json.UnmarshalTypeError
+	if errors.As(err, &te) {
+		field := te.Field
+		if field == "" {
+			field = "the document"
+		}
+		return fmt.Errorf("%s: want %s, got %s", field, jsonKind(te.Type), te.Value)
+	}
+	var se *json.SyntaxError
+	if errors.As(err, &se) {
+		return fmt.Errorf("malformed JSON at byte %d: %s", se.Offset, strings.TrimPrefix(se.Error(), "json: "))
+	}
+	return errors.New(strings.TrimPrefix(err.Error(), "json: "))
+}
+
+func jsonKind(t reflect.Type) string {
+	if t == nil {
+		return "another kind"
+	}
+	switch t.Kind() {
+	case reflect.Slice, reflect.Array:
+		return "an array"
+	case reflect.Struct, reflect.Map:
+		return "an object"
+	case reflect.String:
+		return "a string"
+	case reflect.Bool:
+		return "a boolean"
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64,
+		reflect.Float32, reflect.Float64:
+		return "a number"
+	}
+	return "another kind"
+}
+
+// Reasons a push event is not queued (the ignored_reasons of
+// EventsResponse and the reason label of
+// lazybase_mirror_events_ignored_total).
+const (
+	// ReasonUntagged: a push by digest, without a tag; the mirror follows
+	// tags only.
+	ReasonUntagged = "untagged"
+	// ReasonInvalidTag: a tag outside the distribution grammar
+	// [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}.
+	ReasonInvalidTag = "invalid_tag"
+	// ReasonInvalidRepository: a repository path outside the reference
+	// grammar (lowercase components separated by "/", no "." or ".."
+	// components, at most 255 characters).
+	ReasonInvalidRepository = "invalid_repository"
+	// ReasonNoSource: no [[source]] matches the repository and tag.
+	ReasonNoSource = "no_source"
+)
+
+// Check returns why a push event cannot name an image to mirror, or ""
+// when it can: its repository must follow the reference grammar and its
+// tag the tag grammar (distribution's reference package), checked before
+// the event is matched against the sources' filters, so a value such as
+// "1.9@sha256:..." never reaches a glob.
+func (e PushEvent) Check() string {
+	// A fixed domain makes the whole repository the reference's path.
+	named, err := reference.WithName("lazybase.invalid/" + e.Repository)
+	if err != nil || e.Repository == "" {
+		return ReasonInvalidRepository
+	}
+	if e.Tag == "" {
+		return ReasonUntagged
+	}
+	if _, err := reference.WithTag(named, e.Tag); err != nil {
+		return ReasonInvalidTag
+	}
+	return ""
 }

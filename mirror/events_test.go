@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -65,17 +66,42 @@ func TestParseEvents(t *testing.T) {
 	}
 }
 
+// FuzzParseEvents feeds notification bodies to the parser and the event
+// checks: no panic, no event without a repository, error messages free of
+// Go type names, and every event that passes Check has a tag in the
+// distribution grammar and a repository without "", "." or ".."
+// components. Seeds: testdata/fuzz/FuzzParseEvents (distribution
+// envelopes, Harbor payloads, junk).
 func FuzzParseEvents(f *testing.F) {
 	f.Add([]byte(distPush))
 	f.Add([]byte(harborPush))
+	tagRE := regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$`)
 	f.Fuzz(func(t *testing.T, body []byte) {
 		evs, err := ParseEvents(body)
-		if err != nil && evs != nil {
-			t.Fatal("events returned with an error")
+		if err != nil {
+			if evs != nil {
+				t.Fatal("events returned with an error")
+			}
+			for _, gone := range []string{"struct", "Go value", "mirror.", "[]"} {
+				if strings.Contains(err.Error(), gone) {
+					t.Fatalf("error %q shows %q", err, gone)
+				}
+			}
 		}
 		for _, e := range evs {
 			if e.Repository == "" {
 				t.Fatalf("event without repository: %+v", e)
+			}
+			if e.Check() != "" {
+				continue
+			}
+			if !tagRE.MatchString(e.Tag) {
+				t.Fatalf("tag %q passed the check", e.Tag)
+			}
+			for _, c := range strings.Split(e.Repository, "/") {
+				if c == "" || c == "." || c == ".." || strings.ToLower(c) != c {
+					t.Fatalf("repository %q passed the check", e.Repository)
+				}
 			}
 		}
 	})
@@ -85,12 +111,18 @@ func TestServerConvertsPushedImage(t *testing.T) {
 	src, dst := newServer(t), newServer(t)
 	imageSet(t, src, 16<<10)
 	m := newMirror(t, testConfig(t, src, dst, ""))
-	s := NewServer(m, 4, 1)
+	s, err := NewServer(m, WithQueue(4, 4), WithWorkers(1), WithToken(testToken))
+	if err != nil {
+		t.Fatal(err)
+	}
 	hs := httptest.NewServer(s.Handler())
 	defer hs.Close()
 
 	post := func(body string) (int, string) {
-		resp, err := http.Post(hs.URL+"/events", MediaTypeDistributionEvents, strings.NewReader(body))
+		req, _ := http.NewRequest(http.MethodPost, hs.URL+"/events", strings.NewReader(body))
+		req.Header.Set("Content-Type", MediaTypeDistributionEvents)
+		req.Header.Set("Authorization", "Bearer "+string(testToken))
+		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -150,16 +182,19 @@ func TestServerConvertsPushedImage(t *testing.T) {
 func TestServerQueueBound(t *testing.T) {
 	src, dst := newServer(t), newServer(t)
 	m := newMirror(t, testConfig(t, src, dst, ""))
-	s := NewServer(m, 1, 1)
+	s, err := NewServer(m, WithQueue(1, 1), WithWorkers(1), WithoutAuth())
+	if err != nil {
+		t.Fatal(err)
+	}
 	a, _ := m.JobFor("", "lib/a", "1.0")
-	b, _ := m.JobFor("", "lib/a", "1.1")
+	b, _ := m.JobFor("", "lib/b", "1.1")
 	if got := s.Enqueue(a); got != "queued" {
 		t.Fatal(got)
 	}
 	if got := s.Enqueue(a); got != "deduplicated" {
 		t.Fatal(got)
 	}
-	if got := s.Enqueue(b); got != "rejected" {
+	if got := s.Enqueue(b); got != "queue full" {
 		t.Fatal(got)
 	}
 }

@@ -37,6 +37,7 @@ type options struct {
 	onRetry   func(*http.Request, int, error)
 	backoff   *remote.Backoff
 	userAgent string
+	recordKey []byte
 }
 
 // WithKeychain sets where registry credentials come from. The default is
@@ -94,6 +95,19 @@ func WithUserAgent(ua string) Option {
 	return func(o *options) error { o.userAgent = ua; return nil }
 }
 
+// WithRecordKey sets the key that authenticates conversion records,
+// instead of the config's record_key_file or record_key_env. It must be at
+// least MinSecretLength bytes long.
+func WithRecordKey(key []byte) Option {
+	return func(o *options) error {
+		if len(key) < MinSecretLength {
+			return fmt.Errorf("record key: %d bytes long, want at least %d", len(key), MinSecretLength)
+		}
+		o.recordKey = append([]byte(nil), key...)
+		return nil
+	}
+}
+
 // Mirror converts the images a Config names into the mirror registry.
 // It is safe for concurrent use; Run and MirrorImage may be called many
 // times (serve does).
@@ -116,6 +130,8 @@ type Mirror struct {
 	lists  map[string]prefetch.Source
 
 	converted, fromRecords, recordFailures atomic.Int64
+	// recordsRejected counts records found without a valid MAC.
+	recordsRejected atomic.Int64
 
 	onImageMu sync.Mutex // serializes WithImageDone calls
 }
@@ -150,6 +166,14 @@ func New(cfg *Config, opts ...Option) (*Mirror, error) {
 	client, err := imageio.New(copts...)
 	if err != nil {
 		return nil, err
+	}
+	if o.recordKey == nil {
+		if o.recordKey, err = cfg.Key(); err != nil {
+			return nil, err
+		}
+	}
+	if o.recordKey == nil {
+		log.L.Warn("mirror: no record key (record_key_file, record_key_env): conversion records are neither read nor written; every layer is converted")
 	}
 	f, _ := convert.ParseFormat(cfg.Format)
 	m := &Mirror{
@@ -408,9 +432,10 @@ func (m *Mirror) created(ctx context.Context, s string) (time.Time, error) {
 // JobFor returns the job for a pushed image: repository is the path without
 // the registry; host, when not empty, is matched against the sources'
 // registries first. The tag must pass the source's filters (newest N is not
-// applied to pushes).
+// applied to pushes). A repository or tag outside the reference grammar
+// (PushEvent.Check) names no job.
 func (m *Mirror) JobFor(host, repository, tag string) (Job, bool) {
-	if tag == "" {
+	if (PushEvent{Repository: repository, Tag: tag}).Check() != "" {
 		return Job{}, false
 	}
 	if m.writesIntoSource() && strings.HasSuffix(tag, m.cfg.TagSuffix) {
@@ -440,6 +465,28 @@ func (m *Mirror) JobFor(host, repository, tag string) (Job, bool) {
 		}
 	}
 	return found, ok
+}
+
+// jobForSource rebuilds a saved job: the source whose repository and tag
+// make the reference source, if the tag is valid and the source's filters
+// still take it.
+func (m *Mirror) jobForSource(source, tag string) (Job, bool) {
+	for i := range m.cfg.Sources {
+		s := &m.cfg.Sources[i]
+		if s.Repository+":"+tag != source || !s.MatchTag(tag) {
+			continue
+		}
+		ref, err := m.client.ParseRef(s.Repository)
+		if err != nil || ref.IsLayout() {
+			continue
+		}
+		repoPath := ref.Registry.Context().RepositoryStr()
+		if (PushEvent{Repository: repoPath, Tag: tag}).Check() != "" {
+			continue
+		}
+		return m.job(s, repoPath, tag), true
+	}
+	return Job{}, false
 }
 
 // Run plans and mirrors every image of this shard, Concurrency at a time,
@@ -488,7 +535,7 @@ feed:
 		rep.add(r)
 	}
 	rep.Seconds = time.Since(start).Seconds()
-	rep.Layers = LayerCounts{Converted: m.converted.Load(), FromRecords: m.fromRecords.Load(), RecordWriteFailures: m.recordFailures.Load()}
+	rep.Layers = LayerCounts{Converted: m.converted.Load(), FromRecords: m.fromRecords.Load(), RecordWriteFailures: m.recordFailures.Load(), RecordsRejected: m.recordsRejected.Load()}
 	rep.Retries = m.rt.Retries()
 	return rep, ctx.Err()
 }
@@ -671,7 +718,7 @@ type produced struct {
 
 func (m *Mirror) produce(ctx context.Context, sess *session, key string, src v1.Layer, desc v1.Descriptor, diffID v1.Hash, files []string, st *imageStats) (*produced, error) {
 	fp := PrefetchFingerprint(files)
-	if !m.o.force {
+	if !m.o.force && m.recordsEnabled() {
 		l, err := m.lookupRecord(ctx, key, desc.Digest, fp)
 		if err != nil {
 			log.G(ctx).WithError(err).WithField("layer", desc.Digest).Warn("reading the conversion record failed; converting")
@@ -693,6 +740,9 @@ func (m *Mirror) produce(ctx context.Context, sess *session, key string, src v1.
 	d, _ := cl.Descriptor()
 	m.converted.Add(1)
 	st.converted.Add(1)
+	if !m.recordsEnabled() {
+		return &produced{l: cl, owner: sess}, nil
+	}
 	// Record writes are idempotent; they are retried a few times, as a
 	// registry may refuse a manifest while another writer is linking the
 	// same blob into the repository (distribution's filesystem driver

@@ -192,10 +192,17 @@ tags = ["1.*"]
 	return c
 }
 
+// testToken is the serve token of test servers.
+var testToken = []byte("test-serve-token-0123456789abcdef")
+
+// testRecordKey is the record key of test mirrors.
+var testRecordKey = []byte("test-record-key-0123456789abcdef")
+
 func newMirror(t testing.TB, c *Config, opts ...Option) *Mirror {
 	t.Helper()
 	opts = append([]Option{
 		WithKeychain(authn.NewMultiKeychain()),
+		WithRecordKey(testRecordKey),
 		WithOperationBackoff(remote.Backoff{Duration: 10 * time.Millisecond, Factor: 2, Steps: 3}),
 	}, opts...)
 	m, err := New(c, opts...)

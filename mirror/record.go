@@ -2,11 +2,13 @@ package mirror
 
 import (
 	"context"
+	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sort"
 	"strings"
 
 	"github.com/containerd/log"
@@ -32,6 +34,9 @@ const (
 	AnnotationRecordPrefetch = "dev.lazybase.record.prefetch"
 	// AnnotationRecordDiffID holds the converted layer's diffID.
 	AnnotationRecordDiffID = "dev.lazybase.record.diffid"
+	// AnnotationRecordMAC holds the record's MAC: "hmac-sha256:" and the
+	// hex HMAC-SHA256 of RecordMAC's message under the record key.
+	AnnotationRecordMAC = "dev.lazybase.record.mac"
 	// RecordTagPrefix starts every record tag.
 	RecordTagPrefix = "rec-"
 )
@@ -62,9 +67,35 @@ func FormatAnnotation(f convert.Format, level, chunk int) string {
 	return convert.FormatAnnotation(f, level, chunk)
 }
 
+// RecordMAC returns the MAC of a conversion record under key: "hmac-sha256:"
+// and the hex HMAC-SHA256 of a message naming the source layer digest, the
+// format annotation, the prefetch fingerprint, the converted layer's
+// diffID and its descriptor (media type, digest, size and every
+// annotation, the TOC digest among them, in key order), each on its own
+// line with strings quoted.
+func RecordMAC(key []byte, src v1.Hash, format, prefetch string, diffID v1.Hash, desc v1.Descriptor) string {
+	h := hmac.New(sha256.New, key)
+	fmt.Fprintf(h, "lazybase-record-mac/v1\nsource %q\nformat %q\nprefetch %q\ndiffid %q\nmediatype %q\ndigest %q\nsize %d\n",
+		src.String(), format, prefetch, diffID.String(), string(desc.MediaType), desc.Digest.String(), desc.Size)
+	keys := make([]string, 0, len(desc.Annotations))
+	for k := range desc.Annotations {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		fmt.Fprintf(h, "annotation %q %q\n", k, desc.Annotations[k])
+	}
+	return "hmac-sha256:" + hex.EncodeToString(h.Sum(nil))
+}
+
+// recordsEnabled reports whether records are read and written: only with a
+// record key.
+func (m *Mirror) recordsEnabled() bool { return m.o.recordKey != nil }
+
 // recordImage is a conversion record: an OCI image manifest with the empty
-// config, one layer (the converted blob) and the record annotations.
-func recordImage(layer v1.Layer, desc v1.Descriptor, src v1.Hash, format, prefetch string, diffID v1.Hash) (v1.Image, error) {
+// config, one layer (the converted blob) and the record annotations, the
+// MAC under key among them.
+func recordImage(key []byte, layer v1.Layer, desc v1.Descriptor, src v1.Hash, format, prefetch string, diffID v1.Hash) (v1.Image, error) {
 	m := v1.Manifest{
 		SchemaVersion: 2,
 		MediaType:     types.OCIManifestSchema1,
@@ -81,6 +112,7 @@ func recordImage(layer v1.Layer, desc v1.Descriptor, src v1.Hash, format, prefet
 			convert.AnnotationFormat:      format,
 			AnnotationRecordPrefetch:      prefetch,
 			AnnotationRecordDiffID:        diffID.String(),
+			AnnotationRecordMAC:           RecordMAC(key, src, format, prefetch, diffID, desc),
 		},
 	}
 	raw, err := json.Marshal(m)
@@ -124,6 +156,12 @@ func (m *Mirror) lookupRecord(ctx context.Context, key string, src v1.Hash, pref
 		return nil, fmt.Errorf("record %s: diffID: %w", key, err)
 	}
 	desc := man.Layers[0]
+	want := RecordMAC(m.o.recordKey, src, m.format, prefetch, diffID, desc)
+	if !hmac.Equal([]byte(a[AnnotationRecordMAC]), []byte(want)) {
+		m.recordsRejected.Add(1)
+		log.G(ctx).WithField("record", key).WithField("layer", src).Warn("conversion record has no valid MAC (written without this record key, or forged); converting again and rewriting it")
+		return nil, nil
+	}
 	l, err := rec.Image.LayerByDigest(desc.Digest)
 	if err != nil {
 		return nil, fmt.Errorf("record %s: %w", key, err)
@@ -148,7 +186,7 @@ func (m *Mirror) writeRecord(ctx context.Context, key string, src v1.Hash, prefe
 		return err
 	}
 	diffID, _ := l.DiffID()
-	img, err := recordImage(l, *desc, src, m.format, prefetch, diffID)
+	img, err := recordImage(m.o.recordKey, l, *desc, src, m.format, prefetch, diffID)
 	if err != nil {
 		return err
 	}

@@ -64,6 +64,9 @@ type LayerCounts struct {
 	// RecordWriteFailures is how many records could not be written (the
 	// images were still written; later runs convert those layers again).
 	RecordWriteFailures int64 `json:"recordWriteFailures"`
+	// RecordsRejected is how many records were found without a valid MAC
+	// (their layers were converted again and the records rewritten).
+	RecordsRejected int64 `json:"recordsRejected"`
 }
 
 // OK reports whether nothing failed.

@@ -186,9 +186,26 @@ match a source of the config.
 
 POST /events (or /webhook) takes distribution's notification envelope
 (application/vnd.docker.distribution.events.v1+json) or Harbor's webhook
-payload. GET /healthz answers "ok"; GET /metrics serves Prometheus metrics.
-Jobs wait in a bounded queue (--queue); a push already waiting is not queued
-twice; a full queue answers 503 with Retry-After so the registry retries.`,
+payload, and requires the shared secret of [serve] token_file or token_env:
+"Authorization: Bearer TOKEN" (distribution's endpoint headers),
+"Authorization: TOKEN" (Harbor's auth header) or an X-Lazybase-Signature-256
+HMAC of the body; anything else is answered 401. [serve] no_auth = true
+turns this off, on a loopback --listen address only. GET /healthz answers
+"ok" and GET /metrics serves Prometheus metrics, both without
+authentication.
+
+Repositories and tags are checked against the reference grammar first;
+untagged pushes are ignored. A request may name up to [serve] max_events
+push events (413 beyond). Jobs wait in a bounded queue (--queue, [serve]
+queue) with a share per source repository ([serve] queue_per_repository),
+served in turn; a push already waiting is not queued twice; a full share
+answers 429, a full queue 503, both with Retry-After so the registry
+retries.
+
+On SIGTERM or SIGINT the server stops accepting notifications and lets the
+queued and running jobs go on for [serve] grace_period (default 30s); jobs
+not done by then are saved to [serve] state_file, which the next start
+queues again, or logged by name without one.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			m, cfg, err := newMirror(config, nil)
@@ -196,44 +213,87 @@ twice; a full queue answers 503 with Retry-After so the registry retries.`,
 				return err
 			}
 			defer m.Close()
-			if workers <= 0 {
-				workers = cfg.Concurrency
+			if cfg.Serve.NoAuth && !mirror.IsLoopback(listen) {
+				return fmt.Errorf("serve.no_auth: refused with --listen %s, which is not a loopback address; configure serve.token_file or serve.token_env", listen)
 			}
-			return serveMirror(cmd.Context(), cmd.ErrOrStderr(), m, listen, queue, workers)
+			opts, err := mirror.ServeOptions(&cfg.Serve)
+			if err != nil {
+				return err
+			}
+			if queue > 0 {
+				opts = append(opts, mirror.WithQueue(queue, min(queue, cfg.Serve.QueuePerRepository)))
+			}
+			if workers > 0 {
+				opts = append(opts, mirror.WithWorkers(workers))
+			}
+			s, err := mirror.NewServer(m, opts...)
+			if err != nil {
+				return err
+			}
+			return serveMirror(cmd.Context(), cmd.ErrOrStderr(), s, listen, cfg.Serve.Grace())
 		},
 	}
 	f := cmd.Flags()
 	f.StringVar(&config, "config", "", "mirror config file (TOML)")
 	f.StringVar(&listen, "listen", "127.0.0.1:8080", "address to listen on")
-	f.IntVar(&queue, "queue", 256, "jobs that may wait in the queue")
+	f.IntVar(&queue, "queue", 0, "jobs that may wait in the queue (default: [serve] queue, 256)")
 	f.IntVar(&workers, "workers", 0, "images converted at once (default: the config's concurrency)")
 	_ = cmd.MarkFlagRequired("config")
 	return cmd
 }
 
-func serveMirror(ctx context.Context, stderr io.Writer, m *mirror.Mirror, listen string, queue, workers int) error {
+// serveMirror serves s on listen until ctx ends, then drains: new
+// notifications are refused, the queue runs for up to grace, and the jobs
+// not done are saved (or logged) by name.
+func serveMirror(ctx context.Context, stderr io.Writer, s *mirror.Server, listen string, grace time.Duration) error {
 	ln, err := net.Listen("tcp", listen)
 	if err != nil {
 		return fmt.Errorf("--listen: %w", err)
 	}
-	s := mirror.NewServer(m, queue, workers)
-	hs := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	if n, err := s.LoadState(ctx); err != nil {
+		ln.Close()
+		return err
+	} else if n > 0 {
+		fmt.Fprintf(stderr, "mirror serve: %d saved job(s) queued again\n", n)
+	}
+	hs := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute, IdleTimeout: 2 * time.Minute}
 	fmt.Fprintf(stderr, "mirror serve: listening on %s\n", ln.Addr())
+	// The jobs outlive ctx (the signal) by the grace period.
+	workCtx, cancelWork := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelWork()
 	done := make(chan struct{})
-	go func() { s.Run(ctx); close(done) }()
+	go func() { s.Run(workCtx); close(done) }()
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
+	var serveErr error
 	select {
 	case <-ctx.Done():
 	case err := <-errc:
 		if !errors.Is(err, http.ErrServerClosed) {
-			return err
+			serveErr = err
 		}
 	}
-	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+	log.G(ctx).WithField("grace_period", grace).Info("mirror serve: stopping; draining the queue")
+	s.Close()
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	_ = hs.Shutdown(sctx)
-	<-done
-	log.G(ctx).Info("mirror serve stopped")
-	return nil
+	cancel()
+	timer := time.NewTimer(grace)
+	select {
+	case <-done:
+		timer.Stop()
+	case <-timer.C:
+		log.G(ctx).Warn("mirror serve: grace period over; interrupting the images in progress")
+		cancelWork()
+		<-done
+	}
+	left := s.Unfinished()
+	if err := s.SaveState(ctx, left); err != nil {
+		for _, j := range left {
+			log.G(ctx).WithField("image", j.Source).Error("job not finished and not saved")
+		}
+		return errors.Join(serveErr, err)
+	}
+	log.G(ctx).WithField("unfinished", len(left)).Info("mirror serve stopped")
+	return serveErr
 }

@@ -4,10 +4,13 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/lazybase/lazybase/internal/testimage"
 	"github.com/lazybase/lazybase/mirror"
@@ -125,5 +128,118 @@ func TestMirrorCLIFailures(t *testing.T) {
 	}
 	if _, _, err := runCLI(ctx, t, "mirror", "--config", cfg, "--shard", "2/2"); err == nil || !strings.Contains(err.Error(), "--shard") {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+// TestMirrorServeAuthRequired: serve refuses to start without a token, and
+// refuses no_auth on a listener that is not loopback.
+func TestMirrorServeAuthRequired(t *testing.T) {
+	isolate(t)
+	ctx := context.Background()
+	base := "destination = \"127.0.0.1:1/m\"\nrecord_key_env = \"LB_TEST_RECORD_KEY\"\n[[source]]\nrepository = \"127.0.0.1:1/a\"\n"
+	t.Setenv("LB_TEST_RECORD_KEY", "record-key-0123456789abcdef")
+	for _, tc := range []struct {
+		name, serve, listen, want string
+	}{
+		{"no token", "", "127.0.0.1:0", "serve.token_file or serve.token_env"},
+		{"no_auth on all interfaces", "no_auth = true\n", ":0", "not a loopback address"},
+		{"no_auth on a routable address", "no_auth = true\n", "0.0.0.0:0", "not a loopback address"},
+		{"token env unset", "token_env = \"LB_TEST_UNSET_TOKEN\"\n", "127.0.0.1:0", "environment variable LB_TEST_UNSET_TOKEN"},
+		{"token file too short", "token_file = %q\n", "127.0.0.1:0", "want at least 16"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			serve := tc.serve
+			if strings.Contains(serve, "%q") {
+				f := filepath.Join(t.TempDir(), "token")
+				os.WriteFile(f, []byte("short-secret\n"), 0o600)
+				serve = fmt.Sprintf(serve, f)
+			}
+			cfg := writeMirrorConfig(t, base+"[serve]\n"+serve)
+			_, _, err := runCLI(ctx, t, "mirror", "serve", "--config", cfg, "--listen", tc.listen)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want %q", err, tc.want)
+			}
+			if strings.Contains(fmt.Sprint(err), "short-secret") {
+				t.Fatalf("the error shows the secret: %v", err)
+			}
+		})
+	}
+}
+
+// TestMirrorServeDrainsOnShutdown runs serve with a token from the
+// environment, sends a notification, and stops the server at once: the job
+// answered 202 is done before serve returns, and no state is left.
+func TestMirrorServeDrainsOnShutdown(t *testing.T) {
+	isolate(t)
+	src := testimage.NewRegistry(t)
+	dst := testimage.NewRegistry(t)
+	img, err := testimage.SeedImage(1, testimage.LinuxAMD64, testimage.WithoutLargeFiles())
+	if err != nil {
+		t.Fatal(err)
+	}
+	src.Push(t, "base/os:1.0", img)
+	token := "serve-token-0123456789abcdef"
+	t.Setenv("LB_TEST_TOKEN", token)
+	state := filepath.Join(t.TempDir(), "state.json")
+	cfg := writeMirrorConfig(t, fmt.Sprintf(`
+destination = "%s/m"
+retry_initial = "5ms"
+[[source]]
+repository = "%s/base/os"
+[serve]
+token_env = "LB_TEST_TOKEN"
+grace_period = "60s"
+state_file = %q
+`, dst.Host, src.Host, state))
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	errc := make(chan error, 1)
+	var stderr string
+	go func() {
+		var err error
+		_, stderr, err = runCLI(ctx, t, "mirror", "serve", "--config", cfg, "--listen", addr)
+		errc <- err
+	}()
+	ev := `{"events":[{"action":"push","target":{"repository":"base/os","tag":"1.0"}}]}`
+	post := func(auth string) int {
+		req, _ := http.NewRequest(http.MethodPost, "http://"+addr+"/events", strings.NewReader(ev))
+		if auth != "" {
+			req.Header.Set("Authorization", auth)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return -1
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for post("") != http.StatusUnauthorized {
+		if time.Now().After(deadline) {
+			t.Fatal("serve did not start")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if code := post("Bearer " + token); code != http.StatusAccepted {
+		t.Fatalf("authenticated notification: %d", code)
+	}
+	cancel()
+	select {
+	case err := <-errc:
+		if err != nil {
+			t.Fatalf("%v\n%s", err, stderr)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("serve did not stop")
+	}
+	remoteImage(t, dst.Host+"/m/base/os:1.0")
+	if _, err := os.Stat(state); !os.IsNotExist(err) {
+		t.Errorf("state file left after a complete drain: %v", err)
 	}
 }

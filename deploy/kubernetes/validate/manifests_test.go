@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/pelletier/go-toml/v2"
 	appsv1 "k8s.io/api/apps/v1"
@@ -103,8 +104,13 @@ func TestManifestsDecodeStrictly(t *testing.T) {
 	objs := decodeAll(t)
 	configMaps := map[string]bool{}
 	for _, o := range objs {
-		if cm, ok := o.obj.(*corev1.ConfigMap); ok {
-			configMaps[cm.Name] = true
+		switch v := o.obj.(type) {
+		case *corev1.ConfigMap:
+			configMaps[v.Name] = true
+		case *corev1.PersistentVolumeClaim:
+			// Claims share the ConfigMaps' check: a volume must name one
+			// the manifests define.
+			configMaps["pvc/"+v.Name] = true
 		}
 	}
 	kinds := map[string]int{}
@@ -127,6 +133,9 @@ func TestManifestsDecodeStrictly(t *testing.T) {
 			spec, podLabels = &v.Spec.JobTemplate.Spec.Template.Spec, v.Spec.JobTemplate.Spec.Template.Labels
 		case *corev1.ConfigMap:
 			kinds["ConfigMap"]++
+			continue
+		case *corev1.PersistentVolumeClaim:
+			kinds["PersistentVolumeClaim"]++
 			continue
 		case *corev1.Service:
 			kinds["Service"]++
@@ -177,6 +186,9 @@ func checkPodSpec(t *testing.T, where string, spec *corev1.PodSpec, configMaps m
 		vols[v.Name] = v
 		if v.ConfigMap != nil && !configMaps[v.ConfigMap.Name] {
 			t.Errorf("%s: volume %s uses ConfigMap %q, which no manifest defines", where, v.Name, v.ConfigMap.Name)
+		}
+		if v.PersistentVolumeClaim != nil && !configMaps["pvc/"+v.PersistentVolumeClaim.ClaimName] {
+			t.Errorf("%s: volume %s uses claim %q, which no manifest defines", where, v.Name, v.PersistentVolumeClaim.ClaimName)
 		}
 	}
 	containers := append(append([]corev1.Container{}, spec.InitContainers...), spec.Containers...)
@@ -299,5 +311,118 @@ func TestSnapshotterDaemonSet(t *testing.T) {
 		if !strings.Contains(strings.Join(append(c.Command, c.Args...), " "), "/etc/containerd/conf.d/lazybase-stargz.toml") {
 			t.Errorf("init container %s does not install lazybase-stargz.toml", c.Name)
 		}
+	}
+}
+
+// TestMirrorSecretsAndShutdown: the mirror config names its record key and
+// serve token as files, and every pod that reads them mounts them from a
+// Secret; the serve Deployment outlives its grace period, keeps its state
+// file on its claim, and uses Recreate so the claim is free for the next pod.
+func TestMirrorSecretsAndShutdown(t *testing.T) {
+	objs := decodeAll(t)
+	var cfg struct {
+		RecordKeyFile string `toml:"record_key_file"`
+		Serve         struct {
+			TokenFile   string `toml:"token_file"`
+			TokenEnv    string `toml:"token_env"`
+			NoAuth      bool   `toml:"no_auth"`
+			GracePeriod string `toml:"grace_period"`
+			StateFile   string `toml:"state_file"`
+		} `toml:"serve"`
+	}
+	found := false
+	for _, o := range objs {
+		if cm, ok := o.obj.(*corev1.ConfigMap); ok && cm.Name == "lazybase-mirror" {
+			if err := toml.Unmarshal([]byte(cm.Data["mirror.toml"]), &cfg); err != nil {
+				t.Fatalf("mirror.toml: %v", err)
+			}
+			found = true
+		}
+	}
+	if !found {
+		t.Fatal("no ConfigMap lazybase-mirror")
+	}
+	if cfg.RecordKeyFile == "" || cfg.Serve.TokenFile == "" || cfg.Serve.NoAuth {
+		t.Fatalf("mirror.toml: record_key_file %q, serve.token_file %q, no_auth %v", cfg.RecordKeyFile, cfg.Serve.TokenFile, cfg.Serve.NoAuth)
+	}
+	grace, err := time.ParseDuration(cfg.Serve.GracePeriod)
+	if err != nil {
+		t.Fatalf("serve.grace_period: %v", err)
+	}
+	// secretDir reports whether file's directory is mounted from a Secret.
+	secretDir := func(spec *corev1.PodSpec, c *corev1.Container, file string) bool {
+		for _, m := range c.VolumeMounts {
+			if m.MountPath != filepath.Dir(file) {
+				continue
+			}
+			for _, v := range spec.Volumes {
+				if v.Name == m.Name && v.Secret != nil {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	mountedFromClaim := func(spec *corev1.PodSpec, c *corev1.Container, file string) bool {
+		for _, m := range c.VolumeMounts {
+			if !strings.HasPrefix(file, m.MountPath+"/") {
+				continue
+			}
+			for _, v := range spec.Volumes {
+				if v.Name == m.Name && v.PersistentVolumeClaim != nil {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	pods := 0
+	for _, o := range objs {
+		var spec *corev1.PodSpec
+		serve := false
+		switch v := o.obj.(type) {
+		case *appsv1.Deployment:
+			if v.Name != "lazybase-mirror-serve" {
+				continue
+			}
+			spec, serve = &v.Spec.Template.Spec, true
+			if v.Spec.Strategy.Type != appsv1.RecreateDeploymentStrategyType {
+				t.Errorf("%s: strategy %q, want Recreate (the state claim is ReadWriteOnce)", o.file, v.Spec.Strategy.Type)
+			}
+			var g int64 = 30 // Kubernetes' default
+			if spec.TerminationGracePeriodSeconds != nil {
+				g = *spec.TerminationGracePeriodSeconds
+			}
+			if time.Duration(g)*time.Second < grace+10*time.Second {
+				t.Errorf("%s: terminationGracePeriodSeconds %d, want at least grace_period %s + 10s", o.file, g, grace)
+			}
+		case *batchv1.Job:
+			spec = &v.Spec.Template.Spec
+		case *batchv1.CronJob:
+			spec = &v.Spec.JobTemplate.Spec.Template.Spec
+		default:
+			continue
+		}
+		for i := range spec.Containers {
+			c := &spec.Containers[i]
+			if len(c.Args) == 0 || c.Args[0] != "mirror" {
+				continue
+			}
+			pods++
+			if !secretDir(spec, c, cfg.RecordKeyFile) {
+				t.Errorf("%s: container %s does not mount the record key %s from a Secret", o.file, c.Name, cfg.RecordKeyFile)
+			}
+			if serve {
+				if !secretDir(spec, c, cfg.Serve.TokenFile) {
+					t.Errorf("%s: container %s does not mount the serve token %s from a Secret", o.file, c.Name, cfg.Serve.TokenFile)
+				}
+				if !mountedFromClaim(spec, c, cfg.Serve.StateFile) {
+					t.Errorf("%s: state file %s is not on a persistent volume claim", o.file, cfg.Serve.StateFile)
+				}
+			}
+		}
+	}
+	if pods < 3 {
+		t.Errorf("%d mirror pod templates checked, want the CronJob, the Job and the Deployment", pods)
 	}
 }
