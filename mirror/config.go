@@ -126,11 +126,11 @@ type Config struct {
 	Insecure          bool     `toml:"insecure"`
 	TempDir           string   `toml:"temp_dir"`
 	// Registry timeouts (imageio.Timeouts).
-	ConnectTimeout  string `toml:"connect_timeout"`
-	TLSTimeout      string `toml:"tls_timeout"`
-	ResponseTimeout string `toml:"response_timeout"`
-	IdleTimeout     string `toml:"idle_timeout"`
-	Sources           []Source `toml:"source"`
+	ConnectTimeout  string   `toml:"connect_timeout"`
+	TLSTimeout      string   `toml:"tls_timeout"`
+	ResponseTimeout string   `toml:"response_timeout"`
+	IdleTimeout     string   `toml:"idle_timeout"`
+	Sources         []Source `toml:"source"`
 }
 
 // Source is one [[source]] table.

@@ -314,7 +314,7 @@ func (t *boundedTransport) RoundTrip(req *http.Request) (*http.Response, error) 
 				w.traceEvent("", 0)
 			}
 		},
-		WroteRequest:      func(httptrace.WroteRequestInfo) { w.traceEvent(PhaseResponse, t.t.ResponseHeader) },
+		WroteRequest: func(httptrace.WroteRequestInfo) { w.traceEvent(PhaseResponse, t.t.ResponseHeader) },
 	}
 	r := req.WithContext(httptrace.WithClientTrace(ctx, trace))
 	if req.Body != nil && req.Body != http.NoBody {
