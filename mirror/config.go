@@ -125,12 +125,13 @@ type Config struct {
 	PlainHTTP         bool     `toml:"plain_http"`
 	Insecure          bool     `toml:"insecure"`
 	TempDir           string   `toml:"temp_dir"`
-	// Registry timeouts (imageio.Timeouts).
-	ConnectTimeout  string   `toml:"connect_timeout"`
-	TLSTimeout      string   `toml:"tls_timeout"`
-	ResponseTimeout string   `toml:"response_timeout"`
-	IdleTimeout     string   `toml:"idle_timeout"`
-	Sources         []Source `toml:"source"`
+	Sources           []Source `toml:"source"`
+
+	// Registry timeouts (imageio.Timeouts), durations such as "30s".
+	ConnectTimeout  string `toml:"connect_timeout"`
+	TLSTimeout      string `toml:"tls_timeout"`
+	ResponseTimeout string `toml:"response_timeout"`
+	IdleTimeout     string `toml:"idle_timeout"`
 }
 
 // Source is one [[source]] table.
