@@ -185,19 +185,20 @@ type boundedTransport struct {
 }
 
 // watchdog times the phase a request is in and cancels the request when a
-// phase runs out of time.
+// phase runs out of time. It has one timer, reset for every phase and every
+// body read (no allocation per read).
 type watchdog struct {
 	host   string
 	parent context.Context // the caller's
 	cancel context.CancelCauseFunc
 
-	mu     sync.Mutex
-	timer  *time.Timer
-	gen    uint64 // bumped by every arm and disarm
-	phase  string // armed phase, "" when none
-	limit  time.Duration
-	fired  *TimeoutError
-	closed bool // the round trip is over: ignore late trace events
+	mu       sync.Mutex
+	timer    *time.Timer
+	phase    string // armed phase, "" when none
+	limit    time.Duration
+	deadline time.Time
+	fired    *TimeoutError
+	closed   bool // the round trip is over: ignore late trace events
 }
 
 func (w *watchdog) arm(phase string, d time.Duration) {
@@ -206,28 +207,29 @@ func (w *watchdog) arm(phase string, d time.Duration) {
 	if w.fired != nil {
 		return
 	}
-	w.gen++
 	w.phase, w.limit = phase, d
-	gen := w.gen
-	if w.timer != nil {
-		w.timer.Stop()
+	w.deadline = time.Now().Add(d)
+	if w.timer == nil {
+		w.timer = time.AfterFunc(d, w.fire)
+	} else {
+		w.timer.Reset(d)
 	}
-	w.timer = time.AfterFunc(d, func() { w.fire(gen) })
 }
 
 func (w *watchdog) disarm() {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	w.gen++
 	w.phase = ""
 	if w.timer != nil {
 		w.timer.Stop()
 	}
 }
 
-func (w *watchdog) fire(gen uint64) {
+// fire runs when the timer expires; an expiry that a later arm or disarm
+// overtook finds no phase armed or a deadline still ahead, and does nothing.
+func (w *watchdog) fire() {
 	w.mu.Lock()
-	if gen != w.gen || w.fired != nil {
+	if w.fired != nil || w.phase == "" || time.Now().Before(w.deadline) {
 		w.mu.Unlock()
 		return
 	}
@@ -251,24 +253,29 @@ func (w *watchdog) timedOut() *TimeoutError {
 	return w.fired
 }
 
-// traceEvent arms or disarms on a trace event or a read of the request
-// body, unless the round trip is over (a dial the request started may
-// finish after it; a transport may still read the request body after the
-// response arrived). Arming the phase already armed keeps its timer,
-// except for PhaseSend, which restarts on every piece of the body.
-func (w *watchdog) traceEvent(phase string, d time.Duration) {
+// start arms phase on a trace event or a read of the request body, unless
+// the round trip is over (a dial the request started may finish after it;
+// a transport may still read the request body after the response arrived).
+// Starting the phase already armed keeps its timer, except for PhaseSend,
+// which restarts on every piece of the body.
+func (w *watchdog) start(phase string, d time.Duration) {
 	w.mu.Lock()
-	closed := w.closed
-	armed := w.phase
+	closed, armed := w.closed, w.phase
 	w.mu.Unlock()
-	if closed {
-		return
-	}
-	switch {
-	case phase == "":
-		w.disarm()
-	case phase != armed || phase == PhaseSend:
+	if !closed && (phase != armed || phase == PhaseSend) {
 		w.arm(phase, d)
+	}
+}
+
+// end disarms phase if it is the one armed: a dial that this request
+// started but another request's connection overtook may finish while this
+// request waits for its response.
+func (w *watchdog) end(phase string) {
+	w.mu.Lock()
+	armed := w.phase == phase && !w.closed
+	w.mu.Unlock()
+	if armed {
+		w.disarm()
 	}
 }
 
@@ -302,19 +309,19 @@ func (t *boundedTransport) RoundTrip(req *http.Request) (*http.Response, error) 
 	ctx, cancel := context.WithCancelCause(req.Context())
 	w := &watchdog{host: req.URL.Host, parent: req.Context(), cancel: cancel}
 	trace := &httptrace.ClientTrace{
-		ConnectStart: func(string, string) { w.traceEvent(PhaseConnect, t.t.Connect) },
+		ConnectStart: func(string, string) { w.start(PhaseConnect, t.t.Connect) },
 		ConnectDone: func(_, _ string, err error) {
 			if err == nil {
-				w.traceEvent("", 0)
+				w.end(PhaseConnect)
 			}
 		},
-		TLSHandshakeStart: func() { w.traceEvent(PhaseTLS, t.t.TLSHandshake) },
+		TLSHandshakeStart: func() { w.start(PhaseTLS, t.t.TLSHandshake) },
 		TLSHandshakeDone: func(_ tls.ConnectionState, err error) {
 			if err == nil {
-				w.traceEvent("", 0)
+				w.end(PhaseTLS)
 			}
 		},
-		WroteRequest: func(httptrace.WroteRequestInfo) { w.traceEvent(PhaseResponse, t.t.ResponseHeader) },
+		WroteRequest: func(httptrace.WroteRequestInfo) { w.start(PhaseResponse, t.t.ResponseHeader) },
 	}
 	r := req.WithContext(httptrace.WithClientTrace(ctx, trace))
 	if req.Body != nil && req.Body != http.NoBody {
@@ -353,12 +360,12 @@ type sendBody struct {
 }
 
 func (b *sendBody) Read(p []byte) (int, error) {
-	b.w.traceEvent("", 0)
+	b.w.end(PhaseSend)
 	n, err := b.rc.Read(p)
 	if err == nil || err == io.EOF {
 		// The transport now writes what it read; after EOF it writes the
 		// rest and WroteRequest arms the response timer.
-		b.w.traceEvent(PhaseSend, b.idle)
+		b.w.start(PhaseSend, b.idle)
 	}
 	return n, err
 }
