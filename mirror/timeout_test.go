@@ -2,11 +2,14 @@ package mirror
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/lazybase/lazybase/internal/imageio"
 	"github.com/lazybase/lazybase/internal/testimage"
 )
 
@@ -139,5 +142,25 @@ repository = %q
 			}
 			t.Logf("%s", ir.Reason)
 		})
+	}
+}
+
+// TestRetryTransportDoesNotRetryTimeouts: a request that ran out of a
+// registry timeout is not retried by RetryTransport (the image's attempts
+// retry it), so the wait is one timeout, not retries+1 of them.
+func TestRetryTransportDoesNotRetryTimeouts(t *testing.T) {
+	host := testimage.SilentServer(t)
+	limit := 300 * time.Millisecond
+	rt := NewRetryTransport(imageio.NewTransport(false, imageio.Timeouts{ResponseHeader: limit}), RetryPolicy{Retries: 5, Initial: time.Millisecond}, nil)
+	req, _ := http.NewRequestWithContext(t.Context(), http.MethodGet, "http://"+host+"/v2/", nil)
+	start := time.Now()
+	_, err := rt.RoundTrip(req)
+	elapsed := time.Since(start)
+	var te *imageio.TimeoutError
+	if !errors.As(err, &te) || te.Phase != imageio.PhaseResponse {
+		t.Fatalf("error %v, want a response timeout", err)
+	}
+	if rt.Retries() != 0 || elapsed > 2*limit {
+		t.Errorf("%d retries in %s, want none, within %s", rt.Retries(), elapsed, 2*limit)
 	}
 }

@@ -314,3 +314,26 @@ func TestClientSilentRegistry(t *testing.T) {
 	}
 	bounded(t, time.Since(start), short.Idle)
 }
+
+// TestTimeoutsNotRetriedByGGCR: with go-containerregistry's default retry
+// (3 tries, 1s then 3s apart, for Temporary errors), a silent registry
+// still costs one timeout: TimeoutError is not Temporary.
+func TestTimeoutsNotRetriedByGGCR(t *testing.T) {
+	t.Setenv("DOCKER_CONFIG", t.TempDir())
+	c, err := New(WithTimeouts(short)) // the default retry backoff
+	if err != nil {
+		t.Fatal(err)
+	}
+	host := testimage.SilentServer(t)
+	start := time.Now()
+	_, err = c.Open(t.Context(), mustRef(t, c, host+"/r:1"))
+	elapsed := time.Since(start)
+	if err == nil || !strings.Contains(err.Error(), "registry "+host+": ") {
+		t.Fatalf("error %v, want one naming registry %s", err, host)
+	}
+	// One round is about 600ms (https, then http 300ms later); a retry
+	// would add 1s of backoff and another round.
+	if elapsed > 2*time.Second {
+		t.Errorf("gave up after %s: retried", elapsed)
+	}
+}
