@@ -20,13 +20,22 @@ import (
 // go-containerregistry's authenticating transport, resuming with a
 // "Range: bytes=OFFSET-LAST" request. Its zero value is ready to use:
 // credentials from the docker config and credential helpers, plain HTTP only
-// for loopback registries, certificates verified.
+// for loopback registries, certificates verified, every phase of a request
+// bounded by imageio's default timeouts. A registry that stops answering
+// fails the attempt with an *imageio.TimeoutError naming the host; the
+// Guard retries it like any transient error (WithRetry), resuming from the
+// bytes it has.
 type Remote struct {
 	// Keychain gives registry credentials (authn.DefaultKeychain if nil).
 	Keychain authn.Keychain
-	// Transport is the base HTTP transport (imageio.BaseTransport(false) if
-	// nil). The plain-HTTP policy is applied on top of it.
+	// Transport is the base HTTP transport (imageio.NewTransport(false,
+	// Timeouts) if nil). Timeouts and the plain-HTTP policy are applied on
+	// top of it.
 	Transport http.RoundTripper
+	// Timeouts bound each phase of a registry request (zero fields take
+	// imageio's defaults): connect, TLS handshake, response headers, and
+	// each read of the blob, never the whole transfer.
+	Timeouts imageio.Timeouts
 	// PlainHTTP allows plain HTTP to registries that are not on loopback.
 	PlainHTTP bool
 
@@ -123,9 +132,11 @@ func (r *Remote) transport(ctx context.Context, repo name.Repository) (http.Roun
 	if err != nil {
 		return nil, fmt.Errorf("credentials for %s: %w", repo, err)
 	}
-	base := r.Transport
-	if base == nil {
-		base = imageio.BaseTransport(false)
+	var base http.RoundTripper
+	if r.Transport != nil {
+		base = imageio.BoundedTransport(r.Transport, r.Timeouts)
+	} else {
+		base = imageio.NewTransport(false, r.Timeouts)
 	}
 	rt, err = transport.NewWithContext(ctx, repo.Registry, auth, imageio.PolicyTransport(base, r.PlainHTTP), []string{repo.Scope(transport.PullScope)})
 	if err != nil {

@@ -51,16 +51,16 @@ type BarrierEvent struct {
 type imageLayers func(ctx context.Context, ref string) ([]digest.Digest, error)
 
 // remoteImageLayers reads ref's manifest (for the running platform when ref
-// names an index) with credentials from keychain and plain HTTP for
-// loopback registries only.
-func remoteImageLayers(keychain authn.Keychain) imageLayers {
+// names an index) with credentials from keychain, plain HTTP for loopback
+// registries only, and each phase of a request bounded by timeouts.
+func remoteImageLayers(keychain authn.Keychain, timeouts imageio.Timeouts) imageLayers {
+	rt := imageio.PolicyTransport(imageio.NewTransport(false, timeouts), false)
 	return func(ctx context.Context, ref string) ([]digest.Digest, error) {
 		r, err := name.ParseReference(ref)
 		if err != nil {
 			return nil, fmt.Errorf("parsing reference %q: %w", ref, err)
 		}
-		img, err := remote.Image(r, remote.WithContext(ctx), remote.WithAuthFromKeychain(keychain),
-			remote.WithTransport(imageio.PolicyTransport(imageio.BaseTransport(false), false)))
+		img, err := remote.Image(r, remote.WithContext(ctx), remote.WithAuthFromKeychain(keychain), remote.WithTransport(rt))
 		if err != nil {
 			return nil, fmt.Errorf("reading manifest: %w", err)
 		}
@@ -283,7 +283,7 @@ func (g *guardTrigger) restart(key, from string) error {
 // barrierHandler serves POST BarrierPath: it streams BarrierEvents as JSON
 // lines while the barrier waits.
 func (d *Daemon) barrierHandler() http.Handler {
-	layersOf := remoteImageLayers(credentialKeychain{dockerCredentials(context.Background(), d.cfg.Auth)})
+	layersOf := remoteImageLayers(credentialKeychain{dockerCredentials(context.Background(), d.cfg.Auth)}, d.cfg.Guard.Timeouts())
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if d.guard == nil {
 			http.Error(w, "export guard disabled (guard.enable = false in the daemon's configuration)", http.StatusConflict)

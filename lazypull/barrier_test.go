@@ -125,7 +125,7 @@ func serveBarrierSocket(t *testing.T, g *guardTrigger) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	layersOf := remoteImageLayers(authn.DefaultKeychain)
+	layersOf := remoteImageLayers(authn.DefaultKeychain, DefaultConfig().Guard.Timeouts())
 	mux := http.NewServeMux()
 	mux.Handle("POST "+BarrierPath, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		serveBarrier(w, r, g, layersOf)
@@ -204,7 +204,7 @@ func TestBarrierRefetchesDroppedBlob(t *testing.T) {
 	if err := e.store.Delete(ctx, e.layers[0]); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := g.barrier(t.Context(), "buildkit", []string{e.ref}, remoteImageLayers(authn.DefaultKeychain), nil); err != nil {
+	if _, err := g.barrier(t.Context(), "buildkit", []string{e.ref}, remoteImageLayers(authn.DefaultKeychain, DefaultConfig().Guard.Timeouts()), nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := e.store.Info(ctx, e.layers[0]); err != nil {
@@ -238,7 +238,7 @@ func TestBarrierLazyOnly(t *testing.T) {
 	e := newBarrierEnv(t)
 	g := e.trigger(t, guardCfg(0), 0, nil)
 	e.mountAll(g, "buildkit", ModeLazyOnly)
-	_, err := g.barrier(t.Context(), "buildkit", []string{e.ref}, remoteImageLayers(authn.DefaultKeychain), nil)
+	_, err := g.barrier(t.Context(), "buildkit", []string{e.ref}, remoteImageLayers(authn.DefaultKeychain, DefaultConfig().Guard.Timeouts()), nil)
 	if err == nil || !strings.Contains(err.Error(), "lazy-only policy") || !strings.Contains(err.Error(), e.layers[0].String()) {
 		t.Fatalf("got %v, want lazy-only policy naming the layer", err)
 	}
@@ -294,7 +294,7 @@ func TestBarrierTamperedBlob(t *testing.T) {
 	}
 	// Once the registry serves the right bytes, the barrier succeeds.
 	e.tamper.Store(digest.Digest(""))
-	if _, err := g.barrier(t.Context(), "buildkit", []string{e.ref}, remoteImageLayers(authn.DefaultKeychain), nil); err != nil {
+	if _, err := g.barrier(t.Context(), "buildkit", []string{e.ref}, remoteImageLayers(authn.DefaultKeychain, DefaultConfig().Guard.Timeouts()), nil); err != nil {
 		t.Fatal(err)
 	}
 	ra, err := e.store.ReaderAt(ctx, ocispec.Descriptor{Digest: bad, Size: 200_000})

@@ -165,7 +165,7 @@ func newContentStore(t *testing.T) (content.Store, leases.Manager) {
 func (e *sourceEnv) trigger(t *testing.T, delay time.Duration, reg *prometheus.Registry) (*guardTrigger, *blobSource) {
 	t.Helper()
 	stores := func(context.Context) (content.Store, leases.Manager, error) { return e.store, e.leases, nil }
-	g, err := newGuardTrigger(guardCfg(delay), stores, remoteBlobSize(authn.DefaultKeychain), &exportguard.Remote{}, reg)
+	g, err := newGuardTrigger(guardCfg(delay), stores, remoteBlobSize(authn.DefaultKeychain, DefaultConfig().Guard.Timeouts()), &exportguard.Remote{}, reg)
 	if err != nil {
 		t.Fatal(err)
 	}

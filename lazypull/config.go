@@ -14,6 +14,8 @@ import (
 
 	"github.com/pelletier/go-toml/v2"
 	"golang.org/x/sys/unix"
+
+	"github.com/lazybase/lazybase/internal/imageio"
 )
 
 // Config is the lazybase snapshotter's configuration, read from TOML by
@@ -258,6 +260,40 @@ type GuardConfig struct {
 	// go first (key "guard.delay"). Export-base layers never wait. A
 	// duration such as "10s", "0s" or more. Default "10s".
 	Delay Duration `toml:"delay"`
+
+	// ConnectTimeout bounds a TCP connect to a registry for the guard's
+	// requests: blob transfers, the blob size lookup at mount and the
+	// barrier's manifest reads (key "guard.connect_timeout"). Like the
+	// three keys below it bounds one phase of a request, never a whole
+	// transfer; a registry that runs out of one fails that attempt with an
+	// error naming the host, and the guard retries the blob (5 attempts,
+	// resuming from the bytes it has). A positive duration. Default "30s".
+	ConnectTimeout Duration `toml:"connect_timeout"`
+
+	// TLSTimeout bounds a TLS handshake with a registry (key
+	// "guard.tls_timeout"). A positive duration. Default "10s".
+	TLSTimeout Duration `toml:"tls_timeout"`
+
+	// ResponseTimeout bounds the wait for a registry's response headers
+	// once a request is sent (key "guard.response_timeout"). A positive
+	// duration. Default "60s".
+	ResponseTimeout Duration `toml:"response_timeout"`
+
+	// IdleTimeout bounds every wait for the next bytes of a blob or
+	// manifest body (key "guard.idle_timeout"); a transfer that keeps
+	// delivering runs as long as it needs. A positive duration.
+	// Default "60s".
+	IdleTimeout Duration `toml:"idle_timeout"`
+}
+
+// Timeouts returns the guard's registry timeouts.
+func (g GuardConfig) Timeouts() imageio.Timeouts {
+	return imageio.Timeouts{
+		Connect:        g.ConnectTimeout.D(),
+		TLSHandshake:   g.TLSTimeout.D(),
+		ResponseHeader: g.ResponseTimeout.D(),
+		Idle:           g.IdleTimeout.D(),
+	}
 }
 
 // LocalConfig configures local unpacking. Once the export guard has put a
@@ -342,6 +378,10 @@ func DefaultConfig() Config {
 			ContainerdAddress: "/run/containerd/containerd.sock",
 			Parallelism:       4,
 			Delay:             Duration(10 * time.Second),
+			ConnectTimeout:    Duration(imageio.DefaultConnectTimeout),
+			TLSTimeout:        Duration(imageio.DefaultTLSTimeout),
+			ResponseTimeout:   Duration(imageio.DefaultResponseTimeout),
+			IdleTimeout:       Duration(imageio.DefaultIdleTimeout),
 		},
 		Local: LocalConfig{
 			Parallelism: 1,
@@ -530,6 +570,14 @@ func (c *Config) Validate() error {
 	}
 	if c.Guard.Delay < 0 {
 		bad("guard.delay", "%s: must not be negative", c.Guard.Delay.D())
+	}
+	for key, d := range map[string]Duration{
+		"guard.connect_timeout": c.Guard.ConnectTimeout, "guard.tls_timeout": c.Guard.TLSTimeout,
+		"guard.response_timeout": c.Guard.ResponseTimeout, "guard.idle_timeout": c.Guard.IdleTimeout,
+	} {
+		if d <= 0 {
+			bad(key, "%s: want a positive duration such as \"30s\"", d.D())
+		}
 	}
 
 	if c.Local.Parallelism < 1 || c.Local.Parallelism > 16 {

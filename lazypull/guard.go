@@ -343,8 +343,10 @@ func stripDigest(ref string) string {
 }
 
 // remoteBlobSize asks ref's registry for the size of blob dgst (a HEAD
-// request), with credentials from keychain and plain HTTP for loopback only.
-func remoteBlobSize(keychain authn.Keychain) blobSizer {
+// request), with credentials from keychain, plain HTTP for loopback only,
+// and each phase of a request bounded by timeouts.
+func remoteBlobSize(keychain authn.Keychain, timeouts imageio.Timeouts) blobSizer {
+	rt := imageio.PolicyTransport(imageio.NewTransport(false, timeouts), false)
 	return func(ctx context.Context, ref string, dgst digest.Digest) (int64, error) {
 		nref, err := name.ParseReference(ref)
 		if err != nil {
@@ -354,8 +356,7 @@ func remoteBlobSize(keychain authn.Keychain) blobSizer {
 		if err != nil {
 			return 0, err
 		}
-		layer, err := remote.Layer(d, remote.WithContext(ctx), remote.WithAuthFromKeychain(keychain),
-			remote.WithTransport(imageio.PolicyTransport(imageio.BaseTransport(false), false)))
+		layer, err := remote.Layer(d, remote.WithContext(ctx), remote.WithAuthFromKeychain(keychain), remote.WithTransport(rt))
 		if err != nil {
 			return 0, err
 		}
@@ -421,7 +422,8 @@ func newDaemonGuard(ctx context.Context, cfg Config, reg prometheus.Registerer) 
 		return contentproxy.NewContentStore(contentapi.NewContentClient(conn)),
 			leasesproxy.NewLeaseManager(leasesapi.NewLeasesClient(conn)), nil
 	}
-	g, err := newGuardTrigger(cfg.Guard, stores, remoteBlobSize(keychain), &exportguard.Remote{Keychain: keychain}, reg)
+	timeouts := cfg.Guard.Timeouts()
+	g, err := newGuardTrigger(cfg.Guard, stores, remoteBlobSize(keychain, timeouts), &exportguard.Remote{Keychain: keychain, Timeouts: timeouts}, reg)
 	if err != nil {
 		return nil, err
 	}

@@ -76,7 +76,7 @@ func (e *guardEnv) trigger(t *testing.T, cfg GuardConfig, failFirst int32, reg p
 		}
 		return e.store, e.leases, nil
 	}
-	g, err := newGuardTrigger(cfg, stores, remoteBlobSize(authn.DefaultKeychain), &exportguard.Remote{}, reg)
+	g, err := newGuardTrigger(cfg, stores, remoteBlobSize(authn.DefaultKeychain, DefaultConfig().Guard.Timeouts()), &exportguard.Remote{}, reg)
 	if err != nil {
 		t.Fatal(err)
 	}

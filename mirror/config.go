@@ -15,6 +15,7 @@ import (
 	"github.com/pelletier/go-toml/v2"
 
 	"github.com/lazybase/lazybase/convert"
+	"github.com/lazybase/lazybase/internal/imageio"
 )
 
 // Config is the mirror.toml file. Every field states its default; a zero
@@ -71,6 +72,17 @@ import (
 //	insecure = false
 //	# Directory for converted layers and spooled tars. Default: os.TempDir().
 //	temp_dir = ""
+//	# Registry timeouts, per request phase, never for a whole transfer: TCP
+//	# connect, TLS handshake, response headers once the request is sent,
+//	# and idle (the longest wait for the next bytes of a body, sent or
+//	# received). A registry silent for longer fails that request with an
+//	# error naming the host; timeouts are not retried per request (retries
+//	# does not apply), the image's attempts are. Defaults: "30s", "10s",
+//	# "60s", "60s".
+//	connect_timeout = "30s"
+//	tls_timeout = "10s"
+//	response_timeout = "60s"
+//	idle_timeout = "60s"
 //
 //	[[source]]
 //	# Repository to mirror, with its registry. Required.
@@ -153,6 +165,12 @@ type Config struct {
 	// Record authentication and the [serve] table (see security.go).
 	RecordAuth
 	Serve ServeConfig `toml:"serve"`
+
+	// Registry timeouts (imageio.Timeouts), durations such as "30s".
+	ConnectTimeout  string `toml:"connect_timeout"`
+	TLSTimeout      string `toml:"tls_timeout"`
+	ResponseTimeout string `toml:"response_timeout"`
+	IdleTimeout     string `toml:"idle_timeout"`
 }
 
 // Source is one [[source]] table.
@@ -309,6 +327,9 @@ func (c *Config) validate() error {
 			return fmt.Errorf("%s: want a positive duration such as \"500ms\", got %q", d.key, *d.v)
 		}
 	}
+	if err := c.validateTimeouts(); err != nil {
+		return err
+	}
 	global, err := parsePlatforms(c.Platforms)
 	if err != nil {
 		return fmt.Errorf("platforms: %w", err)
@@ -373,6 +394,41 @@ func (c *Config) durations() (initial, max, afterMax time.Duration) {
 	max, _ = time.ParseDuration(c.RetryMax)
 	afterMax, _ = time.ParseDuration(c.RetryAfterMax)
 	return
+}
+
+// validateTimeouts fills in and checks the registry timeouts.
+func (c *Config) validateTimeouts() error {
+	d := imageio.DefaultTimeouts()
+	for _, t := range []struct {
+		key string
+		v   *string
+		def time.Duration
+	}{
+		{"connect_timeout", &c.ConnectTimeout, d.Connect},
+		{"tls_timeout", &c.TLSTimeout, d.TLSHandshake},
+		{"response_timeout", &c.ResponseTimeout, d.ResponseHeader},
+		{"idle_timeout", &c.IdleTimeout, d.Idle},
+	} {
+		if *t.v == "" {
+			*t.v = t.def.String()
+		}
+		v, err := time.ParseDuration(*t.v)
+		if err != nil || v <= 0 {
+			return fmt.Errorf("%s: want a positive duration such as \"30s\", got %q", t.key, *t.v)
+		}
+	}
+	return nil
+}
+
+// Timeouts returns the registry timeouts of a validated Config.
+func (c *Config) Timeouts() imageio.Timeouts {
+	p := func(s string) time.Duration { d, _ := time.ParseDuration(s); return d }
+	return imageio.Timeouts{
+		Connect:        p(c.ConnectTimeout),
+		TLSHandshake:   p(c.TLSTimeout),
+		ResponseHeader: p(c.ResponseTimeout),
+		Idle:           p(c.IdleTimeout),
+	}
 }
 
 // MatchTag reports whether tag passes the source's glob and regex filters

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/lazybase/lazybase/convert"
+	"github.com/lazybase/lazybase/internal/imageio"
 )
 
 func TestParseConfigErrorsNameTheKey(t *testing.T) {
@@ -20,6 +21,10 @@ func TestParseConfigErrorsNameTheKey(t *testing.T) {
 		{"destination = 'r/m'\nlevel = 10\n[[source]]\nrepository = 'r/a'", "level"},
 		{"destination = 'r/m'\nconcurrency = 'two'\n[[source]]\nrepository = 'r/a'", "concurrency"},
 		{"destination = 'r/m'\nretry_initial = 'soon'\n[[source]]\nrepository = 'r/a'", "retry_initial"},
+		{"destination = 'r/m'\nconnect_timeout = '30'\n[[source]]\nrepository = 'r/a'", "connect_timeout"},
+		{"destination = 'r/m'\ntls_timeout = '-1s'\n[[source]]\nrepository = 'r/a'", "tls_timeout"},
+		{"destination = 'r/m'\nresponse_timeout = '0s'\n[[source]]\nrepository = 'r/a'", "response_timeout"},
+		{"destination = 'r/m'\nidle_timeout = 'never'\n[[source]]\nrepository = 'r/a'", "idle_timeout"},
 		{"destination = 'r/m'\nplatforms = ['linux/???']\n[[source]]\nrepository = 'r/a'", "platforms"},
 		{"destination = 'r/m'", "source"},
 		{"tag_suffix = '-esgz'\n[[source]]\nrepository = 'r/a'", "records_repository"},
@@ -44,6 +49,13 @@ func TestParseConfigDefaults(t *testing.T) {
 		c.Format != "estargz" || c.Concurrency != DefaultConcurrency || *c.Retries != DefaultRetries ||
 		c.ImageAttempts != DefaultImageAttempts || c.Sources[0].Order != OrderSemver {
 		t.Errorf("defaults: %+v", c)
+	}
+	if got := c.Timeouts(); got != imageio.DefaultTimeouts() {
+		t.Errorf("default timeouts %+v, want %+v", got, imageio.DefaultTimeouts())
+	}
+	c, err = ParseConfig([]byte("destination = 'r/m'\nidle_timeout = '2m'\nconnect_timeout = '5s'\n[[source]]\nrepository = 'r/a'\n"))
+	if err != nil || c.Timeouts().Idle != 2*time.Minute || c.Timeouts().Connect != 5*time.Second || c.Timeouts().ResponseHeader != imageio.DefaultResponseTimeout {
+		t.Errorf("timeouts %+v %v", c.Timeouts(), err)
 	}
 	c, err = ParseConfig([]byte("destination = 'r/m'\nformat = 'zstd:chunked'\nlevel = 19\nretries = 0\n[[source]]\nrepository = 'r/a'\n"))
 	if err != nil || c.Format != "zstd-chunked" || *c.Retries != 0 {

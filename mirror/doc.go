@@ -88,8 +88,12 @@
 // Destination tags are written last, after every blob and child manifest
 // (internal/imageio), so a tag only ever points to complete content. HTTP
 // requests are retried by RetryTransport (429 with Retry-After, 5xx,
-// connection resets); an image is attempted up to image_attempts times; one
-// failing image does not stop the others; Run returns a Report of converted,
+// connection resets); every phase of a request is bounded by the registry
+// timeouts (connect_timeout, tls_timeout, response_timeout, idle_timeout),
+// and a request that runs out of one fails with an error naming the host
+// and is not retried by itself; an image is attempted up to image_attempts
+// times; one failing image, a stalled registry's included, does not stop
+// the others; Run returns a Report of converted,
 // skipped and failed images with reasons and timings.
 //
 // Within one Run, a layer shared by several images is converted once and

@@ -48,7 +48,8 @@ func WithKeychain(kc authn.Keychain) Option {
 
 // WithTransport sets the base HTTP transport under the retry transport. The
 // default is go-containerregistry's, with TLS verification unless the
-// config's insecure is set.
+// config's insecure is set. The config's registry timeouts are applied on
+// top of either (imageio.BoundedTransport).
 func WithTransport(rt http.RoundTripper) Option {
 	return func(o *options) error { o.transport = rt; return nil }
 }
@@ -147,9 +148,13 @@ func New(cfg *Config, opts ...Option) (*Mirror, error) {
 			return nil, err
 		}
 	}
-	base := o.transport
-	if base == nil {
-		base = imageio.BaseTransport(cfg.Insecure)
+	// Each request attempt is bounded below the retry transport, which
+	// does not retry a timeout: the image's attempts do.
+	var base http.RoundTripper
+	if o.transport != nil {
+		base = imageio.BoundedTransport(o.transport, cfg.Timeouts())
+	} else {
+		base = imageio.NewTransport(cfg.Insecure, cfg.Timeouts())
 	}
 	initial, max, afterMax := cfg.durations()
 	rt := NewRetryTransport(base, RetryPolicy{Retries: *cfg.Retries, Initial: initial, Max: max, RetryAfterMax: afterMax}, o.onRetry)

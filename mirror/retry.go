@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/containerd/log"
+
+	"github.com/lazybase/lazybase/internal/imageio"
 )
 
 // RetryPolicy says how a RetryTransport retries.
@@ -72,9 +74,13 @@ func retryableStatus(code int) bool {
 	return false
 }
 
-// retryableError reports connection resets and truncated responses.
+// retryableError reports connection resets and truncated responses. A
+// registry that stayed silent for a whole timeout (imageio.TimeoutError) is
+// not retried request by request: that would multiply the wait by retries
+// for every request of an image; the image's attempts retry it.
 func retryableError(err error) bool {
-	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+	var te *imageio.TimeoutError
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) || errors.As(err, &te) {
 		return false
 	}
 	if errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ECONNABORTED) || errors.Is(err, syscall.EPIPE) ||

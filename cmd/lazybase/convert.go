@@ -31,6 +31,7 @@ type convertOptions struct {
 	force     bool
 	plainHTTP bool
 	insecure  bool
+	timeouts  imageio.Timeouts // zero: the defaults
 	// terminal forces the live display on (1) or off (-1); 0 detects it.
 	terminal int
 }
@@ -53,11 +54,18 @@ layout directories written oci:PATH[:TAG]. An index is converted whole unless
 Registries on loopback addresses are reached over plain HTTP; any other
 registry needs --plain-http for that. --insecure skips TLS certificate
 verification. Credentials come from the docker config and credential helpers.
+Every phase of a registry request is bounded (--connect-timeout,
+--tls-timeout, --response-timeout, --idle-timeout), never a whole transfer:
+a registry that stops answering fails the conversion with an error naming
+the host.
 
 The destination tag is written last: a failed or interrupted conversion leaves
 the destination as it was.`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := checkTimeoutFlags(o.timeouts); err != nil {
+				return err
+			}
 			if cmd.Flags().Changed("compression-level") {
 				o.level = levelFl
 				if levelFl <= 0 {
@@ -86,6 +94,7 @@ the destination as it was.`,
 	f.BoolVar(&asJSON, "json", false, "print a JSON report on stdout")
 	f.BoolVar(&o.plainHTTP, "plain-http", false, "allow plain HTTP to registries that are not on a loopback address")
 	f.BoolVar(&o.insecure, "insecure", false, "skip TLS certificate verification")
+	addTimeoutFlags(cmd, &o.timeouts)
 	return cmd
 }
 
@@ -167,6 +176,7 @@ func runConvert(ctx context.Context, stderr io.Writer, src, dst string, o conver
 		imageio.WithPlainHTTP(o.plainHTTP),
 		imageio.WithInsecure(o.insecure),
 		imageio.WithUserAgent("lazybase/" + version),
+		imageio.WithTimeouts(o.timeouts),
 	}
 	if o.jobs < 0 {
 		return nil, fmt.Errorf("--jobs must be positive, got %d", o.jobs)

@@ -632,6 +632,10 @@ func lookup(r *estargz.Reader, name string) bool {
 	return ok
 }
 
+// rangeClient is rangeReader's client: every phase of a request is bounded
+// by imageio's default timeouts, like every other registry request.
+var rangeClient = &http.Client{Transport: imageio.NewTransport(false, imageio.Timeouts{})}
+
 // rangeReader reads a blob from a registry with HTTP range requests.
 type rangeReader struct {
 	ctx      context.Context
@@ -649,7 +653,7 @@ func (r *rangeReader) ReadAt(p []byte, off int64) (int, error) {
 		return 0, err
 	}
 	req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", off, off+int64(len(p))-1))
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := rangeClient.Do(req)
 	if err != nil {
 		return 0, err
 	}

@@ -20,6 +20,7 @@ type options struct {
 	keychain  authn.Keychain
 	transport http.RoundTripper
 	backoff   *remote.Backoff
+	timeouts  Timeouts
 }
 
 // WithPlainHTTP allows plain HTTP to every registry, not only loopback ones.
@@ -54,9 +55,22 @@ func WithKeychain(kc authn.Keychain) Option {
 	return func(o *options) error { o.keychain = kc; return nil }
 }
 
+// WithTimeouts bounds each phase of every registry request (see Timeouts;
+// zero fields keep their defaults). The default is DefaultTimeouts.
+func WithTimeouts(t Timeouts) Option {
+	return func(o *options) error {
+		if err := t.Validate(); err != nil {
+			return err
+		}
+		o.timeouts = t
+		return nil
+	}
+}
+
 // WithTransport sets the base HTTP transport. The transport policy (plain
 // HTTP for loopback registries only) is applied on top of it; WithInsecure
-// has no effect on a transport given here.
+// and WithTimeouts have no effect on a transport given here (build it with
+// NewTransport to keep registry requests bounded).
 func WithTransport(rt http.RoundTripper) Option {
 	return func(o *options) error { o.transport = rt; return nil }
 }
@@ -89,7 +103,7 @@ func New(opts ...Option) (*Client, error) {
 	}
 	base := o.transport
 	if base == nil {
-		base = BaseTransport(o.insecure)
+		base = NewTransport(o.insecure, o.timeouts)
 	}
 	return &Client{o: o, transport: PolicyTransport(base, o.plainHTTP)}, nil
 }

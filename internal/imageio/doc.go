@@ -9,6 +9,12 @@
 // requests to HTTPS), TLS certificates verified unless WithInsecure is given,
 // credentials from the docker config and credential helpers.
 //
+// Every registry request is bounded in time, phase by phase (TCP connect,
+// TLS handshake, request body accepted, response headers, each read of the
+// response body; see Timeouts and BoundedTransport), never as a whole, so a
+// silent registry fails with a TimeoutError naming its host while a large,
+// progressing blob transfer runs as long as it needs.
+//
 // Writes put the destination's name in place last: every blob and child
 // manifest is written first, then the tag (registry) or index.json (layout,
 // replaced atomically), so a failed or interrupted write leaves the

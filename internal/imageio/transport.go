@@ -50,7 +50,9 @@ func PolicyTransport(inner http.RoundTripper, plainHTTP bool) http.RoundTripper 
 }
 
 // BaseTransport returns go-containerregistry's default transport with TLS 1.2
-// or later and certificate verification unless insecure.
+// or later and certificate verification unless insecure. It bounds only the
+// TCP connect and the TLS handshake: talk to registries through
+// NewTransport, which bounds every phase of a request.
 func BaseTransport(insecure bool) *http.Transport {
 	t := remote.DefaultTransport.(*http.Transport).Clone()
 	t.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: insecure} //nolint:gosec // --insecure asks for it

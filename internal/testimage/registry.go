@@ -28,23 +28,29 @@ type Registry struct {
 	faults  map[string]int // digest -> HTTP status for GET/HEAD of that blob
 	corrupt string         // digest of a blob served with one byte flipped
 	reads   map[string]int // digest -> GETs of that blob
+	stalls  map[string]stall
 }
 
 // NewRegistry starts an in-process registry that is closed when t ends.
 func NewRegistry(t testing.TB) *Registry {
 	t.Helper()
-	r := &Registry{faults: map[string]int{}, reads: map[string]int{}}
+	r := &Registry{faults: map[string]int{}, reads: map[string]int{}, stalls: map[string]stall{}}
 	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
 	r.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
 		if dgst, ok := blobDigest(req.URL.Path); ok && (req.Method == http.MethodGet || req.Method == http.MethodHead) {
 			r.mu.Lock()
 			status, faulty := r.faults[dgst]
+			st, stalled := r.stalls[dgst]
 			if req.Method == http.MethodGet {
 				r.reads[dgst]++
 			}
 			r.mu.Unlock()
 			if faulty {
 				writeError(w, status)
+				return
+			}
+			if stalled && req.Method == http.MethodGet {
+				serveStalled(w, req, inner, st)
 				return
 			}
 			if dgst == r.corruptDigest() && req.Method == http.MethodGet {
@@ -64,7 +70,8 @@ func NewRegistry(t testing.TB) *Registry {
 		}
 		inner.ServeHTTP(w, req)
 	}))
-	t.Cleanup(r.Server.Close)
+	// A stalled handler (Stall) returns when its client goes away.
+	t.Cleanup(func() { r.Server.CloseClientConnections(); r.Server.Close() })
 	r.Host = strings.TrimPrefix(r.Server.URL, "http://")
 	return r
 }
