@@ -186,6 +186,11 @@ func (c *Converter) reuseLayer(ctx context.Context, blob *sourceReader, out *os.
 		return nil, err
 	}
 	v, err := VerifyEStargz(out, blob.n, tocDigest)
+	var bad *badEntryError
+	if errors.As(err, &bad) {
+		// Rebuilding would refuse the same entry: do not suggest it.
+		return nil, fmt.Errorf("existing eStargz layer is refused: %w", err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("existing eStargz layer is invalid (use force to rebuild it): %w", err)
 	}
@@ -316,8 +321,36 @@ func (e *badEntryError) Error() string { return e.err.Error() }
 func (e *badEntryError) Unwrap() error { return e.err }
 
 // entryFilter validates source entries and tells which to drop.
+//
+// Besides paths that leave the root, it refuses what would make the lazily
+// mounted layer differ from the layer unpacked by containerd, or what the
+// stargz reader cannot hold: a hardlink to a directory (directly or through
+// other hardlinks; it makes a cycle in the TOC), an entry under a symbolic
+// link or under a non-directory of the same layer (containerd's unpack
+// resolves the link, the lazy view does not), a directory replaced by a
+// non-directory (the unpack removes what was in it, the lazy view keeps it)
+// and a hardlink target replaced after the link was made (the unpacked link
+// keeps the old file, the lazy one follows the new).
 type entryFilter struct {
-	seen map[string]bool
+	// kinds is the kind of each path so far, directories implied by
+	// deeper paths included; a hardlink has its target's kind.
+	kinds map[string]entryKind
+	// linked maps a hardlink target to the first hardlink naming it.
+	linked map[string]string
+}
+
+// entryKind is what a path of the layer is.
+type entryKind uint8
+
+const (
+	kindNone entryKind = iota
+	kindDir
+	kindSymlink
+	kindOther // regular files, devices, FIFOs
+)
+
+func newEntryFilter() *entryFilter {
+	return &entryFilter{kinds: map[string]entryKind{}, linked: map[string]string{}}
 }
 
 // check validates h and reports whether it belongs in the output.
@@ -345,21 +378,67 @@ func (f *entryFilter) checkEntry(ctx context.Context, h *tar.Header) (keep bool,
 	case estargz.TOCTarName, estargz.PrefetchLandmark, estargz.NoPrefetchLandmark:
 		return false, nil // left by an earlier conversion; rebuilt here
 	}
+	kind := kindOther
 	switch h.Typeflag {
-	case tar.TypeReg, tar.TypeDir, tar.TypeSymlink, tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
+	case tar.TypeReg, tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
+	case tar.TypeDir:
+		kind = kindDir
+	case tar.TypeSymlink:
+		kind = kindSymlink
 	case tar.TypeLink:
 		target, err := safePath(h.Linkname)
 		if err != nil {
 			return false, fmt.Errorf("hardlink %q: target: %w", h.Name, err)
 		}
-		if !f.seen[target] {
+		if target == clean {
+			return false, fmt.Errorf("hardlink %q links to itself", h.Name)
+		}
+		switch f.kinds[target] {
+		case kindNone:
 			return false, fmt.Errorf("hardlink %q: target %q is not in the layer before it", h.Name, h.Linkname)
+		case kindDir:
+			return false, fmt.Errorf("hardlink %q: target %q is a directory (directly or through other hardlinks), which a layer cannot hold", h.Name, h.Linkname)
+		}
+		kind = f.kinds[target]
+		if _, ok := f.linked[target]; !ok {
+			f.linked[target] = clean
 		}
 	default:
 		return false, fmt.Errorf("file %q: unsupported tar entry type %q", h.Name, h.Typeflag)
 	}
-	f.seen[clean] = true
+	if err := f.checkParents(h.Name, clean); err != nil {
+		return false, err
+	}
+	if prev := f.kinds[clean]; prev != kindNone {
+		if prev == kindDir && kind != kindDir {
+			return false, fmt.Errorf("file %q replaces a directory of the same layer: containerd's unpack would remove the directory and its contents, a lazy mount would keep them", h.Name)
+		}
+		if l, ok := f.linked[clean]; ok && l != clean {
+			return false, fmt.Errorf("file %q replaces the target of hardlink %q of the same layer: the unpacked link would keep the old file, a lazy mount would show the new one", h.Name, l)
+		}
+	}
+	f.kinds[clean] = kind
 	return true, nil
+}
+
+// checkParents refuses an entry under a symbolic link or a non-directory,
+// and records the directories its path implies.
+func (f *entryFilter) checkParents(name, clean string) error {
+	for i := 0; i < len(clean); i++ {
+		if clean[i] != '/' {
+			continue
+		}
+		parent := clean[:i]
+		switch f.kinds[parent] {
+		case kindNone:
+			f.kinds[parent] = kindDir
+		case kindSymlink:
+			return fmt.Errorf("file %q is under %q, a symbolic link of the same layer: containerd's unpack would follow the link, a lazy mount would not, so lazybase refuses the layer", name, parent)
+		case kindOther:
+			return fmt.Errorf("file %q is under %q, which is not a directory", name, parent)
+		}
+	}
+	return nil
 }
 
 // representable rejects headers whose strings are not valid UTF-8: the TOC is
@@ -411,7 +490,7 @@ func (c *Converter) streamEntries(ctx context.Context, u io.Reader, w *layerWrit
 		return err
 	}
 	tr := tar.NewReader(u)
-	f := &entryFilter{seen: map[string]bool{}}
+	f := newEntryFilter()
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -456,7 +535,7 @@ func (c *Converter) spoolEntries(ctx context.Context, u io.Reader, w *layerWrite
 	bw := bufio.NewWriterSize(tmp, 1<<20)
 	cr := &hashingReader{r: io.TeeReader(u, bw)}
 	tr := tar.NewReader(cr)
-	f := &entryFilter{seen: map[string]bool{}}
+	f := newEntryFilter()
 	var ents []*spooled
 	byName := map[string]int{}
 	for {

@@ -143,7 +143,7 @@ func VerifyEStargz(ra io.ReaderAt, size int64, tocDigest digest.Digest) (*Verifi
 	sawTOC := false
 	// A verified blob is still a tar stream that appliers extract: it gets
 	// the same path and hardlink checks as a layer being converted.
-	filter := &entryFilter{seen: map[string]bool{}}
+	filter := newEntryFilter()
 	for {
 		h, err := tr.Next()
 		if err == io.EOF {
