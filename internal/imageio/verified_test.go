@@ -1,0 +1,231 @@
+package imageio
+
+import (
+	"bytes"
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/random"
+	"github.com/google/go-containerregistry/pkg/v1/validate"
+)
+
+// tamperer serves other bytes (one byte flipped, same length) for GETs of
+// the manifests and blobs it is told to tamper with.
+type tamperer struct {
+	next http.Handler
+	mu   sync.Mutex
+	bad  string
+}
+
+func (t *tamperer) set(d v1.Hash) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.bad = d.String()
+}
+
+func (t *tamperer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	t.mu.Lock()
+	bad := t.bad
+	t.mu.Unlock()
+	if r.Method != http.MethodGet || bad == "" || !strings.HasSuffix(r.URL.Path, "/"+bad) {
+		t.next.ServeHTTP(w, r)
+		return
+	}
+	rec := httptest.NewRecorder()
+	t.next.ServeHTTP(rec, r)
+	body := rec.Body.Bytes()
+	if len(body) > 0 {
+		body[len(body)/2] ^= 0x01
+	}
+	for k, v := range rec.Header() {
+		w.Header()[k] = v
+	}
+	w.WriteHeader(rec.Code)
+	w.Write(body)
+}
+
+// testIndex is an index holding one image, with the digests a test tampers
+// with.
+type testIndex struct {
+	idx                   v1.ImageIndex
+	img                   v1.Image
+	idxDigest, imgDigest  v1.Hash
+	cfgDigest, cfgDigest2 v1.Hash
+}
+
+func newTestIndex(t *testing.T) testIndex {
+	t.Helper()
+	img, err := random.Image(512, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	idx := mutate.AppendManifests(empty.Index, mutate.IndexAddendum{Add: img})
+	ti := testIndex{idx: idx, img: img}
+	ti.idxDigest, _ = idx.Digest()
+	ti.imgDigest, _ = img.Digest()
+	ti.cfgDigest, _ = img.ConfigName()
+	return ti
+}
+
+// openAll opens src and every child of an index, and returns the first
+// error.
+func openAll(ctx context.Context, c *Client, ref Ref) error {
+	src, err := c.Open(ctx, ref)
+	if err != nil {
+		return err
+	}
+	if src.Image != nil {
+		return validate.Image(src.Image, validate.Fast)
+	}
+	im, err := src.Index.IndexManifest()
+	if err != nil {
+		return err
+	}
+	for _, d := range im.Manifests {
+		img, err := src.Index.Image(d.Digest)
+		if err != nil {
+			return err
+		}
+		if _, err := img.ConfigFile(); err != nil {
+			return err
+		}
+	}
+	return validate.Index(src.Index, validate.Fast)
+}
+
+// TestSourceBlobsVerified tampers with a manifest or a config of a layout
+// or registry source: opening it (or the image of the index holding it)
+// fails, naming the blob; the untampered source opens.
+func TestSourceBlobsVerified(t *testing.T) {
+	ctx := context.Background()
+	ti := newTestIndex(t)
+	type victim func(ti testIndex) v1.Hash
+	cases := []struct {
+		name     string
+		index    bool // the source is the index (else the image)
+		victim   victim
+		remove   bool // layout only: delete the blob instead
+		mention  string
+		registry bool // also run against a registry
+	}{
+		{name: "image-config-tampered", victim: func(ti testIndex) v1.Hash { return ti.cfgDigest }, mention: "digest mismatch", registry: true},
+		{name: "image-manifest-tampered", victim: func(ti testIndex) v1.Hash { return ti.imgDigest }, mention: "digest mismatch"},
+		{name: "image-config-missing", victim: func(ti testIndex) v1.Hash { return ti.cfgDigest }, remove: true, mention: "missing"},
+		{name: "index-tampered", index: true, victim: func(ti testIndex) v1.Hash { return ti.idxDigest }, mention: "digest mismatch"},
+		{name: "index-child-manifest-tampered", index: true, victim: func(ti testIndex) v1.Hash { return ti.imgDigest }, mention: "digest mismatch", registry: true},
+		{name: "index-child-config-tampered", index: true, victim: func(ti testIndex) v1.Hash { return ti.cfgDigest }, mention: "digest mismatch", registry: true},
+	}
+	for _, tc := range cases {
+		var a Artifact = ti.img
+		if tc.index {
+			a = ti.idx
+		}
+		bad := tc.victim(ti)
+		t.Run("layout/"+tc.name, func(t *testing.T) {
+			c := newClient(t)
+			dir := t.TempDir()
+			ref := mustRef(t, c, "oci:"+dir+":v1")
+			if _, err := c.Write(ctx, ref, a, nil); err != nil {
+				t.Fatal(err)
+			}
+			if err := openAll(ctx, c, ref); err != nil {
+				t.Fatalf("untampered source: %v", err)
+			}
+			p := filepath.Join(dir, "blobs", bad.Algorithm, bad.Hex)
+			if tc.remove {
+				if err := os.Remove(p); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				b, err := os.ReadFile(p)
+				if err != nil {
+					t.Fatal(err)
+				}
+				b[len(b)/2] ^= 0x01
+				if err := os.WriteFile(p, b, 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			checkTamperError(t, openAll(ctx, c, ref), bad, tc.mention, tc.index && bad != ti.idxDigest, ref)
+		})
+		if !tc.registry {
+			continue
+		}
+		t.Run("registry/"+tc.name, func(t *testing.T) {
+			tp := &tamperer{}
+			host := newRegistry(t, func(h http.Handler) http.Handler { tp.next = h; return tp })
+			c := newClient(t)
+			ref := mustRef(t, c, host+"/tamper/"+tc.name+":v1")
+			if _, err := c.Write(ctx, ref, a, nil); err != nil {
+				t.Fatal(err)
+			}
+			if err := openAll(ctx, c, ref); err != nil {
+				t.Fatalf("untampered source: %v", err)
+			}
+			tp.set(bad)
+			checkTamperError(t, openAll(ctx, c, ref), bad, tc.mention, tc.index, ref)
+		})
+	}
+}
+
+// checkTamperError asserts err names the tampered blob, and the source
+// when Open is what failed.
+func checkTamperError(t *testing.T, err error, bad v1.Hash, mention string, child bool, ref Ref) {
+	t.Helper()
+	if err == nil {
+		t.Fatalf("tampered blob %s was not noticed", bad)
+	}
+	msg := err.Error()
+	t.Logf("error: %s", msg)
+	if !strings.Contains(msg, bad.String()) {
+		t.Errorf("error does not name the blob %s", bad)
+	}
+	// go-containerregistry's remote package reports its own check as
+	// "error verifying sha256 checksum" or "does not match requested digest".
+	if !strings.Contains(msg, mention) && !strings.Contains(msg, "verifying sha256 checksum") && !strings.Contains(msg, "does not match requested digest") {
+		t.Errorf("error does not say %q", mention)
+	}
+	if !child && !strings.Contains(msg, ref.String()) {
+		t.Errorf("error does not name the source %s", ref)
+	}
+}
+
+// TestCheckBlob is the table of the digest check every manifest and config
+// read from a source goes through.
+func TestCheckBlob(t *testing.T) {
+	b := []byte(`{"schemaVersion":2}`)
+	d, _, _ := v1.SHA256(bytes.NewReader(b))
+	for _, tc := range []struct {
+		name string
+		b    []byte
+		desc v1.Descriptor
+		want string // "" when the blob matches
+	}{
+		{"match", b, v1.Descriptor{Digest: d, Size: int64(len(b))}, ""},
+		{"match-size-unknown", b, v1.Descriptor{Digest: d}, ""},
+		{"other-bytes", append([]byte(nil), b[:len(b)-1]...), v1.Descriptor{Digest: d, Size: int64(len(b))}, "digest mismatch"},
+		{"size-lie", b, v1.Descriptor{Digest: d, Size: 3}, "size mismatch"},
+		{"sha512", b, v1.Descriptor{Digest: v1.Hash{Algorithm: "sha512", Hex: strings.Repeat("a", 128)}}, "unsupported digest algorithm"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := checkBlob(tc.b, tc.desc, "config")
+			switch {
+			case tc.want == "" && err != nil:
+				t.Fatalf("matching blob refused: %v", err)
+			case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+				t.Fatalf("got %v, want an error saying %q", err, tc.want)
+			case err != nil && !strings.Contains(err.Error(), tc.desc.Digest.String()):
+				t.Errorf("error does not name the blob: %v", err)
+			}
+		})
+	}
+}
