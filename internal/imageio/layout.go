@@ -12,6 +12,7 @@ import (
 	"slices"
 	"sync"
 
+	"github.com/containerd/log"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"golang.org/x/sync/errgroup"
@@ -178,8 +179,9 @@ func (lw *layoutWriter) bytes(ctx context.Context, d v1.Hash, b []byte) error {
 }
 
 // blob writes a blob to blobs/ALG/HEX through a temporary file, checking its
-// digest and size before renaming it in place. A blob already present with
-// the right size is kept.
+// digest and size before renaming it in place. A blob already present is
+// kept only when its content has the right digest and size; otherwise it is
+// replaced.
 func (lw *layoutWriter) blob(ctx context.Context, d v1.Hash, size int64, open func() (io.ReadCloser, error)) error {
 	if d.Algorithm != "sha256" {
 		return fmt.Errorf("unsupported digest algorithm %q", d.Algorithm)
@@ -187,7 +189,11 @@ func (lw *layoutWriter) blob(ctx context.Context, d v1.Hash, size int64, open fu
 	dir := filepath.Join(lw.dir, "blobs", d.Algorithm)
 	final := filepath.Join(dir, d.Hex)
 	lw.count(0, size)
-	if fi, err := os.Stat(final); err == nil && fi.Mode().IsRegular() && fi.Size() == size {
+	ok, err := existingBlobOK(ctx, final, d, size)
+	if err != nil {
+		return err
+	}
+	if ok {
 		lw.count(size, 0)
 		return nil
 	}
@@ -228,6 +234,49 @@ func (lw *layoutWriter) blob(ctx context.Context, d v1.Hash, size int64, open fu
 		return err
 	}
 	return os.Rename(tmp, final)
+}
+
+// existingBlobOK reports whether the layout already holds the blob d at
+// path: a regular file of the right size whose content hashes to d. A file
+// that is there but wrong (a crash, a disk error, a tampered layout) is
+// logged and reported as absent, so the caller replaces it.
+func existingBlobOK(ctx context.Context, path string, d v1.Hash, size int64) (bool, error) {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	why := ""
+	switch {
+	case !fi.Mode().IsRegular():
+		why = "not a regular file"
+	case fi.Size() != size:
+		why = fmt.Sprintf("%d bytes, want %d", fi.Size(), size)
+	default:
+		f, err := os.Open(path)
+		if err != nil {
+			return false, err
+		}
+		h, err := v1.Hasher(d.Algorithm)
+		if err != nil {
+			f.Close()
+			return false, err
+		}
+		_, err = io.Copy(h, ctxReader{ctx, f})
+		f.Close()
+		if err != nil {
+			return false, fmt.Errorf("checking existing blob: %w", err)
+		}
+		got := v1.Hash{Algorithm: d.Algorithm, Hex: fmt.Sprintf("%x", h.Sum(nil))}
+		if got == d {
+			return true, nil
+		}
+		why = "content is " + got.String()
+	}
+	log.G(ctx).WithField("blob", d.String()).WithField("path", path).WithField("reason", why).Warn("replacing a wrong blob in the destination layout")
+	return false, nil
 }
 
 type ctxReader struct {

@@ -229,3 +229,108 @@ func TestCheckBlob(t *testing.T) {
 		})
 	}
 }
+
+// TestLayoutReplacesWrongBlobs writes an image into a layout whose blobs
+// are already there but wrong (same size with a byte flipped, truncated, a
+// symlink elsewhere): every wrong blob is replaced, a right one is kept as
+// it is, and the result validates.
+func TestLayoutReplacesWrongBlobs(t *testing.T) {
+	ctx := context.Background()
+	c := newClient(t)
+	img, err := random.Image(4096, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if _, err := c.Write(ctx, mustRef(t, c, "oci:"+dir+":first"), img, nil); err != nil {
+		t.Fatal(err)
+	}
+	layers, err := img.Layers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	blobPath := func(d v1.Hash) string { return filepath.Join(dir, "blobs", d.Algorithm, d.Hex) }
+	digests := make([]v1.Hash, len(layers))
+	for i, l := range layers {
+		digests[i], _ = l.Digest()
+	}
+	cfg, _ := img.ConfigName()
+	// Same size, one byte flipped.
+	b, err := os.ReadFile(blobPath(digests[0]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[len(b)/2] ^= 0xff
+	if err := os.WriteFile(blobPath(digests[0]), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// Truncated.
+	if err := os.Truncate(blobPath(digests[1]), 10); err != nil {
+		t.Fatal(err)
+	}
+	// A symlink to a file of the right size and other content.
+	other := filepath.Join(t.TempDir(), "other")
+	fi, err := os.Stat(blobPath(digests[2]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(other, make([]byte, fi.Size()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(blobPath(digests[2])); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(other, blobPath(digests[2])); err != nil {
+		t.Fatal(err)
+	}
+	// The config, same size, tampered.
+	cb, err := os.ReadFile(blobPath(cfg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cb[len(cb)/2] ^= 0x01
+	if err := os.WriteFile(blobPath(cfg), cb, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// The fourth layer stays right: it must be kept, not rewritten.
+	before, err := os.Stat(blobPath(digests[3]))
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	ref := mustRef(t, c, "oci:"+dir+":second")
+	if _, err := c.Write(ctx, ref, img, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range append(digests, cfg) {
+		fi, err := os.Lstat(blobPath(d))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !fi.Mode().IsRegular() {
+			t.Errorf("blob %s is still a %s", d, fi.Mode().Type())
+			continue
+		}
+		b, err := os.ReadFile(blobPath(d))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, _, _ := v1.SHA256(bytes.NewReader(b)); got != d {
+			t.Errorf("blob %s holds %s after the write", d, got)
+		}
+	}
+	after, err := os.Stat(blobPath(digests[3]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !os.SameFile(before, after) {
+		t.Errorf("right blob %s was rewritten", digests[3])
+	}
+	src, err := c.Open(ctx, ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := validate.Image(src.Image); err != nil {
+		t.Fatalf("result does not validate: %v", err)
+	}
+}
