@@ -3,10 +3,12 @@ package imageio
 import (
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 
 	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 )
 
 // LayoutPrefix starts a reference to an OCI image layout directory.
@@ -73,4 +75,40 @@ func parseLayoutRef(s, rest string) (Ref, error) {
 		return Ref{}, fmt.Errorf("parsing reference %q: %w", s, errors.New("empty OCI layout path"))
 	}
 	return Ref{Path: filepath.Clean(p), Tag: tag}, nil
+}
+
+// Overwrites reports whether writing dst would replace the name src was
+// read by: the same registry repository and tag, or the same OCI layout
+// directory and tag. resolved, when not nil, is the descriptor src was
+// opened as; it lets an untagged layout source (the layout's only manifest)
+// be recognised under its tag.
+func Overwrites(dst, src Ref, resolved *v1.Descriptor) bool {
+	if dst.IsLayout() != src.IsLayout() {
+		return false
+	}
+	if !dst.IsLayout() {
+		dt, ok1 := dst.Registry.(name.Tag)
+		st, ok2 := src.Registry.(name.Tag)
+		return ok1 && ok2 && dt.Context().Name() == st.Context().Name() && dt.TagStr() == st.TagStr()
+	}
+	if !sameDir(dst.Path, src.Path) {
+		return false
+	}
+	if dst.Tag == src.Tag {
+		return true
+	}
+	return src.Tag == "" && resolved != nil && dst.Tag == resolved.Annotations[AnnotationRefName]
+}
+
+// sameDir reports whether a and b name the same directory, following
+// symbolic links where the paths exist.
+func sameDir(a, b string) bool {
+	if fa, err := os.Stat(a); err == nil {
+		if fb, err := os.Stat(b); err == nil {
+			return os.SameFile(fa, fb)
+		}
+	}
+	aa, err1 := filepath.Abs(a)
+	ab, err2 := filepath.Abs(b)
+	return err1 == nil && err2 == nil && aa == ab
 }

@@ -334,3 +334,39 @@ func TestLayoutReplacesWrongBlobs(t *testing.T) {
 		t.Fatalf("result does not validate: %v", err)
 	}
 }
+
+func TestOverwrites(t *testing.T) {
+	c := newClient(t)
+	dir := t.TempDir()
+	link := filepath.Join(t.TempDir(), "link")
+	if err := os.Symlink(dir, link); err != nil {
+		t.Fatal(err)
+	}
+	tagged := &v1.Descriptor{Annotations: map[string]string{AnnotationRefName: "only"}}
+	for _, tc := range []struct {
+		dst, src string
+		resolved *v1.Descriptor
+		want     bool
+	}{
+		{"reg.example/a/b:v1", "reg.example/a/b:v1", nil, true},
+		{"reg.example/a/b", "reg.example/a/b:latest", nil, true},
+		{"docker.io/library/x:1", "x:1", nil, true},
+		{"reg.example/a/b:v2", "reg.example/a/b:v1", nil, false},
+		{"reg.example/a/c:v1", "reg.example/a/b:v1", nil, false},
+		{"other.example/a/b:v1", "reg.example/a/b:v1", nil, false},
+		{"reg.example/a/b:v1", "reg.example/a/b@sha256:" + strings.Repeat("a", 64), nil, false},
+		{"oci:" + dir + ":v1", "oci:" + dir + ":v1", nil, true},
+		{"oci:" + link + ":v1", "oci:" + dir + ":v1", nil, true},
+		{"oci:" + dir, "oci:" + dir, nil, true},
+		{"oci:" + dir + ":v2", "oci:" + dir + ":v1", nil, false},
+		{"oci:" + dir + ":only", "oci:" + dir, tagged, true},
+		{"oci:" + dir + ":other", "oci:" + dir, tagged, false},
+		{"oci:" + dir + "/sub:v1", "oci:" + dir + ":v1", nil, false},
+		{"oci:" + dir + ":v1", "reg.example/a/b:v1", nil, false},
+	} {
+		got := Overwrites(mustRef(t, c, tc.dst), mustRef(t, c, tc.src), tc.resolved)
+		if got != tc.want {
+			t.Errorf("Overwrites(%s, %s) = %v, want %v", tc.dst, tc.src, got, tc.want)
+		}
+	}
+}
