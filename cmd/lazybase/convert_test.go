@@ -598,6 +598,8 @@ func TestConvertBadFlags(t *testing.T) {
 		{[]string{"convert", "--compression-level", "12", "oci:a", "oci:b"}, "level"},
 		{[]string{"convert", "oci:a"}, "accepts 2 arg"},
 		{[]string{"convert", "oci:" + t.TempDir(), "oci:b"}, "not an OCI image layout"},
+		{[]string{"convert", "oci:a", "127.0.0.1:1/lib/../etc:v1"}, `".." path component`},
+		{[]string{"convert", "127.0.0.1:1/lib//x:v1", "oci:b"}, "empty path component"},
 	} {
 		_, _, err := runCLI(ctx, t, tc.args...)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

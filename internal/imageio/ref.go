@@ -50,6 +50,9 @@ func (c *Client) ParseRef(s string) (Ref, error) {
 	if err != nil {
 		return Ref{}, fmt.Errorf("parsing reference %q: %w", s, err)
 	}
+	if err := CheckRepositoryPath(ref.Context().Name()); err != nil {
+		return Ref{}, fmt.Errorf("parsing reference %q: %w", s, err)
+	}
 	if AllowsPlainHTTP(ref.Context().RegistryStr(), c.o.plainHTTP) {
 		// name.Insecure lets go-containerregistry fall back to http
 		// after trying https; the policy transport enforces the rest.
@@ -59,6 +62,23 @@ func (c *Client) ParseRef(s string) (Ref, error) {
 		}
 	}
 	return Ref{Registry: ref}, nil
+}
+
+// CheckRepositoryPath rejects a repository name, with or without its
+// registry host, that has an empty, "." or ".." path component.
+// go-containerregistry accepts such names and sends them as they are in
+// /v2/ URLs, where a registry or a proxy before it may resolve them as file
+// system paths; the distribution reference grammar does not allow them.
+func CheckRepositoryPath(repo string) error {
+	for _, seg := range strings.Split(repo, "/") {
+		switch seg {
+		case "":
+			return fmt.Errorf("repository %q has an empty path component", repo)
+		case ".", "..":
+			return fmt.Errorf("repository %q has a %q path component", repo, seg)
+		}
+	}
+	return nil
 }
 
 func parseLayoutRef(s, rest string) (Ref, error) {

@@ -370,3 +370,38 @@ func TestOverwrites(t *testing.T) {
 		}
 	}
 }
+
+// TestParseRefRepositoryPath rejects registry references whose repository
+// has an empty, "." or ".." component, before any request.
+func TestParseRefRepositoryPath(t *testing.T) {
+	var requests int
+	host := newRegistry(t, func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { requests++; h.ServeHTTP(w, r) })
+	})
+	c := newClient(t)
+	for _, tc := range []struct {
+		in, want string // want: "" when the reference is fine
+	}{
+		{host + "/a/b:v1", ""},
+		{host + "/a.b/c..d/e_f:v1", ""},
+		{host + "/a/../b:v1", `".." path component`},
+		{host + "/../b:v1", `".." path component`},
+		{host + "/a/..:v1", `".." path component`},
+		{host + "/a/./b:v1", `"." path component`},
+		{host + "/a//b:v1", "empty path component"},
+		{host + "/a/b/:v1", "empty path component"},
+		{host + "//a:v1", "empty path component"},
+		{host + "/a/../b@sha256:" + strings.Repeat("a", 64), `".." path component`},
+	} {
+		_, err := c.ParseRef(tc.in)
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("%s: %v", tc.in, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), tc.in)):
+			t.Errorf("%s: %v, want an error naming it and saying %s", tc.in, err, tc.want)
+		}
+	}
+	if requests != 0 {
+		t.Errorf("%d requests made while parsing references", requests)
+	}
+}
