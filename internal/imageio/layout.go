@@ -16,6 +16,8 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"golang.org/x/sync/errgroup"
+
+	"github.com/lazybase/lazybase/internal/tmpsweep"
 )
 
 const ociLayoutFile = `{"imageLayoutVersion":"1.0.0"}`
@@ -39,6 +41,7 @@ func (c *Client) writeLayout(ctx context.Context, ref Ref, a Artifact, desc v1.D
 	} else if err != nil {
 		return err
 	}
+	sweepLayout(ctx, dir)
 	lw := &layoutWriter{dir: dir, jobs: c.o.jobs, progress: wo.progress}
 	switch t := a.(type) {
 	case v1.Image:
@@ -54,6 +57,18 @@ func (c *Client) writeLayout(ctx context.Context, ref Ref, a Artifact, desc v1.D
 		return err
 	}
 	return updateIndexJSON(dir, ref.Tag, desc)
+}
+
+// sweepLayout removes the temporary files that killed writers left in the
+// layout dir: blobs/*/.tmp-* and .NAME.tmp-*. A writer holds its temporary
+// file locked while it writes it; a file is removed only when no process
+// holds it locked and it was last modified at least tmpsweep.MinAge ago.
+func sweepLayout(ctx context.Context, dir string) {
+	algs, _ := filepath.Glob(filepath.Join(dir, "blobs", "*"))
+	for _, a := range algs {
+		_, _ = tmpsweep.Sweep(ctx, a, ".tmp-*", tmpsweep.MinAge)
+	}
+	_, _ = tmpsweep.Sweep(ctx, dir, ".*.tmp-*", tmpsweep.MinAge)
 }
 
 type layoutWriter struct {
@@ -209,6 +224,7 @@ func (lw *layoutWriter) blob(ctx context.Context, d v1.Hash, size int64, open fu
 	if err != nil {
 		return err
 	}
+	_ = tmpsweep.Lock(f) // see sweepLayout
 	tmp := f.Name()
 	defer os.Remove(tmp) // no-op once renamed
 	h, err := v1.Hasher(d.Algorithm)
@@ -358,6 +374,7 @@ func writeFileAtomic(dir, name string, data []byte) error {
 	if err != nil {
 		return err
 	}
+	_ = tmpsweep.Lock(f) // see sweepLayout
 	tmp := f.Name()
 	defer os.Remove(tmp)
 	_, err = f.Write(data)

@@ -10,12 +10,15 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/validate"
+
+	"github.com/lazybase/lazybase/internal/tmpsweep"
 )
 
 // tamperer serves other bytes (one byte flipped, same length) for GETs of
@@ -403,5 +406,55 @@ func TestParseRefRepositoryPath(t *testing.T) {
 	}
 	if requests != 0 {
 		t.Errorf("%d requests made while parsing references", requests)
+	}
+}
+
+// TestLayoutSweepsLeftovers leaves temporary files of killed writers in a
+// layout (a half-written blob, a half-written index.json), one of a live
+// writer, and a fresh one: writing to the layout removes the killed
+// writers' files only.
+func TestLayoutSweepsLeftovers(t *testing.T) {
+	ctx := context.Background()
+	c := newClient(t)
+	dir := t.TempDir()
+	blobs := filepath.Join(dir, "blobs", "sha256")
+	if err := os.MkdirAll(blobs, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	past := time.Now().Add(-2 * tmpsweep.MinAge)
+	mk := func(p string, aged bool) string {
+		if err := os.WriteFile(p, []byte("half"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if aged {
+			if err := os.Chtimes(p, past, past); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return p
+	}
+	deadBlob := mk(filepath.Join(blobs, ".tmp-0123456789ab-111"), true)
+	deadIndex := mk(filepath.Join(dir, ".index.json.tmp-222"), true)
+	liveBlob := mk(filepath.Join(blobs, ".tmp-0123456789ab-333"), true)
+	freshBlob := mk(filepath.Join(blobs, ".tmp-0123456789ab-444"), false)
+	f, err := os.Open(liveBlob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := tmpsweep.Lock(f); err != nil {
+		t.Fatal(err)
+	}
+	img, err := random.Image(256, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Write(ctx, mustRef(t, c, "oci:"+dir+":v1"), img, nil); err != nil {
+		t.Fatal(err)
+	}
+	for p, want := range map[string]bool{deadBlob: false, deadIndex: false, liveBlob: true, freshBlob: true} {
+		if _, err := os.Stat(p); (err == nil) != want {
+			t.Errorf("%s: exists %v, want %v", filepath.Base(p), err == nil, want)
+		}
 	}
 }
