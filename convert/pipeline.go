@@ -489,8 +489,11 @@ func (c *Converter) streamEntries(ctx context.Context, u io.Reader, w *layerWrit
 	if err := w.writeEntry(landmark(estargz.NoPrefetchLandmark), bytes.NewReader(landmarkPayload)); err != nil {
 		return err
 	}
-	tr := tar.NewReader(u)
-	f := newEntryFilter()
+	return streamTar(ctx, tar.NewReader(u), newEntryFilter(), w)
+}
+
+// streamTar writes the rest of tr's entries in source order.
+func streamTar(ctx context.Context, tr *tar.Reader, f *entryFilter, w *layerWriter) error {
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -521,8 +524,35 @@ type spooled struct {
 	clean string
 }
 
+// emitSpooled writes a spooled entry, its payload read from the spool.
+func emitSpooled(w *layerWriter, spool io.ReaderAt, e *spooled) error {
+	var r io.Reader = emptyReader{}
+	if e.h.Typeflag == tar.TypeReg {
+		r = io.NewSectionReader(spool, e.off, e.h.Size)
+	}
+	if err := w.writeEntry(e.h, r); err != nil {
+		return fmt.Errorf("file %q: %w", e.h.Name, err)
+	}
+	return nil
+}
+
+// switchWriter writes to w until it is turned off, then discards.
+type switchWriter struct {
+	w   io.Writer
+	off bool
+}
+
+func (s *switchWriter) Write(p []byte) (int, error) {
+	if s.off {
+		return len(p), nil
+	}
+	return s.w.Write(p)
+}
+
 // spoolEntries converts with a prefetch list: the decompressed tar is spooled
 // to a temporary file as it is read, then written prioritized files first.
+// A layer beyond the spool limits is written in source order instead (see
+// WithSpoolLimit).
 func (c *Converter) spoolEntries(ctx context.Context, u io.Reader, w *layerWriter, files []string, res *LayerResult) error {
 	tmp, err := os.CreateTemp(c.dir, "src-*.tar")
 	if err != nil {
@@ -533,7 +563,8 @@ func (c *Converter) spoolEntries(ctx context.Context, u io.Reader, w *layerWrite
 		os.Remove(tmp.Name())
 	}()
 	bw := bufio.NewWriterSize(tmp, 1<<20)
-	cr := &hashingReader{r: io.TeeReader(u, bw)}
+	sw := &switchWriter{w: bw}
+	cr := &hashingReader{r: io.TeeReader(u, sw)}
 	tr := tar.NewReader(cr)
 	f := newEntryFilter()
 	var ents []*spooled
@@ -555,6 +586,29 @@ func (c *Converter) spoolEntries(ctx context.Context, u io.Reader, w *layerWrite
 		}
 		if !keep {
 			continue
+		}
+		if cr.n+h.Size > c.opts.spoolBytes || len(ents) >= c.opts.spoolEntries {
+			// Too large to reorder: write what is spooled, then stream
+			// the rest, exactly as without a prefetch list.
+			log.G(ctx).WithFields(log.Fields{"spoolBytes": c.opts.spoolBytes, "spoolEntries": c.opts.spoolEntries}).
+				Warn("layer exceeds the prefetch spool limits: converting it in source order, without its prefetch list")
+			sw.off = true
+			if err := bw.Flush(); err != nil {
+				return fmt.Errorf("writing spool file: %w", err)
+			}
+			if err := w.writeEntry(landmark(estargz.NoPrefetchLandmark), bytes.NewReader(landmarkPayload)); err != nil {
+				return err
+			}
+			for _, e := range ents {
+				if err := emitSpooled(w, tmp, e); err != nil {
+					return err
+				}
+			}
+			if err := w.writeEntry(h, tr); err != nil {
+				return fmt.Errorf("file %q: %w", h.Name, err)
+			}
+			res.SpoolExceeded = true
+			return streamTar(ctx, tr, f, w)
 		}
 		e := &spooled{h: h, off: cr.n, clean: path.Clean(h.Name)}
 		byName[e.clean] = len(ents)
@@ -619,16 +673,7 @@ func (c *Converter) spoolEntries(ctx context.Context, u io.Reader, w *layerWrite
 		log.G(ctx).WithField("files", duplicated).Warn("not prefetching files whose names occur more than once in the layer")
 	}
 	res.Prefetch = prioritized
-	emit := func(e *spooled) error {
-		var r io.Reader = emptyReader{}
-		if e.h.Typeflag == tar.TypeReg {
-			r = io.NewSectionReader(tmp, e.off, e.h.Size)
-		}
-		if err := w.writeEntry(e.h, r); err != nil {
-			return fmt.Errorf("file %q: %w", e.h.Name, err)
-		}
-		return nil
-	}
+	emit := func(e *spooled) error { return emitSpooled(w, tmp, e) }
 	for _, i := range order {
 		if err := emit(ents[i]); err != nil {
 			return err
