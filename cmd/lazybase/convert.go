@@ -55,7 +55,13 @@ registry needs --plain-http for that. --insecure skips TLS certificate
 verification. Credentials come from the docker config and credential helpers.
 
 The destination tag is written last: a failed or interrupted conversion leaves
-the destination as it was.`,
+the destination as it was. A DST that names SRC (same repository and tag, or
+same layout and tag) is refused unless --force.
+
+Manifests and configs are checked against their digests, layers as they are
+converted. Layers whose lazy view would differ from containerd's unpack
+(hardlinks to directories, entries under a symbolic link of the same layer)
+are refused, naming the layer and the entry.`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if cmd.Flags().Changed("compression-level") {
