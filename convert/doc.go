@@ -20,8 +20,10 @@
 // resolves such paths through the link on the node; a lazy mount serves the
 // TOC as written; the two cannot agree, so the layer is refused.
 // VerifyEStargz applies the same checks to eStargz layers that would be
-// reused as they are. Entries under a symbolic link made by a lower layer are
-// not seen by a per-layer conversion.
+// reused as they are. Converter.Image and Assemble also refuse an image whose
+// layer places entries under a symbolic link left by a lower layer (overlayfs
+// would show the upper layer's directory in place of the link), as far as
+// they know the layers' paths: layers this package converted or verified.
 //
 // The package does no registry or file-system I/O of its own beyond temporary
 // files: callers hand it go-containerregistry v1 images and write the results

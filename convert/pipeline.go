@@ -208,7 +208,7 @@ func (c *Converter) reuseLayer(ctx context.Context, blob *sourceReader, out *os.
 	res.SourceUncompressedSize = v.UncompressedSize
 	res.Output = v1.Descriptor{MediaType: types.OCILayer, Size: blob.n, Digest: res.Source.Digest, Annotations: ann}
 	log.G(ctx).Debug("layer already is valid eStargz; reusing it")
-	return &Layer{path: out.Name(), desc: res.Output, diffID: h, result: *res}, nil
+	return &Layer{path: out.Name(), desc: res.Output, diffID: h, result: *res, lpaths: v.paths}, nil
 }
 
 // rebuildLayer converts a layer, reading and decompressing its blob once.
@@ -250,10 +250,11 @@ func (c *Converter) rebuildLayer(ctx context.Context, blob *sourceReader, comp c
 	if c.opts.prefetch != nil {
 		files = c.opts.prefetch.PrefetchFiles(diffID, res.Source.Digest)
 	}
+	filter := newEntryFilter()
 	if len(files) == 0 {
-		err = c.streamEntries(ctx, srcDiff, w)
+		err = c.streamEntries(ctx, srcDiff, w, filter)
 	} else {
-		err = c.spoolEntries(ctx, srcDiff, w, files, res)
+		err = c.spoolEntries(ctx, srcDiff, w, files, res, filter)
 	}
 	if err != nil {
 		w.abort()
@@ -304,7 +305,7 @@ func (c *Converter) rebuildLayer(ctx context.Context, blob *sourceReader, comp c
 	res.TOCDigest = tocDigest.String()
 	res.UncompressedSize = w.usize
 	res.SourceUncompressedSize = srcDiff.n
-	return &Layer{path: out.Name(), desc: res.Output, diffID: outDiff, result: *res}, nil
+	return &Layer{path: out.Name(), desc: res.Output, diffID: outDiff, result: *res, lpaths: filter.summary()}, nil
 }
 
 var landmarkPayload = []byte{0xf}
@@ -337,6 +338,9 @@ type entryFilter struct {
 	kinds map[string]entryKind
 	// linked maps a hardlink target to the first hardlink naming it.
 	linked map[string]string
+	// implied maps a directory first met as the parent of an entry (not as
+	// an entry of its own) to that entry's name.
+	implied map[string]string
 }
 
 // entryKind is what a path of the layer is.
@@ -350,7 +354,7 @@ const (
 )
 
 func newEntryFilter() *entryFilter {
-	return &entryFilter{kinds: map[string]entryKind{}, linked: map[string]string{}}
+	return &entryFilter{kinds: map[string]entryKind{}, linked: map[string]string{}, implied: map[string]string{}}
 }
 
 // check validates h and reports whether it belongs in the output.
@@ -432,6 +436,7 @@ func (f *entryFilter) checkParents(name, clean string) error {
 		switch f.kinds[parent] {
 		case kindNone:
 			f.kinds[parent] = kindDir
+			f.implied[parent] = name
 		case kindSymlink:
 			return fmt.Errorf("file %q is under %q, a symbolic link of the same layer: containerd's unpack would follow the link, a lazy mount would not, so lazybase refuses the layer", name, parent)
 		case kindOther:
@@ -485,11 +490,11 @@ func safePath(name string) (string, error) {
 
 // streamEntries converts in source order, with no prefetch list: nothing is
 // buffered beyond the batches being compressed.
-func (c *Converter) streamEntries(ctx context.Context, u io.Reader, w *layerWriter) error {
+func (c *Converter) streamEntries(ctx context.Context, u io.Reader, w *layerWriter, f *entryFilter) error {
 	if err := w.writeEntry(landmark(estargz.NoPrefetchLandmark), bytes.NewReader(landmarkPayload)); err != nil {
 		return err
 	}
-	return streamTar(ctx, tar.NewReader(u), newEntryFilter(), w)
+	return streamTar(ctx, tar.NewReader(u), f, w)
 }
 
 // streamTar writes the rest of tr's entries in source order.
@@ -553,7 +558,7 @@ func (s *switchWriter) Write(p []byte) (int, error) {
 // to a temporary file as it is read, then written prioritized files first.
 // A layer beyond the spool limits is written in source order instead (see
 // WithSpoolLimit).
-func (c *Converter) spoolEntries(ctx context.Context, u io.Reader, w *layerWriter, files []string, res *LayerResult) error {
+func (c *Converter) spoolEntries(ctx context.Context, u io.Reader, w *layerWriter, files []string, res *LayerResult, f *entryFilter) error {
 	tmp, err := os.CreateTemp(c.dir, "src-*.tar")
 	if err != nil {
 		return fmt.Errorf("creating spool file: %w", err)
@@ -566,7 +571,6 @@ func (c *Converter) spoolEntries(ctx context.Context, u io.Reader, w *layerWrite
 	sw := &switchWriter{w: bw}
 	cr := &hashingReader{r: io.TeeReader(u, sw)}
 	tr := tar.NewReader(cr)
-	f := newEntryFilter()
 	var ents []*spooled
 	byName := map[string]int{}
 	for {

@@ -889,3 +889,29 @@ func TestConvertTamperedLayoutConfig(t *testing.T) {
 		t.Errorf("destination written from a tampered source")
 	}
 }
+
+// TestConvertTamperedRegistryConfig converts from a registry that serves
+// other bytes for the config blob: the conversion fails naming the source
+// and the config, and the destination is not written.
+func TestConvertTamperedRegistryConfig(t *testing.T) {
+	isolate(t)
+	ctx := context.Background()
+	reg := testimage.NewRegistry(t)
+	img, err := testimage.SeedImage(43, testimage.LinuxAMD64, testimage.WithoutLargeFiles())
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := reg.Host + "/lib/tampered:v1"
+	push(t, src, img)
+	cfg, _ := img.ConfigName()
+	reg.Corrupt(cfg)
+	dst := reg.Host + "/lib/tampered:esgz"
+	_, _, err = runCLI(ctx, t, "convert", src, dst)
+	if err == nil || !strings.Contains(err.Error(), cfg.String()) || !strings.Contains(err.Error(), src) {
+		t.Fatalf("converting with a tampered config: %v, want an error naming %s and %s", err, src, cfg)
+	}
+	reg.Corrupt(v1.Hash{})
+	if tagExists(t, dst) {
+		t.Error("destination written from a tampered source")
+	}
+}

@@ -51,8 +51,8 @@ func (c *Client) openRemote(ctx context.Context, ref Ref) (*Source, error) {
 	}
 	src := &Source{Ref: ref, Descriptor: desc.Descriptor}
 	// go-containerregistry checks what it fetches by digest (child
-	// manifests, configs, layers); the checks here make that explicit and
-	// name the blob at fault.
+	// manifests, configs, layers) as it reads it; the manifest checks here
+	// make that explicit and name the blob at fault.
 	switch {
 	case desc.MediaType.IsIndex():
 		idx, err := desc.ImageIndex()
