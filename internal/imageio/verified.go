@@ -87,12 +87,6 @@ func (i *layoutIndex) Digest() (v1.Hash, error)            { return i.desc.Diges
 func (i *layoutIndex) Size() (int64, error)                { return int64(len(i.raw)), nil }
 func (i *layoutIndex) RawManifest() ([]byte, error)        { return i.raw, nil }
 
-// Descriptor returns the descriptor the index was opened with.
-func (i *layoutIndex) Descriptor() (*v1.Descriptor, error) {
-	d := i.desc
-	return &d, nil
-}
-
 // IndexManifest returns a copy of the parsed index.
 func (i *layoutIndex) IndexManifest() (*v1.IndexManifest, error) {
 	return i.im.DeepCopy(), nil
@@ -164,12 +158,6 @@ func openLayoutImage(p layout.Path, d v1.Descriptor) (v1.Image, error) {
 func (li *layoutImage) MediaType() (types.MediaType, error) { return li.desc.MediaType, nil }
 func (li *layoutImage) RawManifest() ([]byte, error)        { return li.manifest, nil }
 func (li *layoutImage) RawConfigFile() ([]byte, error)      { return li.config, nil }
-
-// Descriptor returns the descriptor the image was opened with.
-func (li *layoutImage) Descriptor() (*v1.Descriptor, error) {
-	d := li.desc
-	return &d, nil
-}
 
 // LayerByDigest returns the layer (or config) blob h of the manifest.
 func (li *layoutImage) LayerByDigest(h v1.Hash) (partial.CompressedLayer, error) {
