@@ -135,6 +135,22 @@ func badLayers(t testing.TB) []badLayer {
 		{name: "estargz-valid-path-dotdot", layer: esgzBadPath("../x"), mention: []string{"../x"}},
 		{name: "estargz-valid-path-absolute", layer: esgzBadPath("/etc/x"), mention: []string{"/etc/x"}},
 		{name: "estargz-valid-hardlink-before-target", layer: esgzWith(hdr(tar.TypeLink, "early", "late"), hdr(tar.TypeReg, "late", "")), anyOf: []string{"early", "late"}},
+		// Hardlinks to directories make a cycle in the TOC that crashes the
+		// stargz reader; entries under a symlink of the same layer would be
+		// placed elsewhere by containerd's unpack than in the lazy view.
+		{name: "hardlink-to-dir", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeDir, "etc/", ""), hdr(tar.TypeLink, "etc/hl", "etc"))), mention: []string{"etc/hl", "is a directory"}},
+		{name: "hardlink-to-implied-dir", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeLink, "hl", "dir"))), mention: []string{`"hl"`, "is a directory"}},
+		{name: "hardlink-to-root", layer: mustGzipLayer(t, append([]testimage.Entry{hdr(tar.TypeDir, "./", "")}, entriesWith(hdr(tar.TypeLink, "hl", "."))...)), mention: []string{`"hl"`, "is a directory"}},
+		{name: "hardlink-to-itself", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeLink, "ok.txt", "ok.txt"))), mention: []string{"ok.txt", "itself"}},
+		{name: "hardlink-chain-target-becomes-dir", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeReg, "f", ""), hdr(tar.TypeLink, "h1", "f"), hdr(tar.TypeDir, "f/", ""), hdr(tar.TypeLink, "h2", "h1"))), mention: []string{`"f/"`, `"h1"`}},
+		{name: "hardlink-target-replaced", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeLink, "hl", "ok.txt"), hdr(tar.TypeReg, "ok.txt", ""))), mention: []string{"ok.txt", "hl"}},
+		{name: "under-symlinked-dir", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeDir, "b/", ""), hdr(tar.TypeSymlink, "a", "b"), hdr(tar.TypeReg, "a/x", ""))), mention: []string{"a/x", "symbolic link"}},
+		{name: "under-symlinked-dir-deep", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeSymlink, "dir/lnk", "/usr"), hdr(tar.TypeDir, "dir/lnk/sub/", ""), hdr(tar.TypeReg, "dir/lnk/sub/x", ""))), mention: []string{"dir/lnk/sub", "symbolic link"}},
+		{name: "under-hardlinked-symlink", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeSymlink, "s", "dir"), hdr(tar.TypeLink, "h", "s"), hdr(tar.TypeReg, "h/x", ""))), mention: []string{"h/x", "symbolic link"}},
+		{name: "under-regular-file", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeReg, "ok.txt/x", ""))), mention: []string{"ok.txt/x", "not a directory"}},
+		{name: "dir-replaced-by-symlink", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeSymlink, "dir", "elsewhere"))), mention: []string{`"dir"`, "replaces a directory"}},
+		{name: "estargz-valid-hardlink-to-dir", layer: esgzWith(hdr(tar.TypeDir, "etc/", ""), hdr(tar.TypeLink, "etc/hl", "etc")), mention: []string{"etc/hl", "is a directory"}},
+		{name: "estargz-valid-under-symlinked-dir", layer: esgzWith(hdr(tar.TypeDir, "b/", ""), hdr(tar.TypeSymlink, "a", "b"), hdr(tar.TypeReg, "a/x", "")), mention: []string{"a/x", "symbolic link"}},
 		{name: "media-type-foreign", layer: testimage.NewLayer(good.Blob, types.DockerForeignLayer), mention: []string{string(types.DockerForeignLayer)}, is: convert.ErrUnsupportedMediaType},
 		{name: "media-type-text-plain", layer: testimage.NewLayer(good.Blob, "text/plain"), mention: []string{"text/plain"}, is: convert.ErrUnsupportedMediaType},
 	}

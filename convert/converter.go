@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/lazybase/lazybase/internal/tmpsweep"
 )
 
 // Converter converts layers, images and indexes. It shares a pool of
@@ -17,7 +19,8 @@ import (
 // A Converter is safe for concurrent use.
 type Converter struct {
 	opts *options
-	dir  string // private temp dir, removed by Close
+	dir  string   // private temp dir, removed by Close
+	lock *os.File // holds dir locked against sweeps; nil without flock
 
 	pool *pool
 
@@ -57,13 +60,19 @@ func New(opts ...Option) (*Converter, error) {
 	if err != nil {
 		return nil, err
 	}
-	dir, err := os.MkdirTemp(o.tempDir, "lazybase-convert-")
+	sweepTempDir(o.tempDir)
+	dir, err := os.MkdirTemp(o.tempDir, tempDirPrefix)
 	if err != nil {
 		return nil, fmt.Errorf("creating temporary directory: %w", err)
 	}
+	// The lock tells the sweep of another converter that the directory is
+	// in use; without it (a file system without flock) the sweep's age
+	// rule still keeps it.
+	lock, _ := tmpsweep.LockDir(dir)
 	c := &Converter{
 		opts:    o,
 		dir:     dir,
+		lock:    lock,
 		layers:  map[v1.Hash]*Layer{},
 		flights: map[v1.Hash]*flight{},
 		jobs:    make(chan struct{}, o.jobs),
@@ -100,7 +109,30 @@ func (c *Converter) Close() error {
 	c.mu.Unlock()
 	c.active.Wait()
 	c.pool.close()
-	return os.RemoveAll(c.dir)
+	err := os.RemoveAll(c.dir)
+	if c.lock != nil {
+		c.lock.Close()
+	}
+	return err
+}
+
+// tempDirPrefix starts the name of every Converter's temporary directory.
+const tempDirPrefix = "lazybase-convert-"
+
+// swept holds the temporary directories swept by this process.
+var swept sync.Map
+
+// sweepTempDir removes, once per process and directory, the temporary
+// directories that converters of killed processes left in dir (see
+// tmpsweep: unlocked, and untouched for tmpsweep.MinAge).
+func sweepTempDir(dir string) {
+	if dir == "" {
+		dir = os.TempDir()
+	}
+	if _, done := swept.LoadOrStore(dir, true); done {
+		return
+	}
+	_, _ = tmpsweep.Sweep(context.Background(), dir, tempDirPrefix+"*", tmpsweep.MinAge)
 }
 
 var errClosed = errors.New("converter is closed")

@@ -10,6 +10,21 @@
 // reused instead of rebuilt, and a layer shared by several images is converted
 // once per Converter.
 //
+// The converter refuses layers that a lazy mount could not show as
+// containerd's unpack would, naming the layer digest and the entry, rather
+// than produce an eStargz whose lazy view differs (or that crashes the stargz
+// reader): paths leaving the root, hardlinks whose target is a directory
+// (directly or through a chain of hardlinks), entries under a symbolic link
+// or a non-directory of the same layer, a directory replaced by a
+// non-directory, and a hardlink target replaced after the link. containerd
+// resolves such paths through the link on the node; a lazy mount serves the
+// TOC as written; the two cannot agree, so the layer is refused.
+// VerifyEStargz applies the same checks to eStargz layers that would be
+// reused as they are. Converter.Image and Assemble also refuse an image whose
+// layer places entries under a symbolic link left by a lower layer (overlayfs
+// would show the upper layer's directory in place of the link), as far as
+// they know the layers' paths: layers this package converted or verified.
+//
 // The package does no registry or file-system I/O of its own beyond temporary
 // files: callers hand it go-containerregistry v1 images and write the results
 // wherever they like.

@@ -124,6 +124,9 @@ func checkFuzzOutput(blob []byte, l *convert.Layer) error {
 			return fmt.Errorf("source path %q escapes the root but was converted", n)
 		}
 	}
+	if h := lazyViewHazard(srcTar); h != "" {
+		return fmt.Errorf("source has %s but was converted", h)
+	}
 	src, _, err := readTarTree(bytes.NewReader(srcTar))
 	if err != nil {
 		return nil // the converter read more into it than the oracle can
@@ -195,6 +198,54 @@ func FuzzConvertEntry(f *testing.F) {
 			}
 			return
 		}
+		if h := lazyViewHazard(tarball); h != "" {
+			t.Fatalf("source has %s but was converted", h)
+		}
 		checkLayerTree(t, src, l, convert.DefaultChunkSize)
 	})
+}
+
+// lazyViewHazard is the fuzzers' oracle for layers the converter must
+// refuse because a lazy mount could not show them as containerd unpacks
+// them: it names a hardlink whose target (followed through other hardlinks,
+// as the stargz reader does, by the last entry of each name) is a
+// directory, or an entry placed under a symbolic link of the layer. It
+// returns "" for a layer with neither.
+func lazyViewHazard(tarball []byte) string {
+	last := map[string]*tar.Header{}
+	var links []*tar.Header
+	tr := tar.NewReader(bytes.NewReader(tarball))
+	for {
+		h, err := tr.Next()
+		if err != nil {
+			break
+		}
+		name := path.Clean(h.Name)
+		for dir := path.Dir(name); dir != "." && dir != "/"; dir = path.Dir(dir) {
+			if p, ok := last[dir]; ok && p.Typeflag == tar.TypeSymlink {
+				return fmt.Sprintf("%q under the symbolic link %q", h.Name, p.Name)
+			}
+		}
+		last[name] = h
+		if h.Typeflag == tar.TypeLink {
+			links = append(links, h)
+		}
+	}
+	for _, l := range links {
+		h := l
+		for range 64 {
+			t, ok := last[path.Clean(h.Linkname)]
+			if !ok {
+				break
+			}
+			if t.Typeflag == tar.TypeDir {
+				return fmt.Sprintf("the hardlink %q to the directory %q", l.Name, t.Name)
+			}
+			if t.Typeflag != tar.TypeLink {
+				break
+			}
+			h = t
+		}
+	}
+	return ""
 }

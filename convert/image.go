@@ -179,6 +179,13 @@ func assemble(ctx context.Context, img v1.Image, srcDigest v1.Hash, format strin
 	if err := g.Wait(); err != nil {
 		return nil, err
 	}
+	srcDigests := make([]string, len(m.Layers))
+	for i, d := range m.Layers {
+		srcDigests[i] = d.Digest.String()
+	}
+	if err := checkLowerSymlinks(layers, srcDigests); err != nil {
+		return nil, err
+	}
 
 	diffIDs := make([]v1.Hash, len(layers))
 	descs := make([]v1.Descriptor, len(layers))

@@ -15,6 +15,7 @@ type Layer struct {
 	desc   v1.Descriptor
 	diffID v1.Hash
 	result LayerResult
+	lpaths *layerPaths // for the cross-layer check of images
 }
 
 var _ v1.Layer = (*Layer)(nil)
@@ -57,6 +58,8 @@ func (l *Layer) Result() LayerResult {
 	r.MissingPrefetch = append([]string(nil), l.result.MissingPrefetch...)
 	return r
 }
+
+func (l *Layer) paths() *layerPaths { return l.lpaths }
 
 // Path returns the file holding the converted blob.
 func (l *Layer) Path() string { return l.path }

@@ -54,6 +54,14 @@ type PrefetchSource interface {
 	PrefetchFiles(diffID, digest v1.Hash) []string
 }
 
+// DefaultSpoolLimit is the most uncompressed bytes of one layer a Converter
+// spools to a temporary file to reorder it for a prefetch list.
+const DefaultSpoolLimit = 4 << 30
+
+// DefaultSpoolEntries is the most entries of one layer a Converter holds in
+// memory while it spools the layer.
+const DefaultSpoolEntries = 1 << 20
+
 type options struct {
 	format    Format
 	level     int
@@ -66,6 +74,9 @@ type options struct {
 	platforms []v1.Platform
 	progress  func(Event)
 	tempDir   string
+
+	spoolBytes   int64
+	spoolEntries int
 }
 
 // Option configures a Converter.
@@ -135,6 +146,24 @@ func WithPrefetch(p PrefetchSource) Option {
 	}
 }
 
+// WithSpoolLimit bounds what a Converter keeps of one layer to reorder it
+// for a prefetch list: its uncompressed tar is spooled to a file in the
+// temporary directory (at most maxBytes, plus one tar header) and the
+// headers of its entries are kept in memory (at most maxEntries). A layer
+// that exceeds either bound is converted in source order, as without a
+// prefetch list (the output starts with .no.prefetch.landmark), with a
+// warning naming it. The defaults are DefaultSpoolLimit and
+// DefaultSpoolEntries.
+func WithSpoolLimit(maxBytes int64, maxEntries int) Option {
+	return func(o *options) error {
+		if maxBytes <= 0 || maxEntries <= 0 {
+			return fmt.Errorf("spool limits must be positive, got %d bytes and %d entries", maxBytes, maxEntries)
+		}
+		o.spoolBytes, o.spoolEntries = maxBytes, maxEntries
+		return nil
+	}
+}
+
 // WithForce rebuilds layers that already are valid eStargz instead of reusing
 // them.
 func WithForce(force bool) Option {
@@ -178,6 +207,9 @@ func makeOptions(opts ...Option) (*options, error) {
 		jobs:      runtime.GOMAXPROCS(0),
 		workers:   runtime.GOMAXPROCS(0),
 		tempDir:   os.TempDir(),
+
+		spoolBytes:   DefaultSpoolLimit,
+		spoolEntries: DefaultSpoolEntries,
 	}
 	for _, opt := range opts {
 		if opt == nil {

@@ -186,6 +186,11 @@ func (c *Converter) reuseLayer(ctx context.Context, blob *sourceReader, out *os.
 		return nil, err
 	}
 	v, err := VerifyEStargz(out, blob.n, tocDigest)
+	var bad *badEntryError
+	if errors.As(err, &bad) {
+		// Rebuilding would refuse the same entry: do not suggest it.
+		return nil, fmt.Errorf("existing eStargz layer is refused: %w", err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("existing eStargz layer is invalid (use force to rebuild it): %w", err)
 	}
@@ -203,7 +208,7 @@ func (c *Converter) reuseLayer(ctx context.Context, blob *sourceReader, out *os.
 	res.SourceUncompressedSize = v.UncompressedSize
 	res.Output = v1.Descriptor{MediaType: types.OCILayer, Size: blob.n, Digest: res.Source.Digest, Annotations: ann}
 	log.G(ctx).Debug("layer already is valid eStargz; reusing it")
-	return &Layer{path: out.Name(), desc: res.Output, diffID: h, result: *res}, nil
+	return &Layer{path: out.Name(), desc: res.Output, diffID: h, result: *res, lpaths: v.paths}, nil
 }
 
 // rebuildLayer converts a layer, reading and decompressing its blob once.
@@ -245,10 +250,11 @@ func (c *Converter) rebuildLayer(ctx context.Context, blob *sourceReader, comp c
 	if c.opts.prefetch != nil {
 		files = c.opts.prefetch.PrefetchFiles(diffID, res.Source.Digest)
 	}
+	filter := newEntryFilter()
 	if len(files) == 0 {
-		err = c.streamEntries(ctx, srcDiff, w)
+		err = c.streamEntries(ctx, srcDiff, w, filter)
 	} else {
-		err = c.spoolEntries(ctx, srcDiff, w, files, res)
+		err = c.spoolEntries(ctx, srcDiff, w, files, res, filter)
 	}
 	if err != nil {
 		w.abort()
@@ -299,7 +305,7 @@ func (c *Converter) rebuildLayer(ctx context.Context, blob *sourceReader, comp c
 	res.TOCDigest = tocDigest.String()
 	res.UncompressedSize = w.usize
 	res.SourceUncompressedSize = srcDiff.n
-	return &Layer{path: out.Name(), desc: res.Output, diffID: outDiff, result: *res}, nil
+	return &Layer{path: out.Name(), desc: res.Output, diffID: outDiff, result: *res, lpaths: filter.summary()}, nil
 }
 
 var landmarkPayload = []byte{0xf}
@@ -316,8 +322,39 @@ func (e *badEntryError) Error() string { return e.err.Error() }
 func (e *badEntryError) Unwrap() error { return e.err }
 
 // entryFilter validates source entries and tells which to drop.
+//
+// Besides paths that leave the root, it refuses what would make the lazily
+// mounted layer differ from the layer unpacked by containerd, or what the
+// stargz reader cannot hold: a hardlink to a directory (directly or through
+// other hardlinks; it makes a cycle in the TOC), an entry under a symbolic
+// link or under a non-directory of the same layer (containerd's unpack
+// resolves the link, the lazy view does not), a directory replaced by a
+// non-directory (the unpack removes what was in it, the lazy view keeps it)
+// and a hardlink target replaced after the link was made (the unpacked link
+// keeps the old file, the lazy one follows the new).
 type entryFilter struct {
-	seen map[string]bool
+	// kinds is the kind of each path so far, directories implied by
+	// deeper paths included; a hardlink has its target's kind.
+	kinds map[string]entryKind
+	// linked maps a hardlink target to the first hardlink naming it.
+	linked map[string]string
+	// implied maps a directory first met as the parent of an entry (not as
+	// an entry of its own) to that entry's name.
+	implied map[string]string
+}
+
+// entryKind is what a path of the layer is.
+type entryKind uint8
+
+const (
+	kindNone entryKind = iota
+	kindDir
+	kindSymlink
+	kindOther // regular files, devices, FIFOs
+)
+
+func newEntryFilter() *entryFilter {
+	return &entryFilter{kinds: map[string]entryKind{}, linked: map[string]string{}, implied: map[string]string{}}
 }
 
 // check validates h and reports whether it belongs in the output.
@@ -345,21 +382,68 @@ func (f *entryFilter) checkEntry(ctx context.Context, h *tar.Header) (keep bool,
 	case estargz.TOCTarName, estargz.PrefetchLandmark, estargz.NoPrefetchLandmark:
 		return false, nil // left by an earlier conversion; rebuilt here
 	}
+	kind := kindOther
 	switch h.Typeflag {
-	case tar.TypeReg, tar.TypeDir, tar.TypeSymlink, tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
+	case tar.TypeReg, tar.TypeChar, tar.TypeBlock, tar.TypeFifo:
+	case tar.TypeDir:
+		kind = kindDir
+	case tar.TypeSymlink:
+		kind = kindSymlink
 	case tar.TypeLink:
 		target, err := safePath(h.Linkname)
 		if err != nil {
 			return false, fmt.Errorf("hardlink %q: target: %w", h.Name, err)
 		}
-		if !f.seen[target] {
+		if target == clean {
+			return false, fmt.Errorf("hardlink %q links to itself", h.Name)
+		}
+		switch f.kinds[target] {
+		case kindNone:
 			return false, fmt.Errorf("hardlink %q: target %q is not in the layer before it", h.Name, h.Linkname)
+		case kindDir:
+			return false, fmt.Errorf("hardlink %q: target %q is a directory (directly or through other hardlinks), which a layer cannot hold", h.Name, h.Linkname)
+		}
+		kind = f.kinds[target]
+		if _, ok := f.linked[target]; !ok {
+			f.linked[target] = clean
 		}
 	default:
 		return false, fmt.Errorf("file %q: unsupported tar entry type %q", h.Name, h.Typeflag)
 	}
-	f.seen[clean] = true
+	if err := f.checkParents(h.Name, clean); err != nil {
+		return false, err
+	}
+	if prev := f.kinds[clean]; prev != kindNone {
+		if prev == kindDir && kind != kindDir {
+			return false, fmt.Errorf("file %q replaces a directory of the same layer: containerd's unpack would remove the directory and its contents, a lazy mount would keep them", h.Name)
+		}
+		if l, ok := f.linked[clean]; ok && l != clean {
+			return false, fmt.Errorf("file %q replaces the target of hardlink %q of the same layer: the unpacked link would keep the old file, a lazy mount would show the new one", h.Name, l)
+		}
+	}
+	f.kinds[clean] = kind
 	return true, nil
+}
+
+// checkParents refuses an entry under a symbolic link or a non-directory,
+// and records the directories its path implies.
+func (f *entryFilter) checkParents(name, clean string) error {
+	for i := 0; i < len(clean); i++ {
+		if clean[i] != '/' {
+			continue
+		}
+		parent := clean[:i]
+		switch f.kinds[parent] {
+		case kindNone:
+			f.kinds[parent] = kindDir
+			f.implied[parent] = name
+		case kindSymlink:
+			return fmt.Errorf("file %q is under %q, a symbolic link of the same layer: containerd's unpack would follow the link, a lazy mount would not, so lazybase refuses the layer", name, parent)
+		case kindOther:
+			return fmt.Errorf("file %q is under %q, which is not a directory", name, parent)
+		}
+	}
+	return nil
 }
 
 // representable rejects headers whose strings are not valid UTF-8: the TOC is
@@ -406,12 +490,15 @@ func safePath(name string) (string, error) {
 
 // streamEntries converts in source order, with no prefetch list: nothing is
 // buffered beyond the batches being compressed.
-func (c *Converter) streamEntries(ctx context.Context, u io.Reader, w *layerWriter) error {
+func (c *Converter) streamEntries(ctx context.Context, u io.Reader, w *layerWriter, f *entryFilter) error {
 	if err := w.writeEntry(landmark(estargz.NoPrefetchLandmark), bytes.NewReader(landmarkPayload)); err != nil {
 		return err
 	}
-	tr := tar.NewReader(u)
-	f := &entryFilter{seen: map[string]bool{}}
+	return streamTar(ctx, tar.NewReader(u), f, w)
+}
+
+// streamTar writes the rest of tr's entries in source order.
+func streamTar(ctx context.Context, tr *tar.Reader, f *entryFilter, w *layerWriter) error {
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -442,9 +529,36 @@ type spooled struct {
 	clean string
 }
 
+// emitSpooled writes a spooled entry, its payload read from the spool.
+func emitSpooled(w *layerWriter, spool io.ReaderAt, e *spooled) error {
+	var r io.Reader = emptyReader{}
+	if e.h.Typeflag == tar.TypeReg {
+		r = io.NewSectionReader(spool, e.off, e.h.Size)
+	}
+	if err := w.writeEntry(e.h, r); err != nil {
+		return fmt.Errorf("file %q: %w", e.h.Name, err)
+	}
+	return nil
+}
+
+// switchWriter writes to w until it is turned off, then discards.
+type switchWriter struct {
+	w   io.Writer
+	off bool
+}
+
+func (s *switchWriter) Write(p []byte) (int, error) {
+	if s.off {
+		return len(p), nil
+	}
+	return s.w.Write(p)
+}
+
 // spoolEntries converts with a prefetch list: the decompressed tar is spooled
 // to a temporary file as it is read, then written prioritized files first.
-func (c *Converter) spoolEntries(ctx context.Context, u io.Reader, w *layerWriter, files []string, res *LayerResult) error {
+// A layer beyond the spool limits is written in source order instead (see
+// WithSpoolLimit).
+func (c *Converter) spoolEntries(ctx context.Context, u io.Reader, w *layerWriter, files []string, res *LayerResult, f *entryFilter) error {
 	tmp, err := os.CreateTemp(c.dir, "src-*.tar")
 	if err != nil {
 		return fmt.Errorf("creating spool file: %w", err)
@@ -454,9 +568,9 @@ func (c *Converter) spoolEntries(ctx context.Context, u io.Reader, w *layerWrite
 		os.Remove(tmp.Name())
 	}()
 	bw := bufio.NewWriterSize(tmp, 1<<20)
-	cr := &hashingReader{r: io.TeeReader(u, bw)}
+	sw := &switchWriter{w: bw}
+	cr := &hashingReader{r: io.TeeReader(u, sw)}
 	tr := tar.NewReader(cr)
-	f := &entryFilter{seen: map[string]bool{}}
 	var ents []*spooled
 	byName := map[string]int{}
 	for {
@@ -476,6 +590,29 @@ func (c *Converter) spoolEntries(ctx context.Context, u io.Reader, w *layerWrite
 		}
 		if !keep {
 			continue
+		}
+		if cr.n+h.Size > c.opts.spoolBytes || len(ents) >= c.opts.spoolEntries {
+			// Too large to reorder: write what is spooled, then stream
+			// the rest, exactly as without a prefetch list.
+			log.G(ctx).WithFields(log.Fields{"spoolBytes": c.opts.spoolBytes, "spoolEntries": c.opts.spoolEntries}).
+				Warn("layer exceeds the prefetch spool limits: converting it in source order, without its prefetch list")
+			sw.off = true
+			if err := bw.Flush(); err != nil {
+				return fmt.Errorf("writing spool file: %w", err)
+			}
+			if err := w.writeEntry(landmark(estargz.NoPrefetchLandmark), bytes.NewReader(landmarkPayload)); err != nil {
+				return err
+			}
+			for _, e := range ents {
+				if err := emitSpooled(w, tmp, e); err != nil {
+					return err
+				}
+			}
+			if err := w.writeEntry(h, tr); err != nil {
+				return fmt.Errorf("file %q: %w", h.Name, err)
+			}
+			res.SpoolExceeded = true
+			return streamTar(ctx, tr, f, w)
 		}
 		e := &spooled{h: h, off: cr.n, clean: path.Clean(h.Name)}
 		byName[e.clean] = len(ents)
@@ -540,16 +677,7 @@ func (c *Converter) spoolEntries(ctx context.Context, u io.Reader, w *layerWrite
 		log.G(ctx).WithField("files", duplicated).Warn("not prefetching files whose names occur more than once in the layer")
 	}
 	res.Prefetch = prioritized
-	emit := func(e *spooled) error {
-		var r io.Reader = emptyReader{}
-		if e.h.Typeflag == tar.TypeReg {
-			r = io.NewSectionReader(tmp, e.off, e.h.Size)
-		}
-		if err := w.writeEntry(e.h, r); err != nil {
-			return fmt.Errorf("file %q: %w", e.h.Name, err)
-		}
-		return nil
-	}
+	emit := func(e *spooled) error { return emitSpooled(w, tmp, e) }
 	for _, i := range order {
 		if err := emit(ents[i]); err != nil {
 			return err

@@ -780,28 +780,32 @@ func TestTreePrefetchHardlinks(t *testing.T) {
 }
 
 // TestTreeDuplicateNames converts a layer that writes the same name twice
-// with a hardlink to the first version in between (valid tar: appliers
-// replace the file, the hardlink keeps the first version's inode). The
-// output must stay applicable, with and without a prefetch list: every
-// hardlink after its target, the last version of a name winning.
+// (valid tar: appliers replace the file, the last version wins). The output
+// must stay applicable, with and without a prefetch list: every hardlink
+// after its target, the last version of a name winning. With a hardlink to
+// the first version in between, containerd's unpack keeps the first
+// version's inode under the link while a lazy mount (whose TOC resolves a
+// link by name, to the last version) would show the second: that layer is
+// refused, naming the link and the file.
 func TestTreeDuplicateNames(t *testing.T) {
-	entries := []testimage.Entry{
-		{Header: &tar.Header{Typeflag: tar.TypeReg, Name: "a", Mode: 0o644, ModTime: testimage.Epoch, Size: 3}, Data: []byte("v1\n")},
-		{Header: &tar.Header{Typeflag: tar.TypeLink, Name: "h", Linkname: "a", Mode: 0o644, ModTime: testimage.Epoch}},
-		{Header: &tar.Header{Typeflag: tar.TypeReg, Name: "a", Mode: 0o600, ModTime: testimage.Epoch, Size: 3}, Data: []byte("v2\n")},
-		{Header: &tar.Header{Typeflag: tar.TypeReg, Name: "z", Mode: 0o644, ModTime: testimage.Epoch, Size: 2}, Data: []byte("z\n")},
-	}
-	tarball := testimage.MustTar(entries)
+	v1a := testimage.Entry{Header: &tar.Header{Typeflag: tar.TypeReg, Name: "a", Mode: 0o644, ModTime: testimage.Epoch, Size: 3}, Data: []byte("v1\n")}
+	link := testimage.Entry{Header: &tar.Header{Typeflag: tar.TypeLink, Name: "h", Linkname: "a", Mode: 0o644, ModTime: testimage.Epoch}}
+	early := testimage.Entry{Header: &tar.Header{Typeflag: tar.TypeLink, Name: "h0", Linkname: "b", Mode: 0o644, ModTime: testimage.Epoch}}
+	b := testimage.Entry{Header: &tar.Header{Typeflag: tar.TypeReg, Name: "b", Mode: 0o644, ModTime: testimage.Epoch, Size: 2}, Data: []byte("b\n")}
+	v2a := testimage.Entry{Header: &tar.Header{Typeflag: tar.TypeReg, Name: "a", Mode: 0o600, ModTime: testimage.Epoch, Size: 3}, Data: []byte("v2\n")}
+	z := testimage.Entry{Header: &tar.Header{Typeflag: tar.TypeReg, Name: "z", Mode: 0o644, ModTime: testimage.Epoch, Size: 2}, Data: []byte("z\n")}
+	good := testimage.MustTar([]testimage.Entry{v1a, b, early, v2a, z})
+	refused := testimage.MustTar([]testimage.Entry{v1a, link, v2a, z})
 	for _, tc := range []struct {
 		name string
 		opts []convert.Option
 	}{
 		{"no-prefetch", nil},
-		{"prefetch", []convert.Option{convert.WithPrefetch(&prefetch.List{Version: prefetch.ListVersion, Files: []string{"z"}})}},
+		{"prefetch", []convert.Option{convert.WithPrefetch(&prefetch.List{Version: prefetch.ListVersion, Files: []string{"z", "h0"}})}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newTestConverter(t, tc.opts...)
-			l, err := c.Layer(context.Background(), testimage.GzipLayer(tarball), v1.Hash{})
+			l, err := c.Layer(context.Background(), testimage.GzipLayer(good), v1.Hash{})
 			if err != nil {
 				t.Fatalf("Layer: %v", err)
 			}
@@ -821,8 +825,16 @@ func TestTreeDuplicateNames(t *testing.T) {
 				}
 				seen[name] = true
 			}
-			if d := diffTrees(treeOfTar(t, tarball), withoutConverterEntries(got)); d != "" {
+			if d := diffTrees(treeOfTar(t, good), withoutConverterEntries(got)); d != "" {
 				t.Errorf("output tree differs from source:\n%s", d)
+			}
+
+			l, err = c.Layer(context.Background(), testimage.GzipLayer(refused), v1.Hash{})
+			if err == nil {
+				t.Fatalf("layer replacing a hardlink's target converted to %v, want an error", l)
+			}
+			if msg := err.Error(); !strings.Contains(msg, `"a"`) || !strings.Contains(msg, `"h"`) {
+				t.Errorf("error does not name the file and the hardlink: %v", err)
 			}
 		})
 	}

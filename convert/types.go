@@ -73,6 +73,9 @@ type LayerResult struct {
 	Prefetch int `json:"prefetchFiles"`
 	// MissingPrefetch lists prefetch entries that the layer does not hold.
 	MissingPrefetch []string `json:"missingPrefetch,omitempty"`
+	// SpoolExceeded is set when the layer had a prefetch list but exceeded
+	// the spool limits (WithSpoolLimit), so it was converted in source order.
+	SpoolExceeded bool `json:"spoolExceeded,omitempty"`
 	// Seconds is the wall time the conversion of this layer took.
 	Seconds float64 `json:"seconds"`
 }

@@ -25,6 +25,8 @@ type Verified struct {
 	UncompressedSize int64
 	// Entries is how many TOC entries were checked.
 	Entries int
+
+	paths *layerPaths
 }
 
 // VerifyEStargz checks that the gzip eStargz blob in ra (size bytes) is
@@ -143,7 +145,7 @@ func VerifyEStargz(ra io.ReaderAt, size int64, tocDigest digest.Digest) (*Verifi
 	sawTOC := false
 	// A verified blob is still a tar stream that appliers extract: it gets
 	// the same path and hardlink checks as a layer being converted.
-	filter := &entryFilter{seen: map[string]bool{}}
+	filter := newEntryFilter()
 	for {
 		h, err := tr.Next()
 		if err == io.EOF {
@@ -195,7 +197,7 @@ func VerifyEStargz(ra io.ReaderAt, size int64, tocDigest digest.Digest) (*Verifi
 	if !sawTOC {
 		return nil, errors.New("tar stream has no TOC entry")
 	}
-	return &Verified{DiffID: digest.NewDigest(digest.SHA256, diff), UncompressedSize: usize, Entries: len(toc.Entries)}, nil
+	return &Verified{DiffID: digest.NewDigest(digest.SHA256, diff), UncompressedSize: usize, Entries: len(toc.Entries), paths: filter.summary()}, nil
 }
 
 // copyChecked copies one range's decompressed bytes to w, checking the chunk

@@ -282,6 +282,11 @@ func (c *Config) validate() error {
 	if c.RecordsRepository == "" {
 		c.RecordsRepository = c.Destination + "/" + RecordsRepositoryName
 	}
+	for _, r := range [][2]string{{"destination", c.Destination}, {"records_repository", c.RecordsRepository}} {
+		if err := imageio.CheckRepositoryPath(r[1]); r[1] != "" && err != nil {
+			return fmt.Errorf("%s: %w", r[0], err)
+		}
+	}
 	if c.TagSuffix != "" && !validTagPart.MatchString(c.TagSuffix) {
 		return fmt.Errorf("tag_suffix: %q has characters a tag may not hold", c.TagSuffix)
 	}
@@ -344,6 +349,9 @@ func (c *Config) validate() error {
 			return fmt.Errorf("%s.repository: required", key)
 		}
 		s.Repository = strings.TrimSuffix(s.Repository, "/")
+		if err := imageio.CheckRepositoryPath(s.Repository); err != nil {
+			return fmt.Errorf("%s.repository: %w", key, err)
+		}
 		for _, g := range s.Tags {
 			if _, err := path.Match(g, ""); err != nil {
 				return fmt.Errorf("%s.tags: glob %q: %w", key, g, err)

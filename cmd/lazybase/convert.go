@@ -60,7 +60,13 @@ a registry that stops answering fails the conversion with an error naming
 the host.
 
 The destination tag is written last: a failed or interrupted conversion leaves
-the destination as it was.`,
+the destination as it was. A DST that names SRC (same repository and tag, or
+same layout and tag) is refused unless --force.
+
+Manifests and configs are checked against their digests, layers as they are
+converted. Layers whose lazy view would differ from containerd's unpack
+(hardlinks to directories, entries under a symbolic link of the same layer)
+are refused, naming the layer and the entry.`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := checkTimeoutFlags(o.timeouts); err != nil {
@@ -90,7 +96,7 @@ the destination as it was.`,
 	f.StringVar(&o.prefetch, "prefetch", "", "prefetch list or profile (JSON) naming the files to place first in each layer")
 	f.IntVar(&levelFl, "compression-level", 0, fmt.Sprintf("compression level (default %d for estargz, %d for zstd-chunked)", convert.DefaultGzipLevel, convert.DefaultZstdLevel))
 	f.IntVar(&o.jobs, "jobs", 0, "layers converted and blobs transferred at the same time (default: number of CPUs)")
-	f.BoolVar(&o.force, "force", false, "rebuild layers that already are valid eStargz instead of reusing them")
+	f.BoolVar(&o.force, "force", false, "rebuild layers that already are valid eStargz instead of reusing them, and allow DST to be SRC (its tag is moved to the converted image)")
 	f.BoolVar(&asJSON, "json", false, "print a JSON report on stdout")
 	f.BoolVar(&o.plainHTTP, "plain-http", false, "allow plain HTTP to registries that are not on a loopback address")
 	f.BoolVar(&o.insecure, "insecure", false, "skip TLS certificate verification")
@@ -199,6 +205,9 @@ func runConvert(ctx context.Context, stderr io.Writer, src, dst string, o conver
 	if err := imageio.CheckDestination(dstRef); err != nil {
 		return nil, err
 	}
+	if !o.force && imageio.Overwrites(dstRef, srcRef, nil) {
+		return nil, overwriteError(dstRef)
+	}
 
 	opts := []convert.Option{convert.WithFormat(format), convert.WithForce(o.force)}
 	if o.level != 0 {
@@ -233,6 +242,9 @@ func runConvert(ctx context.Context, stderr io.Writer, src, dst string, o conver
 	source, err := client.Open(ctx, srcRef)
 	if err != nil {
 		return nil, err
+	}
+	if !o.force && imageio.Overwrites(dstRef, srcRef, &source.Descriptor) {
+		return nil, overwriteError(dstRef)
 	}
 	if pf != nil {
 		// A profile recorded for another image is ignored with a warning.
@@ -306,6 +318,11 @@ func runConvert(ctx context.Context, stderr io.Writer, src, dst string, o conver
 		progress.Bytes(t.SourceBytes), progress.Bytes(t.OutputBytes), progress.Bytes(t.SourceUncompressedSize),
 		t.ConvertSeconds, t.MBPerSecond, t.WriteSeconds)
 	return rep, nil
+}
+
+// overwriteError refuses a destination that names the source.
+func overwriteError(dst imageio.Ref) error {
+	return fmt.Errorf("destination %s is the source: writing it would move the source's tag to the converted image; use another destination, or --force to overwrite the source", dst)
 }
 
 // convertError names the source of a failed conversion (the converter

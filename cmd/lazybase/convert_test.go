@@ -598,6 +598,8 @@ func TestConvertBadFlags(t *testing.T) {
 		{[]string{"convert", "--compression-level", "12", "oci:a", "oci:b"}, "level"},
 		{[]string{"convert", "oci:a"}, "accepts 2 arg"},
 		{[]string{"convert", "oci:" + t.TempDir(), "oci:b"}, "not an OCI image layout"},
+		{[]string{"convert", "oci:a", "127.0.0.1:1/lib/../etc:v1"}, `".." path component`},
+		{[]string{"convert", "127.0.0.1:1/lib//x:v1", "oci:b"}, "empty path component"},
 	} {
 		_, _, err := runCLI(ctx, t, tc.args...)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
@@ -777,5 +779,139 @@ func TestConvertProfileAppliesOnlyToItsImage(t *testing.T) {
 		if warned := strings.Contains(stderr, "another image"); warned != (tc.want == 0) {
 			t.Errorf("%s: warning about another image: %v\n%s", tc.name, warned, stderr)
 		}
+	}
+}
+
+// TestConvertRefusesOwnSource converts an image onto the name it was read
+// by: refused without --force (the source keeps its tag), done with it.
+func TestConvertRefusesOwnSource(t *testing.T) {
+	isolate(t)
+	ctx := context.Background()
+	reg := testimage.NewRegistry(t)
+	img, err := testimage.SeedImage(41, testimage.LinuxAMD64, testimage.WithoutLargeFiles())
+	if err != nil {
+		t.Fatal(err)
+	}
+	srcDigest, _ := img.Digest()
+	push(t, reg.Host+"/lib/self:v1", img)
+	push(t, reg.Host+"/lib/self:latest", img)
+	t.Chdir(t.TempDir())
+	if _, stderr, err := runCLI(ctx, t, "convert", reg.Host+"/lib/self:v1", "oci:lay:v1"); err != nil {
+		t.Fatalf("convert: %v\n%s", err, stderr)
+	}
+	if err := os.MkdirAll("single", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, stderr, err := runCLI(ctx, t, "convert", reg.Host+"/lib/self:v1", "oci:single:only"); err != nil {
+		t.Fatalf("convert: %v\n%s", err, stderr)
+	}
+	layoutIndex := func(dir string) string {
+		b, err := os.ReadFile(filepath.Join(dir, "index.json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	for _, tc := range []struct {
+		name     string
+		src, dst string
+		check    func(t *testing.T)
+	}{
+		{"registry-same-tag", reg.Host + "/lib/self:v1", reg.Host + "/lib/self:v1", nil},
+		{"registry-implicit-latest", reg.Host + "/lib/self", reg.Host + "/lib/self:latest", nil},
+		{"layout-same-tag", "oci:lay:v1", "oci:lay:v1", nil},
+		{"layout-other-spelling", "oci:lay:v1", "oci:./sub/../lay:v1", nil},
+		{"layout-untagged-source-resolved", "oci:single", "oci:single:only", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			os.MkdirAll("sub", 0o755)
+			beforeLay, beforeSingle := layoutIndex("lay"), layoutIndex("single")
+			_, _, err := runCLI(ctx, t, "convert", tc.src, tc.dst)
+			if err == nil || !strings.Contains(err.Error(), "is the source") || !strings.Contains(err.Error(), "--force") {
+				t.Fatalf("convert %s %s: %v, want a refusal naming --force", tc.src, tc.dst, err)
+			}
+			if d, _ := remoteImage(t, reg.Host+"/lib/self:v1").Digest(); d != srcDigest {
+				t.Errorf("source tag moved to %s", d)
+			}
+			if layoutIndex("lay") != beforeLay || layoutIndex("single") != beforeSingle {
+				t.Errorf("a layout's index.json changed")
+			}
+		})
+	}
+	// --force overwrites the source: the tag moves to the converted image.
+	stdout, stderr, err := runCLI(ctx, t, "convert", "--force", "--json", reg.Host+"/lib/self:v1", reg.Host+"/lib/self:v1")
+	if err != nil {
+		t.Fatalf("convert --force X X: %v\n%s", err, stderr)
+	}
+	rep := parseReport(t, stdout)
+	if d, _ := remoteImage(t, reg.Host+"/lib/self:v1").Digest(); d.String() != rep.Digest || d == srcDigest {
+		t.Errorf("after --force the tag names %s, report says %s (source %s)", d, rep.Digest, srcDigest)
+	}
+	// Another tag of the same repository is not the source.
+	if _, stderr, err := runCLI(ctx, t, "convert", reg.Host+"/lib/self:latest", reg.Host+"/lib/self:esgz"); err != nil {
+		t.Fatalf("convert to another tag: %v\n%s", err, stderr)
+	}
+}
+
+// TestConvertTamperedLayoutConfig converts a layout whose config blob was
+// changed after it was written: the conversion fails naming the config.
+func TestConvertTamperedLayoutConfig(t *testing.T) {
+	isolate(t)
+	ctx := context.Background()
+	img, err := testimage.SeedImage(42, testimage.LinuxAMD64, testimage.WithoutLargeFiles())
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	p, err := layout.Write(dir, empty.Index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.AppendImage(img, layout.WithAnnotations(map[string]string{imageio.AnnotationRefName: "v1"})); err != nil {
+		t.Fatal(err)
+	}
+	cfg, _ := img.ConfigName()
+	cp := filepath.Join(dir, "blobs", "sha256", cfg.Hex)
+	b, err := os.ReadFile(cp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b = bytes.Replace(b, []byte(`"amd64"`), []byte(`"arm64"`), 1)
+	if err := os.WriteFile(cp, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := t.TempDir()
+	_, _, err = runCLI(ctx, t, "convert", "oci:"+dir+":v1", "oci:"+out+":v1")
+	if err == nil || !strings.Contains(err.Error(), cfg.String()) || !strings.Contains(err.Error(), "digest mismatch") {
+		t.Fatalf("converting a tampered config: %v, want a digest mismatch naming %s", err, cfg)
+	}
+	if _, err := os.Stat(filepath.Join(out, "index.json")); err == nil {
+		t.Errorf("destination written from a tampered source")
+	}
+}
+
+// TestConvertTamperedRegistryConfig converts from a registry that serves
+// other bytes for the config blob: the conversion fails naming the source
+// and the config, and the destination is not written.
+func TestConvertTamperedRegistryConfig(t *testing.T) {
+	isolate(t)
+	ctx := context.Background()
+	reg := testimage.NewRegistry(t)
+	img, err := testimage.SeedImage(43, testimage.LinuxAMD64, testimage.WithoutLargeFiles())
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := reg.Host + "/lib/tampered:v1"
+	push(t, src, img)
+	cfg, _ := img.ConfigName()
+	reg.Corrupt(cfg)
+	dst := reg.Host + "/lib/tampered:esgz"
+	_, _, err = runCLI(ctx, t, "convert", src, dst)
+	if err == nil || !strings.Contains(err.Error(), cfg.String()) || !strings.Contains(err.Error(), src) {
+		t.Fatalf("converting with a tampered config: %v, want an error naming %s and %s", err, src, cfg)
+	}
+	reg.Corrupt(v1.Hash{})
+	if tagExists(t, dst) {
+		t.Error("destination written from a tampered source")
 	}
 }

@@ -12,9 +12,12 @@ import (
 	"slices"
 	"sync"
 
+	"github.com/containerd/log"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"golang.org/x/sync/errgroup"
+
+	"github.com/lazybase/lazybase/internal/tmpsweep"
 )
 
 const ociLayoutFile = `{"imageLayoutVersion":"1.0.0"}`
@@ -38,6 +41,7 @@ func (c *Client) writeLayout(ctx context.Context, ref Ref, a Artifact, desc v1.D
 	} else if err != nil {
 		return err
 	}
+	sweepLayout(ctx, dir)
 	lw := &layoutWriter{dir: dir, jobs: c.o.jobs, progress: wo.progress}
 	switch t := a.(type) {
 	case v1.Image:
@@ -53,6 +57,18 @@ func (c *Client) writeLayout(ctx context.Context, ref Ref, a Artifact, desc v1.D
 		return err
 	}
 	return updateIndexJSON(dir, ref.Tag, desc)
+}
+
+// sweepLayout removes the temporary files that killed writers left in the
+// layout dir: blobs/*/.tmp-* and .NAME.tmp-*. A writer holds its temporary
+// file locked while it writes it; a file is removed only when no process
+// holds it locked and it was last modified at least tmpsweep.MinAge ago.
+func sweepLayout(ctx context.Context, dir string) {
+	algs, _ := filepath.Glob(filepath.Join(dir, "blobs", "*"))
+	for _, a := range algs {
+		_, _ = tmpsweep.Sweep(ctx, a, ".tmp-*", tmpsweep.MinAge)
+	}
+	_, _ = tmpsweep.Sweep(ctx, dir, ".*.tmp-*", tmpsweep.MinAge)
 }
 
 type layoutWriter struct {
@@ -178,8 +194,9 @@ func (lw *layoutWriter) bytes(ctx context.Context, d v1.Hash, b []byte) error {
 }
 
 // blob writes a blob to blobs/ALG/HEX through a temporary file, checking its
-// digest and size before renaming it in place. A blob already present with
-// the right size is kept.
+// digest and size before renaming it in place. A blob already present is
+// kept only when its content has the right digest and size; otherwise it is
+// replaced.
 func (lw *layoutWriter) blob(ctx context.Context, d v1.Hash, size int64, open func() (io.ReadCloser, error)) error {
 	if d.Algorithm != "sha256" {
 		return fmt.Errorf("unsupported digest algorithm %q", d.Algorithm)
@@ -187,7 +204,11 @@ func (lw *layoutWriter) blob(ctx context.Context, d v1.Hash, size int64, open fu
 	dir := filepath.Join(lw.dir, "blobs", d.Algorithm)
 	final := filepath.Join(dir, d.Hex)
 	lw.count(0, size)
-	if fi, err := os.Stat(final); err == nil && fi.Mode().IsRegular() && fi.Size() == size {
+	ok, err := existingBlobOK(ctx, final, d, size)
+	if err != nil {
+		return err
+	}
+	if ok {
 		lw.count(size, 0)
 		return nil
 	}
@@ -203,6 +224,7 @@ func (lw *layoutWriter) blob(ctx context.Context, d v1.Hash, size int64, open fu
 	if err != nil {
 		return err
 	}
+	_ = tmpsweep.Lock(f) // see sweepLayout
 	tmp := f.Name()
 	defer os.Remove(tmp) // no-op once renamed
 	h, err := v1.Hasher(d.Algorithm)
@@ -228,6 +250,49 @@ func (lw *layoutWriter) blob(ctx context.Context, d v1.Hash, size int64, open fu
 		return err
 	}
 	return os.Rename(tmp, final)
+}
+
+// existingBlobOK reports whether the layout already holds the blob d at
+// path: a regular file of the right size whose content hashes to d. A file
+// that is there but wrong (a crash, a disk error, a tampered layout) is
+// logged and reported as absent, so the caller replaces it.
+func existingBlobOK(ctx context.Context, path string, d v1.Hash, size int64) (bool, error) {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	why := ""
+	switch {
+	case !fi.Mode().IsRegular():
+		why = "not a regular file"
+	case fi.Size() != size:
+		why = fmt.Sprintf("%d bytes, want %d", fi.Size(), size)
+	default:
+		f, err := os.Open(path)
+		if err != nil {
+			return false, err
+		}
+		h, err := v1.Hasher(d.Algorithm)
+		if err != nil {
+			f.Close()
+			return false, err
+		}
+		_, err = io.Copy(h, ctxReader{ctx, f})
+		f.Close()
+		if err != nil {
+			return false, fmt.Errorf("checking existing blob: %w", err)
+		}
+		got := v1.Hash{Algorithm: d.Algorithm, Hex: fmt.Sprintf("%x", h.Sum(nil))}
+		if got == d {
+			return true, nil
+		}
+		why = "content is " + got.String()
+	}
+	log.G(ctx).WithField("blob", d.String()).WithField("path", path).WithField("reason", why).Warn("replacing a wrong blob in the destination layout")
+	return false, nil
 }
 
 type ctxReader struct {
@@ -309,6 +374,7 @@ func writeFileAtomic(dir, name string, data []byte) error {
 	if err != nil {
 		return err
 	}
+	_ = tmpsweep.Lock(f) // see sweepLayout
 	tmp := f.Name()
 	defer os.Remove(tmp)
 	_, err = f.Write(data)

@@ -3,10 +3,12 @@ package imageio
 import (
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 
 	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 )
 
 // LayoutPrefix starts a reference to an OCI image layout directory.
@@ -48,6 +50,9 @@ func (c *Client) ParseRef(s string) (Ref, error) {
 	if err != nil {
 		return Ref{}, fmt.Errorf("parsing reference %q: %w", s, err)
 	}
+	if err := CheckRepositoryPath(ref.Context().Name()); err != nil {
+		return Ref{}, fmt.Errorf("parsing reference %q: %w", s, err)
+	}
 	if AllowsPlainHTTP(ref.Context().RegistryStr(), c.o.plainHTTP) {
 		// name.Insecure lets go-containerregistry fall back to http
 		// after trying https; the policy transport enforces the rest.
@@ -57,6 +62,23 @@ func (c *Client) ParseRef(s string) (Ref, error) {
 		}
 	}
 	return Ref{Registry: ref}, nil
+}
+
+// CheckRepositoryPath rejects a repository name, with or without its
+// registry host, that has an empty, "." or ".." path component.
+// go-containerregistry accepts such names and sends them as they are in
+// /v2/ URLs, where a registry or a proxy before it may resolve them as file
+// system paths; the distribution reference grammar does not allow them.
+func CheckRepositoryPath(repo string) error {
+	for _, seg := range strings.Split(repo, "/") {
+		switch seg {
+		case "":
+			return fmt.Errorf("repository %q has an empty path component", repo)
+		case ".", "..":
+			return fmt.Errorf("repository %q has a %q path component", repo, seg)
+		}
+	}
+	return nil
 }
 
 func parseLayoutRef(s, rest string) (Ref, error) {
@@ -73,4 +95,40 @@ func parseLayoutRef(s, rest string) (Ref, error) {
 		return Ref{}, fmt.Errorf("parsing reference %q: %w", s, errors.New("empty OCI layout path"))
 	}
 	return Ref{Path: filepath.Clean(p), Tag: tag}, nil
+}
+
+// Overwrites reports whether writing dst would replace the name src was
+// read by: the same registry repository and tag, or the same OCI layout
+// directory and tag. resolved, when not nil, is the descriptor src was
+// opened as; it lets an untagged layout source (the layout's only manifest)
+// be recognised under its tag.
+func Overwrites(dst, src Ref, resolved *v1.Descriptor) bool {
+	if dst.IsLayout() != src.IsLayout() {
+		return false
+	}
+	if !dst.IsLayout() {
+		dt, ok1 := dst.Registry.(name.Tag)
+		st, ok2 := src.Registry.(name.Tag)
+		return ok1 && ok2 && dt.Context().Name() == st.Context().Name() && dt.TagStr() == st.TagStr()
+	}
+	if !sameDir(dst.Path, src.Path) {
+		return false
+	}
+	if dst.Tag == src.Tag {
+		return true
+	}
+	return src.Tag == "" && resolved != nil && dst.Tag == resolved.Annotations[AnnotationRefName]
+}
+
+// sameDir reports whether a and b name the same directory, following
+// symbolic links where the paths exist.
+func sameDir(a, b string) bool {
+	if fa, err := os.Stat(a); err == nil {
+		if fb, err := os.Stat(b); err == nil {
+			return os.SameFile(fa, fb)
+		}
+	}
+	aa, err1 := filepath.Abs(a)
+	ab, err2 := filepath.Abs(b)
+	return err1 == nil && err2 == nil && aa == ab
 }

@@ -50,16 +50,30 @@ func (c *Client) openRemote(ctx context.Context, ref Ref) (*Source, error) {
 		return nil, classify(err)
 	}
 	src := &Source{Ref: ref, Descriptor: desc.Descriptor}
+	// go-containerregistry checks what it fetches by digest (child
+	// manifests, configs, layers) as it reads it; the manifest checks here
+	// make that explicit and name the blob at fault.
 	switch {
 	case desc.MediaType.IsIndex():
-		src.Index, err = desc.ImageIndex()
+		idx, err := desc.ImageIndex()
+		if err != nil {
+			return nil, classify(err)
+		}
+		if err := checkBlob(desc.Manifest, v1.Descriptor{Digest: desc.Digest}, "index"); err != nil {
+			return nil, err
+		}
+		src.Index = checkedIndex{idx}
 	case desc.MediaType.IsImage():
-		src.Image, err = desc.Image()
+		img, err := desc.Image()
+		if err != nil {
+			return nil, classify(err)
+		}
+		if err := checkImage(img, desc.Digest); err != nil {
+			return nil, classify(err)
+		}
+		src.Image = img
 	default:
 		return nil, fmt.Errorf("manifest %s: unsupported media type %q", desc.Digest, desc.MediaType)
-	}
-	if err != nil {
-		return nil, classify(err)
 	}
 	return src, nil
 }
@@ -101,16 +115,19 @@ func (c *Client) openLayout(ref Ref) (*Source, error) {
 	}
 	d := found[0]
 	src := &Source{Ref: ref, Descriptor: d}
+	// Every manifest and config is read once and checked against the
+	// digest that names it; go-containerregistry's layout package reads
+	// them by name and would not notice a tampered blob.
 	switch {
 	case d.MediaType.IsIndex():
-		src.Index, err = ii.ImageIndex(d.Digest)
+		src.Index, err = openLayoutIndex(p, d)
 	case d.MediaType.IsImage():
-		src.Image, err = ii.Image(d.Digest)
+		src.Image, err = openLayoutImage(p, d)
 	default:
 		return nil, fmt.Errorf("manifest %s: unsupported media type %q", d.Digest, d.MediaType)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("manifest %s: %w", d.Digest, err)
+		return nil, err
 	}
 	return src, nil
 }
