@@ -61,7 +61,10 @@ func NewDaemon(ctx context.Context, cfg Config) (*Daemon, error) {
 		return nil, fmt.Errorf("root %s: overlayfs not usable: %w", cfg.Root, err)
 	}
 	m := newMetrics()
-	sc, opts := cfg.upstream(ctx)
+	sc, opts, err := cfg.upstream(ctx)
+	if err != nil {
+		return nil, err
+	}
 	ufs, err := service.NewFileSystem(ctx, cfg.Root, &sc, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("lazy filesystem at %s: %w", cfg.Root, err)
