@@ -48,8 +48,9 @@ import (
 // walked: type, permission bits, owner, size, mtime, symlink target,
 // xattrs, hardlink groups, device numbers and a SHA-256 of every regular
 // file must match. Differences that eStargz's TOC format cannot avoid are
-// listed in knownViewLimits; they are logged, counted and documented in
-// the README, and any other difference fails.
+// listed in knownViewLimits, and one gap lazybase has yet to close
+// (overlayXattrGap); they are logged, counted and documented in the
+// README, and any other difference fails.
 func TestLazyViewEqualsUnpack(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
