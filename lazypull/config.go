@@ -21,6 +21,9 @@ import (
 // Config is the lazybase snapshotter's configuration, read from TOML by
 // LoadConfig. Every field states its default; DefaultConfig returns them.
 // deploy/containerd/lazybase.toml is a commented example of every key.
+// Settings of the stargz filesystem that no key here maps to (such as
+// FUSE passthrough's 400 MiB merge buffer) keep the defaults stargz's own
+// config loader gives them.
 type Config struct {
 	// Root is the directory that holds snapshots, the layer cache and the
 	// metadata database (key "root"). It must be absolute.

@@ -284,7 +284,10 @@ entry_timeout = "3s"
 	if err != nil {
 		t.Fatal(err)
 	}
-	sc, opts := cfg.upstream(t.Context())
+	sc, opts, err := cfg.upstream(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
 	want := config.Config{
 		HTTPCacheType:            "memory",
 		FSCacheType:              "",
@@ -298,7 +301,9 @@ entry_timeout = "3s"
 		MaxConcurrency:           5,
 		BlobConfig:               config.BlobConfig{ChunkSize: 65536, FetchTimeoutSec: 7, MaxRetries: 3},
 		DirectoryCacheConfig:     config.DirectoryCacheConfig{MaxLRUCacheEntry: 20, MaxCacheFds: 30, Direct: true},
-		FuseConfig:               config.FuseConfig{PassThrough: true, AttrTimeout: 2, EntryTimeout: 3},
+		// MergeBufferSize and MergeWorkerCount are stargz's loader defaults.
+		FuseConfig: config.FuseConfig{PassThrough: true, AttrTimeout: 2, EntryTimeout: 3,
+			MergeBufferSize: 419430400, MergeWorkerCount: 10},
 	}
 	if sc.Config != want {
 		t.Errorf("fs config\n got %+v\nwant %+v", sc.Config, want)

@@ -82,7 +82,10 @@ func NewDaemon(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 		return nil, err
 	}
 	m := newMetrics()
-	sc, opts := cfg.upstream(ctx)
+	sc, opts, err := cfg.upstream(ctx)
+	if err != nil {
+		return nil, err
+	}
 	ufs, err := service.NewFileSystem(ctx, cfg.Root, &sc, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("lazy filesystem at %s: %w", cfg.Root, err)

@@ -18,8 +18,10 @@ import (
 )
 
 // upstream translates c into the upstream stargz service configuration and
-// options. It is the one place where lazybase keys meet upstream ones.
-func (c *Config) upstream(ctx context.Context) (service.Config, []service.Option) {
+// options. It is the one place where lazybase keys meet upstream ones. It
+// starts from stargz's own defaults (stargzDefaults) and sets only the
+// fields below; TestUpstreamDefaults lists them, each with its reason.
+func (c *Config) upstream(ctx context.Context) (service.Config, []service.Option, error) {
 	secs := func(d Duration) int64 { return int64(d.D() / time.Second) }
 	cacheType := func(v string) string {
 		if v == "memory" {
@@ -29,16 +31,18 @@ func (c *Config) upstream(ctx context.Context) (service.Config, []service.Option
 	}
 	fetchSecs := secs(c.Fetch.Timeout)
 
-	var sc service.Config
+	sc, err := stargzDefaults()
+	if err != nil {
+		return service.Config{}, nil, err
+	}
 	fc := &sc.Config
 	fc.HTTPCacheType = cacheType(c.Cache.HTTPCache)
 	fc.FSCacheType = cacheType(c.Cache.FSCache)
 	fc.ResolveResultEntryTTLSec = int(secs(c.Cache.ResolveTTL))
 	fc.DirectoryCacheConfig.MaxLRUCacheEntry = c.Cache.MaxLRUEntries
 	fc.DirectoryCacheConfig.MaxCacheFds = c.Cache.MaxOpenFiles
-	// Upstream's documented default (its own loader applies it from a struct
-	// tag): no in-memory copy of cached data. FUSE passthrough needs it, as
-	// it hands the kernel the cache file itself.
+	// No in-memory copy of cached data (also upstream's default): FUSE
+	// passthrough needs it, as it hands the kernel the cache file itself.
 	fc.DirectoryCacheConfig.Direct = true
 
 	fc.NoPrefetch = !c.Prefetch.Enable
@@ -91,7 +95,7 @@ func (c *Config) upstream(ctx context.Context) (service.Config, []service.Option
 	// Blob reads are served from the export guard's verified copies once
 	// it has committed them (blobsource.go).
 	hosts = blobSourceFor(c.Root).wrapHosts(hosts)
-	return sc, []service.Option{service.WithCustomRegistryHosts(hosts)}
+	return sc, []service.Option{service.WithCustomRegistryHosts(hosts)}, nil
 }
 
 // hostsFromDirs resolves registry hosts from containerd hosts.toml
