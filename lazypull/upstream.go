@@ -91,7 +91,8 @@ func (c *Config) upstream(ctx context.Context) (service.Config, []service.Option
 	// Blob reads are served from the export guard's verified copies once
 	// it has committed them (blobsource.go).
 	hosts = blobSourceFor(c.Root).wrapHosts(hosts)
-	return sc, []service.Option{service.WithCustomRegistryHosts(hosts)}
+	return sc, []service.Option{service.WithCustomRegistryHosts(hosts),
+		service.WithFilesystemOptions(tocCheckOption())} // every TOC is checked before stargz reads it (tocstore.go)
 }
 
 // hostsFromDirs resolves registry hosts from containerd hosts.toml

@@ -156,7 +156,7 @@ func HostileLayers(hugeEntries int) ([]Hostile, error) {
 		},
 		func() error {
 			return rewrite("deep-nesting", "path components", func(toc *estargz.JTOC, _ int64) {
-				toc.Entries = append(toc.Entries, &estargz.TOCEntry{Name: strings.Repeat("d/", 4000) + "f", Type: "fifo"})
+				toc.Entries = append(toc.Entries, &estargz.TOCEntry{Name: strings.Repeat("d/", 300) + "f", Type: "fifo"})
 			})
 		},
 		func() error {

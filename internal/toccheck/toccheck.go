@@ -50,8 +50,15 @@ func (e *Error) Error() string {
 	if e.Index < 0 {
 		return fmt.Sprintf("%s: %s", ErrInvalid, e.Problem)
 	}
-	return fmt.Sprintf("%s: entry %q (#%d): %s", ErrInvalid, e.Entry, e.Index, e.Problem)
+	name := e.Entry
+	if len(name) > maxErrorName {
+		name = fmt.Sprintf("%s…(%d bytes)", name[:maxErrorName], len(e.Entry))
+	}
+	return fmt.Sprintf("%s: entry %q (#%d): %s", ErrInvalid, name, e.Index, e.Problem)
 }
+
+// maxErrorName is how much of a long entry name an error message quotes.
+const maxErrorName = 200
 
 // Is reports whether target is ErrInvalid.
 func (e *Error) Is(target error) bool { return target == ErrInvalid }
