@@ -24,8 +24,8 @@
 //     (a chain of hardlinks is followed to its end), so no entry can become
 //     its own ancestor;
 //   - offsets and sizes are non-negative, data lies before the TOC in the
-//     blob, data offsets never go backwards, and the chunks of a file follow
-//     it, cover it exactly and in order;
+//     blob, offsets never go backwards, and the chunks of a file follow it,
+//     cover it exactly and in order;
 //
 // and the TOC has version 1 and at most MaxEntries entries.
 //

@@ -263,6 +263,13 @@ func (v *validator) entry(i int, e *estargz.TOCEntry) error {
 		return bad("the root is a %s, not a directory", e.Type)
 	}
 	n := node{typ: e.Type, index: i}
+	// stargz ends a file's data at the next non-zero offset of any entry,
+	// so an entry without data but with an offset must keep the order too.
+	if e.Offset != 0 && !(e.Type == "reg" && e.Size > 0) {
+		if err := v.data(e, bad); err != nil {
+			return err
+		}
+	}
 
 	switch e.Type {
 	case "reg":
@@ -372,13 +379,13 @@ func (v *validator) endFile() error {
 	return nil
 }
 
-// data checks the blob offset of an entry that has data.
+// data checks the blob offset of an entry that has data or an offset.
 func (v *validator) data(e *estargz.TOCEntry, bad func(string, ...any) error) error {
 	if e.Offset >= v.blob.TOCOffset {
-		return bad("data offset %d at or past the TOC offset %d", e.Offset, v.blob.TOCOffset)
+		return bad("offset %d at or past the TOC offset %d", e.Offset, v.blob.TOCOffset)
 	}
 	if e.Offset < v.lastData {
-		return bad("data offset %d before the previous entry's %d", e.Offset, v.lastData)
+		return bad("offset %d before the previous entry's %d", e.Offset, v.lastData)
 	}
 	v.lastData = e.Offset
 	return nil

@@ -101,6 +101,8 @@ func TestValidateRefusesHostileTOCs(t *testing.T) {
 		{"offset past blob end", toc(ent("a", "reg", data(blob.Size+1, 5))), blob, "a", "at or past the TOC offset"},
 		{"offset inside the TOC", toc(ent("a", "reg", data(blob.TOCOffset, 5))), blob, "a", "at or past the TOC offset"},
 		{"offsets going backwards", toc(ent("a", "reg", data(500, 5)), ent("b", "reg", data(100, 5))), blob, "b", "before the previous entry's 500"},
+		{"dir offset before a file's", toc(ent("a", "reg", data(500, 5)), ent("d/", "dir", data(100, 0))), blob, "d/", "before the previous entry's 500"},
+		{"symlink offset past the TOC", toc(ent("s", "symlink", link("x"), data(blob.TOCOffset+1, 0))), blob, "s", "at or past the TOC offset"},
 		{"chunk without a file", toc(ent("a", "chunk", data(10, 0))), blob, "a", "does not follow a non-empty regular file"},
 		{"chunk after an empty file", toc(ent("a", "reg"), ent("a", "chunk", data(10, 0))), blob, "a", "does not follow"},
 		{"chunk of another file", toc(ent("a", "reg", data(10, 8), chunked(0, 4)), ent("b", "chunk", data(20, 0), chunked(4, 4))), blob, "b", `chunk of "b" follows file "a"`},
