@@ -7,7 +7,11 @@
 // TOC offset, a blob shorter than a footer or a chunk size far smaller than
 // the file size makes it panic. A daemon that serves every build on a node
 // must refuse such a layer, so Validate checks the decoded TOC and Read
-// finds and decodes the TOC with bounded sizes and without building a tree.
+// finds and decodes the TOC with bounded sizes and without building a tree,
+// exactly as stargz will (same decompressors, same bytes), refusing what
+// makes stargz's reader panic: a TOC offset outside the blob (including a
+// TOC stored outside the blob, which lazybase does not support), a footer
+// that makes a decompressor panic, a "null" TOC.
 //
 // Validate accepts a TOC only if, for every entry,
 //

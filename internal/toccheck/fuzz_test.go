@@ -4,12 +4,14 @@ import (
 	"archive/tar"
 	"bytes"
 	"compress/gzip"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"testing"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/containerd/stargz-snapshotter/estargz/externaltoc"
 	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
 	"github.com/containerd/stargz-snapshotter/metadata"
 	memorymetadata "github.com/containerd/stargz-snapshotter/metadata/memory"
@@ -140,19 +142,25 @@ func TestStargzReaderPanicsWithoutCheck(t *testing.T) {
 		sub := off + "STARGZ"
 		return append(make([]byte, 100), estargz.CreateGzipFooter(append([]byte{'S', 'G', byte(len(sub)), 0}, sub...))...)
 	}
+	// A gzip header without an extra field where the external-TOC
+	// decompressor (which stargz's service adds) looks for its footer.
+	noExtra := append(make([]byte, 100), 0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff)
+	noExtra = append(noExtra, make([]byte, externaltoc.FooterSize-10)...)
 	for name, raw := range map[string][]byte{
-		"TOC offset past the end": footer("00000000ffffffff"),
-		"negative TOC offset":     footer("-000000000000001"),
-		"null TOC":                blobWithTOC([]byte("null")),
+		"TOC offset past the end":           footer("00000000ffffffff"),
+		"negative TOC offset":               footer("-000000000000001"),
+		"external-TOC footer without extra": noExtra,
+		"null TOC":                          blobWithTOC([]byte("null")),
 	} {
 		t.Run(name, func(t *testing.T) {
 			sr := io.NewSectionReader(bytes.NewReader(raw), 0, int64(len(raw)))
-			if _, err := toccheck.Check(sr, 0, decs); err == nil {
+			ext := externaltoc.NewGzipDecompressor(func() ([]byte, error) { return nil, errors.New("no external TOC") })
+			if _, err := toccheck.Check(sr, 0, append(decs, ext)); err == nil {
 				t.Fatal("Check accepted it")
 			}
 			panicked := func() (p bool) {
 				defer func() { p = recover() != nil }()
-				memorymetadata.NewReader(sr, zstdDecompressor())
+				memorymetadata.NewReader(sr, metadata.WithDecompressors(new(zstdchunked.Decompressor), ext))
 				return false
 			}()
 			if !panicked {

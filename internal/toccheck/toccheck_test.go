@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/containerd/stargz-snapshotter/estargz/externaltoc"
 	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
 	memorymetadata "github.com/containerd/stargz-snapshotter/metadata/memory"
 	"github.com/klauspost/compress/zstd"
@@ -310,6 +311,7 @@ func TestReadRefusesHostileBlobs(t *testing.T) {
 		{"negative TOC offset", append(bytes.Repeat([]byte{0}, 100), gzipFooter("-000000000000001")...), nil, "outside the blob; external TOCs are not supported"},
 		{"TOC offset past the end", append(bytes.Repeat([]byte{0}, 100), gzipFooter("00000000ffffffff")...), nil, "past the end of the blob"},
 		{"TOC offset option past the end", good, nil, ""},
+		{"external TOC", append(bytes.Repeat([]byte{0}, 100), estargz.CreateGzipFooter(append([]byte{'S', 'G', 17, 0}, "STARGZEXTERNALTOC"...))...), nil, "external TOCs are not supported"},
 		{"null TOC", withTOC(nil, []byte("null")), nil, "no TOC"},
 		{"TOC too large", good, []toccheck.Option{toccheck.WithMaxTOCBytes(1024)}, "more than the limit of 1024"},
 		{"TOC JSON bomb", withTOC(nil, []byte(`{"version":1,`+strings.Repeat(" ", 1<<20)+`"entries":[]}`)), []toccheck.Option{toccheck.WithMaxTOCBytes(64 << 10)}, "TOC JSON larger than the limit"},
@@ -326,7 +328,8 @@ func TestReadRefusesHostileBlobs(t *testing.T) {
 				hint = int64(len(tt.blob)) + 1
 				tt.problem = "past the end of the blob"
 			}
-			_, err := toccheck.Check(sr, hint, decs, tt.opts...)
+			ext := externaltoc.NewGzipDecompressor(func() ([]byte, error) { return nil, errors.New("no external TOC") })
+			_, err := toccheck.Check(sr, hint, append(decs, ext), tt.opts...)
 			if err == nil {
 				t.Fatal("accepted")
 			}
