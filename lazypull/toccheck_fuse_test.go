@@ -28,7 +28,7 @@ import (
 // a daemon holding a healthy lazy mount. Each hostile layer's mount is
 // refused and falls back to a normal snapshot with a log line naming image,
 // layer and entry; the daemon keeps serving and the healthy mount still
-// reads correctly.
+// reads correctly, also after a restart.
 func TestHostileTOCsFallBack(t *testing.T) {
 	requireFUSE(t)
 	hostile, err := testimage.HostileLayers(toccheck.DefaultMaxEntries + 1)
@@ -143,6 +143,25 @@ func TestHostileTOCsFallBack(t *testing.T) {
 	if got := counterValue(t, td.d.m.lazyMounts.WithLabelValues("ok")); got != 1 {
 		t.Errorf("lazy mounts ok = %v, want 1", got)
 	}
+	if err := mount.UnmountAll(target, 0); err != nil {
+		t.Fatal(err)
+	}
+
+	// A restarted daemon re-mounts the healthy layer through the same
+	// checking store and it reads back.
+	td.stop(t)
+	td2 := startDaemon(t, root, func(c *Config) { c.BackgroundFetch.Enable = false })
+	if n := fuseMountsUnder(t, root); n != 1 {
+		t.Fatalf("%d FUSE mounts after restart, want the healthy one restored", n)
+	}
+	mounts, err = td2.sn.View(ctx, "view-restored", "chain-healthy")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mount.All(mounts, target); err != nil {
+		t.Fatal(err)
+	}
+	readHealthy("after restart")
 	if err := mount.UnmountAll(target, 0); err != nil {
 		t.Fatal(err)
 	}
