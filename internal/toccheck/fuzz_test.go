@@ -4,10 +4,13 @@ import (
 	"archive/tar"
 	"bytes"
 	"compress/gzip"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"os"
+	"strings"
 	"testing"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
@@ -106,7 +109,8 @@ func openAndWalk(t *testing.T, sr *io.SectionReader) {
 	t.Helper()
 	r, err := memorymetadata.NewReader(sr, zstdDecompressor())
 	if err != nil {
-		return // an error is fine; a panic or a stack overflow is not
+		// What the check accepts, stargz's reader builds a tree of.
+		t.Fatalf("Check accepted a TOC stargz's reader refuses: %v", err)
 	}
 	var walk func(id uint32, depth int)
 	walk = func(id uint32, depth int) {
@@ -167,5 +171,107 @@ func TestStargzReaderPanicsWithoutCheck(t *testing.T) {
 				t.Error("stargz's reader no longer panics on it")
 			}
 		})
+	}
+}
+
+// FuzzValidateEntries builds TOCs from a compact encoding, 8 bytes an
+// entry, over a small alphabet of names, so that the fuzzer explores
+// hardlinks, duplicates, parents, chunks and offsets rather than JSON
+// syntax. Whatever Check accepts must open in stargz's reader and walk.
+func FuzzValidateEntries(f *testing.F) {
+	f.Add([]byte{1, 0x01, 0, 0, 0, 0, 0, 0, 3, 0x02, 0x01, 0, 0, 0, 0, 0})
+	f.Add([]byte{0, 0x01, 0, 0, 2, 9, 0x41, 0, 7, 0x01, 0, 0, 3, 0, 0x14, 0})
+	f.Add([]byte{2, 0x01, 0, 1, 0, 0, 0, 0, 5, 0x11, 0, 0, 0, 0, 0, 0})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		j, err := json.Marshal(tocFromBytes(b))
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw := blobWithTOC(j)
+		sr := io.NewSectionReader(bytes.NewReader(raw), 0, int64(len(raw)))
+		if _, err := toccheck.Check(sr, 0, decs, fuzzLimits...); err != nil {
+			return
+		}
+		openAndWalk(t, sr)
+	})
+}
+
+// tocFromBytes decodes FuzzValidateEntries' compact encoding: per 8 bytes,
+// type, name (1-4 components over a small alphabet, "./" prefix, trailing
+// slash), link target, offset, size, chunk offset and size, inner offset.
+func tocFromBytes(b []byte) *estargz.JTOC {
+	types := []string{"reg", "dir", "symlink", "hardlink", "char", "block", "fifo", "chunk", "socket"}
+	comps := []string{"a", "b", "c", "a", "b", "..", ".", ""}
+	path := func(x, y byte) string {
+		depth := int(x>>4)%4 + 1
+		var cs []string
+		for i := 0; i < depth; i++ {
+			cs = append(cs, comps[(int(y>>(2*i))&3+int(x>>i)&4)%len(comps)])
+		}
+		p := strings.Join(cs, "/")
+		if x&0x04 != 0 {
+			p = "./" + p
+		}
+		if x&0x08 != 0 {
+			p += "/"
+		}
+		return p
+	}
+	toc := &estargz.JTOC{Version: 1}
+	var off int64
+	for len(b) >= 8 {
+		r := b[:8]
+		b = b[8:]
+		// Offsets mostly move forward, sometimes jump anywhere.
+		if r[4]&0x80 != 0 {
+			off = int64(r[4]&0x7f) * 32
+		} else {
+			off += int64(r[4]&0x0f) * 16
+		}
+		e := &estargz.TOCEntry{
+			Type:   types[int(r[0])%len(types)],
+			Name:   path(r[1], r[2]),
+			Offset: off,
+			Size:   int64(r[5]),
+		}
+		if r[6]&0x80 != 0 {
+			e.ChunkOffset, e.ChunkSize = int64(r[6]&0x07), int64(r[6]>>3&0x0f)
+		}
+		if (e.Type == "hardlink" || e.Type == "symlink") && r[3] != 0 || r[3] == 0xff {
+			e.LinkName = path(r[3], r[7])
+		}
+		if r[7]&1 != 0 {
+			e.InnerOffset = int64(r[7])
+		}
+		toc.Entries = append(toc.Entries, e)
+	}
+	return toc
+}
+
+// TestTOCFromBytesIsNotVacuous checks that FuzzValidateEntries' encoding
+// yields TOCs Check accepts (so the reader property is exercised) as well
+// as ones it refuses.
+func TestTOCFromBytesIsNotVacuous(t *testing.T) {
+	rnd := rand.New(rand.NewPCG(1, 2))
+	var accepted, refused int
+	for i := 0; i < 3000; i++ {
+		b := make([]byte, 8*(1+rnd.IntN(6)))
+		for j := range b {
+			b[j] = byte(rnd.UintN(256))
+		}
+		j, err := json.Marshal(tocFromBytes(b))
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw := blobWithTOC(j)
+		if _, err := toccheck.Check(io.NewSectionReader(bytes.NewReader(raw), 0, int64(len(raw))), 0, decs, fuzzLimits...); err != nil {
+			refused++
+		} else {
+			accepted++
+		}
+	}
+	t.Logf("%d accepted, %d refused", accepted, refused)
+	if accepted < 30 || refused < 30 {
+		t.Errorf("%d accepted, %d refused: the encoding does not explore both sides", accepted, refused)
 	}
 }
