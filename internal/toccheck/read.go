@@ -139,8 +139,8 @@ func Read(sr *io.SectionReader, tocOffsetHint int64, decs []Decompressor, opts .
 		} else {
 			buf = make([]byte, tocSize)
 			if err := readAt(sr, buf, tocOff); err != nil {
-				errs = append(errs, fmt.Errorf("%T: reading %d-byte TOC at %d: %w", d, tocSize, tocOff, err))
-				continue
+				// An I/O error (a registry failing), not a bad TOC.
+				return nil, fmt.Errorf("reading %d-byte TOC at %d: %w", tocSize, tocOff, err)
 			}
 			found.Spans = append(found.Spans, Span{Offset: tocOff, Data: buf})
 		}

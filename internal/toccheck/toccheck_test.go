@@ -348,3 +348,27 @@ func mustJSON(t testing.TB, v any) []byte {
 	}
 	return b
 }
+
+// failingReaderAt fails every read past an offset, as a registry might.
+type failingReaderAt struct {
+	r     io.ReaderAt
+	after int64
+}
+
+func (f failingReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	if off+int64(len(p)) > f.after && off < f.after {
+		return 0, errors.New("registry went away")
+	}
+	return f.r.ReadAt(p, off)
+}
+
+// TestReadIOErrorIsNotInvalid keeps a registry failure while reading the TOC
+// apart from an invalid TOC, so the fallback reason says which it was.
+func TestReadIOErrorIsNotInvalid(t *testing.T) {
+	good := realLayers(t)["gzip"]
+	fr := failingReaderAt{r: bytes.NewReader(good), after: int64(len(good)) - 200}
+	_, err := toccheck.Check(io.NewSectionReader(fr, 0, int64(len(good))), 0, decs)
+	if err == nil || errors.Is(err, toccheck.ErrInvalid) || !strings.Contains(err.Error(), "registry went away") {
+		t.Errorf("Check = %v, want the I/O error, not an invalid TOC", err)
+	}
+}
