@@ -311,8 +311,8 @@ entry_timeout = "3s"
 	if sc.ResolverConfig.RequestTimeoutSec != 7 {
 		t.Errorf("request timeout = %d", sc.ResolverConfig.RequestTimeoutSec)
 	}
-	if len(opts) != 1 {
-		t.Errorf("want the registry hosts option, got %d options", len(opts))
+	if len(opts) != 2 {
+		t.Errorf("want the registry hosts and TOC-checking filesystem options, got %d options", len(opts))
 	}
 }
 

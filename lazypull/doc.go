@@ -14,6 +14,10 @@
 //     Prepare: declined images lose their remote-snapshot labels so that
 //     containerd pulls and unpacks them normally, and layers that are not
 //     eStargz fall back the same way with a log line saying why;
+//   - a check of every layer's eStargz TOC (internal/toccheck) before
+//     stargz's metadata reader builds a tree from it (tocstore.go): a
+//     layer whose TOC could crash or mislead the reader is not mounted and
+//     falls back to a normal pull;
 //   - Prometheus metrics for mounts, fallbacks and policy decisions next to
 //     the upstream filesystem metrics, and a status view of mounted layers
 //     with their fetched percentages;

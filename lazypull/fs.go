@@ -48,9 +48,12 @@ func (t *trackingFS) Mount(ctx context.Context, mountpoint string, labels map[st
 	start := time.Now()
 	if err := t.fs.Mount(ctx, mountpoint, labels); err != nil {
 		t.m.lazyMounts.WithLabelValues("failed").Inc()
-		t.m.fallbacks.WithLabelValues(ReasonMountFailed).Inc()
-		log.G(ctx).WithError(err).WithField("reason", ReasonMountFailed).
-			Warn("lazy mount failed; containerd pulls this layer normally")
+		reason, msg := ReasonMountFailed, "lazy mount failed; containerd pulls this layer normally"
+		if isInvalidTOC(err) {
+			reason, msg = ReasonInvalidTOC, "lazy mount refused: invalid eStargz TOC; containerd pulls this layer normally"
+		}
+		t.m.fallbacks.WithLabelValues(reason).Inc()
+		log.G(ctx).WithError(err).WithField("reason", reason).Warn(msg)
 		return err
 	}
 	d := time.Since(start)

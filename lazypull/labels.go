@@ -45,6 +45,9 @@ const (
 	ReasonNotEStargz  = "not_estargz"
 	ReasonNoReference = "no_reference"
 	ReasonMountFailed = "mount_failed"
+	// ReasonInvalidTOC is a lazy mount refused because the layer's eStargz
+	// TOC failed validation (tocstore.go); containerd pulls it normally.
+	ReasonInvalidTOC = "invalid_toc"
 )
 
 // imageRef returns the image reference containerd or BuildKit passed.

@@ -36,7 +36,7 @@ func newMetrics() *metrics {
 		}, []string{"result"}),
 		fallbacks: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "fallbacks_total",
-			Help: "Layers offered for a remote mount that were pulled normally instead, by reason (policy, not_estargz, no_reference, mount_failed).",
+			Help: "Layers offered for a remote mount that were pulled normally instead, by reason (policy, not_estargz, no_reference, mount_failed, invalid_toc).",
 		}, []string{"reason"}),
 		mounted: prometheus.NewGauge(prometheus.GaugeOpts{
 			Namespace: ns, Subsystem: sub, Name: "mounted_layers",
@@ -64,7 +64,7 @@ func newMetrics() *metrics {
 	m.reg.MustRegister(m.decisions, m.lazyMounts, m.fallbacks, m.mounted, m.mountDuration,
 		m.localized, m.localizations, m.localizeDuration)
 	// Pre-create the series so they read 0 rather than being absent.
-	for _, r := range []string{ReasonPolicy, ReasonNotEStargz, ReasonNoReference, ReasonMountFailed} {
+	for _, r := range []string{ReasonPolicy, ReasonNotEStargz, ReasonNoReference, ReasonMountFailed, ReasonInvalidTOC} {
 		m.fallbacks.WithLabelValues(r)
 	}
 	m.lazyMounts.WithLabelValues("ok")

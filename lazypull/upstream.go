@@ -95,7 +95,11 @@ func (c *Config) upstream(ctx context.Context) (service.Config, []service.Option
 	// Blob reads are served from the export guard's verified copies once
 	// it has committed them (blobsource.go).
 	hosts = blobSourceFor(c.Root).wrapHosts(hosts)
-	return sc, []service.Option{service.WithCustomRegistryHosts(hosts)}, nil
+	return sc, []service.Option{
+		service.WithCustomRegistryHosts(hosts),
+		// Every TOC is checked before stargz reads it (tocstore.go).
+		service.WithFilesystemOptions(tocCheckOption()),
+	}, nil
 }
 
 // hostsFromDirs resolves registry hosts from containerd hosts.toml
