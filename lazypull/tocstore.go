@@ -1,6 +1,7 @@
 package lazypull
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -45,13 +46,16 @@ func tocCheckingStore(inner metadata.Store, opts ...toccheck.Option) metadata.St
 		if err != nil {
 			return nil, err
 		}
-		return &checkedReader{Reader: r, mopts: mopts, opts: opts}, nil
+		return &checkedReader{Reader: r, mopts: mopts, opts: opts, checked: cached.checked, size: cached.size}, nil
 	}
 }
 
 // checkTOC checks the TOC of sr with the decompressors and TOC offset the
 // metadata options carry, as stargz's reader will read it.
 func checkTOC(sr *io.SectionReader, mopts []metadata.Option, opts []toccheck.Option) (*spanReaderAt, error) {
+	if testHookCheckTOC != nil {
+		testHookCheckTOC()
+	}
 	var o metadata.Options
 	for _, opt := range mopts {
 		if err := opt(&o); err != nil {
@@ -67,10 +71,36 @@ func checkTOC(sr *io.SectionReader, mopts []metadata.Option, opts []toccheck.Opt
 		log.L.WithError(err).WithField("blob_size", sr.Size()).Info("refusing eStargz layer before stargz reads its TOC")
 		return nil, fmt.Errorf("checking eStargz TOC: %w", err)
 	}
-	s := &spanReaderAt{r: sr, size: sr.Size()}
-	s.spans.Store(&f.Spans)
-	return s, nil
+	return newSpanReaderAt(sr, f.Spans), nil
 }
+
+func newSpanReaderAt(sr *io.SectionReader, spans []toccheck.Span) *spanReaderAt {
+	s := &spanReaderAt{r: sr, size: sr.Size(), checked: spans}
+	s.spans.Store(&spans)
+	return s
+}
+
+// sameTOC reports whether sr holds, where the check read them, the very
+// bytes of a TOC that passed the check (footer and TOC alike), so a clone
+// over it needs no second decode and validation.
+func sameTOC(sr *io.SectionReader, size int64, checked []toccheck.Span) bool {
+	if len(checked) == 0 || sr.Size() != size {
+		return false
+	}
+	for _, sp := range checked {
+		b := make([]byte, len(sp.Data))
+		if n, err := sr.ReadAt(b, sp.Offset); n != len(b) || (err != nil && !errors.Is(err, io.EOF)) {
+			return false
+		}
+		if !bytes.Equal(b, sp.Data) {
+			return false
+		}
+	}
+	return true
+}
+
+// testHookCheckTOC, set by tests only, is called by every checkTOC.
+var testHookCheckTOC func()
 
 // isInvalidTOC reports whether err, returned by a mount, comes from a TOC
 // the store refused. stargz flattens the store's error into text on the
@@ -85,28 +115,41 @@ type checkedReader struct {
 	metadata.Reader
 	mopts []metadata.Option
 	opts  []toccheck.Option
+	// checked are the blob ranges (footer and TOC) of the TOC that passed
+	// the check, kept so that a Clone over the same bytes skips the check.
+	checked []toccheck.Span
+	size    int64
 }
 
-// Clone checks the TOC of sr and clones the reader over it.
+// Clone clones the reader over sr after checking sr's TOC. stargz clones a
+// layer's reader for its prefetch and background fetch, over the same
+// blob: when sr holds the very footer and TOC bytes that passed the check,
+// they are compared, not decoded and validated again.
 func (r *checkedReader) Clone(sr *io.SectionReader) (metadata.Reader, error) {
-	cached, err := checkTOC(sr, r.mopts, r.opts)
-	if err != nil {
-		return nil, err
+	var cached *spanReaderAt
+	if sameTOC(sr, r.size, r.checked) {
+		cached = newSpanReaderAt(sr, r.checked)
+	} else {
+		var err error
+		if cached, err = checkTOC(sr, r.mopts, r.opts); err != nil {
+			return nil, err
+		}
 	}
 	c, err := r.Reader.Clone(cached.section())
 	cached.release()
 	if err != nil {
 		return nil, err
 	}
-	return &checkedReader{Reader: c, mopts: r.mopts, opts: r.opts}, nil
+	return &checkedReader{Reader: c, mopts: r.mopts, opts: r.opts, checked: cached.checked, size: cached.size}, nil
 }
 
 // spanReaderAt serves reads that fall inside the blob ranges the check
 // already read from memory, until released, and passes the others on.
 type spanReaderAt struct {
-	r     io.ReaderAt
-	size  int64
-	spans atomic.Pointer[[]toccheck.Span]
+	r       io.ReaderAt
+	size    int64
+	spans   atomic.Pointer[[]toccheck.Span]
+	checked []toccheck.Span // the spans, kept after release for Clone
 }
 
 func (s *spanReaderAt) section() *io.SectionReader { return io.NewSectionReader(s, 0, s.size) }

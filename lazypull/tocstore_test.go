@@ -69,10 +69,29 @@ func TestTOCCheckingStoreOpensGoodLayers(t *testing.T) {
 	if _, _, err := r.GetChild(etc, "os-release"); err != nil {
 		t.Fatal(err)
 	}
-	// Clone checks the blob it is given and still works on a good one.
+	// Clone over the same blob (stargz's prefetch and background fetch)
+	// compares the footer and TOC bytes with the checked ones instead of
+	// decoding and validating them again, and still works.
+	var checks atomic.Int64
+	testHookCheckTOC = func() { checks.Add(1) }
+	t.Cleanup(func() { testHookCheckTOC = nil })
 	c, err := r.Clone(io.NewSectionReader(bytes.NewReader(l.Blob), 0, int64(len(l.Blob))))
 	if err != nil {
 		t.Fatal(err)
+	}
+	if n := checks.Load(); n != 0 {
+		t.Errorf("Clone over the checked bytes ran %d checks, want 0", n)
+	}
+	// A blob whose TOC bytes differ from the checked ones is checked.
+	other, err := testimage.EStargz(mustTar(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Clone(io.NewSectionReader(bytes.NewReader(other.Blob), 0, int64(len(other.Blob)))); err != nil {
+		t.Logf("Clone over another blob: %v", err)
+	}
+	if n := checks.Load(); n != 1 {
+		t.Errorf("Clone over another blob ran %d checks, want 1", n)
 	}
 	if _, ok := c.(*checkedReader); !ok {
 		t.Errorf("Clone returned %T, want a checking reader", c)
