@@ -52,6 +52,30 @@ func hdr(typ byte, name, link string) testimage.Entry {
 	return testimage.Entry{Header: h, Data: data}
 }
 
+func withXattr(e testimage.Entry, k, v string) testimage.Entry {
+	e.Header.Format = tar.FormatPAX
+	if e.Header.PAXRecords == nil {
+		e.Header.PAXRecords = map[string]string{}
+	}
+	e.Header.PAXRecords["SCHILY.xattr."+k] = v
+	return e
+}
+
+func withMode(e testimage.Entry, mode int64) testimage.Entry {
+	e.Header.Mode = mode
+	return e
+}
+
+func withOwner(e testimage.Entry, uid, gid int) testimage.Entry {
+	e.Header.Uid, e.Header.Gid = uid, gid
+	return e
+}
+
+func withMtime(e testimage.Entry, mt time.Time) testimage.Entry {
+	e.Header.ModTime = mt
+	return e
+}
+
 func mustGzipLayer(t testing.TB, es []testimage.Entry) *testimage.Layer {
 	t.Helper()
 	l, err := testimage.EntriesLayer(es)
@@ -151,6 +175,19 @@ func badLayers(t testing.TB) []badLayer {
 		{name: "dir-replaced-by-symlink", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeSymlink, "dir", "elsewhere"))), mention: []string{`"dir"`, "replaces a directory"}},
 		{name: "estargz-valid-hardlink-to-dir", layer: esgzWith(hdr(tar.TypeDir, "etc/", ""), hdr(tar.TypeLink, "etc/hl", "etc")), mention: []string{"etc/hl", "is a directory"}},
 		{name: "estargz-valid-under-symlinked-dir", layer: esgzWith(hdr(tar.TypeDir, "b/", ""), hdr(tar.TypeSymlink, "a", "b"), hdr(tar.TypeReg, "a/x", "")), mention: []string{"a/x", "symbolic link"}},
+		// containerd's unpack ignores trusted.* xattrs; overlayfs obeys
+		// trusted.overlay.* ones served by a lazily mounted layer.
+		{name: "overlay-xattr-opaque", layer: mustGzipLayer(t, entriesWith(withXattr(hdr(tar.TypeDir, "opq/", ""), "trusted.overlay.opaque", "y"))), mention: []string{`"opq/"`, `"trusted.overlay.opaque"`}},
+		{name: "overlay-xattr-redirect", layer: mustGzipLayer(t, entriesWith(withXattr(hdr(tar.TypeReg, "f", ""), "trusted.overlay.redirect", "/etc"))), mention: []string{`"f"`, `"trusted.overlay.redirect"`}},
+		{name: "estargz-valid-overlay-xattr", layer: esgzWith(withXattr(hdr(tar.TypeDir, "opq/", ""), "trusted.overlay.opaque", "y")), mention: []string{`"opq/"`, `"trusted.overlay.opaque"`}},
+		// containerd's unpack applies a hardlink header's attributes to
+		// the shared file; the lazy view keeps the target's.
+		{name: "hardlink-setuid", layer: mustGzipLayer(t, entriesWith(withMode(hdr(tar.TypeLink, "hl", "ok.txt"), 0o4755))), mention: []string{`"hl"`, `"ok.txt"`, "mode 04755 where the target has 0644"}},
+		{name: "hardlink-owner", layer: mustGzipLayer(t, entriesWith(withOwner(hdr(tar.TypeLink, "hl", "ok.txt"), 0, 42))), mention: []string{`"hl"`, "owner 0:42 where the target has 0:0"}},
+		{name: "hardlink-mtime", layer: mustGzipLayer(t, entriesWith(withMtime(hdr(tar.TypeLink, "hl", "ok.txt"), testimage.Epoch.Add(time.Hour)))), mention: []string{`"hl"`, "modification time"}},
+		{name: "hardlink-xattr", layer: mustGzipLayer(t, entriesWith(withXattr(hdr(tar.TypeLink, "hl", "ok.txt"), "security.capability", "cap"))), mention: []string{`"hl"`, `"security.capability"`}},
+		{name: "hardlink-chain-mode", layer: mustGzipLayer(t, entriesWith(hdr(tar.TypeLink, "h1", "ok.txt"), withMode(hdr(tar.TypeLink, "h2", "h1"), 0o600))), mention: []string{`"h2"`, "mode 0600"}},
+		{name: "estargz-valid-hardlink-setuid", layer: esgzWith(withMode(hdr(tar.TypeLink, "hl", "ok.txt"), 0o4755)), mention: []string{`"hl"`, "mode 04755"}},
 		{name: "media-type-foreign", layer: testimage.NewLayer(good.Blob, types.DockerForeignLayer), mention: []string{string(types.DockerForeignLayer)}, is: convert.ErrUnsupportedMediaType},
 		{name: "media-type-text-plain", layer: testimage.NewLayer(good.Blob, "text/plain"), mention: []string{"text/plain"}, is: convert.ErrUnsupportedMediaType},
 	}

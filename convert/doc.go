@@ -16,9 +16,17 @@
 // reader): paths leaving the root, hardlinks whose target is a directory
 // (directly or through a chain of hardlinks), entries under a symbolic link
 // or a non-directory of the same layer, a directory replaced by a
-// non-directory, and a hardlink target replaced after the link. containerd
-// resolves such paths through the link on the node; a lazy mount serves the
-// TOC as written; the two cannot agree, so the layer is refused.
+// non-directory, a hardlink target replaced after the link, a hardlink whose
+// header gives its file another owner, mode, mtime or xattr than its
+// target's (containerd applies a link's header to the shared inode) and an
+// entry carrying a trusted.overlay.* xattr (containerd's unpack ignores it,
+// overlayfs obeys it in a lazily mounted layer). containerd resolves such
+// paths and headers on the node; a lazy mount serves the TOC as written; the
+// two cannot agree, so the layer is refused rather than altered.
+//
+// Unlike estargz's writer, the converter writes an mtime of 0 to the TOC as
+// 1970-01-01T00:00:00Z rather than leaving it out, which stargz would show
+// as 0001-01-01.
 // VerifyEStargz applies the same checks to eStargz layers that would be
 // reused as they are. Converter.Image and Assemble also refuse an image whose
 // layer places entries under a symbolic link left by a lower layer (overlayfs

@@ -148,6 +148,9 @@ func FuzzConvertEntry(f *testing.F) {
 	f.Add("etc/passwd", "", byte(tar.TypeReg), int64(0o644), 0, "root:x:0:0::/root:/bin/sh\n", "user.a", "b")
 	f.Add("./bin/sh", "busybox", byte(tar.TypeSymlink), int64(0o777), 0, "", "", "")
 	f.Add("base/hard", "base/file", byte(tar.TypeLink), int64(0o644), 0, "", "", "")
+	f.Add("base/hard", "base/file", byte(tar.TypeLink), int64(0o4755), 0, "", "", "")
+	f.Add("base/hard", "base/file", byte(tar.TypeLink), int64(0o644), 7, "", "user.a", "b")
+	f.Add("base/f", "", byte(tar.TypeReg), int64(0o644), 0, "x", "trusted.overlay.redirect", "/etc")
 	f.Add("../x", "", byte(tar.TypeReg), int64(0o644), 0, "x", "", "")
 	f.Add("/abs/x", "", byte(tar.TypeReg), int64(0o644), 0, "x", "", "")
 	f.Add("dev/tty", "", byte(tar.TypeChar), int64(0o620), 5, "", "", "")
@@ -209,8 +212,10 @@ func FuzzConvertEntry(f *testing.F) {
 // refuse because a lazy mount could not show them as containerd unpacks
 // them: it names a hardlink whose target (followed through other hardlinks,
 // as the stargz reader does, by the last entry of each name) is a
-// directory, or an entry placed under a symbolic link of the layer. It
-// returns "" for a layer with neither.
+// directory, an entry placed under a symbolic link of the layer, an entry
+// with a trusted.overlay.* xattr, or a hardlink whose owner or mode differs
+// from its (regular, non-link) target's. It returns "" for a layer with
+// none of these.
 func lazyViewHazard(tarball []byte) string {
 	last := map[string]*tar.Header{}
 	var links []*tar.Header
@@ -226,10 +231,19 @@ func lazyViewHazard(tarball []byte) string {
 				return fmt.Sprintf("%q under the symbolic link %q", h.Name, p.Name)
 			}
 		}
-		last[name] = h
+		for k := range h.PAXRecords {
+			if strings.HasPrefix(k, "SCHILY.xattr.trusted.overlay.") {
+				return fmt.Sprintf("%q with the overlay xattr %q", h.Name, strings.TrimPrefix(k, "SCHILY.xattr."))
+			}
+		}
 		if h.Typeflag == tar.TypeLink {
 			links = append(links, h)
+			if t, ok := last[path.Clean(h.Linkname)]; ok && t.Typeflag != tar.TypeDir && t.Typeflag != tar.TypeLink &&
+				(t.Uid != h.Uid || t.Gid != h.Gid || (t.Typeflag != tar.TypeSymlink && t.Mode&0o7777 != h.Mode&0o7777)) {
+				return fmt.Sprintf("the hardlink %q with another owner or mode than its target %q", h.Name, t.Name)
+			}
 		}
+		last[name] = h
 	}
 	for _, l := range links {
 		h := l

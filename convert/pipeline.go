@@ -12,6 +12,7 @@ import (
 	"io"
 	"os"
 	"path"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -329,9 +330,13 @@ func (e *badEntryError) Unwrap() error { return e.err }
 // other hardlinks; it makes a cycle in the TOC), an entry under a symbolic
 // link or under a non-directory of the same layer (containerd's unpack
 // resolves the link, the lazy view does not), a directory replaced by a
-// non-directory (the unpack removes what was in it, the lazy view keeps it)
-// and a hardlink target replaced after the link was made (the unpacked link
-// keeps the old file, the lazy one follows the new).
+// non-directory (the unpack removes what was in it, the lazy view keeps it),
+// a hardlink target replaced after the link was made (the unpacked link
+// keeps the old file, the lazy one follows the new), a hardlink whose header
+// gives the shared file other attributes than its target's (containerd's
+// unpack applies the link's header to the file, the lazy view keeps the
+// target's) and an extended attribute overlayfs acts on, trusted.overlay.*
+// (containerd's unpack ignores it; overlayfs obeys it in a lazy mount).
 type entryFilter struct {
 	// kinds is the kind of each path so far, directories implied by
 	// deeper paths included; a hardlink has its target's kind.
@@ -341,6 +346,18 @@ type entryFilter struct {
 	// implied maps a directory first met as the parent of an entry (not as
 	// an entry of its own) to that entry's name.
 	implied map[string]string
+	// attrs holds what each non-directory's header applies to its file,
+	// for the hardlinks made to it later in the layer.
+	attrs map[string]fileAttrs
+}
+
+// fileAttrs are the attributes containerd's unpack applies to a file from
+// its tar header, again from each hardlink header naming it.
+type fileAttrs struct {
+	mode     int64 // permission, setuid, setgid and sticky bits
+	uid, gid int
+	mtime    time.Time         // as containerd bounds it
+	xattrs   map[string]string // nil when none
 }
 
 // entryKind is what a path of the layer is.
@@ -354,7 +371,7 @@ const (
 )
 
 func newEntryFilter() *entryFilter {
-	return &entryFilter{kinds: map[string]entryKind{}, linked: map[string]string{}, implied: map[string]string{}}
+	return &entryFilter{kinds: map[string]entryKind{}, linked: map[string]string{}, implied: map[string]string{}, attrs: map[string]fileAttrs{}}
 }
 
 // check validates h and reports whether it belongs in the output.
@@ -376,6 +393,9 @@ func (f *entryFilter) checkEntry(ctx context.Context, h *tar.Header) (keep bool,
 		return false, err
 	}
 	if err := representable(h); err != nil {
+		return false, err
+	}
+	if err := noOverlayXattr(h); err != nil {
 		return false, err
 	}
 	switch clean {
@@ -404,6 +424,9 @@ func (f *entryFilter) checkEntry(ctx context.Context, h *tar.Header) (keep bool,
 			return false, fmt.Errorf("hardlink %q: target %q is a directory (directly or through other hardlinks), which a layer cannot hold", h.Name, h.Linkname)
 		}
 		kind = f.kinds[target]
+		if err := sameAttrs(h, target, f.attrs[target], kind); err != nil {
+			return false, err
+		}
 		if _, ok := f.linked[target]; !ok {
 			f.linked[target] = clean
 		}
@@ -422,7 +445,107 @@ func (f *entryFilter) checkEntry(ctx context.Context, h *tar.Header) (keep bool,
 		}
 	}
 	f.kinds[clean] = kind
+	switch {
+	case kind == kindDir:
+		delete(f.attrs, clean)
+	case h.Typeflag == tar.TypeLink:
+		f.attrs[clean] = f.attrs[path.Clean(h.Linkname)]
+	default:
+		f.attrs[clean] = headerAttrs(h)
+	}
 	return true, nil
+}
+
+const (
+	paxXattr = "SCHILY.xattr."
+	// overlayXattrPrefix is the namespace of the extended attributes
+	// overlayfs reads from its layers (opaque directories, redirects,
+	// metacopy, ...).
+	overlayXattrPrefix = "trusted.overlay."
+)
+
+// noOverlayXattr refuses an entry carrying a trusted.overlay.* extended
+// attribute: containerd's unpack does not set trusted.* attributes, while
+// the lazily mounted layer serves it and overlayfs acts on it (an opaque
+// directory hides the lower layers' files), so the two views would differ.
+// Stripping it would change the layer, so lazybase refuses it instead.
+func noOverlayXattr(h *tar.Header) error {
+	for k := range h.PAXRecords {
+		if x, ok := strings.CutPrefix(k, paxXattr); ok && strings.HasPrefix(x, overlayXattrPrefix) {
+			return fmt.Errorf("file %q carries the extended attribute %q, which overlayfs would obey in a lazy mount while containerd's unpack ignores it, so lazybase refuses the layer", h.Name, x)
+		}
+	}
+	return nil
+}
+
+var (
+	minUnpackTime = time.Unix(0, 0)
+	maxUnpackTime = time.Unix(0, 1<<63-1)
+)
+
+// unpackTime is the modification time containerd's unpack gives a file
+// whose header says t: times it cannot set become 1970-01-01.
+func unpackTime(t time.Time) time.Time {
+	if t.Before(minUnpackTime) || t.After(maxUnpackTime) {
+		return minUnpackTime
+	}
+	return t
+}
+
+// headerAttrs returns what containerd's unpack applies from h.
+func headerAttrs(h *tar.Header) fileAttrs {
+	a := fileAttrs{mode: h.Mode & 0o7777, uid: h.Uid, gid: h.Gid, mtime: unpackTime(h.ModTime)}
+	for k, v := range h.PAXRecords {
+		if x, ok := strings.CutPrefix(k, paxXattr); ok {
+			if a.xattrs == nil {
+				a.xattrs = map[string]string{}
+			}
+			a.xattrs[x] = v
+		}
+	}
+	return a
+}
+
+// sameAttrs refuses a hardlink whose header would change the file it
+// shares with target: containerd's unpack makes the link, then applies the
+// link's owner, extended attributes, mode (unless the file is a symbolic
+// link) and modification time to the shared file, while the lazily mounted
+// layer shows the target's entry under both names. Extended attributes the
+// unpack does not set (trusted.*, user.* on a symbolic link) are passed over.
+func sameAttrs(h *tar.Header, target string, t fileAttrs, kind entryKind) error {
+	l := headerAttrs(h)
+	diff := ""
+	switch {
+	case l.uid != t.uid || l.gid != t.gid:
+		diff = fmt.Sprintf("owner %d:%d where the target has %d:%d", l.uid, l.gid, t.uid, t.gid)
+	case kind != kindSymlink && l.mode != t.mode:
+		diff = fmt.Sprintf("mode %#o where the target has %#o", l.mode, t.mode)
+	case !l.mtime.Equal(t.mtime):
+		diff = fmt.Sprintf("modification time %s where the target has %s", l.mtime.UTC().Format(time.RFC3339Nano), t.mtime.UTC().Format(time.RFC3339Nano))
+	}
+	if diff == "" {
+		keys := make([]string, 0, len(l.xattrs))
+		for k := range l.xattrs {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			if strings.HasPrefix(k, "trusted.") || (kind == kindSymlink && strings.HasPrefix(k, "user.")) {
+				continue
+			}
+			if v, ok := t.xattrs[k]; !ok {
+				diff = fmt.Sprintf("extended attribute %q, which the target does not have", k)
+				break
+			} else if v != l.xattrs[k] {
+				diff = fmt.Sprintf("extended attribute %q = %q where the target has %q", k, l.xattrs[k], v)
+				break
+			}
+		}
+	}
+	if diff == "" {
+		return nil
+	}
+	return fmt.Errorf("hardlink %q to %q: its header gives the shared file %s; containerd's unpack applies a hardlink's header to the file, a lazy mount keeps the target's, so lazybase refuses the layer", h.Name, target, diff)
 }
 
 // checkParents refuses an entry under a symbolic link or a non-directory,

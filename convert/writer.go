@@ -223,8 +223,13 @@ func (w *layerWriter) nameIfChanged(m map[int]string, id int, name string) strin
 	return name
 }
 
+// formatModtime returns the TOC modtime of a tar header's time. Unlike
+// estargz's writer, it writes mtime 0 as "1970-01-01T00:00:00Z" rather than
+// leaving it out: stargz shows a missing modtime as Go's zero time
+// (0001-01-01), containerd's unpack shows 1970-01-01. Only a header without
+// a time at all gets no modtime.
 func formatModtime(t time.Time) string {
-	if t.IsZero() || t.Unix() == 0 {
+	if t.IsZero() {
 		return ""
 	}
 	return t.UTC().Round(time.Second).Format(time.RFC3339)

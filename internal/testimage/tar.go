@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
+	"path"
 	"strings"
 	"time"
 )
@@ -95,7 +96,17 @@ func Entries(seed uint64, opts ...Option) []Entry {
 		add(&tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: mode}, data)
 	}
 	link := func(typ byte, name, target string) {
-		add(&tar.Header{Typeflag: typ, Name: name, Linkname: target, Mode: 0o777}, nil)
+		h := &tar.Header{Typeflag: typ, Name: name, Linkname: target, Mode: 0o777}
+		add(h, nil)
+		if typ != tar.TypeLink {
+			return
+		}
+		// tar writes a hardlink's header with its file's attributes.
+		for _, e := range es {
+			if t := e.Header; t.Typeflag != tar.TypeLink && path.Clean(t.Name) == path.Clean(target) {
+				h.Mode, h.Uid, h.Gid, h.Uname, h.Gname, h.ModTime = t.Mode, t.Uid, t.Gid, t.Uname, t.Gname, t.ModTime
+			}
+		}
 	}
 
 	if o.rootDir {
@@ -145,8 +156,10 @@ func Entries(seed uint64, opts ...Option) []Entry {
 			"SCHILY.xattr.user.comment":        "hello xattr",
 			"SCHILY.xattr.security.capability": "\x01\x00\x00\x02\x00\x04\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00",
 		}}, text(100))
-	add(&tar.Header{Typeflag: tar.TypeDir, Name: "xattr/opaque/", Mode: 0o755, Format: tar.FormatPAX,
-		PAXRecords: map[string]string{"SCHILY.xattr.trusted.overlay.opaque": "y"}}, nil)
+	// A directory with an xattr (trusted.overlay.* ones, which overlayfs
+	// obeys, make lazybase refuse a layer).
+	add(&tar.Header{Typeflag: tar.TypeDir, Name: "xattr/dir/", Mode: 0o755, Format: tar.FormatPAX,
+		PAXRecords: map[string]string{"SCHILY.xattr.user.dir-note": "a directory's xattr"}}, nil)
 
 	dir("owned/", 0o755)
 	add(&tar.Header{Typeflag: tar.TypeReg, Name: "owned/alice", Mode: 0o640, Uid: 1000, Gid: 1000, Uname: "alice", Gname: "staff"}, []byte("alice's\n"))

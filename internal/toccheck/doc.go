@@ -26,7 +26,13 @@
 //     symlink, regular file or other non-directory;
 //   - a hardlink names an existing non-directory entry defined before it
 //     (a chain of hardlinks is followed to its end), so no entry can become
-//     its own ancestor;
+//     its own ancestor, and it gives the file the same owner, mode
+//     (unless the file is a symlink), modtime and extended attributes as its
+//     target's entry: containerd's unpack applies a hardlink's attributes to
+//     the shared file, stargz shows the target's entry under both names;
+//   - no extended attribute is in trusted.overlay.*: overlayfs would obey
+//     it in the lazy view (an opaque directory hiding the lower layers'
+//     files) while containerd's unpack does not set trusted.* attributes;
 //   - offsets and sizes are non-negative, data lies before the TOC in the
 //     blob, offsets never go backwards, and the chunks of a file follow it,
 //     cover it exactly and in order;

@@ -1,9 +1,12 @@
 package toccheck
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"sort"
 	"strings"
+	"time"
 	"unicode/utf8"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
@@ -186,9 +189,10 @@ func Validate(toc *estargz.JTOC, blob Blob, opts ...Option) error {
 		return tocError("TOC offset %d outside the blob of %d bytes", blob.TOCOffset, blob.Size)
 	}
 	v := validator{
-		o:     o,
-		blob:  blob,
-		names: make(map[string]node, len(toc.Entries)),
+		o:       o,
+		blob:    blob,
+		names:   make(map[string]node, len(toc.Entries)),
+		entries: toc.Entries,
 	}
 	for i, e := range toc.Entries {
 		if err := v.entry(i, e); err != nil {
@@ -203,6 +207,7 @@ func Validate(toc *estargz.JTOC, blob Blob, opts ...Option) error {
 
 type validator struct {
 	o        options
+	entries  []*estargz.TOCEntry
 	blob     Blob
 	names    map[string]node
 	order    []string // names in TOC order, for a deterministic first error
@@ -318,6 +323,9 @@ func (v *validator) entry(i int, e *estargz.TOCEntry) error {
 		if t.typ == "dir" || n.target == "" {
 			return bad("hardlink to directory %q", e.LinkName)
 		}
+		if diff := linkChanges(e, v.entries[t.index], t.typ); diff != "" {
+			return bad("hardlink to %q gives the shared file %s: an unpack would apply the link's attributes to the file, the lazy view keeps the target's", e.LinkName, diff)
+		}
 	}
 
 	if prev, ok := v.names[name]; ok && !(prev.typ == "dir" && e.Type == "dir") {
@@ -395,6 +403,9 @@ func (v *validator) xattrs(e *estargz.TOCEntry) error {
 	for k, val := range e.Xattrs {
 		if k == "" || len(k) > maxComponentLen || strings.IndexByte(k, 0) >= 0 || !utf8.ValidString(k) {
 			return fmt.Errorf("extended attribute name %q", k)
+		}
+		if strings.HasPrefix(k, overlayXattrPrefix) {
+			return fmt.Errorf("extended attribute %q: overlayfs would obey it in the lazy view, an unpack ignores it", k)
 		}
 		if len(val) > maxXattrValue {
 			return fmt.Errorf("extended attribute %q of %d bytes", k, len(val))
@@ -490,6 +501,60 @@ func (v *validator) parents(toc *estargz.JTOC) error {
 func parentOf(p string) string {
 	if i := strings.LastIndexByte(p, '/'); i >= 0 {
 		return p[:i]
+	}
+	return ""
+}
+
+// overlayXattrPrefix is the namespace of the extended attributes overlayfs
+// reads from its layers.
+const overlayXattrPrefix = "trusted.overlay."
+
+var (
+	minUnpackTime = time.Unix(0, 0)
+	maxUnpackTime = time.Unix(0, 1<<63-1)
+)
+
+// unpackTime is the modification time containerd's unpack gives a file for
+// a TOC modtime, read as stargz reads it (unparsable is the zero time):
+// times it cannot set become 1970-01-01.
+func unpackTime(s string) time.Time {
+	t, _ := time.Parse(time.RFC3339, s)
+	if t.Before(minUnpackTime) || t.After(maxUnpackTime) {
+		return minUnpackTime
+	}
+	return t
+}
+
+// linkChanges describes how the hardlink entry l would change the file it
+// shares with target (whose type is typ) when unpacked: containerd applies
+// a hardlink's owner, extended attributes, mode (unless the file is a
+// symlink) and modification time to the shared file, while stargz shows
+// the target's entry under both names. It returns "" when nothing changes.
+// Extended attributes the unpack does not set (trusted.*, user.* on a
+// symlink) are passed over.
+func linkChanges(l, target *estargz.TOCEntry, typ string) string {
+	switch {
+	case l.UID != target.UID || l.GID != target.GID:
+		return fmt.Sprintf("owner %d:%d where the target has %d:%d", l.UID, l.GID, target.UID, target.GID)
+	case typ != "symlink" && l.Mode&0o7777 != target.Mode&0o7777:
+		return fmt.Sprintf("mode %#o where the target has %#o", l.Mode&0o7777, target.Mode&0o7777)
+	case !unpackTime(l.ModTime3339).Equal(unpackTime(target.ModTime3339)):
+		return fmt.Sprintf("modtime %q where the target has %q", l.ModTime3339, target.ModTime3339)
+	}
+	keys := make([]string, 0, len(l.Xattrs))
+	for k := range l.Xattrs {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		if strings.HasPrefix(k, "trusted.") || (typ == "symlink" && strings.HasPrefix(k, "user.")) {
+			continue
+		}
+		if v, ok := target.Xattrs[k]; !ok {
+			return fmt.Sprintf("extended attribute %q, which the target does not have", k)
+		} else if !bytes.Equal(v, l.Xattrs[k]) {
+			return fmt.Sprintf("another value of extended attribute %q", k)
+		}
 	}
 	return ""
 }

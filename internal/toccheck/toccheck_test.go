@@ -37,6 +37,23 @@ func link(target string) func(*estargz.TOCEntry) {
 	return func(e *estargz.TOCEntry) { e.LinkName = target }
 }
 
+func mode(m int64) func(*estargz.TOCEntry) {
+	return func(e *estargz.TOCEntry) { e.Mode = m }
+}
+
+func mtime(s string) func(*estargz.TOCEntry) {
+	return func(e *estargz.TOCEntry) { e.ModTime3339 = s }
+}
+
+func xattr(k, v string) func(*estargz.TOCEntry) {
+	return func(e *estargz.TOCEntry) {
+		if e.Xattrs == nil {
+			e.Xattrs = map[string][]byte{}
+		}
+		e.Xattrs[k] = []byte(v)
+	}
+}
+
 func data(off, size int64) func(*estargz.TOCEntry) {
 	return func(e *estargz.TOCEntry) { e.Offset, e.Size = off, size }
 }
@@ -116,6 +133,15 @@ func TestValidateRefusesHostileTOCs(t *testing.T) {
 		{"chunk offset past TOC", toc(ent("a", "reg", data(10, 8), chunked(0, 4)), ent("a", "chunk", data(blob.TOCOffset, 0), chunked(4, 4))), blob, "a", "at or past the TOC offset"},
 		{"bad digest", toc(ent("a", "reg", data(10, 8), func(e *estargz.TOCEntry) { e.Digest = "sha256:zz" })), blob, "a", `digest "sha256:zz"`},
 		{"bad xattr name", toc(ent("a", "fifo", func(e *estargz.TOCEntry) { e.Xattrs = map[string][]byte{"": nil} })), blob, "a", "extended attribute name"},
+		{"overlay opaque xattr", toc(ent("d/", "dir", xattr("trusted.overlay.opaque", "y"))), blob, "d/", `extended attribute "trusted.overlay.opaque"`},
+		{"overlay redirect xattr", toc(ent("f", "fifo", xattr("trusted.overlay.redirect", "/x"))), blob, "f", `extended attribute "trusted.overlay.redirect"`},
+		{"hardlink setuid", toc(ent("f", "fifo", mode(0o755)), ent("h", "hardlink", link("f"), mode(0o4755))), blob, "h", "mode 04755 where the target has 0755"},
+		{"hardlink owner", toc(ent("f", "fifo"), ent("h", "hardlink", link("f"), func(e *estargz.TOCEntry) { e.UID = 1000 })), blob, "h", "owner 1000:0 where the target has 0:0"},
+		{"hardlink modtime", toc(ent("f", "fifo", mtime("2024-01-01T00:00:00Z")), ent("h", "hardlink", link("f"), mtime("2024-01-01T00:00:01Z"))), blob, "h", "modtime"},
+		{"hardlink modtime where the target has none", toc(ent("f", "fifo"), ent("h", "hardlink", link("f"), mtime("2024-01-01T00:00:01Z"))), blob, "h", "modtime"},
+		{"hardlink xattr", toc(ent("f", "fifo"), ent("h", "hardlink", link("f"), xattr("security.capability", "c"))), blob, "h", `extended attribute "security.capability"`},
+		{"hardlink xattr value", toc(ent("f", "fifo", xattr("user.a", "1")), ent("h", "hardlink", link("f"), xattr("user.a", "2"))), blob, "h", `another value of extended attribute "user.a"`},
+		{"hardlink chain owner", toc(ent("f", "fifo"), ent("h1", "hardlink", link("f")), ent("h2", "hardlink", link("h1"), func(e *estargz.TOCEntry) { e.GID = 5 })), blob, "h2", "owner 0:5"},
 		{"TOC offset past blob", toc(ent("a", "fifo")), toccheck.Blob{Size: 10, TOCOffset: 11}, "", "TOC offset 11 outside the blob"},
 		{"version 2", &estargz.JTOC{Version: 2}, blob, "", "version 2, want 1"},
 		{"no TOC", nil, blob, "", "no TOC"},
@@ -162,6 +188,12 @@ func TestValidateAcceptsOddButSafeTOCs(t *testing.T) {
 		{"symlinks anywhere", toc(ent("up", "symlink", link("../../../../etc/passwd")), ent("abs", "symlink", link("/")))},
 		{"chunked file", toc(ent("a", "reg", data(10, 10), chunked(0, 4)), ent("a", "chunk", data(20, 0), chunked(4, 4)), ent("", "chunk", data(30, 0), chunked(8, 0)))},
 		{"shared gzip member", toc(ent("a", "reg", data(10, 4)), ent("b", "reg", data(10, 4), func(e *estargz.TOCEntry) { e.InnerOffset = 512 }))},
+		{"hardlink with the same attributes", toc(ent("f", "fifo", mode(0o4755), mtime("2024-01-01T00:00:00Z"), xattr("user.a", "1")), ent("h", "hardlink", link("f"), mode(0o104755), mtime("2024-01-01T00:00:00Z"), xattr("user.a", "1")))},
+		{"hardlink without the target's xattr", toc(ent("f", "fifo", xattr("user.a", "1")), ent("h", "hardlink", link("f")))},
+		{"hardlink with a trusted xattr", toc(ent("f", "fifo"), ent("h", "hardlink", link("f"), xattr("trusted.md5", "x")))},
+		{"hardlinked symlink of another mode", toc(ent("s", "symlink", link("x"), mode(0o777)), ent("h", "hardlink", link("s"), mode(0o644)))},
+		{"hardlink modtimes both before 1970", toc(ent("f", "fifo", mtime("1960-01-01T00:00:00Z")), ent("h", "hardlink", link("f"), mtime("1950-01-01T00:00:00Z")))},
+		{"hardlink modtime 1970 where the target has none", toc(ent("f", "fifo"), ent("h", "hardlink", link("f"), mtime("1970-01-01T00:00:00Z")))},
 		{"max depth", toc(ent(strings.Repeat("d/", toccheck.DefaultMaxDepth-1)+"f", "fifo"))},
 	}
 	for _, tt := range tests {
