@@ -25,12 +25,8 @@ type recordOptions struct {
 	flags containerrun.Flags
 }
 
-func newPrefetchRecordCmd() *cobra.Command {
-	var o recordOptions
-	cmd := &cobra.Command{
-		Use:   "record --image REF --access-dir DIR -o PROFILE -- CMD [ARG...]",
-		Short: "Run a command in a container on a lazily pulled image and record the files it reads",
-		Long: `Pull REF lazily through containerd with the lazy snapshotter, run CMD in a
+// prefetchRecordLong is the help text of prefetch record.
+const prefetchRecordLong = `Pull REF lazily through containerd with the lazy snapshotter, run CMD in a
 container on it, and turn the files the snapshotter recorded as read during
 the run into a prefetch profile.
 
@@ -50,7 +46,14 @@ docker: -v /host/src:/src:ro or --mount type=bind,src=/host/src,dst=/src,ro.
 Both paths must be absolute and the source must exist. Files read through a
 bind mount are not in the image and never enter the profile. --workdir sets
 the command's working directory, --env KEY=VALUE its environment (KEY alone
-passes this process's value of KEY).`,
+passes this process's value of KEY).`
+
+func newPrefetchRecordCmd() *cobra.Command {
+	var o recordOptions
+	cmd := &cobra.Command{
+		Use:   "record --image REF --access-dir DIR -o PROFILE -- CMD [ARG...]",
+		Short: "Run a command in a container on a lazily pulled image and record the files it reads",
+		Long:  prefetchRecordLong,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if cmd.ArgsLenAtDash() != 0 || len(args) == 0 {
 				return errors.New("the command to run follows --: record --image REF -o PROFILE -- CMD [ARG...]")
