@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"text/tabwriter"
@@ -51,6 +52,12 @@ result, and print a before/after report. Needs no root and no network.`,
 // runDemo runs the demo, converting with the convert verb's code, and
 // prints its report.
 func runDemo(ctx context.Context, stdout, stderr io.Writer, o demoOptions) error {
+	if o.small && o.source != "" {
+		return errors.New("--small and --source exclude each other: --small makes the second layer from generated files")
+	}
+	if o.maxBytes <= 0 {
+		return fmt.Errorf("--max-bytes must be positive, got %d", o.maxBytes)
+	}
 	format, err := convert.ParseFormat(o.format)
 	if err != nil {
 		return fmt.Errorf("--format: %w", err)

@@ -40,10 +40,19 @@ func TestDemoSmallPrintsReport(t *testing.T) {
 	}
 }
 
-func TestDemoBadFormat(t *testing.T) {
-	_, _, err := runCLI(context.Background(), t, "demo", "--small", "--format", "lz4")
-	if err == nil || !strings.Contains(err.Error(), "--format") {
-		t.Errorf("err %v, want it to name --format", err)
+func TestDemoBadFlags(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--small", "--format", "lz4"}, "--format"},
+		{[]string{"--small", "--source", t.TempDir()}, "--small and --source"},
+		{[]string{"--max-bytes", "0"}, "--max-bytes must be positive"},
+	} {
+		_, _, err := runCLI(context.Background(), t, append([]string{"demo"}, tc.args...)...)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%v: err %v, want it to name %s", tc.args, err, tc.want)
+		}
 	}
 }
 
