@@ -64,7 +64,7 @@ func sampleImage(dir string, o options) (v1.Image, Sample, error) {
 
 	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
 	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
-	created := v1.Time{Time: time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC)}
+	created := v1.Time{Time: sampleTime}
 	img, err = mutate.Append(img,
 		mutate.Addendum{Layer: base, History: v1.History{Created: created, CreatedBy: "lazybase demo: generated base files"}},
 		mutate.Addendum{Layer: top, History: v1.History{Created: created, CreatedBy: "lazybase demo: source tree"}},
@@ -107,7 +107,9 @@ func goSourceDir() (string, error) {
 	return "", errors.New("cannot find the Go toolchain's src directory; give one with --source DIR or use --small")
 }
 
-var demoTime = time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC)
+// sampleTime is the time of every file and history entry of the sample
+// image, which makes it reproducible.
+var sampleTime = time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC)
 
 // generatedFiles writes n deterministic text files of up to size bytes
 // under prefix, with /etc files when prefix is empty.
@@ -120,7 +122,7 @@ func generatedFiles(tw *tar.Writer, prefix string, n, size int) (int, error) {
 				continue
 			}
 			dirs[d] = true
-			if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d + "/", Mode: 0o755, ModTime: demoTime, Format: tar.FormatPAX}); err != nil {
+			if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d + "/", Mode: 0o755, ModTime: sampleTime, Format: tar.FormatPAX}); err != nil {
 				return err
 			}
 		}
@@ -130,7 +132,7 @@ func generatedFiles(tw *tar.Writer, prefix string, n, size int) (int, error) {
 		if err := mkdir(name); err != nil {
 			return err
 		}
-		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: mode, Size: int64(len(body)), ModTime: demoTime, Format: tar.FormatPAX}); err != nil {
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: mode, Size: int64(len(body)), ModTime: sampleTime, Format: tar.FormatPAX}); err != nil {
 			return err
 		}
 		_, err := tw.Write(body)
@@ -147,7 +149,7 @@ func generatedFiles(tw *tar.Writer, prefix string, n, size int) (int, error) {
 				return files, err
 			}
 		}
-		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeSymlink, Name: "etc/mtab", Linkname: "../proc/self/mounts", Mode: 0o777, ModTime: demoTime, Format: tar.FormatPAX}); err != nil {
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeSymlink, Name: "etc/mtab", Linkname: "../proc/self/mounts", Mode: 0o777, ModTime: sampleTime, Format: tar.FormatPAX}); err != nil {
 			return files, err
 		}
 	}
@@ -187,7 +189,7 @@ func dirFiles(tw *tar.Writer, root, prefix string, maxBytes int64) (int, error) 
 	var total int64
 	files := 0
 	for _, d := range parents(prefix + "/x") {
-		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d + "/", Mode: 0o755, ModTime: demoTime, Format: tar.FormatPAX}); err != nil {
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d + "/", Mode: 0o755, ModTime: sampleTime, Format: tar.FormatPAX}); err != nil {
 			return 0, err
 		}
 	}
@@ -205,7 +207,7 @@ func dirFiles(tw *tar.Writer, root, prefix string, maxBytes int64) (int, error) 
 		if err != nil {
 			return err
 		}
-		hdr := &tar.Header{Name: name, Mode: int64(fi.Mode().Perm()), ModTime: demoTime, Format: tar.FormatPAX}
+		hdr := &tar.Header{Name: name, Mode: int64(fi.Mode().Perm()), ModTime: sampleTime, Format: tar.FormatPAX}
 		switch {
 		case fi.IsDir():
 			hdr.Typeflag, hdr.Name = tar.TypeDir, name+"/"
