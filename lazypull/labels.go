@@ -17,9 +17,11 @@ const (
 	// is what makes the upstream snapshotter try a remote mount.
 	targetLabel = "containerd.io/snapshot.ref"
 	// remoteLabelPrefix prefixes the labels BuildKit and ctr set for remote
-	// snapshotters (stargz.reference, stargz.digest, stargz.layers, urls…)
-	// and the upstream snapshotter's own remote marker.
-	remoteLabelPrefix = "containerd.io/snapshot/remote"
+	// snapshotters (stargz.reference, stargz.digest, stargz.layers, urls…).
+	remoteLabelPrefix = "containerd.io/snapshot/remote/"
+	// remoteMarkerLabel is the upstream snapshotter's marker on a snapshot
+	// it mounted remotely; BuildKit treats a layer carrying it as lazy.
+	remoteMarkerLabel = "containerd.io/snapshot/remote"
 	// criLabelPrefix prefixes the labels containerd's unpacker sets when
 	// enable_remote_snapshot_annotations is on (cri.image-ref,
 	// cri.layer-digest, cri.image-layers, cri.manifest-digest).
@@ -97,7 +99,7 @@ func planPrepare(p *Policy, labels map[string]string) preparePlan {
 	}
 	plan.Decision = p.Decide(plan.Ref)
 	switch {
-	case !plan.Decision.Mode.Lazy():
+	case !plan.Decision.Mode.MountsLazily():
 		plan.Reason = ReasonPolicy
 		if plan.Decision.Rule >= 0 {
 			plan.Detail = "policy rule " + strconv.Itoa(plan.Decision.Rule) + " (" + plan.Decision.Match + ") says " + string(plan.Decision.Mode)
@@ -127,7 +129,7 @@ func planPrepare(p *Policy, labels map[string]string) preparePlan {
 func stripRemoteLabels(labels map[string]string) map[string]string {
 	out := make(map[string]string, len(labels))
 	for k, v := range labels {
-		if k == targetLabel || k == tocDigestLabel ||
+		if k == targetLabel || k == tocDigestLabel || k == remoteMarkerLabel ||
 			strings.HasPrefix(k, remoteLabelPrefix) || strings.HasPrefix(k, criLabelPrefix) {
 			continue
 		}

@@ -284,3 +284,28 @@ func counterValue(t *testing.T, c prometheus.Counter) float64 {
 	}
 	return m.GetCounter().GetValue()
 }
+
+// TestStripRemoteLabelsDropsMarkerAndPrefixedLabels checks both remote
+// label names: the upstream marker (an exact key) and the labels under the
+// remote prefix go, labels that merely share the marker's spelling as a
+// prefix of another path stay.
+func TestStripRemoteLabelsDropsMarkerAndPrefixedLabels(t *testing.T) {
+	in := map[string]string{
+		remoteMarkerLabel:                      "remote snapshot",
+		remoteLabelPrefix + "stargz.reference": testRef,
+		remoteLabelPrefix + "urls":             "",
+		"containerd.io/snapshot/remotely":      "kept",
+		"containerd.io/gc.root":                "x",
+	}
+	got := stripRemoteLabels(in)
+	want := map[string]string{"containerd.io/snapshot/remotely": "kept", "containerd.io/gc.root": "x"}
+	if !maps.Equal(got, want) {
+		t.Errorf("stripRemoteLabels = %v, want %v", got, want)
+	}
+	if len(in) != 5 {
+		t.Errorf("stripRemoteLabels modified its input: %v", in)
+	}
+	if !strings.HasPrefix(remoteLabelPrefix, remoteMarkerLabel+"/") {
+		t.Errorf("remote prefix %q is not under the marker %q", remoteLabelPrefix, remoteMarkerLabel)
+	}
+}
