@@ -35,11 +35,27 @@ const (
 	tocDigestLabel = estargz.TOCJSONDigestAnnotation
 
 	// ModeLabel records the policy decision on the snapshot so that the
-	// export guard can tell lazily mounted layers from pulled ones.
-	ModeLabel = "containerd.io/snapshot/lazybase.mode"
+	// export guard can tell lazily mounted layers from pulled ones. Like
+	// every label containerd hands a snapshotter, it is under
+	// "containerd.io/snapshot/"; the rest is lazybase's dev.lazybase
+	// namespace.
+	ModeLabel = "containerd.io/snapshot/dev.lazybase.mode"
 	// FallbackLabel records why a remote mount was declined.
-	FallbackLabel = "containerd.io/snapshot/lazybase.fallback"
+	FallbackLabel = "containerd.io/snapshot/dev.lazybase.fallback"
+	// legacyModeLabel is ModeLabel as lazybase wrote it before all its
+	// labels moved under dev.lazybase. Snapshots prepared then carry it;
+	// snapshotMode still reads it.
+	legacyModeLabel = "containerd.io/snapshot/lazybase.mode"
 )
+
+// snapshotMode returns the policy mode recorded on a snapshot's labels by
+// this or an earlier version of lazybase, "" when there is none.
+func snapshotMode(labels map[string]string) string {
+	if m, ok := labels[ModeLabel]; ok {
+		return m
+	}
+	return labels[legacyModeLabel]
+}
 
 // Fallback reasons, also the "reason" label of the fallbacks metric.
 const (

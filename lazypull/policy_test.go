@@ -309,3 +309,27 @@ func TestStripRemoteLabelsDropsMarkerAndPrefixedLabels(t *testing.T) {
 		t.Errorf("remote prefix %q is not under the marker %q", remoteLabelPrefix, remoteMarkerLabel)
 	}
 }
+
+// TestSnapshotModeReadsLegacyLabel: a snapshot prepared by a lazybase that
+// wrote the mode under containerd.io/snapshot/lazybase.mode keeps its mode
+// (a lazy-only layer stays lazy-only after an upgrade); the current label
+// wins when both are there.
+func TestSnapshotModeReadsLegacyLabel(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		labels map[string]string
+		want   string
+	}{
+		{"current", map[string]string{ModeLabel: "lazy-only"}, "lazy-only"},
+		{"legacy", map[string]string{"containerd.io/snapshot/lazybase.mode": "lazy-only"}, "lazy-only"},
+		{"both", map[string]string{ModeLabel: "export-base", "containerd.io/snapshot/lazybase.mode": "lazy"}, "export-base"},
+		{"none", map[string]string{"containerd.io/gc.root": "x"}, ""},
+		{"nil", nil, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := snapshotMode(tc.labels); got != tc.want {
+				t.Errorf("snapshotMode(%v) = %q, want %q", tc.labels, got, tc.want)
+			}
+		})
+	}
+}
