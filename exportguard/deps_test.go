@@ -32,3 +32,25 @@ func TestNoServerDependencies(t *testing.T) {
 		}
 	}
 }
+
+// TestDocsNameNoInternalPackage keeps the package's documentation usable
+// from outside the module: no doc comment tells users to call or name
+// something in an internal package. The two type aliases that export
+// internal types under this package's name are the only lines allowed to
+// spell one.
+func TestDocsNameNoInternalPackage(t *testing.T) {
+	out, err := exec.Command("go", "doc", "-all", ".").Output()
+	if err != nil {
+		t.Fatalf("go doc: %v", err)
+	}
+	allowed := map[string]bool{
+		"type Timeouts = imageio.Timeouts":         true,
+		"type TimeoutError = imageio.TimeoutError": true,
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		l := strings.TrimSpace(line)
+		if (strings.Contains(l, "imageio") || strings.Contains(l, "internal/")) && !allowed[l] {
+			t.Errorf("go doc names an internal package: %q", l)
+		}
+	}
+}

@@ -12,6 +12,11 @@
 // (WithGCRoot). Progress is reported per blob (WithProgress) and Prometheus
 // metrics on a given registerer (WithRegisterer).
 //
+// Every blob a Guard commits carries LabelRef and LabelVerified, plus
+// containerd's distribution source label; Committed and CommittedFilters
+// recognise those blobs, including ones committed by earlier lazybase
+// versions under the old lazybase.io/exportguard label.
+//
 // The package holds no FUSE file system and no gRPC server: the lazybase
 // daemon wires a Guard to its mounts and API.
 package exportguard

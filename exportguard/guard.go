@@ -24,6 +24,10 @@ const (
 	LabelRef = "dev.lazybase.exportguard.ref"
 	// LabelVerified holds the time (RFC 3339) a blob was verified and committed.
 	LabelVerified = "dev.lazybase.exportguard.verified"
+	// labelLegacy is the label ("true") lazybase daemons put, besides
+	// LabelRef, on the blobs their guard committed before every lazybase
+	// label moved under dev.lazybase. It is read, never written.
+	labelLegacy = "lazybase.io/exportguard"
 	// labelGCRoot is containerd's GC root label.
 	labelGCRoot = "containerd.io/gc.root"
 	// ingestPrefix starts the ingest ref of every transfer; the digest follows.

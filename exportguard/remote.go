@@ -21,21 +21,22 @@ import (
 // "Range: bytes=OFFSET-LAST" request. Its zero value is ready to use:
 // credentials from the docker config and credential helpers, plain HTTP only
 // for loopback registries, certificates verified, every phase of a request
-// bounded by imageio's default timeouts. A registry that stops answering
-// fails the attempt with an *imageio.TimeoutError naming the host; the
-// Guard retries it like any transient error (WithRetry), resuming from the
-// bytes it has.
+// bounded by the default Timeouts. A registry that stops answering fails the
+// attempt with a *TimeoutError naming the host; the Guard retries it like
+// any transient error (WithRetry), resuming from the bytes it has.
 type Remote struct {
 	// Keychain gives registry credentials (authn.DefaultKeychain if nil).
 	Keychain authn.Keychain
-	// Transport is the base HTTP transport (imageio.NewTransport(false,
-	// Timeouts) if nil). Timeouts and the plain-HTTP policy are applied on
-	// top of it.
+	// Transport is the base HTTP transport. If nil, a clone of
+	// go-containerregistry's remote.DefaultTransport (proxy settings from
+	// the environment) with its dial, TLS handshake and response header
+	// waits bounded by Timeouts is used. Timeouts and the plain-HTTP policy
+	// are applied on top of it.
 	Transport http.RoundTripper
 	// Timeouts bound each phase of a registry request (zero fields take
-	// imageio's defaults): connect, TLS handshake, response headers, and
-	// each read of the blob, never the whole transfer.
-	Timeouts imageio.Timeouts
+	// their defaults): connect, TLS handshake, response headers, and each
+	// read of the blob, never the whole transfer.
+	Timeouts Timeouts
 	// PlainHTTP allows plain HTTP to registries that are not on loopback.
 	PlainHTTP bool
 

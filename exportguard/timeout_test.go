@@ -15,7 +15,7 @@ import (
 )
 
 // shortTimeouts are the registry timeouts of these tests.
-var shortTimeouts = imageio.Timeouts{Connect: 2 * time.Second, TLSHandshake: 300 * time.Millisecond, ResponseHeader: 300 * time.Millisecond, Idle: 300 * time.Millisecond}
+var shortTimeouts = Timeouts{Connect: 2 * time.Second, TLSHandshake: 300 * time.Millisecond, ResponseHeader: 300 * time.Millisecond, Idle: 300 * time.Millisecond}
 
 // stallAfter serves the first n bytes of the blob, then nothing until the
 // client gives up.
@@ -73,7 +73,7 @@ func TestRemoteSilentRegistry(t *testing.T) {
 			start := time.Now()
 			err = g.Ensure(s.ctx, tc.host+"/test/img:latest", d)
 			elapsed := time.Since(start)
-			var te *imageio.TimeoutError
+			var te *TimeoutError
 			if !errors.As(err, &te) || te.Host != tc.host || !strings.Contains(err.Error(), "registry "+tc.host+": ") || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("Ensure: %v, want a timeout naming registry %s (%q)", err, tc.host, tc.want)
 			}

@@ -63,7 +63,7 @@ func (t *trackingFS) Mount(ctx context.Context, mountpoint string, labels map[st
 	t.mounts[mountpoint] = mountRecord{
 		image:     imageRef(labels),
 		layer:     layerDigest(labels),
-		mode:      labels[ModeLabel],
+		mode:      snapshotMode(labels),
 		mountedAt: time.Now(),
 	}
 	t.m.mounted.Set(float64(len(t.mounts)))

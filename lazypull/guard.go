@@ -265,7 +265,6 @@ func (g *guardTrigger) guard(ctx context.Context, ns string) (*exportguard.Guard
 	opts := []exportguard.Option{
 		exportguard.WithParallelism(g.cfg.Parallelism),
 		exportguard.WithGCRoot(),
-		exportguard.WithLabels(map[string]string{"lazybase.io/exportguard": "true"}),
 	}
 	if lm != nil {
 		opts = append(opts, exportguard.WithLease(lm, GuardLeaseID))

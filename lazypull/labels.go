@@ -17,9 +17,11 @@ const (
 	// is what makes the upstream snapshotter try a remote mount.
 	targetLabel = "containerd.io/snapshot.ref"
 	// remoteLabelPrefix prefixes the labels BuildKit and ctr set for remote
-	// snapshotters (stargz.reference, stargz.digest, stargz.layers, urls…)
-	// and the upstream snapshotter's own remote marker.
-	remoteLabelPrefix = "containerd.io/snapshot/remote"
+	// snapshotters (stargz.reference, stargz.digest, stargz.layers, urls…).
+	remoteLabelPrefix = "containerd.io/snapshot/remote/"
+	// remoteMarkerLabel is the upstream snapshotter's marker on a snapshot
+	// it mounted remotely; BuildKit treats a layer carrying it as lazy.
+	remoteMarkerLabel = "containerd.io/snapshot/remote"
 	// criLabelPrefix prefixes the labels containerd's unpacker sets when
 	// enable_remote_snapshot_annotations is on (cri.image-ref,
 	// cri.layer-digest, cri.image-layers, cri.manifest-digest).
@@ -33,11 +35,27 @@ const (
 	tocDigestLabel = estargz.TOCJSONDigestAnnotation
 
 	// ModeLabel records the policy decision on the snapshot so that the
-	// export guard can tell lazily mounted layers from pulled ones.
-	ModeLabel = "containerd.io/snapshot/lazybase.mode"
+	// export guard can tell lazily mounted layers from pulled ones. Like
+	// every label containerd hands a snapshotter, it is under
+	// "containerd.io/snapshot/"; the rest is lazybase's dev.lazybase
+	// namespace.
+	ModeLabel = "containerd.io/snapshot/dev.lazybase.mode"
 	// FallbackLabel records why a remote mount was declined.
-	FallbackLabel = "containerd.io/snapshot/lazybase.fallback"
+	FallbackLabel = "containerd.io/snapshot/dev.lazybase.fallback"
+	// legacyModeLabel is ModeLabel as lazybase wrote it before all its
+	// labels moved under dev.lazybase. Snapshots prepared then carry it;
+	// snapshotMode still reads it.
+	legacyModeLabel = "containerd.io/snapshot/lazybase.mode"
 )
+
+// snapshotMode returns the policy mode recorded on a snapshot's labels by
+// this or an earlier version of lazybase, "" when there is none.
+func snapshotMode(labels map[string]string) string {
+	if m, ok := labels[ModeLabel]; ok {
+		return m
+	}
+	return labels[legacyModeLabel]
+}
 
 // Fallback reasons, also the "reason" label of the fallbacks metric.
 const (
@@ -97,7 +115,7 @@ func planPrepare(p *Policy, labels map[string]string) preparePlan {
 	}
 	plan.Decision = p.Decide(plan.Ref)
 	switch {
-	case !plan.Decision.Mode.Lazy():
+	case !plan.Decision.Mode.MountsLazily():
 		plan.Reason = ReasonPolicy
 		if plan.Decision.Rule >= 0 {
 			plan.Detail = "policy rule " + strconv.Itoa(plan.Decision.Rule) + " (" + plan.Decision.Match + ") says " + string(plan.Decision.Mode)
@@ -127,7 +145,7 @@ func planPrepare(p *Policy, labels map[string]string) preparePlan {
 func stripRemoteLabels(labels map[string]string) map[string]string {
 	out := make(map[string]string, len(labels))
 	for k, v := range labels {
-		if k == targetLabel || k == tocDigestLabel ||
+		if k == targetLabel || k == tocDigestLabel || k == remoteMarkerLabel ||
 			strings.HasPrefix(k, remoteLabelPrefix) || strings.HasPrefix(k, criLabelPrefix) {
 			continue
 		}

@@ -29,11 +29,11 @@ func TestRemoteMarkerHiddenWithGuard(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		_, statHas := info.Labels[remoteLabelPrefix]
+		_, statHas := info.Labels[remoteMarkerLabel]
 		walkHas, walked := false, 0
 		if err := td.sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
 			walked++
-			if _, ok := info.Labels[remoteLabelPrefix]; ok {
+			if _, ok := info.Labels[remoteMarkerLabel]; ok {
 				walkHas = true
 			}
 			return nil

@@ -25,8 +25,9 @@ const (
 	ModeLazyOnly Mode = "lazy-only"
 )
 
-// Lazy reports whether m mounts eStargz layers lazily.
-func (m Mode) Lazy() bool { return m != ModeEager }
+// MountsLazily reports whether m mounts eStargz layers lazily: true for
+// ModeLazy, ModeExportBase and ModeLazyOnly, false for ModeEager.
+func (m Mode) MountsLazily() bool { return m != ModeEager }
 
 func (m Mode) check() error {
 	switch m {

@@ -284,3 +284,52 @@ func counterValue(t *testing.T, c prometheus.Counter) float64 {
 	}
 	return m.GetCounter().GetValue()
 }
+
+// TestStripRemoteLabelsDropsMarkerAndPrefixedLabels checks both remote
+// label names: the upstream marker (an exact key) and the labels under the
+// remote prefix go, labels that merely share the marker's spelling as a
+// prefix of another path stay.
+func TestStripRemoteLabelsDropsMarkerAndPrefixedLabels(t *testing.T) {
+	in := map[string]string{
+		remoteMarkerLabel:                      "remote snapshot",
+		remoteLabelPrefix + "stargz.reference": testRef,
+		remoteLabelPrefix + "urls":             "",
+		"containerd.io/snapshot/remotely":      "kept",
+		"containerd.io/gc.root":                "x",
+	}
+	got := stripRemoteLabels(in)
+	want := map[string]string{"containerd.io/snapshot/remotely": "kept", "containerd.io/gc.root": "x"}
+	if !maps.Equal(got, want) {
+		t.Errorf("stripRemoteLabels = %v, want %v", got, want)
+	}
+	if len(in) != 5 {
+		t.Errorf("stripRemoteLabels modified its input: %v", in)
+	}
+	if !strings.HasPrefix(remoteLabelPrefix, remoteMarkerLabel+"/") {
+		t.Errorf("remote prefix %q is not under the marker %q", remoteLabelPrefix, remoteMarkerLabel)
+	}
+}
+
+// TestSnapshotModeReadsLegacyLabel: a snapshot prepared by a lazybase that
+// wrote the mode under containerd.io/snapshot/lazybase.mode keeps its mode
+// (a lazy-only layer stays lazy-only after an upgrade); the current label
+// wins when both are there.
+func TestSnapshotModeReadsLegacyLabel(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		labels map[string]string
+		want   string
+	}{
+		{"current", map[string]string{ModeLabel: "lazy-only"}, "lazy-only"},
+		{"legacy", map[string]string{"containerd.io/snapshot/lazybase.mode": "lazy-only"}, "lazy-only"},
+		{"both", map[string]string{ModeLabel: "export-base", "containerd.io/snapshot/lazybase.mode": "lazy"}, "export-base"},
+		{"none", map[string]string{"containerd.io/gc.root": "x"}, ""},
+		{"nil", nil, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := snapshotMode(tc.labels); got != tc.want {
+				t.Errorf("snapshotMode(%v) = %q, want %q", tc.labels, got, tc.want)
+			}
+		})
+	}
+}

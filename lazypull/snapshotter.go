@@ -112,7 +112,7 @@ func replaceLabels(labels map[string]string) snapshots.Opt {
 func (s *policySnapshotter) Stat(ctx context.Context, key string) (snapshots.Info, error) {
 	info, err := s.Snapshotter.Stat(ctx, key)
 	if err == nil && s.hideRemote {
-		delete(info.Labels, remoteLabelPrefix)
+		delete(info.Labels, remoteMarkerLabel)
 	}
 	return info, err
 }
@@ -126,7 +126,7 @@ func (s *policySnapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, fil
 		return s.Snapshotter.Walk(ctx, fn, filters...)
 	}
 	return s.Snapshotter.Walk(ctx, func(ctx context.Context, info snapshots.Info) error {
-		delete(info.Labels, remoteLabelPrefix)
+		delete(info.Labels, remoteMarkerLabel)
 		return fn(ctx, info)
 	}, filters...)
 }

@@ -648,8 +648,7 @@ func (m *Mirror) attempt(ctx context.Context, j Job, st *imageStats) (status, sr
 func (m *Mirror) upToDate(ctx context.Context, dest imageio.Ref, srcDigest string) (bool, string, error) {
 	d, err := m.client.Open(ctx, dest)
 	if err != nil {
-		var re *imageio.RegistryError
-		if errors.As(err, &re) && re.Kind == "not found" {
+		if errors.Is(err, imageio.ErrNotFound) {
 			return false, "", nil
 		}
 		return false, "", fmt.Errorf("checking the destination: %w", err)

@@ -131,8 +131,7 @@ func (m *Mirror) lookupRecord(ctx context.Context, key string, src v1.Hash, pref
 	}
 	rec, err := m.client.Open(ctx, ref)
 	if err != nil {
-		var re *imageio.RegistryError
-		if errors.As(err, &re) && re.Kind == "not found" {
+		if errors.Is(err, imageio.ErrNotFound) {
 			return nil, nil
 		}
 		return nil, err

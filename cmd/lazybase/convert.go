@@ -328,10 +328,7 @@ func overwriteError(dst imageio.Ref) error {
 // convertError names the source of a failed conversion (the converter
 // names the image and layer) and says what a registry refusal was.
 func convertError(src imageio.Ref, err error) error {
-	if kind := imageio.Kind(err); kind != "" && !strings.Contains(err.Error(), kind+": ") {
-		return fmt.Errorf("converting %s: %s: %w", src, kind, err)
-	}
-	return fmt.Errorf("converting %s: %w", src, err)
+	return fmt.Errorf("converting %s: %w", src, imageio.Classify(err))
 }
 
 func fillReport(rep *convertReport, images []*convert.ImageResult) {

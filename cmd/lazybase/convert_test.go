@@ -512,7 +512,7 @@ func TestConvertRegistryErrors(t *testing.T) {
 	reg := testimage.NewRegistry(t)
 	_, _, err = runCLI(ctx, t, "convert", reg.Host+"/none/app:v1", reg.Host+"/none/app:out")
 	t.Logf("404: %v", err)
-	if err == nil || !strings.Contains(err.Error(), "reading "+reg.Host+"/none/app:v1: not found: ") {
+	if err == nil || !strings.Contains(err.Error(), "reading "+reg.Host+"/none/app:v1: not found: ") || !errors.Is(err, imageio.ErrNotFound) {
 		t.Errorf("404: %v", err)
 	}
 
@@ -521,12 +521,12 @@ func TestConvertRegistryErrors(t *testing.T) {
 	push(t, src, img)
 	layers, _ := img.Layers()
 	dgst, _ := layers[0].Digest()
-	for status, want := range map[int]string{http.StatusNotFound: "not found", http.StatusInternalServerError: "500"} {
+	for status, kind := range map[int]error{http.StatusNotFound: imageio.ErrNotFound, http.StatusInternalServerError: imageio.ErrServer} {
 		reg.Fail(dgst, status)
 		_, _, err = runCLI(ctx, t, "convert", src, reg.Host+"/lib/app:out")
 		t.Logf("blob %d: %v", status, err)
-		if err == nil || !strings.Contains(err.Error(), src) || !strings.Contains(err.Error(), dgst.String()) || !strings.Contains(err.Error(), want) {
-			t.Errorf("blob %d: %v", status, err)
+		if err == nil || !strings.Contains(err.Error(), src) || !strings.Contains(err.Error(), dgst.String()) || !strings.Contains(err.Error(), kind.Error()) || !errors.Is(err, kind) {
+			t.Errorf("blob %d: %v, want errors.Is %q", status, err, kind)
 		}
 		reg.Fail(dgst, 0)
 	}

@@ -10,11 +10,29 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 )
 
+// Kinds of registry refusal. A RegistryError matches its kind with
+// errors.Is: errors.Is(err, ErrNotFound) tells a missing manifest or blob
+// from every other failure.
+var (
+	// ErrUnauthorized is HTTP 401: no or wrong credentials.
+	ErrUnauthorized = errors.New("unauthorized")
+	// ErrDenied is HTTP 403: the credentials do not grant the access.
+	ErrDenied = errors.New("denied")
+	// ErrNotFound is HTTP 404: no such repository, manifest or blob.
+	ErrNotFound = errors.New("not found")
+	// ErrServer is an HTTP 5xx answer.
+	ErrServer = errors.New("registry error")
+	// ErrRefused is any other HTTP error status.
+	ErrRefused = errors.New("registry refused")
+	// ErrCertificate is a TLS certificate the client could not verify.
+	ErrCertificate = errors.New("TLS certificate verification failed")
+)
+
 // RegistryError is a registry's refusal, classified by HTTP status.
 type RegistryError struct {
-	// Kind is "unauthorized", "denied", "not found", "registry error",
-	// "registry refused" or "TLS certificate verification failed".
-	Kind       string
+	// Kind is one of ErrUnauthorized, ErrDenied, ErrNotFound, ErrServer,
+	// ErrRefused and ErrCertificate; errors.Is matches it.
+	Kind       error
 	StatusCode int // 0 when no HTTP status applies
 	Err        error
 }
@@ -23,7 +41,9 @@ func (e *RegistryError) Error() string {
 	return fmt.Sprintf("%s: %s", e.Kind, describe(e.Err, e.StatusCode))
 }
 
-func (e *RegistryError) Unwrap() error { return e.Err }
+// Unwrap returns the kind and the underlying error, so that errors.Is
+// matches both.
+func (e *RegistryError) Unwrap() []error { return []error{e.Kind, e.Err} }
 
 // describe returns the registry's own words for a transport error, without
 // the request line (which may be long), and the status. Other errors (such
@@ -54,37 +74,35 @@ func classify(err error) error {
 	}
 	var cve *tls.CertificateVerificationError
 	if errors.As(err, &cve) {
-		return &RegistryError{Kind: "TLS certificate verification failed", Err: err}
+		return &RegistryError{Kind: ErrCertificate, Err: err}
 	}
 	var te *transport.Error
 	if !errors.As(err, &te) {
 		return err
 	}
-	kind := "registry refused"
+	kind := ErrRefused
 	switch {
 	case te.StatusCode == http.StatusUnauthorized:
-		kind = "unauthorized"
+		kind = ErrUnauthorized
 	case te.StatusCode == http.StatusForbidden:
-		kind = "denied"
+		kind = ErrDenied
 	case te.StatusCode == http.StatusNotFound:
-		kind = "not found"
+		kind = ErrNotFound
 	case te.StatusCode >= 500:
-		kind = "registry error"
+		kind = ErrServer
 	}
 	return &RegistryError{Kind: kind, StatusCode: te.StatusCode, Err: err}
 }
 
-// Kind returns the kind of registry refusal found in err's chain
-// ("unauthorized", "denied", "not found", "registry error", "registry
-// refused"), or "" when there is none. Use it on errors from reading layers
-// of a Source, which reach the caller unclassified.
-func Kind(err error) string {
+// Classify returns err with a registry refusal in its chain classified:
+// err itself when it already holds a RegistryError or no refusal at all,
+// else a RegistryError wrapping err. Use it on errors from reading layers
+// of a Source, which reach the caller unclassified, before matching them
+// with errors.Is(err, ErrNotFound) and the like.
+func Classify(err error) error {
 	var re *RegistryError
 	if errors.As(err, &re) {
-		return re.Kind
+		return err
 	}
-	if re, ok := classify(err).(*RegistryError); ok {
-		return re.Kind
-	}
-	return ""
+	return classify(err)
 }
