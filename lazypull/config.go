@@ -20,7 +20,9 @@ import (
 
 // Config is the lazybase snapshotter's configuration, read from TOML by
 // LoadConfig. Every field states its default; DefaultConfig returns them.
-// deploy/containerd/lazybase.toml is a commented example of every key.
+// deploy/containerd/lazybase.defaults.toml lists every key with exactly
+// these defaults (a test keeps it so); deploy/containerd/lazybase.toml is a
+// commented example.
 // Settings of the stargz filesystem that no key here maps to (such as
 // FUSE passthrough's 400 MiB merge buffer) keep the defaults stargz's own
 // config loader gives them.

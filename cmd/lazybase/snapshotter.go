@@ -26,9 +26,10 @@ func newSnapshotterCmd() *cobra.Command {
 snapshotter. eStargz layers are mounted lazily over FUSE; layers that are not
 eStargz, and images that policy marks eager, are pulled normally.
 
-The configuration file is TOML (deploy/containerd/lazybase.toml documents every
-key): --config, else $LAZYBASE_SNAPSHOTTER_CONFIG; without either the defaults
-apply. --root, --address and
+The configuration file is TOML (deploy/containerd/lazybase.defaults.toml
+documents every key with its default, deploy/containerd/lazybase.toml is an
+example): --config, else $LAZYBASE_SNAPSHOTTER_CONFIG; without either the
+defaults apply. --root, --address and
 --metrics-address override the file, and --log-level overrides its log_level
 when given. SIGTERM or SIGINT stops the daemon and unmounts every lazy mount.
 
