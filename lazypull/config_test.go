@@ -415,6 +415,27 @@ entry_timeout = "3s"
 	}
 }
 
+// TestUpstreamFUSETracing: stargz's FUSE request tracing (its Debug
+// option, go-fuse's per-request log) is on at log level trace and only
+// there, whether the level comes from log_level or from --log-level (which
+// the CLI copies into LogLevel).
+func TestUpstreamFUSETracing(t *testing.T) {
+	for _, level := range []string{"trace", "debug", "info", "warn", "error"} {
+		cfg := DefaultConfig()
+		cfg.LogLevel = level
+		if err := cfg.Validate(); err != nil {
+			t.Fatal(err)
+		}
+		sc, _, err := cfg.upstream(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := level == "trace"; sc.Config.Debug != want {
+			t.Errorf("log level %s: FUSE tracing (Debug) = %v, want %v", level, sc.Config.Debug, want)
+		}
+	}
+}
+
 func TestParseConfigGuard(t *testing.T) {
 	cfg, err := ParseConfig(nil)
 	if err != nil {

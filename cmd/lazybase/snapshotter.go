@@ -18,7 +18,6 @@ import (
 const configEnv = "LAZYBASE_SNAPSHOTTER_CONFIG"
 
 func newSnapshotterCmd() *cobra.Command {
-	var configPath, root, address, metrics string
 	cmd := &cobra.Command{
 		Use:   "snapshotter",
 		Short: "Serve lazily mounted eStargz base images to containerd (proxy snapshotter \"stargz\")",
@@ -31,7 +30,7 @@ documents every key with its default, deploy/containerd/lazybase.toml is an
 example): --config, else $LAZYBASE_SNAPSHOTTER_CONFIG; without either the
 defaults apply. --root, --address and
 --metrics-address override the file, and --log-level overrides its log_level
-when given. SIGTERM or SIGINT stops the daemon and unmounts every lazy mount.
+when given (trace also logs every FUSE request). SIGTERM or SIGINT stops the daemon and unmounts every lazy mount.
 
 One daemon owns a root and a socket: a second daemon on either fails to
 start, naming it; a socket left by a daemon that died is replaced. The TCP
@@ -41,32 +40,12 @@ served on the status unix socket alone.
 Register it in containerd as proxy_plugins.stargz (deploy/containerd/).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg := lazypull.DefaultConfig()
-			if configPath == "" {
-				configPath = os.Getenv(configEnv)
-			}
-			if configPath != "" {
-				var err error
-				if cfg, err = lazypull.LoadConfig(configPath); err != nil {
-					return err
-				}
-			}
-			if cmd.Flags().Changed("root") {
-				cfg.Root = absPath(root)
-			}
-			if cmd.Flags().Changed("address") {
-				cfg.Socket = absPath(address)
-			}
-			if cmd.Flags().Changed("metrics-address") {
-				cfg.MetricsAddress = metrics
-			}
-			if err := cfg.Validate(); err != nil {
+			cfg, err := snapshotterConfig(cmd)
+			if err != nil {
 				return err
 			}
-			if !cmd.Flags().Changed("log-level") {
-				if err := log.SetLevel(cfg.LogLevel); err != nil {
-					return fmt.Errorf("log_level: %w", err)
-				}
+			if err := log.SetLevel(cfg.LogLevel); err != nil {
+				return fmt.Errorf("log_level: %w", err)
 			}
 			ctx := cmd.Context()
 			d, err := lazypull.NewDaemon(ctx, cfg)
@@ -77,12 +56,49 @@ Register it in containerd as proxy_plugins.stargz (deploy/containerd/).`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&configPath, "config", "", "configuration file (TOML; default $"+configEnv+")")
-	f.StringVar(&root, "root", "", "root directory (overrides root)")
-	f.StringVar(&address, "address", "", "unix socket of the snapshots API (overrides socket)")
-	f.StringVar(&metrics, "metrics-address", "", "host:port serving /metrics only (overrides metrics_address)")
+	f.String("config", "", "configuration file (TOML; default $"+configEnv+")")
+	f.String("root", "", "root directory (overrides root)")
+	f.String("address", "", "unix socket of the snapshots API (overrides socket)")
+	f.String("metrics-address", "", "host:port serving /metrics only (overrides metrics_address)")
 	cmd.AddCommand(newSnapshotterStatusCmd())
 	return cmd
+}
+
+// snapshotterConfig returns the daemon's configuration from the parsed
+// flags of the snapshotter verb: the file (--config, else $configEnv, else
+// the defaults) with --root, --address, --metrics-address and the root's
+// --log-level applied over it, validated. --log-level trace thereby also
+// turns on the FUSE request tracing that log_level = "trace" turns on.
+func snapshotterConfig(cmd *cobra.Command) (lazypull.Config, error) {
+	f := cmd.Flags()
+	flag := func(name string) string { return f.Lookup(name).Value.String() }
+	cfg := lazypull.DefaultConfig()
+	path := flag("config")
+	if path == "" {
+		path = os.Getenv(configEnv)
+	}
+	if path != "" {
+		var err error
+		if cfg, err = lazypull.LoadConfig(path); err != nil {
+			return lazypull.Config{}, err
+		}
+	}
+	if f.Changed("root") {
+		cfg.Root = absPath(flag("root"))
+	}
+	if f.Changed("address") {
+		cfg.Socket = absPath(flag("address"))
+	}
+	if f.Changed("metrics-address") {
+		cfg.MetricsAddress = flag("metrics-address")
+	}
+	if f.Changed("log-level") {
+		cfg.LogLevel = flag("log-level")
+	}
+	if err := cfg.Validate(); err != nil {
+		return lazypull.Config{}, err
+	}
+	return cfg, nil
 }
 
 // absPath makes a flag's path absolute; an empty path stays empty so that
