@@ -56,8 +56,9 @@ type Config struct {
 	// StatusSocket alone. Empty disables the listener. Default "".
 	MetricsAddress string `toml:"metrics_address"`
 
-	// LogLevel is one of trace, debug, info, warn, error (key "log_level").
-	// Default "info".
+	// LogLevel is one of trace, debug, info, warn, error (key "log_level");
+	// trace also turns on stargz's FUSE request tracing. `lazybase
+	// --log-level` overrides it. Default "info".
 	LogLevel string `toml:"log_level"`
 
 	// AccessRecordDir, when set, is where the files each lazily mounted
