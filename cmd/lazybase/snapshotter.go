@@ -72,16 +72,9 @@ Register it in containerd as proxy_plugins.stargz (deploy/containerd/).`,
 func snapshotterConfig(cmd *cobra.Command) (lazypull.Config, error) {
 	f := cmd.Flags()
 	flag := func(name string) string { return f.Lookup(name).Value.String() }
-	cfg := lazypull.DefaultConfig()
-	path := flag("config")
-	if path == "" {
-		path = os.Getenv(configEnv)
-	}
-	if path != "" {
-		var err error
-		if cfg, err = lazypull.LoadConfig(path); err != nil {
-			return lazypull.Config{}, err
-		}
+	cfg, err := loadDaemonConfig(flag("config"))
+	if err != nil {
+		return lazypull.Config{}, err
 	}
 	if f.Changed("root") {
 		cfg.Root = absPath(flag("root"))
@@ -99,6 +92,18 @@ func snapshotterConfig(cmd *cobra.Command) (lazypull.Config, error) {
 		return lazypull.Config{}, err
 	}
 	return cfg, nil
+}
+
+// loadDaemonConfig loads the daemon's configuration file: path, else
+// $configEnv; without either it returns the defaults.
+func loadDaemonConfig(path string) (lazypull.Config, error) {
+	if path == "" {
+		path = os.Getenv(configEnv)
+	}
+	if path == "" {
+		return lazypull.DefaultConfig(), nil
+	}
+	return lazypull.LoadConfig(path)
 }
 
 // absPath makes a flag's path absolute; an empty path stays empty so that
@@ -128,25 +133,9 @@ status_socket of --config, else the snapshots socket (--socket, or the
 config's socket) with ".status" appended.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			path := statusSocket
-			if path == "" {
-				cfg := lazypull.DefaultConfig()
-				if configPath == "" {
-					configPath = os.Getenv(configEnv)
-				}
-				if configPath != "" {
-					var err error
-					if cfg, err = lazypull.LoadConfig(configPath); err != nil {
-						return err
-					}
-				}
-				if socket != "" {
-					cfg.Socket = absPath(socket)
-				}
-				path = cfg.StatusSocket
-				if path == "" {
-					path = cfg.Socket + ".status"
-				}
+			path, err := statusSocketPath(configPath, socket, statusSocket)
+			if err != nil {
+				return err
 			}
 			st, err := lazypull.FetchStatus(cmd.Context(), path)
 			if err != nil {
