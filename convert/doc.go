@@ -23,15 +23,15 @@
 // overlayfs obeys it in a lazily mounted layer). containerd resolves such
 // paths and headers on the node; a lazy mount serves the TOC as written; the
 // two cannot agree, so the layer is refused rather than altered.
-//
-// Unlike estargz's writer, the converter writes an mtime of 0 to the TOC as
-// 1970-01-01T00:00:00Z rather than leaving it out, which stargz would show
-// as 0001-01-01.
 // VerifyEStargz applies the same checks to eStargz layers that would be
 // reused as they are. Converter.Image and Assemble also refuse an image whose
 // layer places entries under a symbolic link left by a lower layer (overlayfs
 // would show the upper layer's directory in place of the link), as far as
 // they know the layers' paths: layers this package converted or verified.
+//
+// Unlike estargz's writer, the converter writes an mtime of 0 to the TOC as
+// 1970-01-01T00:00:00Z rather than leaving it out, which stargz would show
+// as 0001-01-01.
 //
 // The package does no registry or file-system I/O of its own beyond temporary
 // files: callers hand it go-containerregistry v1 images and write the results

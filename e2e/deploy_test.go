@@ -256,9 +256,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 
 // TestDeploySnapshotterConfigs loads the snapshotter configurations the
 // deployments ship with the daemon's own loader (unknown keys and invalid
-// values are errors): the builder image's deploy/builder/snapshotter.toml and
-// the DaemonSet ConfigMap's snapshotter.toml; both name the root and socket
-// of the containerd drop-in's proxy plugin.
+// values are errors): the builder image's deploy/builder/snapshotter.toml,
+// the DaemonSet ConfigMap's snapshotter.toml, and the documented defaults
+// and example under deploy/containerd; all name the root and socket of the
+// containerd drop-in's proxy plugin.
 func TestDeploySnapshotterConfigs(t *testing.T) {
 	repo, err := harness.RepoRoot()
 	if err != nil {
@@ -286,7 +287,11 @@ func TestDeploySnapshotterConfigs(t *testing.T) {
 	fromConfigMap := filepath.Join(t.TempDir(), "configmap-snapshotter.toml")
 	writeFile(t, fromConfigMap, blockScalar(t, string(cm), "snapshotter.toml"))
 
-	for _, p := range []string{filepath.Join(repo, "deploy", "builder", "snapshotter.toml"), fromConfigMap} {
+	for _, p := range []string{
+		filepath.Join(repo, "deploy", "builder", "snapshotter.toml"), fromConfigMap,
+		filepath.Join(repo, "deploy", "containerd", "lazybase.defaults.toml"),
+		filepath.Join(repo, "deploy", "containerd", "lazybase.toml"),
+	} {
 		cfg, err := lazypull.LoadConfig(p)
 		if err != nil {
 			t.Errorf("%s: %v", p, err)

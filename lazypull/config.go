@@ -20,7 +20,9 @@ import (
 
 // Config is the lazybase snapshotter's configuration, read from TOML by
 // LoadConfig. Every field states its default; DefaultConfig returns them.
-// deploy/containerd/lazybase.toml is a commented example of every key.
+// deploy/containerd/lazybase.defaults.toml lists every key with exactly
+// these defaults (a test keeps it so); deploy/containerd/lazybase.toml is a
+// commented example.
 // Settings of the stargz filesystem that no key here maps to (such as
 // FUSE passthrough's 400 MiB merge buffer) keep the defaults stargz's own
 // config loader gives them.
@@ -54,8 +56,9 @@ type Config struct {
 	// StatusSocket alone. Empty disables the listener. Default "".
 	MetricsAddress string `toml:"metrics_address"`
 
-	// LogLevel is one of trace, debug, info, warn, error (key "log_level").
-	// Default "info".
+	// LogLevel is one of trace, debug, info, warn, error (key "log_level");
+	// trace also turns on stargz's FUSE request tracing. `lazybase
+	// --log-level` overrides it. Default "info".
 	LogLevel string `toml:"log_level"`
 
 	// AccessRecordDir, when set, is where the files each lazily mounted

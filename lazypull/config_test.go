@@ -1,14 +1,18 @@
 package lazypull
 
 import (
+	"bytes"
 	"errors"
 	"os"
 	"path/filepath"
+	"reflect"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/containerd/stargz-snapshotter/fs/config"
+	"github.com/pelletier/go-toml/v2"
 )
 
 func TestParseConfigDefaults(t *testing.T) {
@@ -220,36 +224,131 @@ func TestLoadConfigNamesFile(t *testing.T) {
 	}
 }
 
+// TestDeployDefaultsAreDefaults keeps deploy/containerd/lazybase.defaults.toml
+// exactly the defaults: the daemon's loader and a plain decode into a zero
+// Config both give DefaultConfig, and every key of Config is set in the
+// file, or, for the keys that have no value by default (lists, tables,
+// [[policy]]) or a host-dependent one (fuse.passthrough), shown commented
+// out. A new key without a documented default fails here.
+func TestDeployDefaultsAreDefaults(t *testing.T) {
+	p := filepath.Join("..", "deploy", "containerd", "lazybase.defaults.toml")
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := DefaultConfig()
+	loaded, err := LoadConfig(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(loaded, want) {
+		t.Errorf("LoadConfig(%s)\n got %+v\nwant %+v", p, loaded, want)
+	}
+	// Decoded over nothing, the file alone must state every default.
+	var bare Config
+	dec := toml.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&bare); err != nil {
+		t.Fatalf("%s: %v", p, err)
+	}
+	bare.FUSE.Passthrough = want.FUSE.Passthrough // host-dependent, commented out
+	if !reflect.DeepEqual(bare, want) {
+		t.Errorf("%s decoded into a zero Config\n got %+v\nwant %+v", p, bare, want)
+	}
+
+	var doc map[string]any
+	if err := toml.Unmarshal(b, &doc); err != nil {
+		t.Fatal(err)
+	}
+	keys := configKeys(reflect.TypeFor[Config](), "")
+	if len(keys) < 40 {
+		t.Fatalf("found %d keys in Config, want every key", len(keys))
+	}
+	for _, k := range keys {
+		set := lookupKey(doc, k.path)
+		switch {
+		case k.noDefault:
+			name := k.path[len(k.path)-1]
+			commented := regexp.MustCompile(`(?m)^# (` + name + ` = |\[\[` + name + `\]\]$)`)
+			if set || !commented.Match(b) {
+				t.Errorf("%s: key %s has no written default: want it commented out (# %s = …), set %v", p, k, name, set)
+			}
+		case !set:
+			t.Errorf("%s: key %s is not set to its default", p, k)
+		}
+	}
+}
+
+// configKey is one TOML key of Config.
+type configKey struct {
+	path []string
+	// noDefault: the default is none (a list or a table) or depends on the
+	// host (fuse.passthrough), so the defaults file shows the key commented
+	// out.
+	noDefault bool
+}
+
+func (k configKey) String() string { return strings.Join(k.path, ".") }
+
+// configKeys lists the leaf keys of the struct type t by their toml tags.
+func configKeys(t reflect.Type, prefix string) []configKey {
+	var keys []configKey
+	for f := range t.Fields() {
+		name, _, _ := strings.Cut(f.Tag.Get("toml"), ",")
+		if name == "" || name == "-" {
+			continue
+		}
+		path := name
+		if prefix != "" {
+			path = prefix + "." + name
+		}
+		switch f.Type.Kind() {
+		case reflect.Struct:
+			keys = append(keys, configKeys(f.Type, path)...)
+		case reflect.Map, reflect.Slice:
+			keys = append(keys, configKey{path: strings.Split(path, "."), noDefault: true})
+		default:
+			keys = append(keys, configKey{path: strings.Split(path, "."), noDefault: path == "fuse.passthrough"})
+		}
+	}
+	return keys
+}
+
+// lookupKey reports whether the decoded TOML document sets the key path.
+func lookupKey(doc map[string]any, path []string) bool {
+	for i, name := range path {
+		v, ok := doc[name]
+		if !ok {
+			return false
+		}
+		if i == len(path)-1 {
+			return true
+		}
+		if doc, ok = v.(map[string]any); !ok {
+			return false
+		}
+	}
+	return false
+}
+
 // TestDeployExampleLoads keeps deploy/containerd/lazybase.toml, the
-// documented example of every key, loadable.
+// commented example, loadable by the daemon, and checks the values it
+// shows off: the metrics listener on loopback and two sample policy rules,
+// with everything else at its default.
 func TestDeployExampleLoads(t *testing.T) {
 	p := filepath.Join("..", "deploy", "containerd", "lazybase.toml")
 	cfg, err := LoadConfig(p)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := os.ReadFile(p)
-	if err != nil {
-		t.Fatal(err)
+	want := DefaultConfig()
+	want.MetricsAddress = "127.0.0.1:9106"
+	want.Policy = []PolicyRule{
+		{Match: "*/release/*", Mode: ModeEager},
+		{Match: "docker.io/library/golang:*", Mode: ModeLazy},
 	}
-	// Every key of Config appears in the example (set or commented out).
-	for _, key := range []string{
-		"root", "socket", "socket_mode", "status_socket", "metrics_address", "log_level", "access_record_dir",
-		"[registry]", "config_path", "[registry.mirrors]", "[auth]", "docker_config", "credential_helpers",
-		"[fetch]", "timeout", "max_retries", "chunk_size",
-		"[prefetch]", "enable", "default_size", "async_size",
-		"[background_fetch]", "max_concurrency",
-		"[cache]", "http_cache", "fs_cache", "max_lru_entries", "max_open_files", "resolve_ttl",
-		"[fuse]", "passthrough", "attr_timeout", "entry_timeout",
-		"[guard]", "containerd_address", "parallelism", "delay", "[local]",
-		"default_mode", "[[policy]]", "match", "mode",
-	} {
-		if !strings.Contains(string(b), key) {
-			t.Errorf("example lacks %s", key)
-		}
-	}
-	if len(cfg.Policy) == 0 {
-		t.Error("example has no policy rule")
+	if !reflect.DeepEqual(cfg, want) {
+		t.Errorf("%s\n got %+v\nwant %+v", p, cfg, want)
 	}
 }
 
@@ -313,6 +412,27 @@ entry_timeout = "3s"
 	}
 	if len(opts) != 2 {
 		t.Errorf("want the registry hosts and TOC-checking filesystem options, got %d options", len(opts))
+	}
+}
+
+// TestUpstreamFUSETracing: stargz's FUSE request tracing (its Debug
+// option, go-fuse's per-request log) is on at log level trace and only
+// there, whether the level comes from log_level or from --log-level (which
+// the CLI copies into LogLevel).
+func TestUpstreamFUSETracing(t *testing.T) {
+	for _, level := range []string{"trace", "debug", "info", "warn", "error"} {
+		cfg := DefaultConfig()
+		cfg.LogLevel = level
+		if err := cfg.Validate(); err != nil {
+			t.Fatal(err)
+		}
+		sc, _, err := cfg.upstream(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := level == "trace"; sc.Config.Debug != want {
+			t.Errorf("log level %s: FUSE tracing (Debug) = %v, want %v", level, sc.Config.Debug, want)
+		}
 	}
 }
 

@@ -2,8 +2,6 @@ package lazypull
 
 import (
 	"context"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -40,15 +38,8 @@ func TestGuardTimeoutsConfig(t *testing.T) {
 			t.Errorf("%q: %v, want an error naming %s", tc.doc, err, tc.key)
 		}
 	}
-	b, err := os.ReadFile(filepath.Join("..", "deploy", "containerd", "lazybase.toml"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, key := range []string{"connect_timeout", "tls_timeout", "response_timeout", "idle_timeout"} {
-		if !strings.Contains(string(b), "\n"+key+" = ") {
-			t.Errorf("deploy/containerd/lazybase.toml lacks guard key %s", key)
-		}
-	}
+	// deploy/containerd/lazybase.defaults.toml states these keys and their
+	// defaults: TestDeployDefaultsAreDefaults.
 }
 
 // TestGuardLookupsSilentRegistry: the guard's blob size lookup (at mount)

@@ -152,15 +152,9 @@ func statusSocketPath(configPath, socket, statusSocket string) (string, error) {
 	if statusSocket != "" {
 		return statusSocket, nil
 	}
-	cfg := lazypull.DefaultConfig()
-	if configPath == "" {
-		configPath = os.Getenv(configEnv)
-	}
-	if configPath != "" {
-		var err error
-		if cfg, err = lazypull.LoadConfig(configPath); err != nil {
-			return "", err
-		}
+	cfg, err := loadDaemonConfig(configPath)
+	if err != nil {
+		return "", err
 	}
 	if socket != "" {
 		cfg.Socket = absPath(socket)

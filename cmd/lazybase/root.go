@@ -23,7 +23,7 @@ func newRootCmd() *cobra.Command {
 			return nil
 		},
 	}
-	root.PersistentFlags().StringVar(&level, "log-level", "info", "log level (debug, info, warn, error)")
+	root.PersistentFlags().StringVar(&level, "log-level", "info", "log level: trace, debug, info, warn or error (trace also logs every FUSE request of the snapshotter daemon)")
 	root.AddCommand(
 		newVersionCmd(),
 		newConvertCmd(),

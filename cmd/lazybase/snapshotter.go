@@ -18,7 +18,6 @@ import (
 const configEnv = "LAZYBASE_SNAPSHOTTER_CONFIG"
 
 func newSnapshotterCmd() *cobra.Command {
-	var configPath, root, address, metrics string
 	cmd := &cobra.Command{
 		Use:   "snapshotter",
 		Short: "Serve lazily mounted eStargz base images to containerd (proxy snapshotter \"stargz\")",
@@ -26,11 +25,12 @@ func newSnapshotterCmd() *cobra.Command {
 snapshotter. eStargz layers are mounted lazily over FUSE; layers that are not
 eStargz, and images that policy marks eager, are pulled normally.
 
-The configuration file is TOML (deploy/containerd/lazybase.toml documents every
-key): --config, else $LAZYBASE_SNAPSHOTTER_CONFIG; without either the defaults
-apply. --root, --address and
+The configuration file is TOML (deploy/containerd/lazybase.defaults.toml
+documents every key with its default, deploy/containerd/lazybase.toml is an
+example): --config, else $LAZYBASE_SNAPSHOTTER_CONFIG; without either the
+defaults apply. --root, --address and
 --metrics-address override the file, and --log-level overrides its log_level
-when given. SIGTERM or SIGINT stops the daemon and unmounts every lazy mount.
+when given (trace also logs every FUSE request). SIGTERM or SIGINT stops the daemon and unmounts every lazy mount.
 
 One daemon owns a root and a socket: a second daemon on either fails to
 start, naming it; a socket left by a daemon that died is replaced. The TCP
@@ -40,32 +40,12 @@ served on the status unix socket alone.
 Register it in containerd as proxy_plugins.stargz (deploy/containerd/).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg := lazypull.DefaultConfig()
-			if configPath == "" {
-				configPath = os.Getenv(configEnv)
-			}
-			if configPath != "" {
-				var err error
-				if cfg, err = lazypull.LoadConfig(configPath); err != nil {
-					return err
-				}
-			}
-			if cmd.Flags().Changed("root") {
-				cfg.Root = absPath(root)
-			}
-			if cmd.Flags().Changed("address") {
-				cfg.Socket = absPath(address)
-			}
-			if cmd.Flags().Changed("metrics-address") {
-				cfg.MetricsAddress = metrics
-			}
-			if err := cfg.Validate(); err != nil {
+			cfg, err := snapshotterConfig(cmd)
+			if err != nil {
 				return err
 			}
-			if !cmd.Flags().Changed("log-level") {
-				if err := log.SetLevel(cfg.LogLevel); err != nil {
-					return fmt.Errorf("log_level: %w", err)
-				}
+			if err := log.SetLevel(cfg.LogLevel); err != nil {
+				return fmt.Errorf("log_level: %w", err)
 			}
 			ctx := cmd.Context()
 			d, err := lazypull.NewDaemon(ctx, cfg)
@@ -76,12 +56,54 @@ Register it in containerd as proxy_plugins.stargz (deploy/containerd/).`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&configPath, "config", "", "configuration file (TOML; default $"+configEnv+")")
-	f.StringVar(&root, "root", "", "root directory (overrides root)")
-	f.StringVar(&address, "address", "", "unix socket of the snapshots API (overrides socket)")
-	f.StringVar(&metrics, "metrics-address", "", "host:port serving /metrics only (overrides metrics_address)")
+	f.String("config", "", "configuration file (TOML; default $"+configEnv+")")
+	f.String("root", "", "root directory (overrides root)")
+	f.String("address", "", "unix socket of the snapshots API (overrides socket)")
+	f.String("metrics-address", "", "host:port serving /metrics only (overrides metrics_address)")
 	cmd.AddCommand(newSnapshotterStatusCmd())
 	return cmd
+}
+
+// snapshotterConfig returns the daemon's configuration from the parsed
+// flags of the snapshotter verb: the file (--config, else $configEnv, else
+// the defaults) with --root, --address, --metrics-address and the root's
+// --log-level applied over it, validated. --log-level trace thereby also
+// turns on the FUSE request tracing that log_level = "trace" turns on.
+func snapshotterConfig(cmd *cobra.Command) (lazypull.Config, error) {
+	f := cmd.Flags()
+	flag := func(name string) string { return f.Lookup(name).Value.String() }
+	cfg, err := loadDaemonConfig(flag("config"))
+	if err != nil {
+		return lazypull.Config{}, err
+	}
+	if f.Changed("root") {
+		cfg.Root = absPath(flag("root"))
+	}
+	if f.Changed("address") {
+		cfg.Socket = absPath(flag("address"))
+	}
+	if f.Changed("metrics-address") {
+		cfg.MetricsAddress = flag("metrics-address")
+	}
+	if f.Changed("log-level") {
+		cfg.LogLevel = flag("log-level")
+	}
+	if err := cfg.Validate(); err != nil {
+		return lazypull.Config{}, err
+	}
+	return cfg, nil
+}
+
+// loadDaemonConfig loads the daemon's configuration file: path, else
+// $configEnv; without either it returns the defaults.
+func loadDaemonConfig(path string) (lazypull.Config, error) {
+	if path == "" {
+		path = os.Getenv(configEnv)
+	}
+	if path == "" {
+		return lazypull.DefaultConfig(), nil
+	}
+	return lazypull.LoadConfig(path)
 }
 
 // absPath makes a flag's path absolute; an empty path stays empty so that
@@ -111,25 +133,9 @@ status_socket of --config, else the snapshots socket (--socket, or the
 config's socket) with ".status" appended.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			path := statusSocket
-			if path == "" {
-				cfg := lazypull.DefaultConfig()
-				if configPath == "" {
-					configPath = os.Getenv(configEnv)
-				}
-				if configPath != "" {
-					var err error
-					if cfg, err = lazypull.LoadConfig(configPath); err != nil {
-						return err
-					}
-				}
-				if socket != "" {
-					cfg.Socket = absPath(socket)
-				}
-				path = cfg.StatusSocket
-				if path == "" {
-					path = cfg.Socket + ".status"
-				}
+			path, err := statusSocketPath(configPath, socket, statusSocket)
+			if err != nil {
+				return err
 			}
 			st, err := lazypull.FetchStatus(cmd.Context(), path)
 			if err != nil {

@@ -109,3 +109,52 @@ func TestSnapshotterServeAndStatus(t *testing.T) {
 		t.Errorf("socket left after stop: %v", err)
 	}
 }
+
+// TestSnapshotterLogLevelFlag: the root's --log-level overrides the
+// config file's log_level in the daemon's configuration (so --log-level
+// trace turns on FUSE request tracing, TestUpstreamFUSETracing in
+// lazypull), the file's level holds without the flag, and a level the
+// daemon does not know is refused naming log_level.
+func TestSnapshotterLogLevelFlag(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "c.toml")
+	if err := os.WriteFile(p, []byte("log_level = \"debug\"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv(configEnv, "")
+	for _, tc := range []struct {
+		name    string
+		args    []string
+		want    string
+		wantErr string
+	}{
+		{"flag trace over file", []string{"--config", p, "--log-level", "trace"}, "trace", ""},
+		{"flag error over file", []string{"--log-level", "error", "--config", p}, "error", ""},
+		{"file without flag", []string{"--config", p}, "debug", ""},
+		{"defaults without either", nil, "info", ""},
+		{"flag trace without file", []string{"--log-level", "trace"}, "trace", ""},
+		{"flag level the daemon refuses", []string{"--config", p, "--log-level", "fatal"}, "", "key log_level:"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cmd, _, err := newRootCmd().Find([]string{"snapshotter"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := cmd.ParseFlags(tc.args); err != nil {
+				t.Fatal(err)
+			}
+			cfg, err := snapshotterConfig(cmd)
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("got %v, want an error containing %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if cfg.LogLevel != tc.want {
+				t.Errorf("log_level = %q, want %q", cfg.LogLevel, tc.want)
+			}
+		})
+	}
+}

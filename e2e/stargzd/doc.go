@@ -1,8 +1,10 @@
-// Command stargzd is the e2e harness's stand-in lazy snapshotter: the upstream
-// stargz snapshotter service (github.com/containerd/stargz-snapshotter/service)
-// served as a containerd proxy snapshotter on a unix socket. The harness runs it
-// when a test asks for the "upstream" lazy snapshotter, until the project's own
-// lazypull daemon takes its place behind the same switch.
+// Command stargzd is the upstream stargz snapshotter service
+// (github.com/containerd/stargz-snapshotter/service) served as a containerd
+// proxy snapshotter on a unix socket: the e2e harness's "upstream" lazy
+// snapshotter kind (harness.Upstream, the kind tests that pass an empty kind
+// get unless $LAZYBASE_E2E_SNAPSHOTTER=lazybase). It is kept beside the
+// project's own daemon (`lazybase snapshotter`, harness.Lazybase) so that
+// the same tests and benchmarks can run on either and compare the two.
 //
 // Usage:
 //

@@ -7,7 +7,11 @@
 //
 // It also builds bad inputs on purpose: layers whose digest or diffID lies
 // about their bytes, tars with paths escaping the root, truncated gzip
-// streams, gzip of non-tar data, and damaged eStargz blobs.
+// streams, gzip of non-tar data, damaged eStargz blobs, eStargz layers with
+// hostile TOCs (HostileLayers, RewriteTOC, WithTOC), and registries that
+// never answer: one that accepts TCP connections and stays silent
+// (SilentServer, SilentTLSServer) and one that never completes the TCP
+// handshake (BlackholeServer).
 //
 // The same seed and options always give byte-identical output.
 package testimage
