@@ -38,6 +38,18 @@ bench:
 refimages:
 	LAZYBASE_CACHE=$(CACHE) $(GO) run ./internal/cmd/convbench -refimages
 
+# fuzz: every fuzz target for FUZZTIME each (their seed corpora already run
+# in make test).
+FUZZTIME ?= 30s
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzValidate$$' -fuzztime $(FUZZTIME) ./internal/toccheck/
+	$(GO) test -run '^$$' -fuzz '^FuzzRead$$' -fuzztime $(FUZZTIME) ./internal/toccheck/
+	$(GO) test -run '^$$' -fuzz '^FuzzValidateEntries$$' -fuzztime $(FUZZTIME) ./internal/toccheck/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseEvents$$' -fuzztime $(FUZZTIME) ./mirror/
+	$(GO) test -run '^$$' -fuzz '^FuzzConvertLayer$$' -fuzztime $(FUZZTIME) ./convert/
+	$(GO) test -run '^$$' -fuzz '^FuzzConvertEntry$$' -fuzztime $(FUZZTIME) ./convert/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseProfile$$' -fuzztime $(FUZZTIME) ./prefetch/
+
 lint:
 	$(GO) vet ./...
 	$(GO) vet -tags e2e ./e2e/...
