@@ -33,7 +33,7 @@ type Daemon struct {
 	fs     *trackingFS
 	base   snapshots.Snapshotter
 	sn     snapshots.Snapshotter
-	access *accessRecorder
+	access *accessRecording
 	guard  *guardTrigger // nil when guard.enable is false
 	local  *localizer    // nil when local.enable or guard.enable is false
 	// locks are the flocks on the root directory and the socket, held
@@ -91,11 +91,11 @@ func NewDaemon(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 		return nil, fmt.Errorf("lazy filesystem at %s: %w", cfg.Root, err)
 	}
 	tfs := newTrackingFS(ufs, m)
-	var access *accessRecorder
+	var access *accessRecording
 	if cfg.AccessRecordDir != "" {
 		// Before the snapshotter restores mounts, so that their accesses
 		// are recorded too.
-		if access, err = startAccessRecorder(cfg.AccessRecordDir, tfs); err != nil {
+		if access, err = startAccessRecording(cfg.AccessRecordDir, tfs); err != nil {
 			return nil, err
 		}
 	}

@@ -206,16 +206,19 @@ func TestTamperedTOCFallsBack(t *testing.T) {
 }
 
 // TestAccessRecording reads files of a lazily mounted layer and finds them
-// in the image's access record, in first-access order, with their sizes.
+// in the image's access record, in first-access order, with their sizes;
+// a restarted daemon, which restores the mount inside NewDaemon, records
+// the reads through the restored mount too.
 func TestAccessRecording(t *testing.T) {
 	requireFUSE(t)
 	reg := testimage.NewRegistry(t)
 	img := pushTestImage(t, reg, "base:estargz")
 	recDir := t.TempDir()
-	td := startDaemon(t, "", func(c *Config) {
+	withRecords := func(c *Config) {
 		noFetchAhead(5 * time.Second)(c)
 		c.AccessRecordDir = recDir
-	})
+	}
+	td := startDaemon(t, "", withRecords)
 	dir := lazyView(t, td, img)
 	for _, name := range []string{"usr/bin/tool", "etc/hello.txt", "usr/bin/tool"} {
 		got, err := os.ReadFile(filepath.Join(dir, name))
@@ -224,6 +227,33 @@ func TestAccessRecording(t *testing.T) {
 		}
 	}
 	td.stop(t) // flushes and closes the records
+	checkAccessRecords(t, recDir, img, "/usr/bin/tool", "/etc/hello.txt")
+
+	td2 := startDaemon(t, td.cfg.Root, withRecords)
+	ctx := namespaces.WithNamespace(context.Background(), "test")
+	mounts, err := td2.sn.View(ctx, "view-restored", "chain-0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := t.TempDir()
+	if err := mount.All(mounts, target); err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(filepath.Join(target, "etc/hello.txt"))
+	if uerr := mount.UnmountAll(target, 0); uerr != nil {
+		t.Error(uerr)
+	}
+	if err != nil || !bytes.Equal(got, img.files["etc/hello.txt"]) {
+		t.Fatalf("reading etc/hello.txt through the restored mount: %v", err)
+	}
+	td2.stop(t)
+	checkAccessRecords(t, recDir, img, "/usr/bin/tool", "/etc/hello.txt", "/etc/hello.txt")
+}
+
+// checkAccessRecords checks that the access record of img in recDir lists
+// want, in order, each with img's first layer and the file's size.
+func checkAccessRecords(t *testing.T, recDir string, img testImage, want ...string) {
+	t.Helper()
 	b, err := os.ReadFile(filepath.Join(recDir, AccessRecordFile(img.ref)))
 	if err != nil {
 		t.Fatal(err)
@@ -236,14 +266,13 @@ func TestAccessRecording(t *testing.T) {
 		}
 		recs = append(recs, r)
 	}
-	want := []string{"/usr/bin/tool", "/etc/hello.txt"}
 	if len(recs) != len(want) {
 		t.Fatalf("records %+v, want %v", recs, want)
 	}
 	for i, r := range recs {
 		if r.Path != want[i] || r.Image != img.ref || r.Layer != img.layers[0].Digest.String() ||
 			r.Size != int64(len(img.files[strings.TrimPrefix(r.Path, "/")])) {
-			t.Errorf("record %d: %+v", i, r)
+			t.Errorf("record %d: %+v, want path %s", i, r, want[i])
 		}
 	}
 }
