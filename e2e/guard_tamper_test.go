@@ -5,6 +5,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -18,7 +19,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/lazybase/lazybase/e2e/harness"
-	"github.com/lazybase/lazybase/lazypull"
+	"github.com/lazybase/lazybase/exportguard"
+	"github.com/lazybase/lazybase/internal/eventually"
 )
 
 // tamperOffset returns an offset inside the compressed payload of a file
@@ -122,19 +124,15 @@ func TestGuardTamperedBlob(t *testing.T) {
 	}
 
 	// export-base: the guard fetched the blob at once and refused it.
-	deadline := time.Now().Add(3 * time.Minute)
-	var st lazypull.GuardLayerStatus
-	for {
+	var st exportguard.LayerStatus
+	eventually.Require(t, 3*time.Minute, "tampered layer: guard failed or materialized", func() error {
 		st = guardStates(ctx, t, s)[badDigest]
-		if st.State == lazypull.GuardFailed || st.State == lazypull.GuardMaterialized {
-			break
+		if st.State != exportguard.StateFailed && st.State != exportguard.StateMaterialized {
+			return fmt.Errorf("guard state %+v", st)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("tampered layer: guard state %+v after 3m", st)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	if st.State != lazypull.GuardFailed || !strings.Contains(st.Error, "verification") || !strings.Contains(st.Error, badDigest) {
+		return nil
+	})
+	if st.State != exportguard.StateFailed || !strings.Contains(st.Error, "verification") || !strings.Contains(st.Error, badDigest) {
 		t.Fatalf("tampered layer: guard state %q, error %q; want failed with a verification error naming %s", st.State, st.Error, badDigest)
 	}
 	t.Logf("guard: %s", st.Error)

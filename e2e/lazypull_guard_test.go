@@ -4,10 +4,7 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
-	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -18,7 +15,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/lazybase/lazybase/e2e/harness"
-	"github.com/lazybase/lazybase/lazypull"
+	"github.com/lazybase/lazybase/exportguard"
+	"github.com/lazybase/lazybase/internal/eventually"
 )
 
 // TestLazypullGuardExport runs the multi-stage build on buildkitd's
@@ -93,38 +91,33 @@ mode = "lazy-only"
 	}
 	start = time.Now()
 	statusSocket := s.Snapshotter.Address + ".status"
-	for {
-		st, err := fetchGuardStatus(ctx, statusSocket)
+	eventually.Require(t, 2*time.Minute, "final base layers materialized", func() error {
+		st, err := exportguard.FetchStatus(ctx, statusSocket)
 		if err != nil {
 			t.Fatal(err)
 		}
-		state := map[string]lazypull.GuardLayerStatus{}
+		state := map[string]exportguard.LayerStatus{}
 		for _, l := range st.Layers {
 			if l.Namespace == harness.BuildkitNamespace {
 				state[l.Layer] = l
 			}
 		}
-		done := true
+		for d := range builderOnly {
+			if l, ok := state[d]; ok && l.State != exportguard.StateSkipped {
+				t.Fatalf("lazy-only builder layer %s: guard state %q, want %q", d, l.State, exportguard.StateSkipped)
+			}
+		}
 		for _, d := range debianLayers {
 			l := state[d]
-			if l.State == lazypull.GuardFailed {
+			if l.State == exportguard.StateFailed {
 				t.Fatalf("guard failed on final base layer %s: %s", d, l.Error)
 			}
-			done = done && l.Materialized
-		}
-		for d := range builderOnly {
-			if l, ok := state[d]; ok && l.State != lazypull.GuardSkipped {
-				t.Errorf("lazy-only builder layer %s: guard state %q, want %q", d, l.State, lazypull.GuardSkipped)
+			if !l.Materialized {
+				return fmt.Errorf("layer %s %s; guard status %+v\n%s", d, l.State, st.Layers, s.Logs(40))
 			}
 		}
-		if done {
-			break
-		}
-		if time.Since(start) > 2*time.Minute {
-			t.Fatalf("final base layers not materialized after 2m: %+v\n%s", st.Layers, s.Logs(40))
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return nil
+	})
 	t.Logf("guard wait after the build: %s", time.Since(start).Round(time.Millisecond))
 
 	p.SetPhase("export")
@@ -157,8 +150,8 @@ mode = "lazy-only"
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(leaseOut, lazypull.GuardLeaseID) {
-		t.Errorf("no lease %s in namespace %s:\n%s", lazypull.GuardLeaseID, harness.BuildkitNamespace, leaseOut)
+	if !strings.Contains(leaseOut, exportguard.LeaseID) {
+		t.Errorf("no lease %s in namespace %s:\n%s", exportguard.LeaseID, harness.BuildkitNamespace, leaseOut)
 	}
 
 	build, export := p.StatsFor("build"), p.StatsFor("export")
@@ -199,31 +192,4 @@ mode = "lazy-only"
 			t.Errorf("pushed layer %d is %s, want the lazy base's %s", i, pushed[i], d)
 		}
 	}
-}
-
-// fetchGuardStatus reads the export guard's status from the daemon's status
-// socket.
-func fetchGuardStatus(ctx context.Context, socket string) (*lazypull.GuardStatus, error) {
-	c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", socket)
-	}}}
-	defer c.CloseIdleConnections()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://lazybase/guard", nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := c.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("guard status on %s: %w", socket, err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("guard status on %s: %s", socket, resp.Status)
-	}
-	var st lazypull.GuardStatus
-	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
-		return nil, fmt.Errorf("guard status on %s: %w", socket, err)
-	}
-	return &st, nil
 }

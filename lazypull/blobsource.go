@@ -15,13 +15,11 @@ import (
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/remotes/docker"
-	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/reference"
 	"github.com/containerd/log"
 	"github.com/containerd/stargz-snapshotter/fs/source"
 	rhttp "github.com/hashicorp/go-retryablehttp"
 	"github.com/opencontainers/go-digest"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -390,59 +388,4 @@ func (b *countingBody) Read(p []byte) (int, error) {
 		b.count(int64(n))
 	}
 	return n, err
-}
-
-// localBlob opens the blob dgst in the content store of a namespace the
-// guard materialized it in.
-func (g *guardTrigger) localBlob(ctx context.Context, dgst digest.Digest) (content.ReaderAt, bool) {
-	type where struct {
-		ns   string
-		size int64
-	}
-	var cands []where
-	g.mu.Lock()
-	for _, st := range g.layers {
-		if st.Materialized && st.Layer == dgst.String() {
-			cands = append(cands, where{st.Namespace, st.Size})
-		}
-	}
-	g.mu.Unlock()
-	if len(cands) == 0 {
-		return nil, false
-	}
-	store, _, err := g.stores(ctx)
-	if err != nil {
-		log.G(ctx).WithError(err).WithField("digest", dgst).Debug("blob source: content store not reachable")
-		return nil, false
-	}
-	for _, c := range cands {
-		ra, err := store.ReaderAt(namespaces.WithNamespace(ctx, c.ns), ocispec.Descriptor{Digest: dgst, Size: c.size})
-		if err != nil {
-			log.G(ctx).WithError(err).WithFields(log.Fields{"digest": dgst, "namespace": c.ns}).Debug("blob source: materialized blob not readable")
-			continue
-		}
-		if ra.Size() != c.size {
-			ra.Close()
-			continue
-		}
-		return ra, true
-	}
-	return nil, false
-}
-
-// promote ends the delay of every layer of blob dgst still waiting for it.
-func (g *guardTrigger) promote(dgst digest.Digest) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	for key, wake := range g.wake {
-		st := g.layers[key]
-		if st == nil || st.Layer != dgst.String() || st.State != GuardScheduled {
-			continue
-		}
-		close(wake)
-		delete(g.wake, key)
-		g.promotions.Inc()
-		log.G(g.ctx).WithFields(log.Fields{"layer": dgst, "namespace": st.Namespace, "image": st.Image}).
-			Info("export guard: the lazy filesystem is fetching this blob; materializing it now so that one transfer serves both")
-	}
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/moby/sys/mountinfo"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/lazybase/lazybase/exportguard"
 	"github.com/lazybase/lazybase/internal/testimage"
 )
 
@@ -46,7 +47,7 @@ func TestLazyReadsAfterGuardCommitStayLocal(t *testing.T) {
 	// containerd's content store, in process, in place of the daemon's
 	// connection to a containerd socket.
 	store, lm := newContentStore(t)
-	td.d.guard.stores = func(context.Context) (content.Store, leases.Manager, error) { return store, lm, nil }
+	td.d.stores.open = func(context.Context) (content.Store, leases.Manager, error) { return store, lm, nil }
 
 	ctx := namespaces.WithNamespace(context.Background(), "builder")
 	if _, err := td.sn.Prepare(ctx, "extract-0", "", snapshots.WithLabels(img.unpackLabels(0, "chain-0"))); !errdefs.IsAlreadyExists(err) {
@@ -66,22 +67,7 @@ func TestLazyReadsAfterGuardCommitStayLocal(t *testing.T) {
 		t.Fatalf("no FUSE mount under %s", root)
 	}
 
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		var st GuardLayerStatus
-		for _, l := range td.d.GuardStatus().Layers {
-			if l.Layer == layer.String() && l.Namespace == "builder" {
-				st = l
-			}
-		}
-		if st.Materialized {
-			break
-		}
-		if st.State == GuardFailed || time.Now().After(deadline) {
-			t.Fatalf("layer %s: guard state %q (%s), want materialized", layer, st.State, st.Error)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitState(t, td.d.GuardStatus, "builder", layer, exportguard.StateMaterialized)
 	if _, err := store.Info(ctx, layer); err != nil {
 		t.Fatalf("blob not in the content store: %v", err)
 	}

@@ -29,7 +29,6 @@ import (
 	"github.com/containerd/stargz-snapshotter/fs/config"
 	"github.com/containerd/stargz-snapshotter/fs/remote"
 	"github.com/containerd/stargz-snapshotter/service/resolver"
-	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
 	ggcrremote "github.com/google/go-containerregistry/pkg/v1/remote"
@@ -162,16 +161,16 @@ func newContentStore(t *testing.T) (content.Store, leases.Manager) {
 
 // trigger returns a guard trigger over the env's content store, attached to
 // a new blob source whose metrics go to reg.
-func (e *sourceEnv) trigger(t *testing.T, delay time.Duration, reg *prometheus.Registry) (*guardTrigger, *blobSource) {
+func (e *sourceEnv) trigger(t *testing.T, delay time.Duration, reg *prometheus.Registry) (*exportguard.Trigger, *blobSource) {
 	t.Helper()
-	stores := func(context.Context) (content.Store, leases.Manager, error) { return e.store, e.leases, nil }
-	g, err := newGuardTrigger(guardCfg(delay), stores, remoteBlobSize(authn.DefaultKeychain, DefaultConfig().Guard.Timeouts()), &exportguard.Remote{}, reg)
+	genv := &guardEnv{store: e.store, leases: e.leases}
+	g, err := exportguard.NewTrigger(genv.stores(), &exportguard.Remote{}, exportguard.WithDelay(delay), exportguard.WithTriggerRegisterer(reg))
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { g.close() })
+	t.Cleanup(func() { g.Close() })
 	src := newBlobSource()
-	if err := src.attach(g.localBlob, g.promote, reg); err != nil {
+	if err := src.attach(g.LocalBlob, g.Promote, reg); err != nil {
 		t.Fatal(err)
 	}
 	return g, src
@@ -230,8 +229,8 @@ func TestBlobTransportServesCommittedBlob(t *testing.T) {
 	}
 
 	ctx := namespaces.WithNamespace(context.Background(), "builder")
-	g.mounted(ctx, mountEvent{Namespace: "builder", Ref: e.ref, Layer: e.layer, Mode: ModeExportBase})
-	waitState(t, g, "builder", e.layer, GuardMaterialized)
+	g.Mounted(ctx, exportguard.MountEvent{Namespace: "builder", Ref: e.ref, Layer: e.layer, Mode: string(ModeExportBase), When: exportguard.WhenNow})
+	waitState(t, g.Status, "builder", e.layer, exportguard.StateMaterialized)
 	before := e.proxy.blobBytes(e.layer)
 	if before != 1000+int64(len(e.data)) {
 		t.Errorf("registry sent %d bytes after the guard's transfer, want 1000 + %d", before, len(e.data))
@@ -332,8 +331,8 @@ func TestUpstreamFetcherReadsCommittedBlob(t *testing.T) {
 	}
 
 	ctx := namespaces.WithNamespace(context.Background(), "builder")
-	g.mounted(ctx, mountEvent{Namespace: "builder", Ref: e.ref, Layer: e.layer, Mode: ModeExportBase})
-	waitState(t, g, "builder", e.layer, GuardMaterialized)
+	g.Mounted(ctx, exportguard.MountEvent{Namespace: "builder", Ref: e.ref, Layer: e.layer, Mode: string(ModeExportBase), When: exportguard.WhenNow})
+	waitState(t, g.Status, "builder", e.layer, exportguard.StateMaterialized)
 	before := e.proxy.blobBytes(e.layer)
 
 	r := remote.NewResolver(config.BlobConfig{ChunkSize: 50000, FetchTimeoutSec: 10}, nil)
@@ -376,19 +375,22 @@ func TestBlobSourcePromotesLazyLayer(t *testing.T) {
 	g, src := e.trigger(t, time.Hour, reg)
 	c := src.wrapClient(&http.Client{})
 	ctx := namespaces.WithNamespace(context.Background(), "builder")
-	g.mounted(ctx, mountEvent{Namespace: "builder", Ref: e.ref, Layer: e.layer, Mode: ModeLazy})
-	waitState(t, g, "builder", e.layer, GuardScheduled)
+	g.Mounted(ctx, exportguard.MountEvent{Namespace: "builder", Ref: e.ref, Layer: e.layer, Mode: string(ModeLazy), When: exportguard.WhenDelayed})
+	waitState(t, g.Status, "builder", e.layer, exportguard.StateScheduled)
 
-	// A small on-demand read does not promote it.
+	// A small on-demand read does not promote it: the blob source promotes
+	// as the bytes are read, so the count is final when the read returns.
 	readAll(t, get(t, c, http.MethodGet, e.blobURL(), "bytes=0-65535").Body)
-	time.Sleep(100 * time.Millisecond)
-	waitState(t, g, "builder", e.layer, GuardScheduled)
+	if got := gatheredValue(t, reg, "lazybase_guard_promotions_total"); got != 0 {
+		t.Fatalf("promotions %v after a small read, want 0", got)
+	}
+	waitState(t, g.Status, "builder", e.layer, exportguard.StateScheduled)
 
 	// A background fill does.
 	fill := PromoteAfterBytes + 1<<20
 	readAll(t, get(t, c, http.MethodGet, e.blobURL(), fmt.Sprintf("bytes=65536-%d", fill)).Body)
-	waitState(t, g, "builder", e.layer, GuardMaterialized)
-	if got := counterValue(t, g.promotions); got != 1 {
+	waitState(t, g.Status, "builder", e.layer, exportguard.StateMaterialized)
+	if got := gatheredValue(t, reg, "lazybase_guard_promotions_total"); got != 1 {
 		t.Errorf("promotions %v, want 1", got)
 	}
 	before := e.proxy.blobBytes(e.layer)
@@ -399,4 +401,21 @@ func TestBlobSourcePromotesLazyLayer(t *testing.T) {
 	if n := e.proxy.blobBytes(e.layer) - before; n != 0 {
 		t.Errorf("registry sent %d bytes after the promoted commit", n)
 	}
+}
+
+// gatheredValue returns the value of the counter name, without labels, in
+// reg.
+func gatheredValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) == 1 {
+			return mf.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	t.Fatalf("metric %s not in the registry", name)
+	return 0
 }
