@@ -34,7 +34,7 @@ const harborPush = `{"type":"PUSH_ARTIFACT","occur_at":1700000000,"operator":"ad
  "event_data":{"resources":[{"digest":"sha256:cccc","tag":"1.25","resource_url":"harbor.example.com:8443/library/nginx:1.25"}],
  "repository":{"date_created":1,"name":"nginx","namespace":"library","repo_full_name":"library/nginx","repo_type":"private"}}}`
 
-func TestParseEvents(t *testing.T) {
+func TestParseEventsDistributionAndHarbor(t *testing.T) {
 	for _, tc := range []struct {
 		name, body string
 		want       []PushEvent
@@ -187,7 +187,7 @@ func get(t *testing.T, url string) string {
 	return string(b)
 }
 
-func TestFuzzCorpusPresent(t *testing.T) {
+func TestFuzzParseEventsSeedCorpusPresent(t *testing.T) {
 	ents, err := os.ReadDir(filepath.Join("testdata", "fuzz", "FuzzParseEvents"))
 	if err != nil || len(ents) == 0 {
 		t.Fatalf("seed corpus missing: %v", err)

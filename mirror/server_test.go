@@ -89,7 +89,7 @@ func TestNewServerNeedsAuthChoice(t *testing.T) {
 	}
 }
 
-func TestServeOptionsReadToken(t *testing.T) {
+func TestServeOptionsReadTokenWithoutShowingIt(t *testing.T) {
 	dir := t.TempDir()
 	file := filepath.Join(dir, "token")
 	os.WriteFile(file, []byte("file-token-0123456789abcdef\n"), 0o600)
@@ -125,7 +125,7 @@ func TestServeOptionsReadToken(t *testing.T) {
 	}
 }
 
-func TestServeConfigErrors(t *testing.T) {
+func TestServeConfigErrorsNameTheKey(t *testing.T) {
 	for _, tc := range []struct{ doc, err string }{
 		{"[serve]\ntoken_file = \"a\"\ntoken_env = \"B\"\n", "serve.token_file, serve.token_env"},
 		{"[serve]\nno_auth = true\ntoken_env = \"B\"\n", "serve.no_auth"},
@@ -154,10 +154,10 @@ func TestServeConfigErrors(t *testing.T) {
 	}
 }
 
-// TestServerAuth: POST /events needs the shared secret, as a bearer token,
-// verbatim (Harbor's auth header) or as an HMAC of the body; /healthz and
-// /metrics are open.
-func TestServerAuth(t *testing.T) {
+// TestServerEventsNeedSecretHealthzAndMetricsOpen: POST /events needs the
+// shared secret, as a bearer token, verbatim (Harbor's auth header) or as
+// an HMAC of the body; /healthz and /metrics are open.
+func TestServerEventsNeedSecretHealthzAndMetricsOpen(t *testing.T) {
 	src, dst := newServer(t), newServer(t)
 	m := newMirror(t, testConfig(t, src, dst, ""))
 	_, hs := newTestServer(t, m, WithToken(testToken))
@@ -211,10 +211,11 @@ func TestServerAuth(t *testing.T) {
 	}
 }
 
-// TestServerInputChecks: repositories and tags are checked against the
-// reference grammar before the sources' filters see them; untagged pushes
-// are ignored; every ignored event is counted by reason.
-func TestServerInputChecks(t *testing.T) {
+// TestServerChecksGrammarAndCountsIgnoredEvents: repositories and tags are
+// checked against the reference grammar before the sources' filters see
+// them; untagged pushes are ignored; every ignored event is counted by
+// reason.
+func TestServerChecksGrammarAndCountsIgnoredEvents(t *testing.T) {
 	src, dst := newServer(t), newServer(t)
 	m := newMirror(t, testConfig(t, src, dst, "")) // lib/a: any tag; lib/b: tags 1.*
 	long := strings.Repeat("x", 129)
@@ -264,9 +265,9 @@ func TestServerInputChecks(t *testing.T) {
 	}
 }
 
-// TestServerErrorBodies: refused requests get a JSON body whose message
-// speaks JSON, not Go.
-func TestServerErrorBodies(t *testing.T) {
+// TestServerRefusalsHaveJSONBodiesWithoutGoTerms: refused requests get a
+// JSON body whose message speaks JSON, not Go.
+func TestServerRefusalsHaveJSONBodiesWithoutGoTerms(t *testing.T) {
 	src, dst := newServer(t), newServer(t)
 	m := newMirror(t, testConfig(t, src, dst, ""))
 	_, hs := newTestServer(t, m, WithoutAuth(), WithMaxEvents(3))

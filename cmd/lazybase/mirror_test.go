@@ -149,7 +149,7 @@ func TestMirrorCLIExitsNonZeroOnBadConfigSourceOrShard(t *testing.T) {
 
 // TestMirrorServeRefusesToStartWithoutAuth: serve refuses to start
 // without a token, and refuses no_auth on a listener that is not loopback.
-// (The token's sources and lengths: mirror.TestServeOptionsReadToken.)
+// (The token's sources and lengths: mirror.TestServeOptionsReadTokenWithoutShowingIt.)
 func TestMirrorServeRefusesToStartWithoutAuth(t *testing.T) {
 	isolate(t)
 	ctx := context.Background()
