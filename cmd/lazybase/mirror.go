@@ -21,10 +21,6 @@ type mirrorFlags struct {
 	asJSON bool
 	force  bool
 	dryRun bool
-	// extra options appended after the flags' (tests use them).
-	opts []mirror.Option
-	// terminal forces the live display on (1) or off (-1); 0 detects it.
-	terminal int
 }
 
 func newMirrorCmd() *cobra.Command {
@@ -77,7 +73,7 @@ func runMirror(ctx context.Context, stdout, stderr io.Writer, o mirrorFlags) err
 	if err != nil {
 		return err
 	}
-	m, _, err := newMirror(o.config, append(opts, o.opts...))
+	m, _, err := newMirror(o.config, opts)
 	if err != nil {
 		return err
 	}
@@ -121,7 +117,7 @@ func mirrorOptions(o mirrorFlags, stderr io.Writer) ([]mirror.Option, *progress.
 		opts = append(opts, mirror.WithShard(s))
 	}
 	var disp *progress.Display
-	if isTerminal(stderr, o.terminal) {
+	if isTerminal(stderr, 0) {
 		disp = progress.New(stderr, progress.WithTerminal(true))
 		opts = append(opts, mirror.WithLayerProgress(disp.Handle))
 	}
