@@ -16,6 +16,8 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/lazybase/lazybase/internal/eventually"
 )
 
 // setup starts an in-process registry holding one random image, and a proxy
@@ -221,10 +223,12 @@ func TestCancelledDownloadCountsSentBytes(t *testing.T) {
 		resp.Body.Close()
 	}
 	// Wait for the proxy to record the aborted request.
-	deadline := time.Now().Add(5 * time.Second)
-	for p.Stats().Blob(dgst.String()).GETs == 0 && time.Now().Before(deadline) {
-		time.Sleep(20 * time.Millisecond)
-	}
+	eventually.Require(t, 5*time.Second, "the proxy's record of the aborted GET", func() error {
+		if b := p.Stats().Blob(dgst.String()); b.GETs == 0 {
+			return fmt.Errorf("no GET of %s recorded: %+v", dgst, b)
+		}
+		return nil
+	})
 	b := p.Stats().Blob(dgst.String())
 	size, _ := layers[0].Size()
 	if b.GETs != 1 || b.Bytes <= 0 || b.Bytes >= size {
