@@ -156,7 +156,7 @@ func TestCountsBlobsAndRanges(t *testing.T) {
 	}
 }
 
-func TestBandwidth(t *testing.T) {
+func TestBandwidthLimitsBlobDownloads(t *testing.T) {
 	const rate = 1 << 20 // 1 MiB/s
 	p, img, _ := setup(t, WithBandwidth(rate))
 	layers, _ := img.Layers()
@@ -182,7 +182,7 @@ func TestBandwidth(t *testing.T) {
 	}
 }
 
-func TestRTT(t *testing.T) {
+func TestRTTDelaysEveryRequest(t *testing.T) {
 	const rtt = 80 * time.Millisecond
 	p, _, ref := setup(t, WithRTT(rtt))
 	start := time.Now()
