@@ -129,14 +129,6 @@ func waitFor(ctx context.Context, p *process, timeout time.Duration, what string
 	return fmt.Errorf("waiting for %s: %w", what, err)
 }
 
-// socketReady reports whether a unix socket at path accepts connections.
-func socketReady(path string) error {
-	if _, err := os.Stat(path); err != nil {
-		return err
-	}
-	return nil
-}
-
 // runCmd runs a short-lived command and returns its stdout; stderr lines
 // matching drop are filtered out of the error text.
 func runCmd(ctx context.Context, env []string, bin string, args ...string) (string, error) {
