@@ -38,8 +38,10 @@ type Daemon struct {
 	access *accessRecording
 	guard  *exportguard.Trigger  // nil when guard.enable is false
 	stores *containerdStores     // the guard's containerd connection
-	src    *blobSource           // local blobs for the lazy filesystem
 	local  *exportguard.Unpacker // nil when local.enable or guard.enable is false
+	// blobs serves the lazy filesystem's blob reads from the guard's
+	// local copies; this daemon's own, attached to its guard.
+	blobs *blobSource
 	// locks are the flocks on the root directory and the socket, held
 	// from NewDaemon until Close.
 	locks       []*os.File
@@ -86,7 +88,10 @@ func NewDaemon(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 		return nil, err
 	}
 	m := newMetrics()
-	sc, opts, err := cfg.upstream(ctx)
+	// The registry hosts of the lazy filesystem read blobs through it;
+	// the export guard, set up below, serves them from its local copies.
+	blobs := newBlobSource()
+	sc, opts, err := cfg.upstream(ctx, blobs)
 	if err != nil {
 		return nil, err
 	}
@@ -119,6 +124,7 @@ func NewDaemon(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 		base:   base,
 		access: access,
 		sn:     psn,
+		blobs:  blobs,
 		locks:  locks,
 	}
 	if cfg.Guard.Enable {
