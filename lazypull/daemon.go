@@ -41,7 +41,7 @@ type Daemon struct {
 	local  *exportguard.Unpacker // nil when local.enable or guard.enable is false
 	// blobs serves the lazy filesystem's blob reads from the guard's
 	// local copies; this daemon's own, attached to its guard.
-	blobs *blobSource
+	blobs *exportguard.BlobSource
 	// locks are the flocks on the root directory and the socket, held
 	// from NewDaemon until Close.
 	locks       []*os.File
@@ -90,7 +90,7 @@ func NewDaemon(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 	m := newMetrics()
 	// The registry hosts of the lazy filesystem read blobs through it;
 	// the export guard, set up below, serves them from its local copies.
-	blobs := newBlobSource()
+	blobs := exportguard.NewBlobSource()
 	sc, opts, err := cfg.upstream(ctx, blobs)
 	if err != nil {
 		return nil, err

@@ -143,7 +143,7 @@ func (d *Daemon) startGuard(ctx context.Context, psn *policySnapshotter) error {
 	}
 	// The lazy filesystem reads the blobs the guard committed instead of
 	// fetching them again.
-	if err := d.blobs.attach(g.LocalBlob, g.Promote, d.m.reg); err != nil {
+	if err := d.blobs.Attach(g.LocalBlob, g.Promote, d.m.reg); err != nil {
 		g.Close()
 		return err
 	}
@@ -197,7 +197,7 @@ func (d *Daemon) closeGuard() error {
 	if cerr := d.guard.Close(); cerr != nil {
 		err = cerr
 	}
-	d.blobs.detach()
+	d.blobs.Detach()
 	if cerr := d.stores.close(); cerr != nil && err == nil {
 		err = cerr
 	}

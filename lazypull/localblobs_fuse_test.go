@@ -104,7 +104,7 @@ func TestLazyReadsAfterGuardCommitStayLocal(t *testing.T) {
 	time.Sleep(time.Second)
 
 	total := proxy.blobBytes(layer)
-	local := counterValue(t, td.d.blobs.bytes.WithLabelValues(sourceLocal))
+	local := blobSourceBytes(t, td.d.m.reg, "local")
 	t.Logf("blob %d bytes: registry sent %d before the commit (guard transfer and mount), %d after; %v bytes read locally", size, atCommit, total-atCommit, local)
 	if total != atCommit {
 		t.Errorf("the registry sent %d blob bytes after the guard's commit, want 0", total-atCommit)
@@ -124,11 +124,7 @@ func TestLazyReadsAfterGuardCommitStayLocal(t *testing.T) {
 // process-wide map was shared by a restarted daemon with its predecessor.)
 func TestDaemonsHaveTheirOwnBlobSource(t *testing.T) {
 	requireFUSE(t)
-	attached := func(s *blobSource) bool {
-		s.mu.RLock()
-		defer s.mu.RUnlock()
-		return s.local != nil && s.promote != nil
-	}
+	attached := (*exportguard.BlobSource).Attached
 	rootA := t.TempDir()
 	a := startDaemon(t, rootA, nil)
 	b := startDaemon(t, "", nil)
