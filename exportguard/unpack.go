@@ -74,7 +74,7 @@ type Unpacker struct {
 	mu       sync.Mutex
 	mounts   map[string]UnpackMount // by mountpoint
 	done     map[string]string      // mountpoint -> unpacked directory
-	inflight map[string]context.CancelFunc
+	inflight map[string]*unpackRun // mountpoint -> the unpack under way
 	failed   map[string]bool
 	closed   bool
 }
@@ -141,7 +141,7 @@ func NewUnpacker(ctx context.Context, open BlobOpener, opts ...UnpackOption) (*U
 		ctx:    ctx,
 		cancel: cancel,
 		mounts: map[string]UnpackMount{}, done: map[string]string{},
-		inflight: map[string]context.CancelFunc{}, failed: map[string]bool{},
+		inflight: map[string]*unpackRun{}, failed: map[string]bool{},
 	}, nil
 }
 
@@ -174,9 +174,13 @@ func (u *Unpacker) Unmounted(mountpoint string) {
 	u.mu.Unlock()
 }
 
+// forgetLocked forgets the mount at mp. An unpack under way is cancelled
+// and stays in inflight until it ends, so that no second unpack writes
+// next to mp meanwhile; if mp is mounted again by then, its end starts a
+// new one.
 func (u *Unpacker) forgetLocked(mp string) {
-	if cancel, ok := u.inflight[mp]; ok {
-		cancel()
+	if run, ok := u.inflight[mp]; ok {
+		run.cancel()
 	}
 	delete(u.mounts, mp)
 	delete(u.done, mp)
@@ -240,23 +244,27 @@ func (u *Unpacker) try(mp string) {
 		return
 	}
 	ctx, cancel := context.WithCancel(u.ctx)
-	u.inflight[mp] = cancel
+	run := &unpackRun{cancel: cancel}
+	u.inflight[mp] = run
 	u.wg.Add(1)
 	u.mu.Unlock()
 	go func() {
 		defer u.wg.Done()
 		defer cancel()
 		defer ra.Close()
-		u.unpack(ctx, mp, m, ra)
+		u.unpack(ctx, run, mp, m, ra)
 	}()
 }
 
-func (u *Unpacker) unpack(ctx context.Context, mp string, m UnpackMount, ra content.ReaderAt) {
+// unpackRun is one unpack under way; an unmount cancels it.
+type unpackRun struct{ cancel context.CancelFunc }
+
+func (u *Unpacker) unpack(ctx context.Context, run *unpackRun, mp string, m UnpackMount, ra content.ReaderAt) {
 	select {
 	case u.sem <- struct{}{}:
 		defer func() { <-u.sem }()
 	case <-ctx.Done():
-		u.finish(ctx, mp, m, "", nil)
+		u.finish(ctx, run, mp, m, "", nil)
 		return
 	}
 	lg := log.G(ctx).WithFields(log.Fields{"image": m.Image, "layer": m.Layer})
@@ -274,26 +282,34 @@ func (u *Unpacker) unpack(ctx context.Context, mp string, m UnpackMount, ra cont
 		u.m.unpacks.WithLabelValues("failed").Inc()
 		lg.WithError(err).Warn("local unpack failed: the layer stays on its lazy mount")
 	}
-	u.finish(ctx, mp, m, dir, err)
+	u.finish(ctx, run, mp, m, dir, err)
 }
 
-// finish records the end of the unpack of m at mp, unless the mount went
-// away meanwhile, and reports it.
-func (u *Unpacker) finish(ctx context.Context, mp string, m UnpackMount, dir string, err error) {
+// finish records the end of run, the unpack of m at mp, unless it was
+// cancelled (the mount went away, or Close), and reports it. A run
+// cancelled by an unmount whose mountpoint is mounted again meanwhile
+// gives way to a new try.
+func (u *Unpacker) finish(ctx context.Context, run *unpackRun, mp string, m UnpackMount, dir string, err error) {
 	u.mu.Lock()
-	if ctx.Err() == nil {
+	if u.inflight[mp] == run {
 		delete(u.inflight, mp)
 	}
 	cancelled := ctx.Err() != nil
-	if cur, ok := u.mounts[mp]; ok && cur == m && !cancelled {
+	cur, mounted := u.mounts[mp]
+	if mounted && cur == m && !cancelled {
 		if err != nil {
 			u.failed[mp] = true
 		} else if dir != "" {
 			u.done[mp] = dir
 		}
 	}
+	retry := cancelled && mounted && !u.closed
 	u.m.localized.Set(float64(len(u.done)))
 	u.mu.Unlock()
+	if retry {
+		u.try(mp)
+		return
+	}
 	if !cancelled && u.o.onUnpacked != nil {
 		u.o.onUnpacked(UnpackResult{Mountpoint: mp, Layer: m.Layer, Dir: dir, Err: err})
 	}

@@ -247,3 +247,62 @@ func TestUnpackerSkipsLazyOnly(t *testing.T) {
 	default:
 	}
 }
+
+// gatedBlob is a blob whose reads wait until gate is closed.
+type gatedBlob struct {
+	memBlob
+	gate <-chan struct{}
+}
+
+func (b gatedBlob) ReadAt(p []byte, off int64) (int, error) {
+	<-b.gate
+	return b.memBlob.ReadAt(p, off)
+}
+
+// TestUnpackerRemountDuringUnpack: a layer unmounted while its unpack runs
+// and mounted again before that unpack ends is unpacked once the
+// cancelled unpack has ended, never by two unpacks at once.
+func TestUnpackerRemountDuringUnpack(t *testing.T) {
+	blob, layer := estargzBlob(t)
+	gate := make(chan struct{})
+	reading := make(chan struct{}, 8)
+	var opens sync.Mutex
+	n := 0
+	early := false // a second open before the first unpack could end
+	open := func(context.Context, digest.Digest) (content.ReaderAt, bool) {
+		opens.Lock()
+		defer opens.Unlock()
+		n++
+		reading <- struct{}{}
+		if n > 1 {
+			select {
+			case <-gate:
+			default:
+				early = true
+			}
+		}
+		if n == 1 {
+			return gatedBlob{memBlob{bytes.NewReader(blob)}, gate}, true
+		}
+		return memBlob{bytes.NewReader(blob)}, true
+	}
+	u, results := newTestUnpacker(t, open, nil)
+	mp := snapshotMount(t, "9")
+	m := UnpackMount{Layer: layer}
+	u.Mounted(mp, m)
+	await(t, reading, "first blob open")
+	u.Unmounted(mp)
+	u.Mounted(mp, m)
+	// The first unpack still runs (its reads wait): the remount's try
+	// sees it and starts nothing; the first one's end starts the next.
+	close(gate)
+	r := await(t, results, "unpack after the remount")
+	if r.Err != nil || r.Dir == "" || u.LocalDir(mp) != r.Dir {
+		t.Fatalf("unpack result %+v, LocalDir %q", r, u.LocalDir(mp))
+	}
+	opens.Lock()
+	defer opens.Unlock()
+	if early || n != 2 {
+		t.Errorf("blob opened %d times, a second time while the first unpack ran: %v", n, early)
+	}
+}

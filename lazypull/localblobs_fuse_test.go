@@ -3,6 +3,7 @@ package lazypull
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -18,6 +19,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/lazybase/lazybase/exportguard"
+	"github.com/lazybase/lazybase/internal/eventually"
 	"github.com/lazybase/lazybase/internal/testimage"
 )
 
@@ -100,8 +102,20 @@ func TestLazyReadsAfterGuardCommitStayLocal(t *testing.T) {
 	if read != want {
 		t.Errorf("read %d bytes of files, want %d", read, want)
 	}
-	// Leave the background fill a moment: it must not fetch either.
-	time.Sleep(time.Second)
+	// The background fill must not fetch either: wait until the layer is
+	// fetched in full (on demand and by the fill), then count.
+	eventually.Require(t, 30*time.Second, "layer fetched in full", func() error {
+		st, err := td.d.Status(ctx)
+		if err != nil {
+			return err
+		}
+		for _, l := range st.Layers {
+			if l.Layer == layer.String() && l.Size > 0 && l.FetchedBytes >= l.Size {
+				return nil
+			}
+		}
+		return fmt.Errorf("layers %+v", st.Layers)
+	})
 
 	total := proxy.blobBytes(layer)
 	local := blobSourceBytes(t, td.d.m.reg, "local")
