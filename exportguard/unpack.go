@@ -74,7 +74,7 @@ type Unpacker struct {
 	mu       sync.Mutex
 	mounts   map[string]UnpackMount // by mountpoint
 	done     map[string]string      // mountpoint -> unpacked directory
-	inflight map[string]*unpackRun // mountpoint -> the unpack under way
+	inflight map[string]*unpackRun  // mountpoint -> the unpack under way
 	failed   map[string]bool
 	closed   bool
 }
