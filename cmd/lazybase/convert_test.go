@@ -27,6 +27,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/validate"
 
 	"github.com/lazybase/lazybase/convert"
+	"github.com/lazybase/lazybase/convert/job"
 	"github.com/lazybase/lazybase/internal/imageio"
 	"github.com/lazybase/lazybase/internal/testimage"
 	"github.com/lazybase/lazybase/prefetch"
@@ -90,9 +91,9 @@ func tagExists(t *testing.T, ref string) bool {
 	return false
 }
 
-func parseReport(t *testing.T, stdout string) *convertReport {
+func parseReport(t *testing.T, stdout string) *job.Report {
 	t.Helper()
-	var rep convertReport
+	var rep job.Report
 	dec := json.NewDecoder(strings.NewReader(stdout))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&rep); err != nil {
@@ -104,7 +105,7 @@ func parseReport(t *testing.T, stdout string) *convertReport {
 // checkImage checks a converted image against the report: every layer is
 // eStargz with the TOC digest annotation the report names, and the image is
 // valid.
-func checkImage(t *testing.T, img v1.Image, ir imageReport) {
+func checkImage(t *testing.T, img v1.Image, ir job.ImageReport) {
 	t.Helper()
 	if err := validateImage(img); err != nil {
 		t.Fatal(err)
