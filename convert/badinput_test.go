@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"io/fs"
 	"net/http"
@@ -18,6 +19,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
 	"github.com/lazybase/lazybase/convert"
+	"github.com/lazybase/lazybase/internal/eventually"
 	"github.com/lazybase/lazybase/internal/testimage"
 	"github.com/lazybase/lazybase/prefetch"
 )
@@ -265,7 +267,7 @@ func TestBadLayer(t *testing.T) {
 		for _, tc := range badLayers(t) {
 			t.Run(mode.name+"/"+tc.name, func(t *testing.T) {
 				tmp := t.TempDir()
-				c := newTestConverter(t, append([]convert.Option{convert.WithTempDir(tmp)}, mode.opts...)...)
+				c := newConverter(t, append([]convert.Option{convert.WithTempDir(tmp)}, mode.opts...)...)
 				dgst, _ := tc.layer.Digest()
 				l, err := c.Layer(ctx, tc.layer, tc.diffID)
 				checkBadError(t, err, dgst, tc)
@@ -296,7 +298,7 @@ func TestBadImage(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			c := newTestConverter(t)
+			c := newConverter(t)
 			dgst, _ := tc.layer.Digest()
 			res, err := c.Image(ctx, img)
 			checkBadError(t, err, dgst, tc)
@@ -355,7 +357,7 @@ func TestBadRegistry(t *testing.T) {
 			}
 			t.Cleanup(func() { reg.Fail(victim, 0); reg.Corrupt(v1.Hash{}) })
 			img := reg.Image(t, ref)
-			c := newTestConverter(t)
+			c := newConverter(t)
 			res, err := c.Image(ctx, img)
 			checkBadError(t, err, victim, badLayer{mention: nonEmpty(tc.mention), anyOf: tc.anyOf})
 			checkNamesImage(t, err, img)
@@ -402,7 +404,7 @@ func TestEdgeLayers(t *testing.T) {
 			{"only-dirs", dirs},
 		} {
 			t.Run(string(format)+"/"+tc.name, func(t *testing.T) {
-				c := newTestConverter(t, convert.WithFormat(format))
+				c := newConverter(t, convert.WithFormat(format))
 				tarball := testimage.MustTar(tc.entries)
 				l, err := c.Layer(ctx, testimage.GzipLayer(tarball), testimage.SHA256(tarball))
 				if err != nil {
@@ -421,7 +423,7 @@ func TestAlreadyEStargzReused(t *testing.T) {
 	srcDiff, _ := src.DiffID()
 	srcTree := treeOfTar(t, testimage.MustTar(testimage.Entries(7, testimage.WithoutLargeFiles())))
 
-	c := newTestConverter(t)
+	c := newConverter(t)
 	l, err := c.Layer(ctx, src, srcDiff)
 	if err != nil {
 		t.Fatalf("Layer: %v", err)
@@ -447,7 +449,7 @@ func TestAlreadyEStargzReused(t *testing.T) {
 	checkLayerTree(t, srcTree, l, convert.DefaultChunkSize)
 
 	t.Run("force", func(t *testing.T) {
-		c := newTestConverter(t, convert.WithForce(true))
+		c := newConverter(t, convert.WithForce(true))
 		l, err := c.Layer(ctx, src, srcDiff)
 		if err != nil {
 			t.Fatalf("Layer: %v", err)
@@ -466,7 +468,7 @@ func TestAlreadyEStargzReused(t *testing.T) {
 		// the layer is converted like any gzip layer.
 		plain := src.Clone()
 		plain.Annotations = nil
-		c := newTestConverter(t)
+		c := newConverter(t)
 		l, err := c.Layer(ctx, plain, srcDiff)
 		if err != nil {
 			t.Fatalf("Layer: %v", err)
@@ -480,7 +482,7 @@ func TestAlreadyEStargzReused(t *testing.T) {
 
 func TestZstdChunkedOpens(t *testing.T) {
 	tarball := testimage.MustTar(testimage.Entries(8, testimage.WithoutLargeFiles()))
-	c := newTestConverter(t, convert.WithFormat(convert.FormatZstdChunked))
+	c := newConverter(t, convert.WithFormat(convert.FormatZstdChunked))
 	l, err := c.Layer(context.Background(), testimage.GzipLayer(tarball), v1.Hash{})
 	if err != nil {
 		t.Fatalf("Layer: %v", err)
@@ -523,7 +525,7 @@ func TestBadIndex(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := newTestConverter(t)
+	c := newConverter(t)
 	res, err := c.Index(context.Background(), idx)
 	dgst, _ := bad.Digest()
 	checkBadError(t, err, dgst, badLayer{mention: []string{"../escape"}})
@@ -537,12 +539,16 @@ func TestBadIndex(t *testing.T) {
 // Converter converts the layer afterwards.
 func TestCancelledConversion(t *testing.T) {
 	tarball := testimage.MustTar(testimage.Entries(30, testimage.WithoutLargeFiles()))
-	src := &slowLayer{Layer: testimage.GzipLayer(tarball), started: make(chan struct{}), delay: 200 * time.Millisecond}
+	src := newHeldLayer(testimage.GzipLayer(tarball))
 	tmp := t.TempDir()
-	c := newTestConverter(t, convert.WithTempDir(tmp))
+	c := newConverter(t, convert.WithTempDir(tmp))
 
 	ctx, cancel := context.WithCancel(context.Background())
-	go func() { <-src.started; cancel() }()
+	go func() {
+		<-src.started
+		cancel()
+		src.release()
+	}()
 	l, err := c.Layer(ctx, src, v1.Hash{})
 	if err == nil || !errors.Is(err, context.Canceled) {
 		t.Fatalf("Layer cancelled midway: %v, want context.Canceled", err)
@@ -558,13 +564,14 @@ func TestCancelledConversion(t *testing.T) {
 	}
 }
 
-// TestCancelledCallerDoesNotFailOthers converts the same layer from two
-// callers at once; the first one's context is cancelled while the
-// conversion runs. The second caller must still get the layer.
-func TestCancelledCallerDoesNotFailOthers(t *testing.T) {
+// TestCancelledCallerDoesNotFailJoinedCaller converts the same layer from
+// two callers: B joins the conversion A started (Stats.Joined proves it),
+// then A is cancelled while the blob read is held. A fails with
+// context.Canceled, B still gets the layer, and the layer is converted once.
+func TestCancelledCallerDoesNotFailJoinedCaller(t *testing.T) {
 	tarball := testimage.MustTar(testimage.Entries(31, testimage.WithoutLargeFiles()))
-	src := &slowLayer{Layer: testimage.GzipLayer(tarball), started: make(chan struct{}), delay: 200 * time.Millisecond}
-	c := newTestConverter(t)
+	src := newHeldLayer(testimage.GzipLayer(tarball))
+	c := newConverter(t)
 
 	ctxA, cancelA := context.WithCancel(context.Background())
 	errA := make(chan error, 1)
@@ -572,49 +579,63 @@ func TestCancelledCallerDoesNotFailOthers(t *testing.T) {
 		_, err := c.Layer(ctxA, src, v1.Hash{})
 		errA <- err
 	}()
-	<-src.started // A's conversion is reading the blob
+	<-src.started // A's conversion is reading the blob, held there
 	errB := make(chan error, 1)
 	go func() {
 		_, err := c.Layer(context.Background(), src, v1.Hash{})
 		errB <- err
 	}()
-	time.Sleep(50 * time.Millisecond) // let B join the conversion in flight
+	eventually.Require(t, 10*time.Second, "B joins the conversion in flight", func() error {
+		if n := c.Stats().Joined; n != 1 {
+			return fmt.Errorf("%d calls joined", n)
+		}
+		return nil
+	})
 	cancelA()
-	if err := <-errA; err == nil {
-		t.Log("A finished before its cancellation took effect")
+	if err := <-errA; !errors.Is(err, context.Canceled) {
+		t.Errorf("caller A, cancelled while the conversion was held: %v, want context.Canceled", err)
 	}
+	src.release()
 	if err := <-errB; err != nil {
 		t.Errorf("caller B failed because caller A was cancelled: %v", err)
 	}
+	if s := c.Stats(); s.Converted != 1 || s.BlobReads != 1 {
+		t.Errorf("stats %+v, want the layer converted once from one blob read", s)
+	}
 }
 
-// slowLayer delays the first read of its blob.
-type slowLayer struct {
+// heldLayer holds the first read of its blob until release is called, so a
+// test can act while a conversion is under way.
+type heldLayer struct {
 	*testimage.Layer
-	started chan struct{}
-	once    sync.Once
-	delay   time.Duration
+	started  chan struct{} // closed when the first read begins
+	released chan struct{}
+	once     sync.Once
+	relOnce  sync.Once
 }
 
-func (l *slowLayer) Compressed() (io.ReadCloser, error) {
+func newHeldLayer(l *testimage.Layer) *heldLayer {
+	return &heldLayer{Layer: l, started: make(chan struct{}), released: make(chan struct{})}
+}
+
+// release lets the held read, and every later one, go on.
+func (l *heldLayer) release() { l.relOnce.Do(func() { close(l.released) }) }
+
+func (l *heldLayer) Compressed() (io.ReadCloser, error) {
 	rc, err := l.Layer.Compressed()
 	if err != nil {
 		return nil, err
 	}
-	return &slowReader{ReadCloser: rc, l: l}, nil
+	return &heldReader{ReadCloser: rc, l: l}, nil
 }
 
-type slowReader struct {
+type heldReader struct {
 	io.ReadCloser
-	l    *slowLayer
-	done bool
+	l *heldLayer
 }
 
-func (r *slowReader) Read(p []byte) (int, error) {
-	if !r.done {
-		r.done = true
-		r.l.once.Do(func() { close(r.l.started) })
-		time.Sleep(r.l.delay)
-	}
+func (r *heldReader) Read(p []byte) (int, error) {
+	r.l.once.Do(func() { close(r.l.started) })
+	<-r.l.released
 	return r.ReadCloser.Read(p)
 }

@@ -20,13 +20,20 @@ import (
 	digest "github.com/opencontainers/go-digest"
 )
 
-func newConverter(t *testing.T, opts ...convert.Option) *convert.Converter {
+// newConverter returns a Converter with its temporary files under the
+// test's directory (unless opts say otherwise), closed, with its error
+// checked, when the test ends.
+func newConverter(t testing.TB, opts ...convert.Option) *convert.Converter {
 	t.Helper()
 	c, err := convert.New(append([]convert.Option{convert.WithTempDir(t.TempDir())}, opts...)...)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("convert.New: %v", err)
 	}
-	t.Cleanup(func() { c.Close() })
+	t.Cleanup(func() {
+		if err := c.Close(); err != nil {
+			t.Errorf("closing converter: %v", err)
+		}
+	})
 	return c
 }
 
@@ -451,16 +458,24 @@ func TestCloseWaitsForConversionsUnderWay(t *testing.T) {
 		t.Fatal(err)
 	}
 	tarball := testimage.MustTar(testimage.Entries(61))
-	src := &slowLayer{Layer: testimage.GzipLayer(tarball), started: make(chan struct{}), delay: 100 * time.Millisecond}
+	src := newHeldLayer(testimage.GzipLayer(tarball))
 	done := make(chan error, 1)
 	go func() {
 		_, err := c.Layer(context.Background(), src, v1.Hash{})
 		done <- err
 	}()
-	<-src.started // the conversion is reading its blob
+	<-src.started // the conversion is reading its blob, held there
 	// Closing now must neither panic nor pull files from under the
 	// conversion: it waits for it.
-	if err := c.Close(); err != nil {
+	closed := make(chan error, 1)
+	go func() { closed <- c.Close() }()
+	select {
+	case err := <-closed:
+		t.Fatalf("Close returned (%v) while a conversion was held under way", err)
+	case <-time.After(50 * time.Millisecond): // a bound on a wrong return, not synchronization
+	}
+	src.release()
+	if err := <-closed; err != nil {
 		t.Fatal(err)
 	}
 	if err := <-done; err != nil {
