@@ -93,7 +93,7 @@ func TestFormatAnnotationMatchesConvert(t *testing.T) {
 	}
 }
 
-func TestSelectTags(t *testing.T) {
+func TestSelectTagsNewestBySemverOrCreated(t *testing.T) {
 	s := Source{Newest: 3, Order: OrderSemver, Tags: []string{"1.*", "v2*"}}
 	got, err := s.SelectTags([]string{"1.9", "1.10", "1.9-rc1", "latest", "1.2", "v2.0.0", "v2.0.0-beta", "0.9"}, nil)
 	if err != nil {
@@ -116,7 +116,7 @@ func TestSelectTags(t *testing.T) {
 	}
 }
 
-func TestShardParse(t *testing.T) {
+func TestParseShardRejectsOutOfRange(t *testing.T) {
 	if s, err := ParseShard("2/5"); err != nil || s != (Shard{2, 5}) {
 		t.Errorf("%v %v", s, err)
 	}

@@ -19,6 +19,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/validate"
 
+	"github.com/lazybase/lazybase/internal/eventually"
 	"github.com/lazybase/lazybase/internal/testimage"
 )
 
@@ -98,19 +99,18 @@ notifications:
 		}
 	})
 	host := fmt.Sprintf("127.0.0.1:%d", port)
-	for deadline := time.Now().Add(10 * time.Second); ; {
+	eventually.Require(t, 10*time.Second, "registry on "+host+" starts", func() error {
 		resp, err := http.Get("http://" + host + "/v2/")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return host
-			}
+		if err != nil {
+			return err
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("registry on %s did not start: %v", host, err)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("GET /v2/: %s", resp.Status)
 		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return nil
+	})
+	return host
 }
 
 // TestDistributionMountsAndNotifications runs against a real distribution
@@ -180,17 +180,16 @@ func TestDistributionMountsAndNotifications(t *testing.T) {
 		t.Fatal(err)
 	}
 	dest, _ := name.ParseReference(host + "/mirror/src/app:1.9")
-	for deadline := time.Now().Add(30 * time.Second); ; {
-		if out, err := remote.Image(dest); err == nil {
-			if err := validate.Image(out); err != nil {
-				t.Fatal(err)
-			}
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the pushed image was not mirrored after its notification")
-		}
-		time.Sleep(100 * time.Millisecond)
+	eventually.Require(t, 30*time.Second, "the pushed image is mirrored after its notification", func() error {
+		_, err := remote.Head(dest)
+		return err
+	})
+	out, err := remote.Image(dest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := validate.Image(out); err != nil {
+		t.Fatal(err)
 	}
 	// The base layer comes from its conversion record; only the new layer
 	// is converted.

@@ -2,6 +2,18 @@
 // conversions of the images a mirror.toml names (see Config), reusing the
 // convert package for the conversion itself.
 //
+// A Mirror (New, with Options) is built from a Config (LoadConfig). Plan
+// lists the sources' tags and returns the Jobs of this Shard; JobFor and
+// jobs saved by the server name single images. Run mirrors the planned
+// jobs and returns a Report; MirrorImage mirrors one and returns its
+// ImageReport. Server turns registry push notifications into jobs, and
+// Serve runs it until shutdown and returns a ServeResult. Each job has its
+// file: options.go; mirror.go (the Mirror and its counters); plan.go;
+// run.go, build.go and session.go (attempts, converted images, layers kept
+// for a run); record.go; report.go; events.go, queue.go, server.go and
+// serve.go (notifications); config.go, security.go and tags.go (the
+// config, secrets, tag selection); retry.go.
+//
 // # Work skipped
 //
 // An image whose destination tag already holds a manifest (or index) whose
@@ -113,12 +125,14 @@
 // (distribution's notification endpoint headers), verbatim in the
 // Authorization header (Harbor's auth header) or as an HMAC-SHA256 of the
 // body (SignatureHeader); the secret is compared in constant time and
-// never logged. no_auth turns this off, and the serve command accepts it
-// on a loopback listener only. /healthz and /metrics are open. Every
-// event's repository and tag are checked against distribution's reference
-// grammar before the sources' filters see them; a request is bounded in
-// size (MaxEventBody) and in push events (max_events); jobs wait in a
-// bounded queue with a share per source repository, served in turn. On
-// shutdown the queue is drained for a grace period, and the jobs not done
-// are saved to a state file that the next start queues again.
+// never logged. no_auth turns this off, and Serve accepts it on a
+// loopback listener only. /healthz and /metrics are open. Every event's
+// repository and tag are checked against distribution's reference grammar
+// before the sources' filters see them; a request is bounded in size
+// (MaxEventBody) and in push events (max_events); jobs wait in a bounded
+// queue with a share per source repository, served in turn. When Serve's
+// context ends the queue is drained for a grace period (WithGracePeriod,
+// [serve] grace_period), and the jobs not done are saved to a state file
+// that the next start queues again; ServeResult says which, and whether
+// the grace period ran out.
 package mirror

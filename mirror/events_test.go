@@ -17,6 +17,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/validate"
+
+	"github.com/lazybase/lazybase/internal/eventually"
 )
 
 const distPush = `{"events":[{"id":"1","timestamp":"2026-01-01T00:00:00Z","action":"push",
@@ -32,7 +34,7 @@ const harborPush = `{"type":"PUSH_ARTIFACT","occur_at":1700000000,"operator":"ad
  "event_data":{"resources":[{"digest":"sha256:cccc","tag":"1.25","resource_url":"harbor.example.com:8443/library/nginx:1.25"}],
  "repository":{"date_created":1,"name":"nginx","namespace":"library","repo_full_name":"library/nginx","repo_type":"private"}}}`
 
-func TestParseEvents(t *testing.T) {
+func TestParseEventsDistributionAndHarbor(t *testing.T) {
 	for _, tc := range []struct {
 		name, body string
 		want       []PushEvent
@@ -149,20 +151,15 @@ func TestServerConvertsPushedImage(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { s.Run(ctx); close(done) }()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		metrics := get(t, hs.URL+"/metrics")
-		if strings.Contains(metrics, `lazybase_mirror_images_total{status="converted"} 1`) {
-			if !strings.Contains(metrics, `lazybase_mirror_events_total{result="deduplicated"} 1`) ||
-				!strings.Contains(metrics, `lazybase_mirror_events_total{result="ignored"} 1`) {
-				t.Errorf("metrics:\n%s", metrics)
-			}
-			break
+	eventually.Require(t, 20*time.Second, "the pushed image is converted", func() error {
+		if metrics := get(t, hs.URL+"/metrics"); !strings.Contains(metrics, `lazybase_mirror_images_total{status="converted"} 1`) {
+			return fmt.Errorf("metrics:\n%s", metrics)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("not converted; metrics:\n%s", metrics)
-		}
-		time.Sleep(50 * time.Millisecond)
+		return nil
+	})
+	if metrics := get(t, hs.URL+"/metrics"); !strings.Contains(metrics, `lazybase_mirror_events_total{result="deduplicated"} 1`) ||
+		!strings.Contains(metrics, `lazybase_mirror_events_total{result="ignored"} 1`) {
+		t.Errorf("metrics:\n%s", metrics)
 	}
 	cancel()
 	<-done
@@ -179,26 +176,6 @@ func TestServerConvertsPushedImage(t *testing.T) {
 	}
 }
 
-func TestServerQueueBound(t *testing.T) {
-	src, dst := newServer(t), newServer(t)
-	m := newMirror(t, testConfig(t, src, dst, ""))
-	s, err := NewServer(m, WithQueue(1, 1), WithWorkers(1), WithoutAuth())
-	if err != nil {
-		t.Fatal(err)
-	}
-	a, _ := m.JobFor("", "lib/a", "1.0")
-	b, _ := m.JobFor("", "lib/b", "1.1")
-	if got := s.Enqueue(a); got != "queued" {
-		t.Fatal(got)
-	}
-	if got := s.Enqueue(a); got != "deduplicated" {
-		t.Fatal(got)
-	}
-	if got := s.Enqueue(b); got != "queue full" {
-		t.Fatal(got)
-	}
-}
-
 func get(t *testing.T, url string) string {
 	t.Helper()
 	resp, err := http.Get(url)
@@ -210,7 +187,7 @@ func get(t *testing.T, url string) string {
 	return string(b)
 }
 
-func TestFuzzCorpusPresent(t *testing.T) {
+func TestFuzzParseEventsSeedCorpusPresent(t *testing.T) {
 	ents, err := os.ReadDir(filepath.Join("testdata", "fuzz", "FuzzParseEvents"))
 	if err != nil || len(ents) == 0 {
 		t.Fatalf("seed corpus missing: %v", err)

@@ -135,9 +135,10 @@ func TestMirrorPrefetchDir(t *testing.T) {
 	}
 }
 
-// TestTempFilesReleased: converted layers live in temporary files until the
-// run (or, for MirrorImage as serve uses it, the image) is done.
-func TestTempFilesReleased(t *testing.T) {
+// TestTempFilesReleasedWhenRunOrImageEnds: converted layers live in
+// temporary files until the run (or, for MirrorImage as serve uses it, the
+// image) is done.
+func TestTempFilesReleasedWhenRunOrImageEnds(t *testing.T) {
 	ctx := context.Background()
 	src, dst := newServer(t), newServer(t)
 	imageSet(t, src, 16<<10)

@@ -1,6 +1,11 @@
 package mirror
 
-import "time"
+import (
+	"fmt"
+	"time"
+
+	"github.com/lazybase/lazybase/internal/progress"
+)
 
 // Image statuses in a report.
 const (
@@ -71,6 +76,34 @@ type LayerCounts struct {
 
 // OK reports whether nothing failed.
 func (r *Report) OK() bool { return r.Failed == 0 && len(r.Errors) == 0 }
+
+// Err returns nil when the run went OK, else an error counting the failed
+// images and the other errors.
+func (r *Report) Err() error {
+	if r.OK() {
+		return nil
+	}
+	return fmt.Errorf("%d image(s) failed, %d other error(s)", r.Failed, len(r.Errors))
+}
+
+// Summary is the one-line account of a run: images by status, time,
+// layer work and HTTP retries.
+func (r *Report) Summary() string {
+	return fmt.Sprintf("%d converted, %d skipped, %d failed in %.1fs (%d layers converted, %d from records, %d HTTP retries)",
+		r.Converted, r.Skipped, r.Failed, r.Seconds, r.Layers.Converted, r.Layers.FromRecords, r.Retries)
+}
+
+// Summary is the one-line account of an image, starting with its status.
+func (r ImageReport) Summary() string {
+	switch r.Status {
+	case StatusFailed:
+		return fmt.Sprintf("failed    %s -> %s after %d attempt(s) in %.1fs: %s", r.Source, r.Destination, r.Attempts, r.Seconds, r.Reason)
+	case StatusSkipped:
+		return fmt.Sprintf("skipped   %s -> %s (up to date, %s) in %.2fs", r.Source, r.Destination, r.Digest, r.Seconds)
+	}
+	return fmt.Sprintf("converted %s -> %s %s in %.1fs: layers %d converted, %d from records, %d shared; %s",
+		r.Source, r.Destination, r.Digest, r.Seconds, r.LayersConverted, r.LayersFromRecords, r.LayersShared, progress.Bytes(r.Bytes))
+}
 
 func (r *Report) add(ir ImageReport) {
 	switch ir.Status {

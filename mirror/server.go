@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/containerd/log"
 	"github.com/prometheus/client_golang/prometheus"
@@ -37,6 +38,7 @@ type serverOptions struct {
 	token                              []byte
 	noAuth                             bool
 	stateFile                          string
+	grace                              time.Duration
 }
 
 // WithQueue bounds the jobs that may wait: total in all, perRepository of
@@ -89,8 +91,8 @@ func WithToken(secret []byte) ServerOption {
 	}
 }
 
-// WithoutAuth accepts unauthenticated notifications. Callers must only use
-// it on loopback listeners (the serve command refuses it elsewhere).
+// WithoutAuth accepts unauthenticated notifications. Serve refuses it on a
+// listener that is not loopback (IsLoopback).
 func WithoutAuth() ServerOption {
 	return func(o *serverOptions) error { o.noAuth = true; return nil }
 }
@@ -101,11 +103,22 @@ func WithStateFile(path string) ServerOption {
 	return func(o *serverOptions) error { o.stateFile = path; return nil }
 }
 
+// WithGracePeriod sets how long Serve lets queued and running jobs go on
+// after its context ends. Default: DefaultGracePeriod.
+func WithGracePeriod(d time.Duration) ServerOption {
+	return func(o *serverOptions) error {
+		if d < 0 {
+			return fmt.Errorf("grace period must not be negative, got %s", d)
+		}
+		o.grace = d
+		return nil
+	}
+}
+
 // ServeOptions translates a [serve] table into server options, reading
-// the token. The listen address is the caller's: it must refuse no_auth on
-// a listener that is not loopback (IsLoopback).
+// the token. Serve refuses no_auth on a listener that is not loopback.
 func ServeOptions(c *ServeConfig) ([]ServerOption, error) {
-	opts := []ServerOption{WithQueue(c.Queue, c.QueuePerRepository), WithMaxEvents(c.MaxEvents), WithStateFile(c.StateFile)}
+	opts := []ServerOption{WithQueue(c.Queue, c.QueuePerRepository), WithMaxEvents(c.MaxEvents), WithStateFile(c.StateFile), WithGracePeriod(c.Grace())}
 	if c.NoAuth {
 		return append(opts, WithoutAuth()), nil
 	}
@@ -165,7 +178,7 @@ type Server struct {
 // NewServer returns a Server over m. Authentication must be chosen:
 // WithToken or WithoutAuth.
 func NewServer(m *Mirror, opts ...ServerOption) (*Server, error) {
-	o := serverOptions{queue: DefaultQueue, perRepo: DefaultQueuePerRepository, workers: m.cfg.Concurrency, maxEvents: DefaultMaxEvents}
+	o := serverOptions{queue: DefaultQueue, perRepo: DefaultQueuePerRepository, workers: m.cfg.Concurrency, maxEvents: DefaultMaxEvents, grace: DefaultGracePeriod}
 	for _, opt := range opts {
 		if opt == nil {
 			continue

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -12,9 +13,12 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/lazybase/lazybase/internal/eventually"
 )
 
 // pushEvents is a distribution envelope naming one push per "repo:tag"
@@ -85,10 +89,12 @@ func TestNewServerNeedsAuthChoice(t *testing.T) {
 	}
 }
 
-func TestServeOptionsReadToken(t *testing.T) {
+func TestServeOptionsReadTokenWithoutShowingIt(t *testing.T) {
 	dir := t.TempDir()
 	file := filepath.Join(dir, "token")
 	os.WriteFile(file, []byte("file-token-0123456789abcdef\n"), 0o600)
+	short := filepath.Join(dir, "short")
+	os.WriteFile(short, []byte("tiny-secret\n"), 0o600)
 	t.Setenv("LB_SERVE_TEST_TOKEN", "env-token-0123456789abcdef")
 	t.Setenv("LB_SERVE_TEST_SHORT", "tiny-secret")
 	for _, tc := range []struct {
@@ -100,6 +106,8 @@ func TestServeOptionsReadToken(t *testing.T) {
 		{"missing", ``, "serve.token_file or serve.token_env"},
 		{"short env", `token_env = "LB_SERVE_TEST_SHORT"`, "want at least 16"},
 		{"missing file", fmt.Sprintf("token_file = %q", filepath.Join(dir, "nope")), "reading the serve token"},
+		{"short file", fmt.Sprintf("token_file = %q", short), "want at least 16"},
+		{"unset env", `token_env = "LB_SERVE_TEST_UNSET"`, "environment variable LB_SERVE_TEST_UNSET"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := ParseConfig([]byte("destination = \"r.example.com/m\"\n[[source]]\nrepository = \"r.example.com/a\"\n[serve]\n" + tc.doc + "\n"))
@@ -117,7 +125,7 @@ func TestServeOptionsReadToken(t *testing.T) {
 	}
 }
 
-func TestServeConfigErrors(t *testing.T) {
+func TestServeConfigErrorsNameTheKey(t *testing.T) {
 	for _, tc := range []struct{ doc, err string }{
 		{"[serve]\ntoken_file = \"a\"\ntoken_env = \"B\"\n", "serve.token_file, serve.token_env"},
 		{"[serve]\nno_auth = true\ntoken_env = \"B\"\n", "serve.no_auth"},
@@ -146,10 +154,10 @@ func TestServeConfigErrors(t *testing.T) {
 	}
 }
 
-// TestServerAuth: POST /events needs the shared secret, as a bearer token,
-// verbatim (Harbor's auth header) or as an HMAC of the body; /healthz and
-// /metrics are open.
-func TestServerAuth(t *testing.T) {
+// TestServerEventsNeedSecretHealthzAndMetricsOpen: POST /events needs the
+// shared secret, as a bearer token, verbatim (Harbor's auth header) or as
+// an HMAC of the body; /healthz and /metrics are open.
+func TestServerEventsNeedSecretHealthzAndMetricsOpen(t *testing.T) {
 	src, dst := newServer(t), newServer(t)
 	m := newMirror(t, testConfig(t, src, dst, ""))
 	_, hs := newTestServer(t, m, WithToken(testToken))
@@ -203,10 +211,11 @@ func TestServerAuth(t *testing.T) {
 	}
 }
 
-// TestServerInputChecks: repositories and tags are checked against the
-// reference grammar before the sources' filters see them; untagged pushes
-// are ignored; every ignored event is counted by reason.
-func TestServerInputChecks(t *testing.T) {
+// TestServerChecksGrammarAndCountsIgnoredEvents: repositories and tags are
+// checked against the reference grammar before the sources' filters see
+// them; untagged pushes are ignored; every ignored event is counted by
+// reason.
+func TestServerChecksGrammarAndCountsIgnoredEvents(t *testing.T) {
 	src, dst := newServer(t), newServer(t)
 	m := newMirror(t, testConfig(t, src, dst, "")) // lib/a: any tag; lib/b: tags 1.*
 	long := strings.Repeat("x", 129)
@@ -256,9 +265,9 @@ func TestServerInputChecks(t *testing.T) {
 	}
 }
 
-// TestServerErrorBodies: refused requests get a JSON body whose message
-// speaks JSON, not Go.
-func TestServerErrorBodies(t *testing.T) {
+// TestServerRefusalsHaveJSONBodiesWithoutGoTerms: refused requests get a
+// JSON body whose message speaks JSON, not Go.
+func TestServerRefusalsHaveJSONBodiesWithoutGoTerms(t *testing.T) {
 	src, dst := newServer(t), newServer(t)
 	m := newMirror(t, testConfig(t, src, dst, ""))
 	_, hs := newTestServer(t, m, WithoutAuth(), WithMaxEvents(3))
@@ -299,10 +308,11 @@ func TestServerErrorBodies(t *testing.T) {
 	}
 }
 
-// TestServerFairQueue: a flood of pushes to one repository fills that
-// repository's share only; another repository's push is still queued, and
-// the repositories take turns.
-func TestServerFairQueue(t *testing.T) {
+// TestServerQueueIsFairAndBounded: a flood of pushes to one repository
+// fills that repository's share only; another repository's push is still
+// queued, and the repositories take turns; past the global bound pushes
+// are answered 503, and a job already waiting is not queued twice.
+func TestServerQueueIsFairAndBounded(t *testing.T) {
 	src, dst := newServer(t), newServer(t)
 	m := newMirror(t, testConfig(t, src, dst, ""))
 	s, hs := newTestServer(t, m, WithoutAuth(), WithQueue(6, 3))
@@ -348,6 +358,16 @@ func TestServerFairQueue(t *testing.T) {
 	if s2.q.len() != 2 {
 		t.Errorf("queue length %d", s2.q.len())
 	}
+	// Enqueue, as the handler uses it: a job already waiting is not
+	// queued twice, and a full queue refuses the others.
+	a, _ := m.JobFor("", "lib/a", "1.0")
+	b, _ := m.JobFor("", "lib/b", "1.1")
+	if got := s2.Enqueue(a); got != "deduplicated" {
+		t.Errorf("Enqueue(lib/a:1.0 again) = %q", got)
+	}
+	if got := s2.Enqueue(b); got != "queue full" {
+		t.Errorf("Enqueue(lib/b:1.1) = %q", got)
+	}
 }
 
 // gate blocks GETs of source manifests of lib/a until it is opened or the
@@ -372,43 +392,82 @@ func (g *gate) RoundTrip(r *http.Request) (*http.Response, error) {
 	return g.inner.RoundTrip(r)
 }
 
-// TestServerShutdownDrainsOrSaves: Close lets Run finish the queue; a Run
-// whose context ends leaves the image in progress and the queued jobs to
-// Unfinished, SaveState writes them, and a new server's LoadState queues
-// them again and converts them.
-func TestServerShutdownDrainsOrSaves(t *testing.T) {
+// serveOutcome is what a Serve goroutine returned.
+type serveOutcome struct {
+	res ServeResult
+	err error
+}
+
+// startServe runs s.Serve on a loopback listener until the returned
+// cancel is called; wait returns what Serve returned.
+func startServe(t *testing.T, s *Server) (url string, cancel context.CancelFunc, wait func() serveOutcome) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	out := make(chan serveOutcome, 1)
+	go func() {
+		res, err := s.Serve(ctx, ln)
+		out <- serveOutcome{res, err}
+	}()
+	wait = func() serveOutcome {
+		t.Helper()
+		select {
+		case o := <-out:
+			return o
+		case <-time.After(60 * time.Second):
+			t.Fatal("Serve did not return")
+			return serveOutcome{}
+		}
+	}
+	return "http://" + ln.Addr().String(), cancel, wait
+}
+
+func sources(jobs []Job) string {
+	var names []string
+	for _, j := range jobs {
+		names = append(names, j.Source)
+	}
+	return strings.Join(names, " ")
+}
+
+// TestServeSavesJobsLeftAfterGraceAndRequeuesThemOnNextStart: when Serve's
+// context ends with an image blocked on its source, the grace period runs
+// out, and the image in progress and the queued jobs are interrupted and
+// saved, after which the server refuses notifications; the next Serve
+// queues them again, converts them and removes the state file.
+func TestServeSavesJobsLeftAfterGraceAndRequeuesThemOnNextStart(t *testing.T) {
 	src, dst := newServer(t), newServer(t)
 	imageSet(t, src, 16<<10)
 	g := &gate{inner: http.DefaultTransport, host: src.host, open: make(chan struct{}), entered: make(chan struct{})}
-	c := testConfig(t, src, dst, "")
-	m := newMirror(t, c, WithTransport(g))
+	m := newMirror(t, testConfig(t, src, dst, ""), WithTransport(g))
 	state := filepath.Join(t.TempDir(), "state.json")
-	s, hs := newTestServer(t, m, WithToken(testToken), WithWorkers(1), WithStateFile(state))
+	s, err := NewServer(m, WithToken(testToken), WithWorkers(1), WithStateFile(state), WithGracePeriod(50*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	url, stop, wait := startServe(t, s)
 	auth := map[string]string{"Authorization": "Bearer " + string(testToken)}
-	if r := postEvents(t, hs.URL, pushEvents("lib/a:1.0", "lib/b:1.1", "lib/b:1.2"), auth); r.code != http.StatusAccepted {
+	if r := postEvents(t, url, pushEvents("lib/a:1.0", "lib/b:1.1", "lib/b:1.2"), auth); r.code != http.StatusAccepted {
 		t.Fatalf("%d %s", r.code, r.body)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { s.Run(ctx); close(done) }()
 	<-g.entered // lib/a:1.0 is in progress, blocked on its source
-	s.Close()
+	stop()
+	out := wait()
+	if out.err != nil {
+		t.Fatal(out.err)
+	}
+	want := src.host + "/lib/a:1.0 " + src.host + "/lib/b:1.1 " + src.host + "/lib/b:1.2"
+	if got := sources(out.res.Unfinished); got != want || !out.res.GraceExpired || !out.res.Saved || out.res.Requeued != 0 {
+		t.Fatalf("result %+v (unfinished %s), want grace expired and saved: %s", out.res, got, want)
+	}
+	hs := httptest.NewServer(s.Handler())
+	defer hs.Close()
 	if r := postEvents(t, hs.URL, pushEvents("lib/b:1.3"), auth); r.code != http.StatusServiceUnavailable || !strings.Contains(r.body, "shutting down") {
-		t.Fatalf("after Close: %d %s", r.code, r.body)
-	}
-	cancel() // the grace period is over
-	<-done
-	left := s.Unfinished()
-	var names []string
-	for _, j := range left {
-		names = append(names, j.Source)
-	}
-	want := []string{src.host + "/lib/a:1.0", src.host + "/lib/b:1.1", src.host + "/lib/b:1.2"}
-	if strings.Join(names, " ") != strings.Join(want, " ") {
-		t.Fatalf("unfinished %v, want %v", names, want)
-	}
-	if err := s.SaveState(context.Background(), left); err != nil {
-		t.Fatal(err)
+		t.Fatalf("after Serve returned: %d %s", r.code, r.body)
 	}
 
 	// The next start.
@@ -417,26 +476,49 @@ func TestServerShutdownDrainsOrSaves(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	n, err := s2.LoadState(context.Background())
-	if err != nil || n != 3 {
-		t.Fatalf("loaded %d: %v", n, err)
-	}
-	s2.Close() // drain: Run returns once the queue is empty
-	s2.Run(context.Background())
-	if left := s2.Unfinished(); len(left) != 0 {
-		t.Fatalf("unfinished after a drain: %v", left)
-	}
-	if err := s2.SaveState(context.Background(), nil); err != nil {
-		t.Fatal(err)
+	_, stop, wait = startServe(t, s2)
+	eventually.Require(t, 30*time.Second, "the saved jobs are mirrored", func() error {
+		for _, ref := range []string{"lib/a:1.0", "lib/b:1.1", "lib/b:1.2"} {
+			r, _ := name.ParseReference(dst.host + "/mirror/" + ref)
+			if _, err := remote.Head(r); err != nil {
+				return fmt.Errorf("%s: %w", ref, err)
+			}
+		}
+		return nil
+	})
+	stop()
+	out = wait()
+	if out.err != nil || out.res.Requeued != 3 || out.res.GraceExpired || len(out.res.Unfinished) != 0 || out.res.Saved {
+		t.Fatalf("second start: %+v %v, want 3 requeued and a complete drain", out.res, out.err)
 	}
 	if _, err := os.Stat(state); !os.IsNotExist(err) {
-		t.Errorf("state file kept after a full drain: %v", err)
+		t.Errorf("state file kept after a complete drain: %v", err)
 	}
-	for _, ref := range []string{"lib/a:1.0", "lib/b:1.1", "lib/b:1.2"} {
-		r, _ := name.ParseReference(dst.host + "/mirror/" + ref)
-		if _, err := remote.Image(r); err != nil {
-			t.Errorf("%s not mirrored: %v", ref, err)
+}
+
+// TestServeRefusesNoAuthOffLoopback: without authentication the server
+// serves on loopback only, whether it is given an address or a listener.
+func TestServeRefusesNoAuthOffLoopback(t *testing.T) {
+	src, dst := newServer(t), newServer(t)
+	m := newMirror(t, testConfig(t, src, dst, ""))
+	s, err := NewServer(m, WithoutAuth())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, listen := range []string{":0", "0.0.0.0:0", "[::]:0"} {
+		if _, err := s.ListenAndServe(context.Background(), listen); err == nil || !strings.Contains(err.Error(), "not a loopback address") {
+			t.Errorf("ListenAndServe(%q): err = %v", listen, err)
 		}
+	}
+	ln, err := net.Listen("tcp", "0.0.0.0:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Serve(context.Background(), ln); err == nil || !strings.Contains(err.Error(), "not a loopback address") {
+		t.Errorf("Serve on %s: err = %v", ln.Addr(), err)
+	}
+	if err := ln.Close(); err == nil {
+		t.Error("Serve left the refused listener open")
 	}
 }
 

@@ -79,11 +79,12 @@ func TestMirrorStalledBlobFailsThatImageOnly(t *testing.T) {
 	}
 }
 
-// TestMirrorSilentRegistry: a source registry that accepts connections and
-// never answers (after TCP, or after the TLS handshake) fails planning for
-// that source and each image mirrored from it (as serve does), with errors
-// naming the host, within the timeouts; the other source is mirrored.
-func TestMirrorSilentRegistry(t *testing.T) {
+// TestMirrorSilentRegistryFailsWithinTimeouts: a source registry that
+// accepts connections and never answers (after TCP, or after the TLS
+// handshake) fails planning for that source and each image mirrored from it
+// (as serve does), with errors naming the host, within the timeouts; the
+// other source is mirrored.
+func TestMirrorSilentRegistryFailsWithinTimeouts(t *testing.T) {
 	for _, tc := range []struct {
 		name     string
 		host     func(testing.TB) string

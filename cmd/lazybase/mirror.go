@@ -3,15 +3,10 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"os"
-	"time"
 
-	"github.com/containerd/log"
 	"github.com/spf13/cobra"
 
 	"github.com/lazybase/lazybase/internal/progress"
@@ -26,10 +21,6 @@ type mirrorFlags struct {
 	asJSON bool
 	force  bool
 	dryRun bool
-	// extra options appended after the flags' (tests use them).
-	opts []mirror.Option
-	// terminal forces the live display on (1) or off (-1); 0 detects it.
-	terminal int
 }
 
 func newMirrorCmd() *cobra.Command {
@@ -78,51 +69,17 @@ func newMirror(cfgFile string, extra []mirror.Option) (*mirror.Mirror, *mirror.C
 }
 
 func runMirror(ctx context.Context, stdout, stderr io.Writer, o mirrorFlags) error {
-	var opts []mirror.Option
-	if o.shard != "" {
-		s, err := mirror.ParseShard(o.shard)
-		if err != nil {
-			return fmt.Errorf("--shard: %w", err)
-		}
-		opts = append(opts, mirror.WithShard(s))
+	opts, disp, err := mirrorOptions(o, stderr)
+	if err != nil {
+		return err
 	}
-	opts = append(opts, mirror.WithForce(o.force))
-	tty := isTerminal(stderr, o.terminal)
-	var disp *progress.Display
-	if tty {
-		disp = progress.New(stderr, progress.WithTerminal(true))
-		opts = append(opts, mirror.WithLayerProgress(disp.Handle))
-	}
-	opts = append(opts, mirror.WithImageDone(func(r mirror.ImageReport) {
-		line := summaryLine(r)
-		if disp != nil {
-			disp.Printf("%s", line)
-		} else {
-			fmt.Fprintln(stderr, line)
-		}
-	}))
-	m, _, err := newMirror(o.config, append(opts, o.opts...))
+	m, _, err := newMirror(o.config, opts)
 	if err != nil {
 		return err
 	}
 	defer m.Close()
 	if o.dryRun {
-		jobs, errs := m.Plan(ctx)
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		if jobs == nil {
-			jobs = []mirror.Job{}
-		}
-		if err := enc.Encode(jobs); err != nil {
-			return err
-		}
-		for _, e := range errs {
-			fmt.Fprintf(stderr, "mirror: %s\n", e)
-		}
-		if len(errs) > 0 {
-			return fmt.Errorf("mirror: %d source(s) could not be listed", len(errs))
-		}
-		return nil
+		return printMirrorPlan(ctx, stdout, stderr, m)
 	}
 	if disp != nil {
 		disp.Start()
@@ -131,11 +88,73 @@ func runMirror(ctx context.Context, stdout, stderr io.Writer, o mirrorFlags) err
 	if disp != nil {
 		disp.Stop()
 	}
-	fmt.Fprintf(stderr, "mirror: %d converted, %d skipped, %d failed in %.1fs (%d layers converted, %d from records, %d HTTP retries)\n",
-		rep.Converted, rep.Skipped, rep.Failed, rep.Seconds, rep.Layers.Converted, rep.Layers.FromRecords, rep.Retries)
+	fmt.Fprintf(stderr, "mirror: %s\n", rep.Summary())
 	for _, e := range rep.Errors {
 		fmt.Fprintf(stderr, "mirror: %s\n", e)
 	}
+	if err := writeMirrorReport(stdout, rep, o); err != nil {
+		return err
+	}
+	if runErr != nil {
+		return fmt.Errorf("mirror interrupted: %w", runErr)
+	}
+	if err := rep.Err(); err != nil {
+		return fmt.Errorf("mirror: %w", err)
+	}
+	return nil
+}
+
+// mirrorOptions turns the flags into mirror options. On a terminal it
+// returns the live display the layer progress goes to; each image's
+// summary line goes to the display or, without one, to stderr.
+func mirrorOptions(o mirrorFlags, stderr io.Writer) ([]mirror.Option, *progress.Display, error) {
+	opts := []mirror.Option{mirror.WithForce(o.force)}
+	if o.shard != "" {
+		s, err := mirror.ParseShard(o.shard)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--shard: %w", err)
+		}
+		opts = append(opts, mirror.WithShard(s))
+	}
+	var disp *progress.Display
+	if isTerminal(stderr, 0) {
+		disp = progress.New(stderr, progress.WithTerminal(true))
+		opts = append(opts, mirror.WithLayerProgress(disp.Handle))
+	}
+	opts = append(opts, mirror.WithImageDone(func(r mirror.ImageReport) {
+		if disp != nil {
+			disp.Printf("%s", r.Summary())
+		} else {
+			fmt.Fprintln(stderr, r.Summary())
+		}
+	}))
+	return opts, disp, nil
+}
+
+// printMirrorPlan prints the jobs of --dry-run as JSON on stdout and the
+// sources that could not be listed on stderr.
+func printMirrorPlan(ctx context.Context, stdout, stderr io.Writer, m *mirror.Mirror) error {
+	jobs, errs := m.Plan(ctx)
+	if jobs == nil {
+		jobs = []mirror.Job{}
+	}
+	enc := json.NewEncoder(stdout)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(jobs); err != nil {
+		return err
+	}
+	for _, e := range errs {
+		fmt.Fprintf(stderr, "mirror: %s\n", e)
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("mirror: %d source(s) could not be listed", len(errs))
+	}
+	return nil
+}
+
+// writeMirrorReport writes the JSON report to --report and, with --json,
+// to stdout.
+func writeMirrorReport(stdout io.Writer, rep *mirror.Report, o mirrorFlags) error {
 	b, err := json.MarshalIndent(rep, "", "  ")
 	if err != nil {
 		return err
@@ -151,33 +170,17 @@ func runMirror(ctx context.Context, stdout, stderr io.Writer, o mirrorFlags) err
 			return err
 		}
 	}
-	if runErr != nil {
-		return fmt.Errorf("mirror interrupted: %w", runErr)
-	}
-	if !rep.OK() {
-		return fmt.Errorf("mirror: %d image(s) failed, %d other error(s)", rep.Failed, len(rep.Errors))
-	}
 	return nil
 }
 
-func summaryLine(r mirror.ImageReport) string {
-	switch r.Status {
-	case mirror.StatusFailed:
-		return fmt.Sprintf("failed    %s -> %s after %d attempt(s) in %.1fs: %s", r.Source, r.Destination, r.Attempts, r.Seconds, r.Reason)
-	case mirror.StatusSkipped:
-		return fmt.Sprintf("skipped   %s -> %s (up to date, %s) in %.2fs", r.Source, r.Destination, r.Digest, r.Seconds)
-	}
-	return fmt.Sprintf("converted %s -> %s %s in %.1fs: layers %d converted, %d from records, %d shared; %s",
-		r.Source, r.Destination, r.Digest, r.Seconds, r.LayersConverted, r.LayersFromRecords, r.LayersShared, progress.Bytes(r.Bytes))
+// mirrorServeFlags are the flags of the mirror serve verb.
+type mirrorServeFlags struct {
+	config, listen string
+	queue, workers int
 }
 
 func newMirrorServeCmd() *cobra.Command {
-	var (
-		config  string
-		listen  string
-		queue   int
-		workers int
-	)
+	var f mirrorServeFlags
 	cmd := &cobra.Command{
 		Use:   "serve --config mirror.toml",
 		Short: "Convert images named by registry push notifications",
@@ -208,92 +211,41 @@ not done by then are saved to [serve] state_file, which the next start
 queues again, or logged by name without one.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			m, cfg, err := newMirror(config, nil)
-			if err != nil {
-				return err
-			}
-			defer m.Close()
-			if cfg.Serve.NoAuth && !mirror.IsLoopback(listen) {
-				return fmt.Errorf("serve.no_auth: refused with --listen %s, which is not a loopback address; configure serve.token_file or serve.token_env", listen)
-			}
-			opts, err := mirror.ServeOptions(&cfg.Serve)
-			if err != nil {
-				return err
-			}
-			if queue > 0 {
-				opts = append(opts, mirror.WithQueue(queue, min(queue, cfg.Serve.QueuePerRepository)))
-			}
-			if workers > 0 {
-				opts = append(opts, mirror.WithWorkers(workers))
-			}
-			s, err := mirror.NewServer(m, opts...)
-			if err != nil {
-				return err
-			}
-			return serveMirror(cmd.Context(), cmd.ErrOrStderr(), s, listen, cfg.Serve.Grace())
+			return runMirrorServe(cmd.Context(), f)
 		},
 	}
-	f := cmd.Flags()
-	f.StringVar(&config, "config", "", "mirror config file (TOML)")
-	f.StringVar(&listen, "listen", "127.0.0.1:8080", "address to listen on")
-	f.IntVar(&queue, "queue", 0, "jobs that may wait in the queue (default: [serve] queue, 256)")
-	f.IntVar(&workers, "workers", 0, "images converted at once (default: the config's concurrency)")
+	fl := cmd.Flags()
+	fl.StringVar(&f.config, "config", "", "mirror config file (TOML)")
+	fl.StringVar(&f.listen, "listen", "127.0.0.1:8080", "address to listen on")
+	fl.IntVar(&f.queue, "queue", 0, "jobs that may wait in the queue (default: [serve] queue, 256)")
+	fl.IntVar(&f.workers, "workers", 0, "images converted at once (default: the config's concurrency)")
 	_ = cmd.MarkFlagRequired("config")
 	return cmd
 }
 
-// serveMirror serves s on listen until ctx ends, then drains: new
-// notifications are refused, the queue runs for up to grace, and the jobs
-// not done are saved (or logged) by name.
-func serveMirror(ctx context.Context, stderr io.Writer, s *mirror.Server, listen string, grace time.Duration) error {
-	ln, err := net.Listen("tcp", listen)
+// runMirrorServe builds the server the config and flags describe and
+// serves on --listen until ctx ends (mirror.Server.Serve drains, saves
+// and logs what is left).
+func runMirrorServe(ctx context.Context, f mirrorServeFlags) error {
+	m, cfg, err := newMirror(f.config, nil)
 	if err != nil {
-		return fmt.Errorf("--listen: %w", err)
-	}
-	if n, err := s.LoadState(ctx); err != nil {
-		ln.Close()
 		return err
-	} else if n > 0 {
-		fmt.Fprintf(stderr, "mirror serve: %d saved job(s) queued again\n", n)
 	}
-	hs := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second, ReadTimeout: time.Minute, IdleTimeout: 2 * time.Minute}
-	fmt.Fprintf(stderr, "mirror serve: listening on %s\n", ln.Addr())
-	// The jobs outlive ctx (the signal) by the grace period.
-	workCtx, cancelWork := context.WithCancel(context.WithoutCancel(ctx))
-	defer cancelWork()
-	done := make(chan struct{})
-	go func() { s.Run(workCtx); close(done) }()
-	errc := make(chan error, 1)
-	go func() { errc <- hs.Serve(ln) }()
-	var serveErr error
-	select {
-	case <-ctx.Done():
-	case err := <-errc:
-		if !errors.Is(err, http.ErrServerClosed) {
-			serveErr = err
-		}
+	defer m.Close()
+	opts, err := mirror.ServeOptions(&cfg.Serve)
+	if err != nil {
+		return err
 	}
-	log.G(ctx).WithField("grace_period", grace).Info("mirror serve: stopping; draining the queue")
-	s.Close()
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-	_ = hs.Shutdown(sctx)
-	cancel()
-	timer := time.NewTimer(grace)
-	select {
-	case <-done:
-		timer.Stop()
-	case <-timer.C:
-		log.G(ctx).Warn("mirror serve: grace period over; interrupting the images in progress")
-		cancelWork()
-		<-done
+	if f.queue > 0 {
+		opts = append(opts, mirror.WithQueue(f.queue, min(f.queue, cfg.Serve.QueuePerRepository)))
 	}
-	left := s.Unfinished()
-	if err := s.SaveState(ctx, left); err != nil {
-		for _, j := range left {
-			log.G(ctx).WithField("image", j.Source).Error("job not finished and not saved")
-		}
-		return errors.Join(serveErr, err)
+	if f.workers > 0 {
+		opts = append(opts, mirror.WithWorkers(f.workers))
 	}
-	log.G(ctx).WithField("unfinished", len(left)).Info("mirror serve stopped")
-	return serveErr
+	s, err := mirror.NewServer(m, opts...)
+	if err != nil {
+		return err
+	}
+	_, err = s.ListenAndServe(ctx, f.listen)
+	return err
 }

@@ -1,0 +1,380 @@
+package mirror
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/containerd/log"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/lazybase/lazybase/convert"
+	"github.com/lazybase/lazybase/internal/imageio"
+	"github.com/lazybase/lazybase/prefetch"
+)
+
+// Run plans and mirrors every image of this shard, Concurrency at a time,
+// and reports on each. One image failing does not stop the others. The
+// error is the context's, when it ended the run early.
+func (m *Mirror) Run(ctx context.Context) (*Report, error) {
+	start := time.Now()
+	rep := &Report{Started: start.UTC()}
+	if m.o.shard.Count > 1 {
+		rep.Shard = m.o.shard.String()
+	}
+	jobs, errs := m.Plan(ctx)
+	for _, e := range errs {
+		log.G(ctx).WithError(e).Error("planning")
+		rep.Errors = append(rep.Errors, e.Error())
+	}
+	results := make([]ImageReport, len(jobs))
+	sess := m.newSession()
+	defer sess.close()
+	next := make(chan int)
+	var wg sync.WaitGroup
+	for range min(m.cfg.Concurrency, max(len(jobs), 1)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				results[i] = m.mirrorImage(ctx, sess, jobs[i])
+			}
+		}()
+	}
+	sent := 0
+feed:
+	for ; sent < len(jobs); sent++ {
+		select {
+		case next <- sent:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(next)
+	wg.Wait()
+	for i := sent; i < len(jobs); i++ {
+		results[i] = ImageReport{Source: jobs[i].Source, Destination: jobs[i].Destination, Status: StatusFailed, Reason: "not started: " + context.Cause(ctx).Error()}
+	}
+	for _, r := range results {
+		rep.add(r)
+	}
+	rep.Seconds = time.Since(start).Seconds()
+	rep.Layers = LayerCounts{Converted: m.converted.Load(), FromRecords: m.fromRecords.Load(), RecordWriteFailures: m.recordFailures.Load(), RecordsRejected: m.recordsRejected.Load()}
+	rep.Retries = m.rt.Retries()
+	return rep, ctx.Err()
+}
+
+type imageStats struct {
+	sess                           *session
+	converted, fromRecords, shared atomic.Int64
+	bytes                          atomic.Int64
+}
+
+// MirrorImage mirrors one image, with up to image_attempts attempts, and
+// reports what happened. Its converted layers are released when it
+// returns; layers it shares with other images are found through their
+// conversion records.
+func (m *Mirror) MirrorImage(ctx context.Context, j Job) ImageReport {
+	sess := m.newSession()
+	defer sess.close()
+	return m.mirrorImage(ctx, sess, j)
+}
+
+func (m *Mirror) mirrorImage(ctx context.Context, sess *session, j Job) ImageReport {
+	start := time.Now()
+	r := ImageReport{Source: j.Source, Destination: j.Destination}
+	ctx = log.WithLogger(ctx, log.G(ctx).WithField("image", j.Source))
+	initial, maxWait, _ := m.cfg.durations()
+	wait := 4 * initial
+	for attempt := 1; ; attempt++ {
+		r.Attempts = attempt
+		st := &imageStats{sess: sess}
+		status, src, dgst, err := m.attempt(ctx, j, st)
+		r.SourceDigest, r.Digest, r.Status = src, dgst, status
+		r.LayersConverted, r.LayersFromRecords, r.LayersShared = int(st.converted.Load()), int(st.fromRecords.Load()), int(st.shared.Load())
+		r.Bytes = st.bytes.Load()
+		if err == nil {
+			if status == StatusSkipped {
+				r.Reason = "the destination already holds the conversion of " + src
+			}
+			break
+		}
+		r.Status, r.Reason = StatusFailed, err.Error()
+		if attempt >= m.cfg.ImageAttempts || ctx.Err() != nil {
+			break
+		}
+		log.G(ctx).WithError(err).WithField("attempt", attempt).Warn("image failed; trying again")
+		select {
+		case <-ctx.Done():
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, maxWait)
+	}
+	r.Seconds = time.Since(start).Seconds()
+	if m.o.onImage != nil {
+		m.onImageMu.Lock()
+		m.o.onImage(r)
+		m.onImageMu.Unlock()
+	}
+	return r
+}
+
+func (m *Mirror) attempt(ctx context.Context, j Job, st *imageStats) (status, srcDigest, digest string, err error) {
+	srcRef, err := m.client.ParseRef(j.Source)
+	if err != nil {
+		return "", "", "", err
+	}
+	destRef, err := m.client.ParseRef(j.Destination)
+	if err != nil {
+		return "", "", "", err
+	}
+	src, err := m.client.Open(ctx, srcRef)
+	if err != nil {
+		return "", "", "", err
+	}
+	srcDigest = src.Descriptor.Digest.String()
+	if !m.o.force {
+		done, dgst, err := m.upToDate(ctx, destRef, srcDigest)
+		if err != nil {
+			return "", srcDigest, "", err
+		}
+		if done {
+			return StatusSkipped, srcDigest, dgst, nil
+		}
+	}
+	list, err := m.prefetchFor(ctx, j, src.Descriptor.Digest)
+	if err != nil {
+		return "", srcDigest, "", err
+	}
+	var art imageio.Artifact
+	if src.Index != nil {
+		art, err = m.buildIndex(ctx, src.Index, j.src.platforms, list, st)
+	} else {
+		art, err = m.buildImage(ctx, src.Image, list, st)
+	}
+	if err != nil {
+		return "", srcDigest, "", err
+	}
+	desc, err := m.client.Write(ctx, destRef, art, nil)
+	if err != nil {
+		return "", srcDigest, "", err
+	}
+	return StatusConverted, srcDigest, desc.Digest.String(), nil
+}
+
+// upToDate reads the destination manifest once and tells whether it is the
+// conversion of srcDigest with this mirror's format.
+func (m *Mirror) upToDate(ctx context.Context, dest imageio.Ref, srcDigest string) (bool, string, error) {
+	d, err := m.client.Open(ctx, dest)
+	if err != nil {
+		if errors.Is(err, imageio.ErrNotFound) {
+			return false, "", nil
+		}
+		return false, "", fmt.Errorf("checking the destination: %w", err)
+	}
+	var ann map[string]string
+	if d.Index != nil {
+		im, err := d.Index.IndexManifest()
+		if err != nil {
+			return false, "", err
+		}
+		ann = im.Annotations
+	} else {
+		man, err := d.Image.Manifest()
+		if err != nil {
+			return false, "", err
+		}
+		ann = man.Annotations
+	}
+	ok := ann[convert.AnnotationSourceManifest] == srcDigest && ann[convert.AnnotationFormat] == m.format
+	return ok, d.Descriptor.Digest.String(), nil
+}
+
+// layer returns the converted form of one source layer: from this
+// session's memory, from a conversion record in the registry, or converted
+// now (and recorded). Concurrent requests for the same layer, from any
+// session, wait for one another.
+func (m *Mirror) layer(ctx context.Context, src v1.Layer, desc v1.Descriptor, diffID v1.Hash, files []string, st *imageStats) (convert.ConvertedLayer, error) {
+	fp := PrefetchFingerprint(files)
+	key := RecordKey(desc.Digest, m.format, fp)
+	sess := st.sess
+	if l := sess.get(key); l != nil {
+		st.shared.Add(1)
+		return l, nil
+	}
+	var mine bool
+	v, err, _ := m.layerSF.Do(key, func() (any, error) {
+		mine = true
+		p, err := m.produce(ctx, sess, key, src, desc, diffID, files, st)
+		if err == nil {
+			// Before the flight ends: a caller of this session arriving
+			// just after it must find the layer here, not start another.
+			sess.put(key, p.l)
+		}
+		return p, err
+	})
+	if err != nil {
+		return nil, err
+	}
+	p := v.(*produced)
+	if !mine {
+		if p.owner != nil && p.owner != sess {
+			// Converted by another session, whose files go away when
+			// it ends: take the layer from its record instead.
+			if p, err = m.produce(ctx, sess, key, src, desc, diffID, files, st); err != nil {
+				return nil, err
+			}
+		} else {
+			st.shared.Add(1)
+		}
+	}
+	sess.put(key, p.l)
+	return p.l, nil
+}
+
+// produced is a layer and the session whose converter made it (nil when
+// it came from a record).
+type produced struct {
+	l     convert.ConvertedLayer
+	owner *session
+}
+
+func (m *Mirror) produce(ctx context.Context, sess *session, key string, src v1.Layer, desc v1.Descriptor, diffID v1.Hash, files []string, st *imageStats) (*produced, error) {
+	fp := PrefetchFingerprint(files)
+	if !m.o.force && m.recordsEnabled() {
+		l, err := m.lookupRecord(ctx, key, desc.Digest, fp)
+		if err != nil {
+			log.G(ctx).WithError(err).WithField("layer", desc.Digest).Warn("reading the conversion record failed; converting")
+		}
+		if l != nil {
+			m.fromRecords.Add(1)
+			st.fromRecords.Add(1)
+			return &produced{l: l}, nil
+		}
+	}
+	conv, err := sess.converter(files)
+	if err != nil {
+		return nil, err
+	}
+	cl, err := conv.Layer(ctx, src, diffID)
+	if err != nil {
+		return nil, err
+	}
+	d, _ := cl.Descriptor()
+	m.converted.Add(1)
+	st.converted.Add(1)
+	if !m.recordsEnabled() {
+		return &produced{l: cl, owner: sess}, nil
+	}
+	// Record writes are idempotent; they are retried a few times, as a
+	// registry may refuse a manifest while another writer is linking the
+	// same blob into the repository (distribution's filesystem driver
+	// rewrites link files in place).
+	initial, _, _ := m.cfg.durations()
+	for attempt, wait := 1, initial; ; attempt, wait = attempt+1, 2*wait {
+		err := m.writeRecord(ctx, key, desc.Digest, fp, cl)
+		if err == nil {
+			break
+		}
+		if attempt >= 3 || ctx.Err() != nil {
+			m.recordFailures.Add(1)
+			log.G(ctx).WithError(err).WithField("layer", desc.Digest).Warn("writing the conversion record failed")
+			break
+		}
+		log.G(ctx).WithError(err).WithField("layer", desc.Digest).Debug("writing the conversion record failed; trying again")
+		select {
+		case <-ctx.Done():
+		case <-time.After(wait):
+		}
+	}
+	return &produced{
+		l:     &remote.MountableLayer{Layer: cl, Reference: m.records.Digest(d.Digest.String())},
+		owner: sess,
+	}, nil
+}
+
+// fixedFiles is a prefetch source that returns the same files for any layer:
+// the mirror picks a converter per file list.
+type fixedFiles []string
+
+func (f fixedFiles) PrefetchFiles(v1.Hash, v1.Hash) []string { return f }
+
+func (s *session) converter(files []string) (*convert.Converter, error) {
+	m := s.m
+	fp := PrefetchFingerprint(files)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.done {
+		return nil, errors.New("mirror session is closed")
+	}
+	if c, ok := s.convs[fp]; ok {
+		return c, nil
+	}
+	f, _ := convert.ParseFormat(m.cfg.Format)
+	opts := []convert.Option{convert.WithFormat(f)}
+	if m.cfg.Level != 0 {
+		opts = append(opts, convert.WithCompressionLevel(m.cfg.Level))
+	}
+	if m.cfg.ChunkSize != 0 {
+		opts = append(opts, convert.WithChunkSize(m.cfg.ChunkSize))
+	}
+	if m.cfg.Jobs != 0 {
+		opts = append(opts, convert.WithJobs(m.cfg.Jobs), convert.WithWorkers(m.cfg.Jobs))
+	}
+	if m.cfg.TempDir != "" {
+		opts = append(opts, convert.WithTempDir(m.cfg.TempDir))
+	}
+	if m.o.onLayer != nil {
+		opts = append(opts, convert.WithProgress(m.o.onLayer))
+	}
+	if len(files) > 0 {
+		opts = append(opts, convert.WithPrefetch(fixedFiles(files)))
+	}
+	c, err := convert.New(opts...)
+	if err != nil {
+		return nil, err
+	}
+	s.convs[fp] = c
+	return c, nil
+}
+
+// PrefetchFile returns the prefetch list files tried for a repository path
+// and tag, in order.
+func PrefetchFile(dir, repoPath, tag string) []string {
+	base := strings.ReplaceAll(repoPath, "/", "_")
+	return []string{filepath.Join(dir, base+"."+tag+".json"), filepath.Join(dir, base+".json")}
+}
+
+func (m *Mirror) prefetchFor(ctx context.Context, j Job, digest v1.Hash) (prefetch.Source, error) {
+	if m.cfg.PrefetchDir == "" {
+		return nil, nil
+	}
+	for _, f := range PrefetchFile(m.cfg.PrefetchDir, j.repoPath, j.Tag) {
+		if _, err := os.Stat(f); err != nil {
+			continue
+		}
+		m.listMu.Lock()
+		l, ok := m.lists[f]
+		m.listMu.Unlock()
+		if !ok {
+			var err error
+			if l, err = prefetch.Load(f); err != nil {
+				return nil, err
+			}
+			m.listMu.Lock()
+			m.lists[f] = l
+			m.listMu.Unlock()
+		}
+		// A profile recorded for another image (say, an older tag) is
+		// ignored with a warning.
+		return prefetch.For(ctx, l, j.Source, digest), nil
+	}
+	return nil, nil
+}
