@@ -45,8 +45,9 @@ type Request struct {
 	Level, ChunkSize int
 	Jobs             int
 	// Platforms selects the platforms of an index (all when empty); a
-	// single image must be for one of them.
-	Platforms []v1.Platform
+	// single image must be for one of them unless AnyImagePlatform.
+	Platforms        []v1.Platform
+	AnyImagePlatform bool
 	// Prefetch names the files to place first in each layer; it is bound
 	// to the source once open (prefetch.For), so a profile recorded for
 	// another image is ignored with a warning.
@@ -185,7 +186,7 @@ func (j *job) convert(ctx context.Context, source *imageio.Source) (imageio.Arti
 	start := time.Now()
 	defer func() { j.rep.Totals.ConvertSeconds = time.Since(start).Seconds() }()
 	if source.Image != nil {
-		if err := checkPlatform(source.Image, j.req.Platforms); err != nil {
+		if err := j.checkPlatform(source.Image); err != nil {
 			return nil, nil, fmt.Errorf("converting %s: %w", j.src, err)
 		}
 		res, err := convert.Assemble(ctx, source.Image, format, fn)
@@ -287,8 +288,9 @@ func (j *job) converterOptions() []convert.Option {
 
 // checkPlatform rejects a single image whose platform is not among the
 // selected ones.
-func checkPlatform(img v1.Image, platforms []v1.Platform) error {
-	if len(platforms) == 0 {
+func (j *job) checkPlatform(img v1.Image) error {
+	platforms := j.req.Platforms
+	if len(platforms) == 0 || j.req.AnyImagePlatform {
 		return nil
 	}
 	cfg, err := img.ConfigFile()
