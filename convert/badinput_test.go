@@ -254,7 +254,10 @@ func leftoverFiles(t *testing.T, dir string) []string {
 	return files
 }
 
-func TestBadLayer(t *testing.T) {
+// TestBadLayerFailsNamingItAndLeavesNoFiles converts every bad layer,
+// streamed and spooled for a prefetch list: the error names the layer and
+// what is wrong, no layer is returned and no temporary file is left.
+func TestBadLayerFailsNamingItAndLeavesNoFiles(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	// With a prefetch list the converter spools the tar and reorders it: a
@@ -282,7 +285,9 @@ func TestBadLayer(t *testing.T) {
 	}
 }
 
-func TestBadImage(t *testing.T) {
+// TestBadLayerFailsItsImage converts an image whose second layer is bad: the
+// error names the image and the layer, and no result is returned.
+func TestBadLayerFailsItsImage(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	first := mustGzipLayer(t, testimage.Files("etc/hostname", "first\n"))
@@ -310,9 +315,10 @@ func TestBadImage(t *testing.T) {
 	}
 }
 
-// TestBadRegistry reads images through remote.Image from an in-process
-// registry that loses a blob or answers blob reads with errors.
-func TestBadRegistry(t *testing.T) {
+// TestRegistryBlobErrorsNameTheLayer reads images through remote.Image from
+// an in-process registry that loses a blob or answers blob reads with
+// errors.
+func TestRegistryBlobErrorsNameTheLayer(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	reg := testimage.NewRegistry(t)
@@ -388,8 +394,9 @@ func nonEmpty(s string) []string {
 	return []string{s}
 }
 
-// TestEdgeLayers converts inputs that are odd but valid.
-func TestEdgeLayers(t *testing.T) {
+// TestEmptyAndDirectoryOnlyLayersConvert converts inputs that are odd but
+// valid.
+func TestEmptyAndDirectoryOnlyLayersConvert(t *testing.T) {
 	ctx := context.Background()
 	dirs := []testimage.Entry{
 		{Header: &tar.Header{Typeflag: tar.TypeDir, Name: "only/", Mode: 0o755, ModTime: testimage.Epoch}},
@@ -416,7 +423,11 @@ func TestEdgeLayers(t *testing.T) {
 	}
 }
 
-func TestAlreadyEStargzReused(t *testing.T) {
+// TestEStargzLayerIsReusedUnlessForcedOrUnannotated converts a layer
+// estargz.Build wrote, with its TOC digest annotation: it is reused byte for
+// byte; with WithForce, or without the annotation, it is rebuilt, and the
+// tree is the source's every time.
+func TestEStargzLayerIsReusedUnlessForcedOrUnannotated(t *testing.T) {
 	ctx := context.Background()
 	src := mustEStargz(t)
 	srcDigest, _ := src.Digest()
@@ -480,7 +491,10 @@ func TestAlreadyEStargzReused(t *testing.T) {
 	})
 }
 
-func TestZstdChunkedOpens(t *testing.T) {
+// TestZstdChunkedOutputOpensThroughItsTOC converts a layer to zstd:chunked:
+// it carries the zstd:chunked annotations, its files are found through the
+// TOC, and it does not open as gzip eStargz.
+func TestZstdChunkedOutputOpensThroughItsTOC(t *testing.T) {
 	tarball := testimage.MustTar(testimage.Entries(8, testimage.WithoutLargeFiles()))
 	c := newConverter(t, convert.WithFormat(convert.FormatZstdChunked))
 	l, err := c.Layer(context.Background(), testimage.GzipLayer(tarball), v1.Hash{})
@@ -509,9 +523,10 @@ func TestZstdChunkedOpens(t *testing.T) {
 	}
 }
 
-// TestBadIndex converts an index whose arm64 image holds a bad layer: the
-// whole conversion fails, naming the layer, and returns no index.
-func TestBadIndex(t *testing.T) {
+// TestBadLayerFailsTheWholeIndex converts an index whose arm64 image holds a
+// bad layer: the whole conversion fails, naming the layer, and returns no
+// index.
+func TestBadLayerFailsTheWholeIndex(t *testing.T) {
 	good, err := testimage.SeedImage(20, testimage.LinuxAMD64, testimage.WithoutLargeFiles())
 	if err != nil {
 		t.Fatal(err)

@@ -152,7 +152,9 @@ func readAll(t *testing.T, l v1.Layer) []byte {
 	return b
 }
 
-func TestImageFromRegistry(t *testing.T) {
+// TestImageFromRegistryConvertsAndValidatesWhenPushed converts an image read
+// from a registry; the result, pushed back, passes validate.Image.
+func TestImageFromRegistryConvertsAndValidatesWhenPushed(t *testing.T) {
 	reg := testimage.NewRegistry(t)
 	src := seedImage(t, 1)
 	ref := reg.Push(t, "base/image:1", src)
@@ -339,7 +341,10 @@ func TestIndexPlatforms(t *testing.T) {
 	}
 }
 
-func TestAlreadyEStargzIsReusedAndForceRebuilds(t *testing.T) {
+// TestReconvertedImageReusesLayersAndForceGivesSameBytes converts an image,
+// then its output: every layer is reused and diff_ids are unchanged; forced,
+// the layers are rebuilt to the same bytes.
+func TestReconvertedImageReusesLayersAndForceGivesSameBytes(t *testing.T) {
 	src := seedImage(t, 31)
 	first, err := newConverter(t).Image(context.Background(), src)
 	if err != nil {
@@ -389,7 +394,9 @@ func equalHashes(a, b []v1.Hash) bool {
 	return true
 }
 
-func TestResultJSON(t *testing.T) {
+// TestImageResultEncodesAsJSON encodes an ImageResult: its digest, output
+// layer digests and TOC digests come out under their JSON names.
+func TestImageResultEncodesAsJSON(t *testing.T) {
 	res, err := newConverter(t).Image(context.Background(), seedImage(t, 41))
 	if err != nil {
 		t.Fatal(err)
