@@ -19,9 +19,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
-	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 
 	"github.com/lazybase/lazybase/convert"
 	"github.com/lazybase/lazybase/convert/job"
@@ -43,47 +41,6 @@ func runCLI(ctx context.Context, t *testing.T, args ...string) (stdout, stderr s
 // isolate keeps the host's docker config and credentials out of a test.
 func isolate(t *testing.T) {
 	t.Setenv("DOCKER_CONFIG", t.TempDir())
-}
-
-func push(t *testing.T, ref string, a remote.Taggable) {
-	t.Helper()
-	r, err := name.ParseReference(ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := remote.Push(r, a); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func remoteImage(t *testing.T, ref string) v1.Image {
-	t.Helper()
-	r, err := name.ParseReference(ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	img, err := remote.Image(r)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return img
-}
-
-func tagExists(t *testing.T, ref string) bool {
-	t.Helper()
-	r, err := name.ParseReference(ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = remote.Head(r)
-	if err == nil {
-		return true
-	}
-	var te *transport.Error
-	if !errors.As(err, &te) || te.StatusCode != http.StatusNotFound {
-		t.Fatalf("HEAD %s: %v", ref, err)
-	}
-	return false
 }
 
 func parseReport(t *testing.T, stdout string) *job.Report {
@@ -109,13 +66,13 @@ func TestConvertJSONReportAndSummary(t *testing.T) {
 		t.Fatal(err)
 	}
 	src, dst := reg.Host+"/lib/app:v1", reg.Host+"/lib/app:v1-estargz"
-	push(t, src, img)
+	testimage.PushRef(t, src, img)
 	stdout, stderr, err := runCLI(ctx, t, "convert", "--json", src, dst)
 	if err != nil {
 		t.Fatalf("convert: %v\n%s", err, stderr)
 	}
 	rep := parseReport(t, stdout)
-	if d, _ := remoteImage(t, dst).Digest(); d.String() != rep.Digest || rep.Source != src || rep.Destination != dst {
+	if d, _ := testimage.RemoteImage(t, dst).Digest(); d.String() != rep.Digest || rep.Source != src || rep.Destination != dst {
 		t.Errorf("registry holds %s, report %+v", d, rep)
 	}
 	// The schema: field names and nesting as documented in the README.
@@ -170,13 +127,13 @@ func TestConvertFlagsReachTheJob(t *testing.T) {
 		t.Fatal(err)
 	}
 	src := reg.Host + "/f/app:v1"
-	push(t, src, img)
+	testimage.PushRef(t, src, img)
 	idx, err := testimage.SeedIndex(4, testimage.WithoutLargeFiles())
 	if err != nil {
 		t.Fatal(err)
 	}
 	multi := reg.Host + "/f/multi:v1"
-	push(t, multi, idx)
+	testimage.PushRef(t, multi, idx)
 	list := filepath.Join(t.TempDir(), "prefetch.json")
 	if err := os.WriteFile(list, []byte(`{"version":1,"files":["etc/hostname"]}`), 0o644); err != nil {
 		t.Fatal(err)
@@ -190,7 +147,7 @@ func TestConvertFlagsReachTheJob(t *testing.T) {
 		return parseReport(t, stdout)
 	}
 	rep := convertJSON("--format", "zstd-chunked", "--compression-level", "5", "--jobs", "1", src, reg.Host+"/f/app:zstd")
-	m, _ := remoteImage(t, reg.Host+"/f/app:zstd").Manifest()
+	m, _ := testimage.RemoteImage(t, reg.Host+"/f/app:zstd").Manifest()
 	if rep.Format != "zstd-chunked" || !strings.Contains(rep.Images[0].Layers[0].MediaType, "zstd") ||
 		m.Annotations[convert.AnnotationFormat] != convert.FormatAnnotation(convert.FormatZstdChunked, 5, 0) {
 		t.Errorf("zstd-chunked at level 5: report %+v, annotations %v", rep, m.Annotations)
@@ -222,7 +179,7 @@ func TestConvertRefusalNamesForce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	push(t, reg.Host+"/lib/self:v1", img)
+	testimage.PushRef(t, reg.Host+"/lib/self:v1", img)
 	_, _, err = runCLI(context.Background(), t, "convert", reg.Host+"/lib/self:v1", reg.Host+"/lib/self:v1")
 	if !errors.Is(err, job.ErrOverwritesSource) || !strings.Contains(err.Error(), "--force") {
 		t.Fatalf("converting onto the source: %v, want a refusal naming --force", err)
@@ -308,7 +265,7 @@ func TestConvertTerminalDisplay(t *testing.T) {
 		t.Fatal(err)
 	}
 	src := reg.Host + "/tty/app:v1"
-	push(t, src, img)
+	testimage.PushRef(t, src, img)
 	var stderr bytes.Buffer
 	rep, err := runConvert(context.Background(), &stderr, src, "oci:"+t.TempDir()+":v1", convertOptions{format: "estargz", terminal: 1})
 	if err != nil {

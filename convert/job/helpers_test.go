@@ -2,14 +2,9 @@ package job_test
 
 import (
 	"context"
-	"errors"
-	"net/http"
 	"testing"
 
-	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 
 	"github.com/lazybase/lazybase/convert"
 	"github.com/lazybase/lazybase/convert/job"
@@ -45,47 +40,6 @@ func mustRun(ctx context.Context, t *testing.T, src, dst string, change ...func(
 		t.Fatalf("converting %s to %s: %v", src, dst, err)
 	}
 	return rep
-}
-
-func push(t *testing.T, ref string, a remote.Taggable) {
-	t.Helper()
-	r, err := name.ParseReference(ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := remote.Push(r, a); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func remoteImage(t *testing.T, ref string) v1.Image {
-	t.Helper()
-	r, err := name.ParseReference(ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	img, err := remote.Image(r)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return img
-}
-
-func tagExists(t *testing.T, ref string) bool {
-	t.Helper()
-	r, err := name.ParseReference(ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = remote.Head(r)
-	if err == nil {
-		return true
-	}
-	var te *transport.Error
-	if !errors.As(err, &te) || te.StatusCode != http.StatusNotFound {
-		t.Fatalf("HEAD %s: %v", ref, err)
-	}
-	return false
 }
 
 // verify checks the converted image ref in the registry at host as the

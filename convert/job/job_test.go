@@ -43,7 +43,7 @@ func TestRunRegistryToRegistryReportsWhatItWrote(t *testing.T) {
 		t.Fatal(err)
 	}
 	src, dst := reg.Host+"/lib/app:v1", reg.Host+"/lib/app:v1-estargz"
-	push(t, src, img)
+	testimage.PushRef(t, src, img)
 
 	var events []convert.Event
 	var mu sync.Mutex
@@ -55,7 +55,7 @@ func TestRunRegistryToRegistryReportsWhatItWrote(t *testing.T) {
 		len(rep.Images) != 1 || rep.UpToDate {
 		t.Fatalf("report: %+v", rep)
 	}
-	out := remoteImage(t, dst)
+	out := testimage.RemoteImage(t, dst)
 	checkImage(t, out, rep.Images[0])
 	if d, _ := out.Digest(); d.String() != rep.Digest {
 		t.Errorf("registry holds %s, report says %s", d, rep.Digest)
@@ -98,9 +98,9 @@ func TestRunZstdChunkedWithLevel(t *testing.T) {
 		t.Fatal(err)
 	}
 	src, dst := reg.Host+"/z/app:v1", reg.Host+"/z/app:zstd"
-	push(t, src, img)
+	testimage.PushRef(t, src, img)
 	rep := mustRun(ctx, t, src, dst, func(r *job.Request) { r.Format, r.Level, r.Jobs = convert.FormatZstdChunked, 5, 1 })
-	checkImage(t, remoteImage(t, dst), rep.Images[0])
+	checkImage(t, testimage.RemoteImage(t, dst), rep.Images[0])
 	if rep.Format != "zstd-chunked" {
 		t.Errorf("format %q", rep.Format)
 	}
@@ -109,7 +109,7 @@ func TestRunZstdChunkedWithLevel(t *testing.T) {
 			t.Errorf("layer %s: media type %s", l.Digest, l.MediaType)
 		}
 	}
-	m, _ := remoteImage(t, dst).Manifest()
+	m, _ := testimage.RemoteImage(t, dst).Manifest()
 	if got, want := m.Annotations[convert.AnnotationFormat], convert.FormatAnnotation(convert.FormatZstdChunked, 5, 0); got != want {
 		t.Errorf("format annotation %q, want %q", got, want)
 	}
@@ -128,7 +128,7 @@ func TestRunRegistryToLayoutAndBack(t *testing.T) {
 		t.Fatal(err)
 	}
 	src := reg.Host + "/lib/app:v1"
-	push(t, src, img)
+	testimage.PushRef(t, src, img)
 
 	t.Chdir(t.TempDir())
 	rep := mustRun(ctx, t, src, "oci:out/layout:conv")
@@ -157,7 +157,7 @@ func TestRunRegistryToLayoutAndBack(t *testing.T) {
 	// oci: without a tag (the only manifest) -> registry.
 	dst := reg.Host + "/lib/app:from-layout"
 	rep2 := mustRun(ctx, t, "oci:out/layout", dst)
-	checkImage(t, remoteImage(t, dst), rep2.Images[0])
+	checkImage(t, testimage.RemoteImage(t, dst), rep2.Images[0])
 	if rep2.Totals.Reused != rep2.Totals.Layers {
 		t.Errorf("%d of %d layers reused", rep2.Totals.Reused, rep2.Totals.Layers)
 	}
@@ -178,7 +178,7 @@ func TestRunIndexPlatforms(t *testing.T) {
 		t.Fatal(err)
 	}
 	src := reg.Host + "/multi/app:v1"
-	push(t, src, idx)
+	testimage.PushRef(t, src, idx)
 	index := func(ref string) v1.ImageIndex {
 		r, err := name.ParseReference(ref)
 		if err != nil {
@@ -232,7 +232,7 @@ func TestRunIndexPlatforms(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), src) {
 		t.Fatalf("no matching platform: %v", err)
 	}
-	if tagExists(t, reg.Host+"/multi/app:none") {
+	if testimage.TagExists(t, reg.Host+"/multi/app:none") {
 		t.Fatal("tag written for an empty selection")
 	}
 }
@@ -249,7 +249,7 @@ func TestRunCorruptBlobLeavesDestination(t *testing.T) {
 		t.Fatal(err)
 	}
 	src := reg.Host + "/bad/app:v1"
-	push(t, src, img)
+	testimage.PushRef(t, src, img)
 	layers, _ := img.Layers()
 	bad, _ := layers[1].Digest()
 
@@ -259,7 +259,7 @@ func TestRunCorruptBlobLeavesDestination(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), src) || !strings.Contains(err.Error(), bad.String()) {
 		t.Errorf("corrupt blob: %v, want an error naming %s and %s", err, src, bad)
 	}
-	if tagExists(t, dst) {
+	if testimage.TagExists(t, dst) {
 		t.Fatal("destination tag written after a failed conversion")
 	}
 	reg.Corrupt(v1.Hash{})
@@ -302,7 +302,7 @@ func TestRunCorruptBlobLeavesDestination(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "oci:"+srcDir) || !strings.Contains(err.Error(), bad.String()) {
 		t.Errorf("corrupt layout blob: %v", err)
 	}
-	if tagExists(t, dst) {
+	if testimage.TagExists(t, dst) {
 		t.Fatal("destination tag written after a failed conversion")
 	}
 }
@@ -338,7 +338,7 @@ func TestRunCancelLeavesDestination(t *testing.T) {
 			defer srv.Close()
 			host := strings.TrimPrefix(srv.URL, "http://")
 			src, dst := host+"/c/app:v1", host+"/c/app:out"
-			push(t, src, img)
+			testimage.PushRef(t, src, img)
 			close(armed)
 			writing := false
 			_, err := run(ctx, t, src, dst, func(r *job.Request) { r.Writing = func(string) { writing = true } })
@@ -348,7 +348,7 @@ func TestRunCancelLeavesDestination(t *testing.T) {
 			if writing != (when == "uploading") {
 				t.Errorf("interrupted %s, but the upload started = %v", when, writing)
 			}
-			if tagExists(t, dst) {
+			if testimage.TagExists(t, dst) {
 				t.Fatal("destination tag written after an interrupted conversion")
 			}
 		})
@@ -372,7 +372,7 @@ func TestRunRegistryErrors(t *testing.T) {
 	}
 
 	src := reg.Host + "/lib/app:v1"
-	push(t, src, img)
+	testimage.PushRef(t, src, img)
 	layers, _ := img.Layers()
 	dgst, _ := layers[0].Digest()
 	for status, kind := range map[int]error{http.StatusNotFound: imageio.ErrNotFound, http.StatusInternalServerError: imageio.ErrServer} {

@@ -39,7 +39,7 @@ func TestRunPrefetchAndPlatformOfImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	src, dst := reg.Host+"/pf/app:v1", reg.Host+"/pf/app:out"
-	push(t, src, img)
+	testimage.PushRef(t, src, img)
 	list := filepath.Join(t.TempDir(), "prefetch.json")
 	if err := os.WriteFile(list, []byte(`{"version":1,"files":["etc/hostname"]}`), 0o644); err != nil {
 		t.Fatal(err)
@@ -63,7 +63,7 @@ func TestRunPrefetchAndPlatformOfImage(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "linux/amd64") || !strings.Contains(err.Error(), src) {
 		t.Errorf("platform mismatch: %v", err)
 	}
-	if tagExists(t, reg.Host+"/pf/app:arm") {
+	if testimage.TagExists(t, reg.Host+"/pf/app:arm") {
 		t.Error("tag written for a platform mismatch")
 	}
 	d, _ := img.Digest()
@@ -87,7 +87,7 @@ func TestRunProfileAppliesOnlyToItsImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	src := reg.Host + "/pf/prof:v1"
-	push(t, src, img)
+	testimage.PushRef(t, src, img)
 	layers, _ := img.Layers()
 	second, _ := layers[1].Digest()
 	d, _ := img.Digest()
@@ -132,8 +132,8 @@ func TestRunRefusesOwnSource(t *testing.T) {
 		t.Fatal(err)
 	}
 	srcDigest, _ := img.Digest()
-	push(t, reg.Host+"/lib/self:v1", img)
-	push(t, reg.Host+"/lib/self:latest", img)
+	testimage.PushRef(t, reg.Host+"/lib/self:v1", img)
+	testimage.PushRef(t, reg.Host+"/lib/self:latest", img)
 	t.Chdir(t.TempDir())
 	mustRun(ctx, t, reg.Host+"/lib/self:v1", "oci:lay:v1")
 	if err := os.MkdirAll("single", 0o755); err != nil {
@@ -164,7 +164,7 @@ func TestRunRefusesOwnSource(t *testing.T) {
 			if !errors.Is(err, job.ErrOverwritesSource) || !strings.Contains(err.Error(), "is the source") {
 				t.Fatalf("converting %s to %s: %v, want ErrOverwritesSource", tc.src, tc.dst, err)
 			}
-			if d, _ := remoteImage(t, reg.Host+"/lib/self:v1").Digest(); d != srcDigest {
+			if d, _ := testimage.RemoteImage(t, reg.Host+"/lib/self:v1").Digest(); d != srcDigest {
 				t.Errorf("source tag moved to %s", d)
 			}
 			if layoutIndex("lay") != beforeLay || layoutIndex("single") != beforeSingle {
@@ -173,7 +173,7 @@ func TestRunRefusesOwnSource(t *testing.T) {
 		})
 	}
 	rep := mustRun(ctx, t, reg.Host+"/lib/self:v1", reg.Host+"/lib/self:v1", func(r *job.Request) { r.Overwrite = true })
-	if d, _ := remoteImage(t, reg.Host+"/lib/self:v1").Digest(); d.String() != rep.Digest || d == srcDigest {
+	if d, _ := testimage.RemoteImage(t, reg.Host+"/lib/self:v1").Digest(); d.String() != rep.Digest || d == srcDigest {
 		t.Errorf("after Overwrite the tag names %s, report says %s (source %s)", d, rep.Digest, srcDigest)
 	}
 	mustRun(ctx, t, reg.Host+"/lib/self:latest", reg.Host+"/lib/self:esgz")
@@ -225,7 +225,7 @@ func TestRunTamperedRegistryConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	src := reg.Host + "/lib/tampered:v1"
-	push(t, src, img)
+	testimage.PushRef(t, src, img)
 	cfg, _ := img.ConfigName()
 	reg.Corrupt(cfg)
 	dst := reg.Host + "/lib/tampered:esgz"
@@ -234,7 +234,7 @@ func TestRunTamperedRegistryConfig(t *testing.T) {
 		t.Fatalf("converting with a tampered config: %v, want an error naming %s and %s", err, src, cfg)
 	}
 	reg.Corrupt(v1.Hash{})
-	if tagExists(t, dst) {
+	if testimage.TagExists(t, dst) {
 		t.Error("destination written from a tampered source")
 	}
 }
@@ -252,7 +252,7 @@ func TestRunWithCallerLayersAndUpToDate(t *testing.T) {
 		t.Fatal(err)
 	}
 	src, dst := reg.Host+"/own/app:v1", reg.Host+"/own/app:esgz"
-	push(t, src, img)
+	testimage.PushRef(t, src, img)
 	list := &prefetch.List{Version: prefetch.ListVersion, Files: []string{"etc/hostname"}}
 	conv, err := convert.New(convert.WithTempDir(t.TempDir()), convert.WithPrefetch(list))
 	if err != nil {
@@ -292,7 +292,7 @@ func TestRunWithCallerLayersAndUpToDate(t *testing.T) {
 	if len(files) != 2 || strings.Join(files[0], ",")+strings.Join(files[1], ",") != "etc/hostnameetc/hostname" {
 		t.Errorf("prefetch files given to the LayerFunc: %q", files)
 	}
-	checkImage(t, remoteImage(t, dst), rep.Images[0])
+	checkImage(t, testimage.RemoteImage(t, dst), rep.Images[0])
 	again := mustRun(ctx, t, src, dst, req)
 	if !again.UpToDate || again.Digest != rep.Digest || calls.Load() != 2 || len(again.Images) != 0 {
 		t.Errorf("second run: up to date %v, digest %s (first %s), %d layer calls", again.UpToDate, again.Digest, rep.Digest, calls.Load())
@@ -305,10 +305,10 @@ func TestRunWithCallerLayersAndUpToDate(t *testing.T) {
 
 // remoteImageOrNil returns the image ref names, or nil if there is none.
 func remoteImageOrNil(t *testing.T, ref string) (v1.Image, error) {
-	if !tagExists(t, ref) {
+	if !testimage.TagExists(t, ref) {
 		return nil, nil
 	}
-	return remoteImage(t, ref), nil
+	return testimage.RemoteImage(t, ref), nil
 }
 
 // TestParsePlatforms checks the platform specs a request is built from.
