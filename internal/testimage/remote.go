@@ -3,7 +3,6 @@ package testimage
 import (
 	"errors"
 	"net/http"
-	"testing"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -13,7 +12,7 @@ import (
 
 // PushRef writes an image or index to ref, a reference to any registry
 // (this package's or another test server), failing the test on an error.
-func PushRef(t testing.TB, ref string, a remote.Taggable) {
+func PushRef(t TB, ref string, a remote.Taggable) {
 	t.Helper()
 	r, err := name.ParseReference(ref)
 	if err != nil {
@@ -25,7 +24,7 @@ func PushRef(t testing.TB, ref string, a remote.Taggable) {
 }
 
 // RemoteImage reads the image ref names, failing the test on an error.
-func RemoteImage(t testing.TB, ref string) v1.Image {
+func RemoteImage(t TB, ref string) v1.Image {
 	t.Helper()
 	r, err := name.ParseReference(ref)
 	if err != nil {
@@ -40,7 +39,7 @@ func RemoteImage(t testing.TB, ref string) v1.Image {
 
 // TagExists reports whether the registry has a manifest under ref; an
 // answer other than found or 404 fails the test.
-func TagExists(t testing.TB, ref string) bool {
+func TagExists(t TB, ref string) bool {
 	t.Helper()
 	r, err := name.ParseReference(ref)
 	if err != nil {
