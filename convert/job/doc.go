@@ -4,9 +4,10 @@
 // 'lazybase convert --json' prints).
 //
 // A job refuses a destination that names its source unless the request
-// allows it (Request.Force), binds a prefetch source to the opened image (a
-// profile recorded for another image is ignored with a warning), refuses a
-// single image whose platform is not among the requested ones, and writes the
+// allows it (Request.Overwrite; ErrOverwritesSource otherwise), binds a
+// prefetch source to the opened image (a profile recorded for another image
+// is ignored with a warning), refuses a single image whose platform is not
+// among the requested ones (unless Request.AnyImagePlatform), and writes the
 // destination tag last, so a failed job leaves the destination as it was.
 // Errors name the source, and the converter's errors name the image and
 // layer at fault.
