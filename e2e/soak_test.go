@@ -25,6 +25,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
 	"github.com/lazybase/lazybase/e2e/harness"
+	"github.com/lazybase/lazybase/internal/eventually"
 )
 
 // Soak benchmark settings, from the environment.
@@ -117,7 +118,7 @@ type soakRow struct {
 // export guard, configured as the builder image ships it) runs
 // $LAZYBASE_SOAK_ROUNDS build-and-push rounds (default 6; `make soak`
 // runs 30). Each round builds a multi-stage Dockerfile whose bases rotate
-// over four debian-like and two golang-like eStargz tags (the reference
+// over four debian-like and three golang-like eStargz tags (the reference
 // images under two tags each, and variants with one extra eStargz layer,
 // so digests differ) and whose sources change every round (main.go and a
 // copied file), and pushes the result. buildkitd is restarted (SIGTERM,
@@ -125,8 +126,9 @@ type soakRow struct {
 // before the round two thirds in. At the end the clean-up a user would do:
 // `buildctl prune --all`, `ctr -n buildkit images rm` of every image, and
 // `ctr -n buildkit leases rm lazybase-exportguard` (the export guard's
-// lease, which holds the materialized base blobs and never expires today);
-// then a snapshotter restart, then an orderly stop of the whole stack.
+// lease, which holds the materialized base blobs and never expires today),
+// a wait until the disk stops changing; then a snapshotter restart, then an
+// orderly stop of the whole stack.
 //
 // After the start, every round and each clean-up step it logs one table
 // row: build seconds, du of containerd's content store and of the
@@ -245,6 +247,10 @@ func TestSoak(t *testing.T) {
 			t.Errorf("removing the guard's lease: %v", err)
 		}
 	}
+	settleSoak(ctx, t, s)
+	if out, err := s.Containerd.CtrNS(ctx, harness.BuildkitNamespace, "content", "ls"); err == nil && len(strings.Fields(out)) > 4 {
+		t.Logf("soak: content left in namespace %s after the clean-up:\n%s", harness.BuildkitNamespace, strings.TrimSpace(out))
+	}
 	add(soakRow{Label: "prune", Event: "buildctl prune --all, images rm, guard lease rm"})
 	if err := s.RestartSnapshotter(ctx); err != nil {
 		t.Fatalf("restarting the snapshotter after the prune: %v\n%s", err, s.Logs(40))
@@ -266,6 +272,38 @@ func TestSoak(t *testing.T) {
 	}
 	if len(mounts) > 0 {
 		t.Errorf("%d FUSE mounts left under %s after an orderly stop, first %s", len(mounts), s.Snapshotter.Root, mounts[0].Target)
+	}
+}
+
+// soakSettle is how long the disk must stay unchanged after the clean-up
+// before the prune row is taken: containerd removes snapshots and calls
+// the snapshotter's Cleanup in its garbage collector, after the commands
+// return.
+const soakSettle = 5 * time.Second
+
+// settleSoak waits, up to a minute, until the content store, the
+// snapshotter's snapshots and its FUSE mounts have not changed for
+// soakSettle.
+func settleSoak(ctx context.Context, t *testing.T, s *harness.Stack) {
+	t.Helper()
+	state := func() string {
+		c, _ := harness.DiskUsage(s.Containerd.ContentRoot())
+		sn, _ := harness.DiskUsage(filepath.Join(s.Snapshotter.Root, "snapshotter", "snapshots"))
+		ms, _ := s.Snapshotter.FUSEMounts()
+		return fmt.Sprintf("content %d, snapshots %d, %d FUSE mounts", c, sn, len(ms))
+	}
+	last, since := state(), time.Now()
+	err := eventually.Wait(ctx, time.Minute, func() error {
+		if now := state(); now != last {
+			last, since = now, time.Now()
+		}
+		if d := time.Since(since); d < soakSettle {
+			return fmt.Errorf("%s, unchanged for %s", last, d.Round(time.Millisecond))
+		}
+		return nil
+	})
+	if err != nil {
+		t.Logf("soak: the disk did not settle after the clean-up: %v", err)
 	}
 }
 
