@@ -21,6 +21,10 @@ type Registry struct {
 	// buildkitd fetch.
 	Proxy *shaper.Proxy
 
+	// User and Password are the credentials the registry requires
+	// (WithRegistryAuth); both empty when it runs without auth.
+	User, Password string
+
 	proc *process
 }
 
@@ -77,6 +81,11 @@ storage:
 http:
   addr: %s
 `, storage, addr)
+	auth, err := s.registryAuthConfig()
+	if err != nil {
+		return nil, err
+	}
+	cfg += auth
 	cfgPath := s.path("registry.yml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		return nil, err
@@ -92,6 +101,9 @@ http:
 			return err
 		}
 		resp.Body.Close()
+		if s.opts.registryUser != "" && resp.StatusCode == http.StatusUnauthorized {
+			return nil
+		}
 		if resp.StatusCode != http.StatusOK {
 			return fmt.Errorf("GET /v2/: %s", resp.Status)
 		}
@@ -107,5 +119,5 @@ http:
 	if err := proxy.Start(); err != nil {
 		return nil, err
 	}
-	return &Registry{Direct: addr, Proxy: proxy, proc: p}, nil
+	return &Registry{Direct: addr, Proxy: proxy, User: s.opts.registryUser, Password: s.opts.registryPassword, proc: p}, nil
 }
