@@ -32,9 +32,11 @@ const authHelperName = "lzbe2e"
 // TestAuthRegistry runs lazybase against a registry that requires
 // credentials (distribution's htpasswd auth): in one scenario they come
 // from a docker config.json (`auths`, the daemon's auth.docker_config), in
-// the other from a credential helper (the daemon's
+// the second from a credential helper (the daemon's
 // auth.credential_helpers; config.json's credHelpers for buildctl and the
-// CLI). In each: buildkitd builds the multi-stage Dockerfile on the lazily
+// CLI); the third runs the registry with token auth (a token server in the
+// test process, credentials from a docker config.json), and no issued
+// bearer token may appear in a log either. In each: buildkitd builds the multi-stage Dockerfile on the lazily
 // mounted eStargz bases (FUSE mounts, the builder base fetched by ranges),
 // the export guard materializes the final base and the push fetches 0 of
 // its bytes, `lazybase convert` and `lazybase mirror` read from and write to
@@ -47,19 +49,21 @@ func TestAuthRegistry(t *testing.T) {
 		name     string
 		logLevel string
 		helper   bool
+		token    bool
 	}{
 		{name: "docker-config", logLevel: "trace"},
 		{name: "credential-helper", logLevel: "debug", helper: true},
+		{name: "token-auth", logLevel: "debug", token: true},
 	} {
 		t.Run(sc.name, func(t *testing.T) {
 			start := time.Now()
-			testAuthRegistry(t, sc.logLevel, sc.helper)
+			testAuthRegistry(t, sc.logLevel, sc.helper, sc.token)
 			record(t, "auth-"+sc.name, time.Since(start))
 		})
 	}
 }
 
-func testAuthRegistry(t *testing.T, logLevel string, helper bool) {
+func testAuthRegistry(t *testing.T, logLevel string, helper, token bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 	const user = "lazybase-e2e"
@@ -75,8 +79,12 @@ func testAuthRegistry(t *testing.T, logLevel string, helper bool) {
 	if !helper {
 		daemonConfig = cliConfig
 	}
+	auth := harness.WithRegistryAuth(user, password)
+	if token {
+		auth = harness.WithRegistryTokenAuth(user, password)
+	}
 	s := harness.Start(ctx, t,
-		harness.WithRegistryAuth(user, password),
+		auth,
 		harness.WithEnv("DOCKER_CONFIG="+cliConfig, "PATH="+helperDir),
 		harness.WithLazySnapshotter(harness.Lazybase),
 		harness.WithBuildkitLazy(),
@@ -127,6 +135,9 @@ mode = "lazy-only"
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusUnauthorized {
 		t.Fatalf("anonymous GET /v2/ through the proxy: %s, want 401", resp.Status)
+	}
+	if challenge := resp.Header.Get("WWW-Authenticate"); token != strings.HasPrefix(challenge, "Bearer ") {
+		t.Fatalf("registry challenge %q (token auth: %v)", challenge, token)
 	}
 	basic := remote.WithAuth(&authn.Basic{Username: user, Password: password})
 	debian, golang := referenceImages(t)
@@ -274,6 +285,16 @@ tags = [%q]
 			t.Fatalf("the credential helper was never called: %v", err)
 		}
 		t.Logf("credential helper: %d calls", strings.Count(string(calls), "\n"))
+	}
+
+	if token {
+		issued := r.Tokens()
+		if len(issued) == 0 {
+			t.Fatal("token auth: the token server issued no token")
+		}
+		t.Logf("token server at %s issued %d tokens", r.TokenRealm(), len(issued))
+		// Bearer tokens are secrets too.
+		secrets = append(secrets, issued...)
 	}
 
 	// No secret in any log or output.

@@ -84,21 +84,33 @@ func (s *Stack) withExtraEnv(env []string) []string {
 	return env
 }
 
-// registryAuthConfig writes the htpasswd file and returns the auth section
-// of the registry's config; empty without WithRegistryAuth.
-func (s *Stack) registryAuthConfig() (string, error) {
+// registryAuthConfig returns the auth section of the registry's config
+// (empty without WithRegistryAuth): htpasswd with a bcrypt file it
+// writes, or token auth with the token server it starts (closed when the
+// test ends).
+func (s *Stack) registryAuthConfig() (string, *tokenServer, error) {
 	if s.opts.registryUser == "" {
-		return "", nil
+		return "", nil, nil
+	}
+	if s.opts.registryToken {
+		bundle := s.path("registry-token.pem")
+		ts, err := newTokenServer(s.opts.registryUser, s.opts.registryPassword, bundle)
+		if err != nil {
+			return "", nil, err
+		}
+		s.t.Cleanup(func() { _ = ts.close() })
+		return fmt.Sprintf("auth:\n  token:\n    realm: %s\n    service: %s\n    issuer: %s\n    rootcertbundle: %s\n",
+			ts.realm(), tokenService, tokenIssuer, bundle), ts, nil
 	}
 	hash, err := bcrypt.GenerateFromPassword([]byte(s.opts.registryPassword), bcrypt.MinCost)
 	if err != nil {
-		return "", fmt.Errorf("registry htpasswd: %w", err)
+		return "", nil, fmt.Errorf("registry htpasswd: %w", err)
 	}
 	path := s.path("registry.htpasswd")
 	if err := os.WriteFile(path, []byte(s.opts.registryUser+":"+string(hash)+"\n"), 0o600); err != nil {
-		return "", err
+		return "", nil, err
 	}
-	return fmt.Sprintf("auth:\n  htpasswd:\n    realm: lazybase-e2e\n    path: %s\n", path), nil
+	return fmt.Sprintf("auth:\n  htpasswd:\n    realm: lazybase-e2e\n    path: %s\n", path), nil, nil
 }
 
 // Hosts returns the registry's two addresses, the shaping proxy's and its

@@ -51,6 +51,9 @@ type options struct {
 	// auth (WithRegistryAuth).
 	registryUser     string
 	registryPassword string
+	// registryToken puts a token server in front of them
+	// (WithRegistryTokenAuth).
+	registryToken bool
 	// env is added to every daemon's and tool's environment (WithEnv).
 	env []string
 	// lazybaseTOMLFunc writes the lazybase daemon's config once the

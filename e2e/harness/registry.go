@@ -25,7 +25,8 @@ type Registry struct {
 	// (WithRegistryAuth); both empty when it runs without auth.
 	User, Password string
 
-	proc *process
+	token *tokenServer // WithRegistryTokenAuth
+	proc  *process
 }
 
 // Host returns host:port of the shaping proxy: image references that the
@@ -81,7 +82,7 @@ storage:
 http:
   addr: %s
 `, storage, addr)
-	auth, err := s.registryAuthConfig()
+	auth, token, err := s.registryAuthConfig()
 	if err != nil {
 		return nil, err
 	}
@@ -112,6 +113,11 @@ http:
 	if err != nil {
 		return nil, err
 	}
+	if token != nil {
+		// Clients reach the registry through the token server's front.
+		token.serveFront(addr)
+		addr = token.addr
+	}
 	proxy, err := shaper.New("http://"+addr, shaper.WithBandwidth(s.opts.bandwidth), shaper.WithRTT(s.opts.rtt))
 	if err != nil {
 		return nil, err
@@ -119,5 +125,5 @@ http:
 	if err := proxy.Start(); err != nil {
 		return nil, err
 	}
-	return &Registry{Direct: addr, Proxy: proxy, User: s.opts.registryUser, Password: s.opts.registryPassword, proc: p}, nil
+	return &Registry{Direct: addr, Proxy: proxy, User: s.opts.registryUser, Password: s.opts.registryPassword, token: token, proc: p}, nil
 }
