@@ -157,8 +157,13 @@ func writeDockerConfig(dir string, cfg map[string]any) error {
 // any other, and appends "get <server>" to dir/<name>.calls on every call
 // (never the secret), so a test can tell it was used.
 func (r *Registry) WriteCredentialHelper(dir, name, user, password string) error {
+	return writeCredentialHelper(r.Hosts(), dir, name, user, password)
+}
+
+// writeCredentialHelper is WriteCredentialHelper for the given hosts.
+func writeCredentialHelper(hosts []string, dir, name, user, password string) error {
 	var cases []string
-	for _, h := range r.Hosts() {
+	for _, h := range hosts {
 		cases = append(cases, h, "http://"+h, "https://"+h)
 	}
 	script := fmt.Sprintf(`#!/bin/sh
