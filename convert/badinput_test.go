@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"io/fs"
 	"net/http"
@@ -18,6 +19,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
 	"github.com/lazybase/lazybase/convert"
+	"github.com/lazybase/lazybase/internal/eventually"
 	"github.com/lazybase/lazybase/internal/testimage"
 	"github.com/lazybase/lazybase/prefetch"
 )
@@ -252,7 +254,10 @@ func leftoverFiles(t *testing.T, dir string) []string {
 	return files
 }
 
-func TestBadLayer(t *testing.T) {
+// TestBadLayerFailsNamingItAndLeavesNoFiles converts every bad layer,
+// streamed and spooled for a prefetch list: the error names the layer and
+// what is wrong, no layer is returned and no temporary file is left.
+func TestBadLayerFailsNamingItAndLeavesNoFiles(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	// With a prefetch list the converter spools the tar and reorders it: a
@@ -265,7 +270,7 @@ func TestBadLayer(t *testing.T) {
 		for _, tc := range badLayers(t) {
 			t.Run(mode.name+"/"+tc.name, func(t *testing.T) {
 				tmp := t.TempDir()
-				c := newTestConverter(t, append([]convert.Option{convert.WithTempDir(tmp)}, mode.opts...)...)
+				c := newConverter(t, append([]convert.Option{convert.WithTempDir(tmp)}, mode.opts...)...)
 				dgst, _ := tc.layer.Digest()
 				l, err := c.Layer(ctx, tc.layer, tc.diffID)
 				checkBadError(t, err, dgst, tc)
@@ -280,7 +285,9 @@ func TestBadLayer(t *testing.T) {
 	}
 }
 
-func TestBadImage(t *testing.T) {
+// TestBadLayerFailsItsImage converts an image whose second layer is bad: the
+// error names the image and the layer, and no result is returned.
+func TestBadLayerFailsItsImage(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	first := mustGzipLayer(t, testimage.Files("etc/hostname", "first\n"))
@@ -296,7 +303,7 @@ func TestBadImage(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			c := newTestConverter(t)
+			c := newConverter(t)
 			dgst, _ := tc.layer.Digest()
 			res, err := c.Image(ctx, img)
 			checkBadError(t, err, dgst, tc)
@@ -308,9 +315,10 @@ func TestBadImage(t *testing.T) {
 	}
 }
 
-// TestBadRegistry reads images through remote.Image from an in-process
-// registry that loses a blob or answers blob reads with errors.
-func TestBadRegistry(t *testing.T) {
+// TestRegistryBlobErrorsNameTheLayer reads images through remote.Image from
+// an in-process registry that loses a blob or answers blob reads with
+// errors.
+func TestRegistryBlobErrorsNameTheLayer(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	reg := testimage.NewRegistry(t)
@@ -355,7 +363,7 @@ func TestBadRegistry(t *testing.T) {
 			}
 			t.Cleanup(func() { reg.Fail(victim, 0); reg.Corrupt(v1.Hash{}) })
 			img := reg.Image(t, ref)
-			c := newTestConverter(t)
+			c := newConverter(t)
 			res, err := c.Image(ctx, img)
 			checkBadError(t, err, victim, badLayer{mention: nonEmpty(tc.mention), anyOf: tc.anyOf})
 			checkNamesImage(t, err, img)
@@ -386,8 +394,9 @@ func nonEmpty(s string) []string {
 	return []string{s}
 }
 
-// TestEdgeLayers converts inputs that are odd but valid.
-func TestEdgeLayers(t *testing.T) {
+// TestEmptyAndDirectoryOnlyLayersConvert converts inputs that are odd but
+// valid.
+func TestEmptyAndDirectoryOnlyLayersConvert(t *testing.T) {
 	ctx := context.Background()
 	dirs := []testimage.Entry{
 		{Header: &tar.Header{Typeflag: tar.TypeDir, Name: "only/", Mode: 0o755, ModTime: testimage.Epoch}},
@@ -402,7 +411,7 @@ func TestEdgeLayers(t *testing.T) {
 			{"only-dirs", dirs},
 		} {
 			t.Run(string(format)+"/"+tc.name, func(t *testing.T) {
-				c := newTestConverter(t, convert.WithFormat(format))
+				c := newConverter(t, convert.WithFormat(format))
 				tarball := testimage.MustTar(tc.entries)
 				l, err := c.Layer(ctx, testimage.GzipLayer(tarball), testimage.SHA256(tarball))
 				if err != nil {
@@ -414,14 +423,18 @@ func TestEdgeLayers(t *testing.T) {
 	}
 }
 
-func TestAlreadyEStargzReused(t *testing.T) {
+// TestEStargzLayerIsReusedUnlessForcedOrUnannotated converts a layer
+// estargz.Build wrote, with its TOC digest annotation: it is reused byte for
+// byte; with WithForce, or without the annotation, it is rebuilt, and the
+// tree is the source's every time.
+func TestEStargzLayerIsReusedUnlessForcedOrUnannotated(t *testing.T) {
 	ctx := context.Background()
 	src := mustEStargz(t)
 	srcDigest, _ := src.Digest()
 	srcDiff, _ := src.DiffID()
 	srcTree := treeOfTar(t, testimage.MustTar(testimage.Entries(7, testimage.WithoutLargeFiles())))
 
-	c := newTestConverter(t)
+	c := newConverter(t)
 	l, err := c.Layer(ctx, src, srcDiff)
 	if err != nil {
 		t.Fatalf("Layer: %v", err)
@@ -447,7 +460,7 @@ func TestAlreadyEStargzReused(t *testing.T) {
 	checkLayerTree(t, srcTree, l, convert.DefaultChunkSize)
 
 	t.Run("force", func(t *testing.T) {
-		c := newTestConverter(t, convert.WithForce(true))
+		c := newConverter(t, convert.WithForce(true))
 		l, err := c.Layer(ctx, src, srcDiff)
 		if err != nil {
 			t.Fatalf("Layer: %v", err)
@@ -466,7 +479,7 @@ func TestAlreadyEStargzReused(t *testing.T) {
 		// the layer is converted like any gzip layer.
 		plain := src.Clone()
 		plain.Annotations = nil
-		c := newTestConverter(t)
+		c := newConverter(t)
 		l, err := c.Layer(ctx, plain, srcDiff)
 		if err != nil {
 			t.Fatalf("Layer: %v", err)
@@ -478,9 +491,12 @@ func TestAlreadyEStargzReused(t *testing.T) {
 	})
 }
 
-func TestZstdChunkedOpens(t *testing.T) {
+// TestZstdChunkedOutputOpensThroughItsTOC converts a layer to zstd:chunked:
+// it carries the zstd:chunked annotations, its files are found through the
+// TOC, and it does not open as gzip eStargz.
+func TestZstdChunkedOutputOpensThroughItsTOC(t *testing.T) {
 	tarball := testimage.MustTar(testimage.Entries(8, testimage.WithoutLargeFiles()))
-	c := newTestConverter(t, convert.WithFormat(convert.FormatZstdChunked))
+	c := newConverter(t, convert.WithFormat(convert.FormatZstdChunked))
 	l, err := c.Layer(context.Background(), testimage.GzipLayer(tarball), v1.Hash{})
 	if err != nil {
 		t.Fatalf("Layer: %v", err)
@@ -507,9 +523,10 @@ func TestZstdChunkedOpens(t *testing.T) {
 	}
 }
 
-// TestBadIndex converts an index whose arm64 image holds a bad layer: the
-// whole conversion fails, naming the layer, and returns no index.
-func TestBadIndex(t *testing.T) {
+// TestBadLayerFailsTheWholeIndex converts an index whose arm64 image holds a
+// bad layer: the whole conversion fails, naming the layer, and returns no
+// index.
+func TestBadLayerFailsTheWholeIndex(t *testing.T) {
 	good, err := testimage.SeedImage(20, testimage.LinuxAMD64, testimage.WithoutLargeFiles())
 	if err != nil {
 		t.Fatal(err)
@@ -523,7 +540,7 @@ func TestBadIndex(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := newTestConverter(t)
+	c := newConverter(t)
 	res, err := c.Index(context.Background(), idx)
 	dgst, _ := bad.Digest()
 	checkBadError(t, err, dgst, badLayer{mention: []string{"../escape"}})
@@ -537,12 +554,16 @@ func TestBadIndex(t *testing.T) {
 // Converter converts the layer afterwards.
 func TestCancelledConversion(t *testing.T) {
 	tarball := testimage.MustTar(testimage.Entries(30, testimage.WithoutLargeFiles()))
-	src := &slowLayer{Layer: testimage.GzipLayer(tarball), started: make(chan struct{}), delay: 200 * time.Millisecond}
+	src := newHeldLayer(testimage.GzipLayer(tarball))
 	tmp := t.TempDir()
-	c := newTestConverter(t, convert.WithTempDir(tmp))
+	c := newConverter(t, convert.WithTempDir(tmp))
 
 	ctx, cancel := context.WithCancel(context.Background())
-	go func() { <-src.started; cancel() }()
+	go func() {
+		<-src.started
+		cancel()
+		src.release()
+	}()
 	l, err := c.Layer(ctx, src, v1.Hash{})
 	if err == nil || !errors.Is(err, context.Canceled) {
 		t.Fatalf("Layer cancelled midway: %v, want context.Canceled", err)
@@ -558,13 +579,14 @@ func TestCancelledConversion(t *testing.T) {
 	}
 }
 
-// TestCancelledCallerDoesNotFailOthers converts the same layer from two
-// callers at once; the first one's context is cancelled while the
-// conversion runs. The second caller must still get the layer.
-func TestCancelledCallerDoesNotFailOthers(t *testing.T) {
+// TestCancelledCallerDoesNotFailJoinedCaller converts the same layer from
+// two callers: B joins the conversion A started (Stats.Joined proves it),
+// then A is cancelled while the blob read is held. A fails with
+// context.Canceled, B still gets the layer, and the layer is converted once.
+func TestCancelledCallerDoesNotFailJoinedCaller(t *testing.T) {
 	tarball := testimage.MustTar(testimage.Entries(31, testimage.WithoutLargeFiles()))
-	src := &slowLayer{Layer: testimage.GzipLayer(tarball), started: make(chan struct{}), delay: 200 * time.Millisecond}
-	c := newTestConverter(t)
+	src := newHeldLayer(testimage.GzipLayer(tarball))
+	c := newConverter(t)
 
 	ctxA, cancelA := context.WithCancel(context.Background())
 	errA := make(chan error, 1)
@@ -572,49 +594,63 @@ func TestCancelledCallerDoesNotFailOthers(t *testing.T) {
 		_, err := c.Layer(ctxA, src, v1.Hash{})
 		errA <- err
 	}()
-	<-src.started // A's conversion is reading the blob
+	<-src.started // A's conversion is reading the blob, held there
 	errB := make(chan error, 1)
 	go func() {
 		_, err := c.Layer(context.Background(), src, v1.Hash{})
 		errB <- err
 	}()
-	time.Sleep(50 * time.Millisecond) // let B join the conversion in flight
+	eventually.Require(t, 10*time.Second, "B joins the conversion in flight", func() error {
+		if n := c.Stats().Joined; n != 1 {
+			return fmt.Errorf("%d calls joined", n)
+		}
+		return nil
+	})
 	cancelA()
-	if err := <-errA; err == nil {
-		t.Log("A finished before its cancellation took effect")
+	if err := <-errA; !errors.Is(err, context.Canceled) {
+		t.Errorf("caller A, cancelled while the conversion was held: %v, want context.Canceled", err)
 	}
+	src.release()
 	if err := <-errB; err != nil {
 		t.Errorf("caller B failed because caller A was cancelled: %v", err)
 	}
+	if s := c.Stats(); s.Converted != 1 || s.BlobReads != 1 {
+		t.Errorf("stats %+v, want the layer converted once from one blob read", s)
+	}
 }
 
-// slowLayer delays the first read of its blob.
-type slowLayer struct {
+// heldLayer holds the first read of its blob until release is called, so a
+// test can act while a conversion is under way.
+type heldLayer struct {
 	*testimage.Layer
-	started chan struct{}
-	once    sync.Once
-	delay   time.Duration
+	started  chan struct{} // closed when the first read begins
+	released chan struct{}
+	once     sync.Once
+	relOnce  sync.Once
 }
 
-func (l *slowLayer) Compressed() (io.ReadCloser, error) {
+func newHeldLayer(l *testimage.Layer) *heldLayer {
+	return &heldLayer{Layer: l, started: make(chan struct{}), released: make(chan struct{})}
+}
+
+// release lets the held read, and every later one, go on.
+func (l *heldLayer) release() { l.relOnce.Do(func() { close(l.released) }) }
+
+func (l *heldLayer) Compressed() (io.ReadCloser, error) {
 	rc, err := l.Layer.Compressed()
 	if err != nil {
 		return nil, err
 	}
-	return &slowReader{ReadCloser: rc, l: l}, nil
+	return &heldReader{ReadCloser: rc, l: l}, nil
 }
 
-type slowReader struct {
+type heldReader struct {
 	io.ReadCloser
-	l    *slowLayer
-	done bool
+	l *heldLayer
 }
 
-func (r *slowReader) Read(p []byte) (int, error) {
-	if !r.done {
-		r.done = true
-		r.l.once.Do(func() { close(r.l.started) })
-		time.Sleep(r.l.delay)
-	}
+func (r *heldReader) Read(p []byte) (int, error) {
+	r.l.once.Do(func() { close(r.l.started) })
+	<-r.l.released
 	return r.ReadCloser.Read(p)
 }

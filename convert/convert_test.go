@@ -20,13 +20,20 @@ import (
 	digest "github.com/opencontainers/go-digest"
 )
 
-func newConverter(t *testing.T, opts ...convert.Option) *convert.Converter {
+// newConverter returns a Converter with its temporary files under the
+// test's directory (unless opts say otherwise), closed, with its error
+// checked, when the test ends.
+func newConverter(t testing.TB, opts ...convert.Option) *convert.Converter {
 	t.Helper()
 	c, err := convert.New(append([]convert.Option{convert.WithTempDir(t.TempDir())}, opts...)...)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("convert.New: %v", err)
 	}
-	t.Cleanup(func() { c.Close() })
+	t.Cleanup(func() {
+		if err := c.Close(); err != nil {
+			t.Errorf("closing converter: %v", err)
+		}
+	})
 	return c
 }
 
@@ -145,7 +152,9 @@ func readAll(t *testing.T, l v1.Layer) []byte {
 	return b
 }
 
-func TestImageFromRegistry(t *testing.T) {
+// TestImageFromRegistryConvertsAndValidatesWhenPushed converts an image read
+// from a registry; the result, pushed back, passes validate.Image.
+func TestImageFromRegistryConvertsAndValidatesWhenPushed(t *testing.T) {
 	reg := testimage.NewRegistry(t)
 	src := seedImage(t, 1)
 	ref := reg.Push(t, "base/image:1", src)
@@ -332,7 +341,10 @@ func TestIndexPlatforms(t *testing.T) {
 	}
 }
 
-func TestAlreadyEStargzIsReusedAndForceRebuilds(t *testing.T) {
+// TestReconvertedImageReusesLayersAndForceGivesSameBytes converts an image,
+// then its output: every layer is reused and diff_ids are unchanged; forced,
+// the layers are rebuilt to the same bytes.
+func TestReconvertedImageReusesLayersAndForceGivesSameBytes(t *testing.T) {
 	src := seedImage(t, 31)
 	first, err := newConverter(t).Image(context.Background(), src)
 	if err != nil {
@@ -382,7 +394,9 @@ func equalHashes(a, b []v1.Hash) bool {
 	return true
 }
 
-func TestResultJSON(t *testing.T) {
+// TestImageResultEncodesAsJSON encodes an ImageResult: its digest, output
+// layer digests and TOC digests come out under their JSON names.
+func TestImageResultEncodesAsJSON(t *testing.T) {
 	res, err := newConverter(t).Image(context.Background(), seedImage(t, 41))
 	if err != nil {
 		t.Fatal(err)
@@ -451,16 +465,24 @@ func TestCloseWaitsForConversionsUnderWay(t *testing.T) {
 		t.Fatal(err)
 	}
 	tarball := testimage.MustTar(testimage.Entries(61))
-	src := &slowLayer{Layer: testimage.GzipLayer(tarball), started: make(chan struct{}), delay: 100 * time.Millisecond}
+	src := newHeldLayer(testimage.GzipLayer(tarball))
 	done := make(chan error, 1)
 	go func() {
 		_, err := c.Layer(context.Background(), src, v1.Hash{})
 		done <- err
 	}()
-	<-src.started // the conversion is reading its blob
+	<-src.started // the conversion is reading its blob, held there
 	// Closing now must neither panic nor pull files from under the
 	// conversion: it waits for it.
-	if err := c.Close(); err != nil {
+	closed := make(chan error, 1)
+	go func() { closed <- c.Close() }()
+	select {
+	case err := <-closed:
+		t.Fatalf("Close returned (%v) while a conversion was held under way", err)
+	case <-time.After(50 * time.Millisecond): // a bound on a wrong return, not synchronization
+	}
+	src.release()
+	if err := <-closed; err != nil {
 		t.Fatal(err)
 	}
 	if err := <-done; err != nil {

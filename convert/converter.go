@@ -31,7 +31,7 @@ type Converter struct {
 	jobs chan struct{} // bounds layers converted at once
 
 	stats struct {
-		blobReads, decompressions, converted, reused atomic.Int64
+		blobReads, decompressions, converted, reused, joined atomic.Int64
 	}
 	closed atomic.Bool
 	active sync.WaitGroup // conversions under way
@@ -52,6 +52,9 @@ type Stats struct {
 	Converted int64
 	// Reused is how many layers were already valid and kept.
 	Reused int64
+	// Joined is how many calls of Layer waited for a conversion of the
+	// same source digest that another call had started.
+	Joined int64
 }
 
 // New returns a Converter.
@@ -94,6 +97,7 @@ func (c *Converter) Stats() Stats {
 		Decompressions: c.stats.decompressions.Load(),
 		Converted:      c.stats.converted.Load(),
 		Reused:         c.stats.reused.Load(),
+		Joined:         c.stats.joined.Load(),
 	}
 }
 
@@ -177,6 +181,8 @@ func (c *Converter) Layer(ctx context.Context, src v1.Layer, diffID v1.Hash) (*L
 		f = &flight{done: make(chan struct{}), cancel: cancel}
 		c.flights[dgst] = f
 		go c.run(fctx, f, src, dgst, diffID)
+	} else {
+		c.stats.joined.Add(1)
 	}
 	f.waiters++
 	c.mu.Unlock()

@@ -35,5 +35,6 @@
 //
 // The package does no registry or file-system I/O of its own beyond temporary
 // files: callers hand it go-containerregistry v1 images and write the results
-// wherever they like.
+// wherever they like; package convert/job does that for a source and a
+// destination (registry or OCI layout) and reports the job.
 package convert

@@ -84,6 +84,11 @@ type ConvertedLayer interface {
 // diffID is the layer's diffID from the source config.
 type LayerFunc func(ctx context.Context, src v1.Layer, desc v1.Descriptor, diffID v1.Hash) (ConvertedLayer, error)
 
+// LayerFunc returns the Converter's own LayerFunc for Assemble and
+// AssembleIndex: Layer, with the manifest's descriptor (and its annotations)
+// carried along with the source layer. Converter.Image is Assemble with it.
+func (c *Converter) LayerFunc() LayerFunc { return c.convertedLayer }
+
 func (c *Converter) convertedLayer(ctx context.Context, src v1.Layer, desc v1.Descriptor, diffID v1.Hash) (ConvertedLayer, error) {
 	return c.Layer(ctx, describedLayer{Layer: src, desc: desc}, diffID)
 }

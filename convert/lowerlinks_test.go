@@ -51,7 +51,7 @@ func TestLowerSymlinks(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			c := newTestConverter(t)
+			c := newConverter(t)
 			res, err := c.Image(ctx, img)
 			if tc.bad < 0 {
 				if err != nil {

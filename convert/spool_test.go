@@ -49,7 +49,7 @@ func TestSpoolLimit(t *testing.T) {
 	es := testimage.ManyFiles(61, 256, 32<<10) // ~4 MiB
 	tarball := testimage.MustTar(es)
 	list := &prefetch.List{Version: prefetch.ListVersion, Files: []string{es[len(es)-1].Header.Name}}
-	plain := newTestConverter(t)
+	plain := newConverter(t)
 	want, err := plain.Layer(ctx, testimage.NewLayer(tarball, types.OCIUncompressedLayer), v1.Hash{})
 	if err != nil {
 		t.Fatal(err)
@@ -70,7 +70,7 @@ func TestSpoolLimit(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tmp := t.TempDir()
-			c := newTestConverter(t, convert.WithTempDir(tmp), convert.WithPrefetch(list), convert.WithSpoolLimit(tc.bytes, tc.entries))
+			c := newConverter(t, convert.WithTempDir(tmp), convert.WithPrefetch(list), convert.WithSpoolLimit(tc.bytes, tc.entries))
 			pr, pw := io.Pipe()
 			src := &pipedLayer{Layer: testimage.NewLayer(tarball, types.OCIUncompressedLayer), r: pr}
 			type result struct {

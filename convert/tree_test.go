@@ -520,20 +520,6 @@ func treeOfTar(t testing.TB, tarball []byte) fsTree {
 	return tr
 }
 
-func newTestConverter(t testing.TB, opts ...convert.Option) *convert.Converter {
-	t.Helper()
-	c, err := convert.New(append([]convert.Option{convert.WithTempDir(t.TempDir())}, opts...)...)
-	if err != nil {
-		t.Fatalf("convert.New: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := c.Close(); err != nil {
-			t.Errorf("closing converter: %v", err)
-		}
-	})
-	return c
-}
-
 var formats = []convert.Format{convert.FormatEStargz, convert.FormatZstdChunked}
 
 func TestTreeEquality(t *testing.T) {
@@ -553,7 +539,7 @@ func TestTreeEquality(t *testing.T) {
 		{"many-small-files", testimage.ManyFiles(9, 1000, 8<<10)},
 	}
 	for _, format := range formats {
-		c := newTestConverter(t, convert.WithFormat(format))
+		c := newConverter(t, convert.WithFormat(format))
 		for _, tc := range layers {
 			t.Run(string(format)+"/"+tc.name, func(t *testing.T) {
 				tarball := testimage.MustTar(tc.entries)
@@ -596,7 +582,7 @@ func TestTreeSourceCompressions(t *testing.T) {
 	digests := map[v1.Hash][]string{}
 	for name, layer := range sources {
 		t.Run(name, func(t *testing.T) {
-			c := newTestConverter(t)
+			c := newConverter(t)
 			l, err := c.Layer(context.Background(), layer, testimage.SHA256(tarball))
 			if err != nil {
 				t.Fatalf("Layer: %v", err)
@@ -622,7 +608,7 @@ func TestTreeChunkBoundaries(t *testing.T) {
 	src := treeOfTar(t, tarball)
 	for _, format := range formats {
 		t.Run(string(format), func(t *testing.T) {
-			c := newTestConverter(t, convert.WithFormat(format), convert.WithChunkSize(chunk))
+			c := newConverter(t, convert.WithFormat(format), convert.WithChunkSize(chunk))
 			l, err := c.Layer(context.Background(), testimage.GzipLayer(tarball), testimage.SHA256(tarball))
 			if err != nil {
 				t.Fatalf("Layer: %v", err)
@@ -671,7 +657,7 @@ func TestTreeInvalidUTF8(t *testing.T) {
 		t.Run(e.Header.Name, func(t *testing.T) {
 			tarball := testimage.MustTar([]testimage.Entry{e})
 			layer := testimage.GzipLayer(tarball)
-			c := newTestConverter(t)
+			c := newConverter(t)
 			l, err := c.Layer(context.Background(), layer, v1.Hash{})
 			if err != nil {
 				dgst, _ := layer.Digest()
@@ -708,7 +694,7 @@ func TestTreePrefetchOrder(t *testing.T) {
 	wantPrefetched := []string{testimage.TextLarge, testimage.OSRelease, testimage.SmallFile, "dev/null", testimage.RandomLarge}
 	for _, format := range formats {
 		t.Run(string(format), func(t *testing.T) {
-			c := newTestConverter(t, convert.WithFormat(format), convert.WithPrefetch(list))
+			c := newConverter(t, convert.WithFormat(format), convert.WithPrefetch(list))
 			l, err := c.Layer(context.Background(), testimage.GzipLayer(tarball), v1.Hash{})
 			if err != nil {
 				t.Fatalf("Layer: %v", err)
@@ -768,7 +754,7 @@ func TestTreePrefetchHardlinks(t *testing.T) {
 	list := &prefetch.List{Version: prefetch.ListVersion, Files: []string{
 		testimage.HardlinkSmall, "long/hard-to-long", "bin/sh",
 	}}
-	c := newTestConverter(t, convert.WithPrefetch(list))
+	c := newConverter(t, convert.WithPrefetch(list))
 	l, err := c.Layer(context.Background(), testimage.GzipLayer(tarball), v1.Hash{})
 	if err != nil {
 		t.Fatalf("Layer: %v", err)
@@ -804,7 +790,7 @@ func TestTreeDuplicateNames(t *testing.T) {
 		{"prefetch", []convert.Option{convert.WithPrefetch(&prefetch.List{Version: prefetch.ListVersion, Files: []string{"z", "h0"}})}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := newTestConverter(t, tc.opts...)
+			c := newConverter(t, tc.opts...)
 			l, err := c.Layer(context.Background(), testimage.GzipLayer(good), v1.Hash{})
 			if err != nil {
 				t.Fatalf("Layer: %v", err)
@@ -856,7 +842,7 @@ func TestTreeImage(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := newTestConverter(t)
+	c := newConverter(t)
 	res, err := c.Index(context.Background(), idx)
 	if err != nil {
 		t.Fatalf("Index: %v", err)
@@ -948,7 +934,7 @@ func TestTreeImageRepeatedLayer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := newTestConverter(t)
+	c := newConverter(t)
 	res, err := c.Image(context.Background(), img)
 	if err != nil {
 		t.Fatalf("Image: %v", err)
@@ -985,7 +971,7 @@ func TestTreeDeterministicPrefetch(t *testing.T) {
 		t.Run(string(format), func(t *testing.T) {
 			var want v1.Hash
 			for _, workers := range []int{1, 5} {
-				c := newTestConverter(t, convert.WithFormat(format), convert.WithPrefetch(list), convert.WithWorkers(workers), convert.WithChunkSize(32<<10))
+				c := newConverter(t, convert.WithFormat(format), convert.WithPrefetch(list), convert.WithWorkers(workers), convert.WithChunkSize(32<<10))
 				l, err := c.Layer(context.Background(), testimage.GzipLayer(tarball), v1.Hash{})
 				if err != nil {
 					t.Fatalf("Layer: %v", err)

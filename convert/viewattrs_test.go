@@ -43,7 +43,7 @@ func TestHardlinkAttrsAccepted(t *testing.T) {
 				}
 			}
 			tarball := testimage.MustTar(tt.es)
-			c := newTestConverter(t)
+			c := newConverter(t)
 			l, err := c.Layer(ctx, testimage.GzipLayer(tarball), testimage.SHA256(tarball))
 			if err != nil {
 				t.Fatal(err)
@@ -77,7 +77,7 @@ func TestModtimeZero(t *testing.T) {
 		t.Run(string(f), func(t *testing.T) {
 			var digests []string
 			for range 2 {
-				c := newTestConverter(t, convert.WithFormat(f))
+				c := newConverter(t, convert.WithFormat(f))
 				l, err := c.Layer(ctx, testimage.GzipLayer(tarball), testimage.SHA256(tarball))
 				if err != nil {
 					t.Fatal(err)

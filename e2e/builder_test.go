@@ -21,6 +21,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/lazybase/lazybase/e2e/harness"
+	"github.com/lazybase/lazybase/internal/eventually"
 	"github.com/lazybase/lazybase/lazypull"
 )
 
@@ -248,20 +249,16 @@ func startBuilder(ctx context.Context, t *testing.T, s *harness.Stack, image, id
 	start := time.Now()
 	b := runBuilder(t, s, image, id, dir, "--metrics-address=")
 	proc := b.proc
-	deadline := time.Now().Add(2 * time.Minute)
-	for {
+	err := eventually.Wait(ctx, 2*time.Minute, func() error {
 		_, err := s.BuildctlAt(ctx, b.addr, "debug", "workers")
-		if err == nil {
-			break
-		}
-		if proc.Exited() {
+		if err != nil && proc.Exited() {
 			code, _ := proc.Wait(ctx, time.Second)
-			t.Fatalf("builder %s exited with %d before buildkitd answered:\n%s", id, code, proc.Log(60))
+			t.Fatalf("builder %s exited with %d before buildkitd answered: %v\n%s", id, code, err, proc.Log(60))
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("builder %s: buildkitd not answering after 2m: %v\n%s", id, err, proc.Log(60))
-		}
-		time.Sleep(200 * time.Millisecond)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("builder %s: buildkitd not answering: %v\n%s", id, err, proc.Log(60))
 	}
 	record(t, id+"-start", time.Since(start))
 	// buildx's docker-container driver checks the builder with

@@ -18,6 +18,7 @@ import (
 	"github.com/pelletier/go-toml/v2"
 
 	"github.com/lazybase/lazybase/e2e/harness"
+	"github.com/lazybase/lazybase/internal/eventually"
 	"github.com/lazybase/lazybase/lazypull"
 )
 
@@ -198,15 +199,19 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
+	// exited is closed when containerd has exited, with its error in
+	// waitErr; closing rather than sending lets both the wait below and
+	// the cleanup see it.
+	exited := make(chan struct{})
+	var waitErr error
+	go func() { waitErr = cmd.Wait(); close(exited) }()
 	t.Cleanup(func() {
 		_ = syscall.Kill(cmd.Process.Pid, syscall.SIGTERM)
 		select {
-		case <-done:
+		case <-exited:
 		case <-time.After(20 * time.Second):
 			_ = syscall.Kill(cmd.Process.Pid, syscall.SIGKILL)
-			<-done
+			<-exited
 			t.Errorf("containerd (pid %d) needed SIGKILL", cmd.Process.Pid)
 		}
 	})
@@ -214,25 +219,26 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
 		out, err := exec.CommandContext(ctx, bins["ctr"], append([]string{"--address", sock}, args...)...).Output()
 		return string(out), err
 	}
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		if conn, err := net.Dial("unix", sock); err == nil {
-			conn.Close()
-			if _, err := ctr("version"); err == nil {
-				break
-			}
-		}
+	waitCtx, stopWaiting := context.WithCancel(ctx)
+	defer stopWaiting()
+	err = eventually.Wait(waitCtx, 60*time.Second, func() error {
 		select {
-		case err := <-done:
-			log, _ := os.ReadFile(logPath)
-			t.Fatalf("containerd exited with the drop-in: %v\n%s", err, log)
+		case <-exited:
+			stopWaiting()
+			return fmt.Errorf("containerd exited: %v", waitErr)
 		default:
 		}
-		if time.Now().After(deadline) {
-			log, _ := os.ReadFile(logPath)
-			t.Fatalf("containerd not answering after 60s:\n%s", log)
+		conn, err := net.Dial("unix", sock)
+		if err != nil {
+			return err
 		}
-		time.Sleep(100 * time.Millisecond)
+		conn.Close()
+		_, err = ctr("version")
+		return err
+	})
+	if err != nil {
+		log, _ := os.ReadFile(logPath)
+		t.Fatalf("containerd with the drop-in not answering: %v\n%s", err, log)
 	}
 	record(t, "dropin-containerd-start", time.Since(start))
 	out, err := ctr("plugins", "ls")

@@ -5,6 +5,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -18,6 +19,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/lazybase/lazybase/e2e/harness"
+	"github.com/lazybase/lazybase/internal/eventually"
 	"github.com/lazybase/lazybase/lazypull"
 )
 
@@ -122,18 +124,14 @@ func TestGuardTamperedBlob(t *testing.T) {
 	}
 
 	// export-base: the guard fetched the blob at once and refused it.
-	deadline := time.Now().Add(3 * time.Minute)
 	var st lazypull.GuardLayerStatus
-	for {
+	eventually.Require(t, 3*time.Minute, "guard verdict on the tampered layer "+badDigest, func() error {
 		st = guardStates(ctx, t, s)[badDigest]
 		if st.State == lazypull.GuardFailed || st.State == lazypull.GuardMaterialized {
-			break
+			return nil
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("tampered layer: guard state %+v after 3m", st)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+		return fmt.Errorf("guard state %+v", st)
+	})
 	if st.State != lazypull.GuardFailed || !strings.Contains(st.Error, "verification") || !strings.Contains(st.Error, badDigest) {
 		t.Fatalf("tampered layer: guard state %q, error %q; want failed with a verification error naming %s", st.State, st.Error, badDigest)
 	}

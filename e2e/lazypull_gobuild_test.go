@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/lazybase/lazybase/e2e/harness"
+	"github.com/lazybase/lazybase/internal/eventually"
 	"github.com/lazybase/lazybase/lazypull"
 )
 
@@ -125,8 +126,7 @@ mode = "export-base"
 	}
 	statusPath := s.Snapshotter.Address + ".status"
 	wantLayers := len(layerDigests(t, golang.estargz))
-	deadline := time.Now().Add(5 * time.Minute)
-	for {
+	err := eventually.Wait(ctx, 5*time.Minute, func() error {
 		st, err := lazypull.FetchStatus(ctx, statusPath)
 		if err != nil {
 			t.Fatal(err)
@@ -140,13 +140,13 @@ mode = "export-base"
 				t.Fatalf("lazy-only layer %s was unpacked locally", l.Layer)
 			}
 		}
-		if local == wantLayers {
-			break
+		if local != wantLayers {
+			return fmt.Errorf("%d of %d layers unpacked locally", local, wantLayers)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d of %d layers of %s unpacked locally after 5 minutes:\n%s", local, wantLayers, localRef, s.Logs(40))
-		}
-		time.Sleep(200 * time.Millisecond)
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("local unpack of every layer of %s: %v\n%s", localRef, err, s.Logs(40))
 	}
 	unpacked := time.Since(pullStart)
 	t.Logf("lazy pull, guard and local unpack of %s: %s", localRef, unpacked.Round(time.Millisecond))

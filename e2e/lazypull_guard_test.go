@@ -18,6 +18,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/lazybase/lazybase/e2e/harness"
+	"github.com/lazybase/lazybase/internal/eventually"
 	"github.com/lazybase/lazybase/lazypull"
 )
 
@@ -93,37 +94,45 @@ mode = "lazy-only"
 	}
 	start = time.Now()
 	statusSocket := s.Snapshotter.Address + ".status"
-	for {
+	var last []lazypull.GuardLayerStatus
+	wrongState := map[string]string{} // lazy-only layers the guard did not skip
+	err := eventually.Wait(ctx, 2*time.Minute, func() error {
 		st, err := fetchGuardStatus(ctx, statusSocket)
 		if err != nil {
 			t.Fatal(err)
 		}
+		last = st.Layers
 		state := map[string]lazypull.GuardLayerStatus{}
 		for _, l := range st.Layers {
 			if l.Namespace == harness.BuildkitNamespace {
 				state[l.Layer] = l
 			}
 		}
-		done := true
+		for d := range builderOnly {
+			if l, ok := state[d]; ok && l.State != lazypull.GuardSkipped {
+				wrongState[d] = string(l.State)
+			}
+		}
+		pending := 0
 		for _, d := range debianLayers {
 			l := state[d]
 			if l.State == lazypull.GuardFailed {
 				t.Fatalf("guard failed on final base layer %s: %s", d, l.Error)
 			}
-			done = done && l.Materialized
-		}
-		for d := range builderOnly {
-			if l, ok := state[d]; ok && l.State != lazypull.GuardSkipped {
-				t.Errorf("lazy-only builder layer %s: guard state %q, want %q", d, l.State, lazypull.GuardSkipped)
+			if !l.Materialized {
+				pending++
 			}
 		}
-		if done {
-			break
+		if pending > 0 {
+			return fmt.Errorf("%d of %d final base layers not materialized", pending, len(debianLayers))
 		}
-		if time.Since(start) > 2*time.Minute {
-			t.Fatalf("final base layers not materialized after 2m: %+v\n%s", st.Layers, s.Logs(40))
-		}
-		time.Sleep(100 * time.Millisecond)
+		return nil
+	})
+	for d, st := range wrongState {
+		t.Errorf("lazy-only builder layer %s: guard state %q, want %q", d, st, lazypull.GuardSkipped)
+	}
+	if err != nil {
+		t.Fatalf("final base layers materialized: %v\n%+v\n%s", err, last, s.Logs(40))
 	}
 	t.Logf("guard wait after the build: %s", time.Since(start).Round(time.Millisecond))
 

@@ -14,12 +14,8 @@ import (
 	"sync"
 
 	"github.com/containerd/containerd/v2/core/content"
-	"github.com/containerd/containerd/v2/core/remotes/docker"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
-	"github.com/containerd/containerd/v2/pkg/reference"
 	"github.com/containerd/log"
-	"github.com/containerd/stargz-snapshotter/fs/source"
-	rhttp "github.com/hashicorp/go-retryablehttp"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/prometheus/client_golang/prometheus"
@@ -87,17 +83,6 @@ func newBlobSource() *blobSource {
 	}
 }
 
-// blobSources holds the blobSource of each daemon root: the upstream
-// filesystem's registry hosts and the export guard are set up apart and
-// meet here.
-var blobSources sync.Map // root → *blobSource
-
-// blobSourceFor returns the blobSource of the daemon at root.
-func blobSourceFor(root string) *blobSource {
-	v, _ := blobSources.LoadOrStore(root, newBlobSource())
-	return v.(*blobSource)
-}
-
 // attach makes local the source of local blobs and promote the hook for
 // blobs the filesystem fetches in earnest; it registers the metrics on reg.
 func (s *blobSource) attach(local localBlobs, promote func(digest.Digest), reg prometheus.Registerer) error {
@@ -151,50 +136,17 @@ func (s *blobSource) fetched(dgst digest.Digest, n int64) {
 	}
 }
 
-// wrapHosts returns hosts whose HTTP clients go through s: blob reads are
-// served from a local copy when s has one. The retrying transport the
-// upstream resolver configures keeps its type; the transport below it is
-// wrapped.
-func (s *blobSource) wrapHosts(hosts source.RegistryHosts) source.RegistryHosts {
-	return func(ref reference.Spec) ([]docker.RegistryHost, error) {
-		hs, err := hosts(ref)
-		if err != nil {
-			return nil, err
-		}
-		out := make([]docker.RegistryHost, len(hs))
-		for i, h := range hs {
-			if h.Client != nil {
-				h.Client = s.wrapClient(h.Client)
-			}
-			out[i] = h
-		}
-		return out, nil
+// transport returns next with blob reads served from s's local copies
+// (nil next is http.DefaultTransport). A transport that already is a blob
+// transport is returned as it is: a blob read is counted and served once.
+func (s *blobSource) transport(next http.RoundTripper) http.RoundTripper {
+	if _, done := next.(*blobTransport); done {
+		return next
 	}
-}
-
-func (s *blobSource) wrapClient(c *http.Client) *http.Client {
-	if rt, ok := c.Transport.(*rhttp.RoundTripper); ok && rt.Client != nil && rt.Client.HTTPClient != nil {
-		// The upstream resolver makes a new retrying client per call of
-		// the hosts function and tunes it by its type: wrap inside it.
-		inner := rt.Client.HTTPClient.Transport
-		if _, done := inner.(*blobTransport); !done {
-			rt.Client.HTTPClient.Transport = &blobTransport{next: orDefault(inner), src: s}
-		}
-		return c
+	if next == nil {
+		next = http.DefaultTransport
 	}
-	if _, done := c.Transport.(*blobTransport); done {
-		return c
-	}
-	nc := *c
-	nc.Transport = &blobTransport{next: orDefault(c.Transport), src: s}
-	return &nc
-}
-
-func orDefault(rt http.RoundTripper) http.RoundTripper {
-	if rt == nil {
-		return http.DefaultTransport
-	}
-	return rt
+	return &blobTransport{next: next, src: s}
 }
 
 // blobTransport answers GET and HEAD of /v2/<name>/blobs/<digest> from a

@@ -3,6 +3,7 @@ package lazypull
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,6 +18,7 @@ import (
 	"github.com/moby/sys/mountinfo"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/lazybase/lazybase/internal/eventually"
 	"github.com/lazybase/lazybase/internal/testimage"
 )
 
@@ -66,22 +68,21 @@ func TestLazyReadsAfterGuardCommitStayLocal(t *testing.T) {
 		t.Fatalf("no FUSE mount under %s", root)
 	}
 
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	eventually.Require(t, 30*time.Second, "layer "+layer.String()+" materialized by the guard", func() error {
 		var st GuardLayerStatus
 		for _, l := range td.d.GuardStatus().Layers {
 			if l.Layer == layer.String() && l.Namespace == "builder" {
 				st = l
 			}
 		}
-		if st.Materialized {
-			break
+		if st.State == GuardFailed {
+			t.Fatalf("layer %s: guard failed: %s", layer, st.Error)
 		}
-		if st.State == GuardFailed || time.Now().After(deadline) {
-			t.Fatalf("layer %s: guard state %q (%s), want materialized", layer, st.State, st.Error)
+		if !st.Materialized {
+			return fmt.Errorf("guard state %q", st.State)
 		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		return nil
+	})
 	if _, err := store.Info(ctx, layer); err != nil {
 		t.Fatalf("blob not in the content store: %v", err)
 	}
@@ -118,8 +119,7 @@ func TestLazyReadsAfterGuardCommitStayLocal(t *testing.T) {
 	time.Sleep(time.Second)
 
 	total := proxy.blobBytes(layer)
-	src := blobSourceFor(root)
-	local := counterValue(t, src.bytes.WithLabelValues(sourceLocal))
+	local := counterValue(t, td.d.blobs.bytes.WithLabelValues(sourceLocal))
 	t.Logf("blob %d bytes: registry sent %d before the commit (guard transfer and mount), %d after; %v bytes read locally", size, atCommit, total-atCommit, local)
 	if total != atCommit {
 		t.Errorf("the registry sent %d blob bytes after the guard's commit, want 0", total-atCommit)
@@ -129,5 +129,41 @@ func TestLazyReadsAfterGuardCommitStayLocal(t *testing.T) {
 	}
 	if local < float64(size)/2 {
 		t.Errorf("only %v bytes read from the local copy", local)
+	}
+}
+
+// TestDaemonsHaveTheirOwnBlobSource starts two daemons in one process, on
+// two roots, and then a third on the first root once the first stopped:
+// each has a blob source of its own, attached to its own guard, and
+// stopping one detaches only its own. (A blob source found by root in a
+// process-wide map was shared by a restarted daemon with its predecessor.)
+func TestDaemonsHaveTheirOwnBlobSource(t *testing.T) {
+	requireFUSE(t)
+	attached := func(s *blobSource) bool {
+		s.mu.RLock()
+		defer s.mu.RUnlock()
+		return s.local != nil && s.promote != nil
+	}
+	rootA := t.TempDir()
+	a := startDaemon(t, rootA, nil)
+	b := startDaemon(t, "", nil)
+	if a.d.blobs == nil || b.d.blobs == nil || a.d.blobs == b.d.blobs {
+		t.Fatalf("blob sources %p and %p, want two", a.d.blobs, b.d.blobs)
+	}
+	if !attached(a.d.blobs) || !attached(b.d.blobs) {
+		t.Fatal("a daemon's blob source is not attached to its guard")
+	}
+	first := a.d.blobs
+	a.stop(t)
+	if attached(first) {
+		t.Error("the stopped daemon's blob source still serves its guard's blobs")
+	}
+	if !attached(b.d.blobs) {
+		t.Error("stopping one daemon detached the other's blob source")
+	}
+	again := startDaemon(t, rootA, nil)
+	if again.d.blobs == first || again.d.blobs == b.d.blobs || !attached(again.d.blobs) {
+		t.Errorf("daemon restarted on %s: blob source %p (before %p, other daemon %p), attached %v",
+			rootA, again.d.blobs, first, b.d.blobs, attached(again.d.blobs))
 	}
 }

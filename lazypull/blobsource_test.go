@@ -22,20 +22,19 @@ import (
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/metadata"
+	"github.com/containerd/containerd/v2/core/remotes/docker"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/reference"
 	"github.com/containerd/containerd/v2/plugins/content/local"
 	"github.com/containerd/stargz-snapshotter/cache"
 	"github.com/containerd/stargz-snapshotter/fs/config"
 	"github.com/containerd/stargz-snapshotter/fs/remote"
-	"github.com/containerd/stargz-snapshotter/service/resolver"
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
 	ggcrremote "github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/types"
-	rhttp "github.com/hashicorp/go-retryablehttp"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/prometheus/client_golang/prometheus"
@@ -177,6 +176,35 @@ func (e *sourceEnv) trigger(t *testing.T, delay time.Duration, reg *prometheus.R
 	return g, src
 }
 
+// hosts returns the registry hosts of the env's image as the daemon
+// builds them (no mirrors), reading blobs through src.
+func (e *sourceEnv) hosts(t *testing.T, src *blobSource) (reference.Spec, []docker.RegistryHost) {
+	t.Helper()
+	spec, err := reference.Parse(e.ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs, err := hostsFromMirrors(nil, 10*time.Second, anonymous, src)(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(hs) != 1 {
+		t.Fatalf("%d hosts for %s, want the registry alone", len(hs), e.ref)
+	}
+	return spec, hs
+}
+
+// hostClient returns the HTTP client of the registry host of the env's
+// image, as the daemon builds it, reading blobs through src.
+func (e *sourceEnv) hostClient(t *testing.T, src *blobSource) *http.Client {
+	t.Helper()
+	_, hs := e.hosts(t, src)
+	return hs[0].Client
+}
+
+// anonymous is a resolver.Credential with no credentials.
+func anonymous(string, reference.Spec) (string, string, error) { return "", "", nil }
+
 func (e *sourceEnv) blobURL() string {
 	return "http://" + e.proxy.host + "/v2/lazybase/source-test/blobs/" + e.layer.String()
 }
@@ -215,7 +243,7 @@ func TestBlobTransportServesCommittedBlob(t *testing.T) {
 	e := newSourceEnv(t, 600_000)
 	reg := prometheus.NewRegistry()
 	g, src := e.trigger(t, time.Hour, reg)
-	c := src.wrapClient(&http.Client{})
+	c := e.hostClient(t, src)
 
 	// Not materialized: the registry answers.
 	resp := get(t, c, http.MethodGet, e.blobURL(), "bytes=0-999")
@@ -305,31 +333,14 @@ func TestBlobTransportServesCommittedBlob(t *testing.T) {
 
 // TestUpstreamFetcherReadsCommittedBlob drives the upstream stargz blob
 // fetcher (its resolver, retrying client, redirect probe, size check and
-// multi-range reads) over registry hosts wrapped by the blob source: after
-// the guard's commit it reads the whole blob without a byte from the
-// registry.
+// multi-range reads) over the registry hosts the daemon builds: after the
+// guard's commit it reads the whole blob without a byte from the registry.
 func TestUpstreamFetcherReadsCommittedBlob(t *testing.T) {
 	e := newSourceEnv(t, 2_000_000)
 	reg := prometheus.NewRegistry()
 	g, src := e.trigger(t, time.Hour, reg)
-	hosts := src.wrapHosts(resolver.RegistryHostsFromConfig(resolver.Config{}))
-
-	spec, err := reference.Parse(e.ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	hs, err := hosts(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// The retrying transport keeps its type, so upstream still tunes it.
-	rt, ok := hs[0].Client.Transport.(*rhttp.RoundTripper)
-	if !ok {
-		t.Fatalf("host transport is %T, want the retrying one", hs[0].Client.Transport)
-	}
-	if _, ok := rt.Client.HTTPClient.Transport.(*blobTransport); !ok {
-		t.Fatalf("inner transport is %T, want the blob source's", rt.Client.HTTPClient.Transport)
-	}
+	hosts := hostsFromMirrors(nil, 10*time.Second, anonymous, src)
+	spec, _ := e.hosts(t, src)
 
 	ctx := namespaces.WithNamespace(context.Background(), "builder")
 	g.mounted(ctx, mountEvent{Namespace: "builder", Ref: e.ref, Layer: e.layer, Mode: ModeExportBase})
@@ -374,7 +385,7 @@ func TestBlobSourcePromotesLazyLayer(t *testing.T) {
 	e := newSourceEnv(t, PromoteAfterBytes+2<<20)
 	reg := prometheus.NewRegistry()
 	g, src := e.trigger(t, time.Hour, reg)
-	c := src.wrapClient(&http.Client{})
+	c := e.hostClient(t, src)
 	ctx := namespaces.WithNamespace(context.Background(), "builder")
 	g.mounted(ctx, mountEvent{Namespace: "builder", Ref: e.ref, Layer: e.layer, Mode: ModeLazy})
 	waitState(t, g, "builder", e.layer, GuardScheduled)

@@ -383,7 +383,7 @@ entry_timeout = "3s"
 	if err != nil {
 		t.Fatal(err)
 	}
-	sc, opts, err := cfg.upstream(t.Context())
+	sc, opts, err := cfg.upstream(t.Context(), newBlobSource())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -426,7 +426,7 @@ func TestUpstreamFUSETracing(t *testing.T) {
 		if err := cfg.Validate(); err != nil {
 			t.Fatal(err)
 		}
-		sc, _, err := cfg.upstream(t.Context())
+		sc, _, err := cfg.upstream(t.Context(), newBlobSource())
 		if err != nil {
 			t.Fatal(err)
 		}

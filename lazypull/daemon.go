@@ -36,6 +36,9 @@ type Daemon struct {
 	access *accessRecording
 	guard  *guardTrigger // nil when guard.enable is false
 	local  *localizer    // nil when local.enable or guard.enable is false
+	// blobs serves the lazy filesystem's blob reads from the guard's
+	// local copies; this daemon's own, attached to its guard.
+	blobs *blobSource
 	// locks are the flocks on the root directory and the socket, held
 	// from NewDaemon until Close.
 	locks       []*os.File
@@ -82,7 +85,10 @@ func NewDaemon(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 		return nil, err
 	}
 	m := newMetrics()
-	sc, opts, err := cfg.upstream(ctx)
+	// The registry hosts of the lazy filesystem read blobs through it;
+	// the export guard, set up below, serves them from its local copies.
+	blobs := newBlobSource()
+	sc, opts, err := cfg.upstream(ctx, blobs)
 	if err != nil {
 		return nil, err
 	}
@@ -115,10 +121,11 @@ func NewDaemon(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 		base:   base,
 		access: access,
 		sn:     psn,
+		blobs:  blobs,
 		locks:  locks,
 	}
 	if cfg.Guard.Enable {
-		if d.guard, err = newDaemonGuard(ctx, cfg, m.reg); err != nil {
+		if d.guard, err = newDaemonGuard(ctx, cfg, blobs, m.reg); err != nil {
 			base.Close()
 			if access != nil {
 				access.stop()

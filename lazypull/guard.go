@@ -392,8 +392,9 @@ func (d *Daemon) guardMounted(ctx context.Context, plan preparePlan) {
 // newDaemonGuard wires the export guard to containerd at
 // cfg.Guard.ContainerdAddress, connected on first use, and to the
 // registries with the docker keychain (auth.docker_config) and plain HTTP
-// for loopback registries only.
-func newDaemonGuard(ctx context.Context, cfg Config, reg prometheus.Registerer) (*guardTrigger, error) {
+// for loopback registries only. It attaches itself to src, the daemon's
+// blob source, so that the lazy filesystem reads the blobs it committed.
+func newDaemonGuard(ctx context.Context, cfg Config, src *blobSource, reg prometheus.Registerer) (*guardTrigger, error) {
 	keychain := credentialKeychain{dockerCredentials(ctx, cfg.Auth)}
 	var (
 		mu   sync.Mutex
@@ -428,7 +429,6 @@ func newDaemonGuard(ctx context.Context, cfg Config, reg prometheus.Registerer) 
 	}
 	// The lazy filesystem reads the blobs the guard committed instead of
 	// fetching them again.
-	src := blobSourceFor(cfg.Root)
 	if err := src.attach(g.localBlob, g.promote, reg); err != nil {
 		g.close()
 		return nil, err

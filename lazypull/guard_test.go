@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"io"
 	stdlog "log"
 	"net/http/httptest"
@@ -27,6 +28,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/lazybase/lazybase/exportguard"
+	"github.com/lazybase/lazybase/internal/eventually"
 )
 
 // guardEnv is an in-process registry holding one layer blob and
@@ -94,22 +96,23 @@ func guardCfg(delay time.Duration) GuardConfig {
 // reaches state.
 func waitState(t *testing.T, g *guardTrigger, ns string, layer digest.Digest, state string) GuardLayerStatus {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		var last GuardLayerStatus
+	var last GuardLayerStatus
+	eventually.Require(t, 20*time.Second, fmt.Sprintf("layer %s in %s in state %q", layer, ns, state), func() error {
+		last = GuardLayerStatus{}
 		for _, l := range g.status().Layers {
 			if l.Namespace == ns && l.Layer == layer.String() {
 				last = l
 			}
 		}
 		if last.State == state {
-			return last
+			return nil
 		}
-		if last.State == GuardFailed || time.Now().After(deadline) {
-			t.Fatalf("layer %s in %s: state %q (%s), want %q", layer, ns, last.State, last.Error, state)
+		if last.State == GuardFailed {
+			t.Fatalf("layer %s in %s: failed (%s), want %q", layer, ns, last.Error, state)
 		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		return fmt.Errorf("state %q", last.State)
+	})
+	return last
 }
 
 func TestGuardExportBaseMaterializesAtOnce(t *testing.T) {
@@ -209,19 +212,15 @@ func TestGuardMissingBlobFails(t *testing.T) {
 	g := e.trigger(t, guardCfg(0), 0, nil)
 	missing := digest.FromString("not in the registry")
 	g.mounted(context.Background(), mountEvent{Namespace: "default", Ref: e.ref, Layer: missing, Mode: ModeExportBase})
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		st := g.status().Layers
-		if len(st) == 1 && st[0].State == GuardFailed {
-			if !strings.Contains(st[0].Error, missing.String()) {
-				t.Errorf("error %q does not name the layer", st[0].Error)
-			}
-			return
+	var st []GuardLayerStatus
+	eventually.Require(t, 20*time.Second, "the missing layer failed", func() error {
+		if st = g.status().Layers; len(st) != 1 || st[0].State != GuardFailed {
+			return fmt.Errorf("status %+v", st)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("status %+v, want failed", st)
-		}
-		time.Sleep(20 * time.Millisecond)
+		return nil
+	})
+	if !strings.Contains(st[0].Error, missing.String()) {
+		t.Errorf("error %q does not name the layer", st[0].Error)
 	}
 }
 

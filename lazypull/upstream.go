@@ -3,15 +3,10 @@ package lazypull
 import (
 	"context"
 	"fmt"
-	"net/http"
 	"time"
 
-	"github.com/containerd/containerd/v2/core/remotes/docker"
-	dconfig "github.com/containerd/containerd/v2/core/remotes/docker/config"
 	"github.com/containerd/containerd/v2/pkg/reference"
-	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
-	"github.com/containerd/stargz-snapshotter/fs/source"
 	"github.com/containerd/stargz-snapshotter/service"
 	"github.com/containerd/stargz-snapshotter/service/resolver"
 	dockercliconfig "github.com/docker/cli/cli/config"
@@ -21,7 +16,8 @@ import (
 // options. It is the one place where lazybase keys meet upstream ones. It
 // starts from stargz's own defaults (stargzDefaults) and sets only the
 // fields below; TestUpstreamDefaults lists them, each with its reason.
-func (c *Config) upstream(ctx context.Context) (service.Config, []service.Option, error) {
+// The registry hosts read blobs through src, the daemon's blob source.
+func (c *Config) upstream(ctx context.Context, src *blobSource) (service.Config, []service.Option, error) {
 	secs := func(d Duration) int64 { return int64(d.D() / time.Second) }
 	cacheType := func(v string) string {
 		if v == "memory" {
@@ -74,66 +70,14 @@ func (c *Config) upstream(ctx context.Context) (service.Config, []service.Option
 
 	sc.ResolverConfig.RequestTimeoutSec = int(fetchSecs)
 
-	creds := dockerCredentials(ctx, c.Auth)
-	var hosts source.RegistryHosts
-	if len(c.Registry.ConfigPath) > 0 {
-		hosts = hostsFromDirs(ctx, c.Registry.ConfigPath, c.Fetch.Timeout.D(), creds)
-	} else {
-		rc := resolver.Config{RequestTimeoutSec: int(fetchSecs)}
-		if len(c.Registry.Mirrors) > 0 {
-			rc.Host = make(map[string]resolver.HostConfig, len(c.Registry.Mirrors))
-			for host, ms := range c.Registry.Mirrors {
-				var hc resolver.HostConfig
-				for _, m := range ms {
-					hc.Mirrors = append(hc.Mirrors, resolver.MirrorConfig{Host: m.Host, Insecure: m.Insecure})
-				}
-				rc.Host[host] = hc
-			}
-		}
-		hosts = resolver.RegistryHostsFromConfig(rc, creds)
-	}
 	// Blob reads are served from the export guard's verified copies once
 	// it has committed them (blobsource.go).
-	hosts = blobSourceFor(c.Root).wrapHosts(hosts)
+	hosts := c.registryHosts(ctx, dockerCredentials(ctx, c.Auth), src)
 	return sc, []service.Option{
 		service.WithCustomRegistryHosts(hosts),
 		// Every TOC is checked before stargz reads it (tocstore.go).
 		service.WithFilesystemOptions(tocCheckOption()),
 	}, nil
-}
-
-// hostsFromDirs resolves registry hosts from containerd hosts.toml
-// directories, the first directory that has an entry for a host winning.
-func hostsFromDirs(ctx context.Context, roots []string, timeout time.Duration, creds resolver.Credential) source.RegistryHosts {
-	hostDir := func(host string) (string, error) {
-		for _, root := range roots {
-			dir, err := dconfig.HostDirFromRoot(root)(host)
-			if err == nil && dir != "" {
-				return dir, nil
-			}
-			if err != nil && !errdefs.IsNotFound(err) {
-				return "", fmt.Errorf("hosts directory %s for %s: %w", root, host, err)
-			}
-		}
-		return "", errdefs.ErrNotFound
-	}
-	return func(ref reference.Spec) ([]docker.RegistryHost, error) {
-		opts := dconfig.HostOptions{
-			HostDir: hostDir,
-			Credentials: func(host string) (string, string, error) {
-				return creds(host, ref)
-			},
-			UpdateClient: func(c *http.Client) error {
-				c.Timeout = timeout
-				return nil
-			},
-		}
-		hosts, err := dconfig.ConfigureHosts(ctx, opts)(ref.Hostname())
-		if err != nil {
-			return nil, fmt.Errorf("registry hosts for %s: %w", ref.Hostname(), err)
-		}
-		return hosts, nil
-	}
 }
 
 // dockerCredentials reads credentials from the docker config.json in

@@ -171,7 +171,7 @@ entry_timeout = "3s"
 		name string
 		cfg  Config
 	}{{"default", defaultCfg}, {"changed", changed}} {
-		sc, _, err := tc.cfg.upstream(t.Context())
+		sc, _, err := tc.cfg.upstream(t.Context(), newBlobSource())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -264,7 +264,7 @@ func TestUpstreamPassthroughBuffer(t *testing.T) {
 	for _, pt := range []bool{true, false} {
 		cfg := DefaultConfig()
 		cfg.FUSE.Passthrough = pt
-		sc, _, err := cfg.upstream(t.Context())
+		sc, _, err := cfg.upstream(t.Context(), newBlobSource())
 		if err != nil {
 			t.Fatal(err)
 		}

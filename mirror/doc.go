@@ -1,6 +1,8 @@
 // Package mirror keeps a mirror registry full of eStargz (or zstd:chunked)
-// conversions of the images a mirror.toml names (see Config), reusing the
-// convert package for the conversion itself.
+// conversions of the images a mirror.toml names (see Config). Each image is
+// one convert job (package convert/job, as 'lazybase convert' runs it) whose
+// layers come from the mirror: kept for the run, from conversion records, or
+// converted once by the convert package.
 //
 // A Mirror (New, with Options) is built from a Config (LoadConfig). Plan
 // lists the sources' tags and returns the Jobs of this Shard; JobFor and

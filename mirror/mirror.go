@@ -142,6 +142,7 @@ func addStats(to *convert.Stats, s convert.Stats) {
 	to.Decompressions += s.Decompressions
 	to.Converted += s.Converted
 	to.Reused += s.Reused
+	to.Joined += s.Joined
 }
 
 // Retries returns how many HTTP requests were retried so far.

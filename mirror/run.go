@@ -3,7 +3,6 @@ package mirror
 import (
 	"context"
 	"errors"
-	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -16,6 +15,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/lazybase/lazybase/convert"
+	"github.com/lazybase/lazybase/convert/job"
 	"github.com/lazybase/lazybase/internal/imageio"
 	"github.com/lazybase/lazybase/prefetch"
 )
@@ -127,74 +127,56 @@ func (m *Mirror) mirrorImage(ctx context.Context, sess *session, j Job) ImageRep
 }
 
 func (m *Mirror) attempt(ctx context.Context, j Job, st *imageStats) (status, srcDigest, digest string, err error) {
-	srcRef, err := m.client.ParseRef(j.Source)
+	list, err := m.prefetchList(j)
 	if err != nil {
 		return "", "", "", err
 	}
-	destRef, err := m.client.ParseRef(j.Destination)
-	if err != nil {
-		return "", "", "", err
+	f, _ := convert.ParseFormat(m.cfg.Format)
+	req := job.Request{
+		Source: j.Source, Destination: j.Destination, Client: m.client,
+		Format: f, Level: m.cfg.Level, ChunkSize: m.cfg.ChunkSize,
+		Platforms: j.src.platforms, AnyImagePlatform: true,
+		Prefetch: list, Layer: m.layerFunc(st),
 	}
-	src, err := m.client.Open(ctx, srcRef)
-	if err != nil {
-		return "", "", "", err
-	}
-	srcDigest = src.Descriptor.Digest.String()
 	if !m.o.force {
-		done, dgst, err := m.upToDate(ctx, destRef, srcDigest)
-		if err != nil {
-			return "", srcDigest, "", err
-		}
-		if done {
-			return StatusSkipped, srcDigest, dgst, nil
-		}
+		req.UpToDate = m.upToDate
 	}
-	list, err := m.prefetchFor(ctx, j, src.Descriptor.Digest)
-	if err != nil {
-		return "", srcDigest, "", err
+	rep, err := job.Run(ctx, req)
+	switch {
+	case err != nil:
+		return "", rep.SourceDigest, "", err
+	case rep.UpToDate:
+		return StatusSkipped, rep.SourceDigest, rep.Digest, nil
 	}
-	var art imageio.Artifact
-	if src.Index != nil {
-		art, err = m.buildIndex(ctx, src.Index, j.src.platforms, list, st)
-	} else {
-		art, err = m.buildImage(ctx, src.Image, list, st)
-	}
-	if err != nil {
-		return "", srcDigest, "", err
-	}
-	desc, err := m.client.Write(ctx, destRef, art, nil)
-	if err != nil {
-		return "", srcDigest, "", err
-	}
-	return StatusConverted, srcDigest, desc.Digest.String(), nil
+	return StatusConverted, rep.SourceDigest, rep.Digest, nil
 }
 
 // upToDate reads the destination manifest once and tells whether it is the
-// conversion of srcDigest with this mirror's format.
-func (m *Mirror) upToDate(ctx context.Context, dest imageio.Ref, srcDigest string) (bool, string, error) {
+// conversion of src with this mirror's format.
+func (m *Mirror) upToDate(ctx context.Context, dest imageio.Ref, src *imageio.Source) (string, bool, error) {
 	d, err := m.client.Open(ctx, dest)
 	if err != nil {
 		if errors.Is(err, imageio.ErrNotFound) {
-			return false, "", nil
+			return "", false, nil
 		}
-		return false, "", fmt.Errorf("checking the destination: %w", err)
+		return "", false, err
 	}
 	var ann map[string]string
 	if d.Index != nil {
 		im, err := d.Index.IndexManifest()
 		if err != nil {
-			return false, "", err
+			return "", false, err
 		}
 		ann = im.Annotations
 	} else {
 		man, err := d.Image.Manifest()
 		if err != nil {
-			return false, "", err
+			return "", false, err
 		}
 		ann = man.Annotations
 	}
-	ok := ann[convert.AnnotationSourceManifest] == srcDigest && ann[convert.AnnotationFormat] == m.format
-	return ok, d.Descriptor.Digest.String(), nil
+	ok := ann[convert.AnnotationSourceManifest] == src.Descriptor.Digest.String() && ann[convert.AnnotationFormat] == m.format
+	return d.Descriptor.Digest.String(), ok, nil
 }
 
 // layer returns the converted form of one source layer: from this
@@ -352,7 +334,11 @@ func PrefetchFile(dir, repoPath, tag string) []string {
 	return []string{filepath.Join(dir, base+"."+tag+".json"), filepath.Join(dir, base+".json")}
 }
 
-func (m *Mirror) prefetchFor(ctx context.Context, j Job, digest v1.Hash) (prefetch.Source, error) {
+// prefetchList loads the prefetch list or profile of a job's repository
+// and tag, if the prefetch directory has one; the convert job binds it to
+// the source image (a profile recorded for another image, say an older
+// tag, is ignored with a warning).
+func (m *Mirror) prefetchList(j Job) (prefetch.Source, error) {
 	if m.cfg.PrefetchDir == "" {
 		return nil, nil
 	}
@@ -372,9 +358,7 @@ func (m *Mirror) prefetchFor(ctx context.Context, j Job, digest v1.Hash) (prefet
 			m.lists[f] = l
 			m.listMu.Unlock()
 		}
-		// A profile recorded for another image (say, an older tag) is
-		// ignored with a warning.
-		return prefetch.For(ctx, l, j.Source, digest), nil
+		return l, nil
 	}
 	return nil, nil
 }

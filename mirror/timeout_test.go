@@ -87,7 +87,7 @@ func TestMirrorStalledBlobFailsThatImageOnly(t *testing.T) {
 func TestMirrorSilentRegistryFailsWithinTimeouts(t *testing.T) {
 	for _, tc := range []struct {
 		name     string
-		host     func(testing.TB) string
+		host     func(testimage.TB) string
 		insecure bool
 	}{
 		{"after TCP", testimage.SilentServer, false},

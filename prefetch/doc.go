@@ -16,7 +16,10 @@
 // Profiles are built from the lazy snapshotter's access records
 // (ReadAccessRecords, FromRecords, CollectDir), folded over many runs with
 // Merge, tied to the image they were converted from with Resolve, and
-// checked against the image being converted with ForImage. Both formats are
-// sources for the converter (convert.WithPrefetch) through their
-// PrefetchFiles method; this package does not import the converter.
+// checked against the image being converted with ForImage. A converting
+// caller passes what it loaded through For, which drops a profile of
+// another image; a mirror finds an image's profile in a directory with
+// FindProfile. Both formats are sources for the converter
+// (convert.WithPrefetch) through their PrefetchFiles method; this package
+// does not import the converter.
 package prefetch

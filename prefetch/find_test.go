@@ -9,7 +9,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 )
 
-func TestFor(t *testing.T) {
+func TestForPassesListsAndDropsProfilesOfOtherImages(t *testing.T) {
 	ctx := context.Background()
 	list := &List{Version: ListVersion, Files: []string{"a"}}
 	if got := For(ctx, list, "registry.example/any:1", hash(t, digestC)); got != Source(list) {

@@ -197,7 +197,7 @@ func TestLoadListOrProfile(t *testing.T) {
 	}
 }
 
-func TestMatch(t *testing.T) {
+func TestMatchDoubleStarSpansDirectories(t *testing.T) {
 	for _, tc := range []struct {
 		glob, path string
 		want       bool

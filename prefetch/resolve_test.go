@@ -21,7 +21,7 @@ func TestAnnotationsMatchTheConverter(t *testing.T) {
 	}
 }
 
-func TestResolve(t *testing.T) {
+func TestResolveFillsSourceDigestsFromConverterAnnotations(t *testing.T) {
 	const srcA, srcManifest = diffA, digestC
 	m := &v1.Manifest{
 		Annotations: map[string]string{annotationSourceManifest: srcManifest},

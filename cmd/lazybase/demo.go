@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/lazybase/lazybase/convert"
+	"github.com/lazybase/lazybase/convert/job"
 	"github.com/lazybase/lazybase/internal/demo"
 	"github.com/lazybase/lazybase/internal/progress"
 )
@@ -49,8 +50,8 @@ result, and print a before/after report. Needs no root and no network.`,
 	return cmd
 }
 
-// runDemo runs the demo, converting with the convert verb's code, and
-// prints its report.
+// runDemo runs the demo, converting with the convert verb's job and
+// display, and prints its report.
 func runDemo(ctx context.Context, stdout, stderr io.Writer, o demoOptions) error {
 	if o.small && o.source != "" {
 		return errors.New("--small and --source exclude each other: --small makes the second layer from generated files")
@@ -62,14 +63,25 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer, o demoOptions) error
 	if err != nil {
 		return fmt.Errorf("--format: %w", err)
 	}
-	conv := func(ctx context.Context, src, dst string) (*demo.Conversion, error) {
-		rep, err := runConvert(ctx, stderr, src, dst, convertOptions{format: o.format, jobs: o.jobs, terminal: o.terminal})
-		if err != nil {
-			return nil, err
-		}
-		return demoConversion(rep)
+	if o.jobs < 0 {
+		return fmt.Errorf("--jobs must be positive, got %d", o.jobs)
 	}
-	notify := func(s demo.Stage, r *demo.Report) {
+	disp, stop := startDisplay(stderr, o.terminal)
+	rep, err := demo.Run(ctx, demo.WithSource(o.source), demo.WithMaxBytes(o.maxBytes), demo.WithSmall(o.small),
+		demo.WithFormat(format), demo.WithJobs(o.jobs), demo.WithNotify(demoNotifier(stdout)),
+		demo.WithRequest(func(r *job.Request) { watchConvert(r, disp) }))
+	stop()
+	if err != nil {
+		return err
+	}
+	printConvertSummary(stderr, rep.Conversion)
+	printDemoReport(stdout, rep)
+	return nil
+}
+
+// demoNotifier prints the demo's stages as they complete.
+func demoNotifier(stdout io.Writer) func(demo.Stage, *demo.Report) {
+	return func(s demo.Stage, r *demo.Report) {
 		switch s {
 		case demo.StageRegistry:
 			fmt.Fprintf(stdout, "lazybase demo: registry at http://%s (in-process, loopback)\n", r.Registry)
@@ -77,40 +89,6 @@ func runDemo(ctx context.Context, stdout, stderr io.Writer, o demoOptions) error
 			fmt.Fprintf(stdout, "published %s: %s, built and pushed in %.1fs\n", r.Source, r.Sample, r.BuildSeconds)
 		}
 	}
-	rep, err := demo.Run(ctx, demo.WithSource(o.source), demo.WithMaxBytes(o.maxBytes), demo.WithSmall(o.small),
-		demo.WithFormat(format), demo.WithConvert(conv), demo.WithNotify(notify))
-	if err != nil {
-		return err
-	}
-	printDemoReport(stdout, rep)
-	return nil
-}
-
-// demoConversion is what the demo needs of the convert verb's report.
-func demoConversion(rep *convertReport) (*demo.Conversion, error) {
-	c := &demo.Conversion{ConvertSeconds: rep.Totals.ConvertSeconds, WriteSeconds: rep.Totals.WriteSeconds}
-	var err error
-	if c.Digest, err = v1.NewHash(rep.Digest); err != nil {
-		return nil, fmt.Errorf("convert report: digest: %w", err)
-	}
-	if len(rep.Images) != 1 {
-		return nil, fmt.Errorf("convert report: %d images, want 1", len(rep.Images))
-	}
-	for _, l := range rep.Images[0].Layers {
-		src, err := v1.NewHash(l.SourceDigest)
-		if err != nil {
-			return nil, fmt.Errorf("convert report: layer source digest: %w", err)
-		}
-		out, err := v1.NewHash(l.Digest)
-		if err != nil {
-			return nil, fmt.Errorf("convert report: layer digest: %w", err)
-		}
-		c.Layers = append(c.Layers, demo.ConvertedLayer{
-			SourceDigest: src, SourceSize: l.SourceSize, SourceUncompressedSize: l.SourceUncompressedSize,
-			Digest: out, Size: l.Size, TOCDigest: l.TOCDigest, Seconds: l.Seconds, Reused: l.Reused,
-		})
-	}
-	return c, nil
 }
 
 // printDemoReport prints the before/after table and what was verified.
@@ -124,10 +102,10 @@ func printDemoReport(w io.Writer, rep *demo.Report) {
 			state = " (reused)"
 		}
 		fmt.Fprintf(tw, "%d\t%s\t%s\t->\t%s\t%s\t%.1f%%\t%.2f\t%.0f\t%s%s\n", i+1,
-			progress.Short(l.SourceDigest), progress.Bytes(l.SourceSize), progress.Short(l.Digest), progress.Bytes(l.Size),
+			shortDigest(l.SourceDigest), progress.Bytes(l.SourceSize), shortDigest(l.Digest), progress.Bytes(l.Size),
 			l.Ratio*100, l.Seconds, l.MBPerSecond, l.TOCDigest, state)
 	}
-	t := rep.Totals
+	t := rep.Conversion.Totals
 	fmt.Fprintf(tw, "total\t\t%s\t->\t\t%s\t%.1f%%\t%.2f\t%.0f\t\n", progress.Bytes(t.SourceBytes), progress.Bytes(t.OutputBytes),
 		float64(t.OutputBytes)/float64(max(t.SourceBytes, 1))*100, t.ConvertSeconds, t.MBPerSecond)
 	tw.Flush()
@@ -140,7 +118,7 @@ func printDemoReport(w io.Writer, rep *demo.Report) {
 			full = ", VerifyEStargz ok"
 		}
 		fmt.Fprintf(w, "verified: layer %d %s opens with estargz.Open over %d range request(s), %s of %s (%.2f%%), VerifyTOC ok%s, %d entries, %s\n",
-			i+1, progress.Short(l.Digest), l.OpenRequests, progress.Bytes(l.OpenBytes), progress.Bytes(l.Size),
+			i+1, shortDigest(l.Digest), l.OpenRequests, progress.Bytes(l.OpenBytes), progress.Bytes(l.Size),
 			float64(l.OpenBytes)/float64(max(l.Size, 1))*100, full, l.Entries, landmarkName(l.Landmark))
 	}
 	fmt.Fprintf(w, "ready for lazy pull: %s@%s\n", rep.Destination, rep.Digest)
@@ -155,4 +133,13 @@ func landmarkName(file string) string {
 		return "no-prefetch landmark"
 	}
 	return file
+}
+
+// shortDigest abbreviates a digest as the progress display does.
+func shortDigest(s string) string {
+	h, err := v1.NewHash(s)
+	if err != nil {
+		return s
+	}
+	return progress.Short(h)
 }

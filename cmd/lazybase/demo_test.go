@@ -5,12 +5,6 @@ import (
 	"regexp"
 	"strings"
 	"testing"
-
-	v1 "github.com/google/go-containerregistry/pkg/v1"
-
-	"github.com/lazybase/lazybase/internal/demo"
-	"github.com/lazybase/lazybase/internal/imageio"
-	"github.com/lazybase/lazybase/internal/progress"
 )
 
 // TestDemoSmallPrintsReport drives the verb: the report lists both layers
@@ -54,40 +48,4 @@ func TestDemoBadFlags(t *testing.T) {
 			t.Errorf("%v: err %v, want it to name %s", tc.args, err, tc.want)
 		}
 	}
-}
-
-// validateImage checks an image as the demo does (validate.Image, with
-// zstd layers compared by digest and diffID); the convert tests use it.
-func validateImage(img v1.Image) error { return demo.ValidateImage(img) }
-
-// shortDigest abbreviates a digest as the progress display does.
-func shortDigest(s string) string {
-	h, err := v1.NewHash(s)
-	if err != nil {
-		return s
-	}
-	return progress.Short(h)
-}
-
-// demoVerify is what verifyDemo found, per layer, for the convert tests.
-type demoVerify struct{ layers []demoLayerCheck }
-
-type demoLayerCheck struct{ landmark string }
-
-// verifyDemo checks a converted image in the registry at host as the demo
-// does (demo.Verify); the convert tests use it.
-func verifyDemo(ctx context.Context, client *imageio.Client, host, ref string, rep *convertReport) (*demoVerify, error) {
-	c, err := demoConversion(rep)
-	if err != nil {
-		return nil, err
-	}
-	r, err := demo.Verify(ctx, client, host, ref, c)
-	if err != nil {
-		return nil, err
-	}
-	v := &demoVerify{}
-	for _, l := range r.Layers {
-		v.layers = append(v.layers, demoLayerCheck{landmark: landmarkName(l.Landmark)})
-	}
-	return v, nil
 }

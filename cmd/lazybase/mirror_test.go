@@ -243,7 +243,7 @@ state_file = %q
 	case <-time.After(60 * time.Second):
 		t.Fatal("serve did not stop")
 	}
-	remoteImage(t, dst.Host+"/m/base/os:1.0")
+	testimage.RemoteImage(t, dst.Host+"/m/base/os:1.0")
 	if _, err := os.Stat(state); !os.IsNotExist(err) {
 		t.Errorf("state file left after a complete drain: %v", err)
 	}

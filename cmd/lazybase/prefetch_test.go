@@ -239,7 +239,7 @@ func TestConvertWithPrefetchProfile(t *testing.T) {
 		t.Fatal(err)
 	}
 	src, dst := reg.Host+"/pf/profile:v1", reg.Host+"/pf/profile:out"
-	push(t, src, img)
+	testimage.PushRef(t, src, img)
 	appDigest, err := app.Digest()
 	if err != nil {
 		t.Fatal(err)
@@ -278,7 +278,7 @@ func TestConvertWithPrefetchProfile(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "--prefetch") || !strings.Contains(err.Error(), file) {
 		t.Errorf("corrupt profile: %v", err)
 	}
-	if tagExists(t, reg.Host+"/pf/profile:corrupt") {
+	if testimage.TagExists(t, reg.Host+"/pf/profile:corrupt") {
 		t.Error("tag written with a corrupt profile")
 	}
 }
@@ -299,7 +299,7 @@ func TestPrefetchRecordedOnConvertedImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	src, lazy := reg.Host+"/loop/app:v1", reg.Host+"/loop/app:lazy"
-	push(t, src, img)
+	testimage.PushRef(t, src, img)
 	stdout, stderr, err := runCLI(ctx, t, "convert", "--json", src, lazy)
 	if err != nil {
 		t.Fatalf("convert: %v\n%s", err, stderr)

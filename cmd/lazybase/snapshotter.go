@@ -28,9 +28,10 @@ eStargz, and images that policy marks eager, are pulled normally.
 The configuration file is TOML (deploy/containerd/lazybase.defaults.toml
 documents every key with its default, deploy/containerd/lazybase.toml is an
 example): --config, else $LAZYBASE_SNAPSHOTTER_CONFIG; without either the
-defaults apply. --root, --address and
---metrics-address override the file, and --log-level overrides its log_level
-when given (trace also logs every FUSE request). SIGTERM or SIGINT stops the daemon and unmounts every lazy mount.
+defaults apply. --root, --address and --metrics-address override the file's
+root, socket and metrics_address, and --log-level overrides its log_level
+when given (trace also logs every FUSE request). SIGTERM or SIGINT stops
+the daemon and unmounts every lazy mount.
 
 One daemon owns a root and a socket: a second daemon on either fails to
 start, naming it; a socket left by a daemon that died is replaced. The TCP
@@ -125,8 +126,9 @@ func newSnapshotterStatusCmd() *cobra.Command {
 		Use:   "status",
 		Short: "List the layers the snapshotter has mounted lazily, with fetched percentages",
 		Long: `List the layers a running lazybase snapshotter has mounted lazily: image,
-layer digest, bytes fetched so far (on demand, prefetch and background) against
-the layer's size, and when it was mounted.
+layer digest, policy mode, bytes fetched so far (on demand, prefetch and
+background) against the layer's size, whether it is unpacked locally, and
+when it was mounted.
 
 The daemon is found through its status socket: --status-socket, else the
 status_socket of --config, else the snapshots socket (--socket, or the

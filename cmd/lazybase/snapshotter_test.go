@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/lazybase/lazybase/internal/eventually"
 )
 
 func runLazybase(ctx context.Context, args ...string) (string, error) {
@@ -70,17 +72,15 @@ func TestSnapshotterServeAndStatus(t *testing.T) {
 		_, err := runLazybase(ctx, "snapshotter", "--root", root, "--address", sock)
 		done <- err
 	}()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if _, err := os.Stat(sock + ".status"); err == nil {
-			break
+	eventually.Require(t, 20*time.Second, "daemon listening on "+sock+".status", func() error {
+		select {
+		case err := <-done:
+			t.Fatalf("daemon exited before it listened: %v", err)
+		default:
 		}
-		if time.Now().After(deadline) {
-			cancel()
-			t.Fatalf("daemon did not listen: %v", <-done)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		_, err := os.Stat(sock + ".status")
+		return err
+	})
 	fi, err := os.Stat(sock)
 	if err != nil {
 		t.Fatal(err)

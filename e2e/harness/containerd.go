@@ -9,6 +9,8 @@ import (
 	"runtime"
 	"strings"
 	"time"
+
+	"github.com/lazybase/lazybase/internal/eventually"
 )
 
 // Containerd is the Stack's containerd daemon.
@@ -170,13 +172,12 @@ func (c *Containerd) clean(ctx context.Context) error {
 		if out, err := c.CtrNS(ctx, ns, "tasks", "ls", "-q"); err == nil {
 			for _, id := range lines(out) {
 				c.CtrNS(ctx, ns, "tasks", "kill", "-s", "SIGKILL", id)
-				deadline := time.Now().Add(10 * time.Second)
-				for {
-					if _, err := c.CtrNS(ctx, ns, "tasks", "delete", id); err == nil || time.Now().After(deadline) {
-						break
-					}
-					time.Sleep(100 * time.Millisecond)
-				}
+				// Best effort: a task that cannot be deleted makes the
+				// containers delete below fail, naming the container.
+				_ = eventually.Wait(ctx, 10*time.Second, func() error {
+					_, err := c.CtrNS(ctx, ns, "tasks", "delete", id)
+					return err
+				})
 			}
 		}
 		if out, err := c.CtrNS(ctx, ns, "containers", "ls", "-q"); err == nil && len(lines(out)) > 0 {

@@ -7,7 +7,7 @@ import (
 	"testing"
 )
 
-func TestUnescape(t *testing.T) {
+func TestUnescapeDecodesMountinfoOctal(t *testing.T) {
 	for in, want := range map[string]string{
 		`/tmp/a\040b`:  "/tmp/a b",
 		`/plain`:       "/plain",

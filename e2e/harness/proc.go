@@ -11,6 +11,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/lazybase/lazybase/internal/eventually"
 )
 
 // process is one daemon a Stack started.
@@ -105,33 +107,26 @@ next:
 	return strings.Join(lines, "\n")
 }
 
-// waitFor polls check every 50ms until it returns nil, the process exits, or
-// timeout passes.
+// waitFor polls check with eventually.Wait until it returns nil, the
+// process p (if any) exits, or timeout passes. The error names what was
+// awaited and check's last reason, or p's exit and the tail of its log.
 func waitFor(ctx context.Context, p *process, timeout time.Duration, what string, check func() error) error {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
+	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	var last error
-	for {
-		if last = check(); last == nil {
-			return nil
+	err := eventually.Wait(ctx, timeout, func() error {
+		err := check()
+		if err != nil && p != nil && p.exited() {
+			cancel() // no use waiting for a daemon that is gone
 		}
-		if p != nil && p.exited() {
-			return fmt.Errorf("%s exited before %s: %v\n%s", p.name, what, p.err, p.tail(20))
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("waiting for %s: %w (last: %v)", what, ctx.Err(), last)
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
-}
-
-// socketReady reports whether a unix socket at path accepts connections.
-func socketReady(path string) error {
-	if _, err := os.Stat(path); err != nil {
 		return err
+	})
+	if err == nil {
+		return nil
 	}
-	return nil
+	if p != nil && p.exited() {
+		return fmt.Errorf("%s exited before %s: %v\n%s", p.name, what, p.err, p.tail(20))
+	}
+	return fmt.Errorf("waiting for %s: %w", what, err)
 }
 
 // runCmd runs a short-lived command and returns its stdout; stderr lines

@@ -159,21 +159,10 @@ func (s *Stack) RestartSnapshotter(ctx context.Context) error {
 	// containerd's connection to it sits in backoff and fails calls for a
 	// few seconds more. Wait until containerd reaches it again, as a
 	// user's next command would after a retry.
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	return waitFor(ctx, sn.proc, 30*time.Second, "containerd to reach the restarted snapshotter", func() error {
 		_, err := s.Containerd.Ctr(ctx, "snapshots", "--snapshotter", LazySnapshotterName, "ls")
-		if err == nil {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("containerd does not reach the restarted snapshotter: %w", err)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
+		return err
+	})
 }
 
 // FUSEMounts returns the FUSE mounts under the snapshotter's root: one per

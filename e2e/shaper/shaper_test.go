@@ -16,6 +16,8 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/lazybase/lazybase/internal/eventually"
 )
 
 // setup starts an in-process registry holding one random image, and a proxy
@@ -154,7 +156,7 @@ func TestCountsBlobsAndRanges(t *testing.T) {
 	}
 }
 
-func TestBandwidth(t *testing.T) {
+func TestBandwidthLimitsBlobDownloads(t *testing.T) {
 	const rate = 1 << 20 // 1 MiB/s
 	p, img, _ := setup(t, WithBandwidth(rate))
 	layers, _ := img.Layers()
@@ -180,7 +182,7 @@ func TestBandwidth(t *testing.T) {
 	}
 }
 
-func TestRTT(t *testing.T) {
+func TestRTTDelaysEveryRequest(t *testing.T) {
 	const rtt = 80 * time.Millisecond
 	p, _, ref := setup(t, WithRTT(rtt))
 	start := time.Now()
@@ -221,10 +223,12 @@ func TestCancelledDownloadCountsSentBytes(t *testing.T) {
 		resp.Body.Close()
 	}
 	// Wait for the proxy to record the aborted request.
-	deadline := time.Now().Add(5 * time.Second)
-	for p.Stats().Blob(dgst.String()).GETs == 0 && time.Now().Before(deadline) {
-		time.Sleep(20 * time.Millisecond)
-	}
+	eventually.Require(t, 5*time.Second, "the proxy's record of the aborted GET", func() error {
+		if b := p.Stats().Blob(dgst.String()); b.GETs == 0 {
+			return fmt.Errorf("no GET of %s recorded: %+v", dgst, b)
+		}
+		return nil
+	})
 	b := p.Stats().Blob(dgst.String())
 	size, _ := layers[0].Size()
 	if b.GETs != 1 || b.Bytes <= 0 || b.Bytes >= size {

@@ -15,40 +15,12 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/opencontainers/go-digest"
 
 	"github.com/lazybase/lazybase/convert"
+	"github.com/lazybase/lazybase/convert/job"
 	"github.com/lazybase/lazybase/internal/imageio"
 	"github.com/lazybase/lazybase/internal/progress"
 )
-
-// ConvertFunc converts the image src to dst (both registry references)
-// and says what it wrote. The demo's caller passes the code of 'lazybase
-// convert'.
-type ConvertFunc func(ctx context.Context, src, dst string) (*Conversion, error)
-
-// Conversion is what a ConvertFunc reports.
-type Conversion struct {
-	// Digest is the digest of the manifest written to dst.
-	Digest v1.Hash
-	// Layers are the converted image's layers, in order.
-	Layers []ConvertedLayer
-	// ConvertSeconds and WriteSeconds are the time spent converting and
-	// writing to the registry.
-	ConvertSeconds, WriteSeconds float64
-}
-
-// ConvertedLayer is one layer of a Conversion.
-type ConvertedLayer struct {
-	SourceDigest           v1.Hash
-	SourceSize             int64
-	SourceUncompressedSize int64
-	Digest                 v1.Hash
-	Size                   int64
-	TOCDigest              string
-	Seconds                float64
-	Reused                 bool
-}
 
 // Stage names a step of Run reported to WithNotify's function.
 type Stage int
@@ -69,7 +41,8 @@ type options struct {
 	maxBytes int64
 	small    bool
 	format   convert.Format
-	convert  ConvertFunc
+	jobs     int
+	request  func(*job.Request)
 	notify   func(Stage, *Report)
 }
 
@@ -97,15 +70,28 @@ func WithSmall(b bool) Option {
 	return func(o *options) error { o.small = b; return nil }
 }
 
-// WithFormat names the output format the conversion step writes (default
-// eStargz); it names the destination tag and decides which checks apply.
+// WithFormat names the output format (default eStargz); it names the
+// destination tag and decides which checks apply.
 func WithFormat(f convert.Format) Option {
 	return func(o *options) error { o.format = f; return nil }
 }
 
-// WithConvert sets the conversion step. Required.
-func WithConvert(fn ConvertFunc) Option {
-	return func(o *options) error { o.convert = fn; return nil }
+// WithJobs bounds the layers converted and blobs transferred at the same
+// time (default: number of CPUs).
+func WithJobs(n int) Option {
+	return func(o *options) error {
+		if n < 0 {
+			return fmt.Errorf("jobs %d: must not be negative", n)
+		}
+		o.jobs = n
+		return nil
+	}
+}
+
+// WithRequest lets fn complete the convert job's request before it runs:
+// its progress hooks, say.
+func WithRequest(fn func(*job.Request)) Option {
+	return func(o *options) error { o.request = fn; return nil }
 }
 
 // WithNotify calls fn with the report so far as each Stage completes.
@@ -114,17 +100,15 @@ func WithNotify(fn func(Stage, *Report)) Option {
 }
 
 // Run publishes the sample image to a registry on loopback, converts it
-// with the conversion step and verifies the result. The registry and its
+// with the convert job of 'lazybase convert' (package convert/job) and
+// verifies the result. The registry and its
 // files are gone when Run returns.
 func Run(ctx context.Context, opts ...Option) (*Report, error) {
-	o := options{maxBytes: 100_000_000, format: convert.FormatEStargz, notify: func(Stage, *Report) {}}
+	o := options{maxBytes: 100_000_000, format: convert.FormatEStargz, notify: func(Stage, *Report) {}, request: func(*job.Request) {}}
 	for _, opt := range opts {
 		if err := opt(&o); err != nil {
 			return nil, err
 		}
-	}
-	if o.convert == nil {
-		return nil, errors.New("demo: no conversion step (WithConvert)")
 	}
 	if o.small && o.source != "" {
 		return nil, errors.New("demo: a small run makes no layer from a source directory")
@@ -150,11 +134,15 @@ func Run(ctx context.Context, opts ...Option) (*Report, error) {
 	}
 	o.notify(StagePublished, rep)
 	rep.Destination = host + "/demo/sample:" + strings.ReplaceAll(string(o.format), "-", "")
-	conv, err := o.convert(ctx, rep.Source, rep.Destination)
+	req := job.Request{Source: rep.Source, Destination: rep.Destination, Client: client, Format: o.format, Jobs: o.jobs}
+	o.request(&req)
+	conv, err := job.Run(ctx, req)
 	if err != nil {
 		return nil, err
 	}
-	rep.fill(conv)
+	if err := rep.fill(conv); err != nil {
+		return nil, err
+	}
 	if err := verify(ctx, client, rep); err != nil {
 		return nil, fmt.Errorf("verifying %s: %w", rep.Destination, err)
 	}
@@ -164,9 +152,11 @@ func Run(ctx context.Context, opts ...Option) (*Report, error) {
 // Verify checks the image ref, converted as c reports, as the registry at
 // host (reached over plain HTTP) holds it, with the checks Run makes, and
 // returns the report's layers. ref names a repository of that registry.
-func Verify(ctx context.Context, client *imageio.Client, host, ref string, c *Conversion) (*Report, error) {
+func Verify(ctx context.Context, client *imageio.Client, host, ref string, c *job.Report) (*Report, error) {
 	rep := &Report{Registry: host, Destination: ref}
-	rep.fill(c)
+	if err := rep.fill(c); err != nil {
+		return nil, err
+	}
 	if err := verify(ctx, client, rep); err != nil {
 		return nil, fmt.Errorf("verifying %s: %w", ref, err)
 	}
@@ -225,11 +215,11 @@ type Report struct {
 	// to build and publish it.
 	Sample       Sample
 	BuildSeconds float64
+	// Conversion is the convert job's report; its Totals sum the layers.
+	Conversion *job.Report
 	// Layers are the converted image's layers, in order, with what the
 	// verification found.
 	Layers []Layer
-	// Totals sum the layers.
-	Totals Totals
 }
 
 // Sample describes the sample image.
@@ -255,18 +245,13 @@ func (s Sample) String() string {
 // Layer is one converted layer: what the conversion reported and what
 // the verification found.
 type Layer struct {
-	SourceDigest           v1.Hash
-	SourceSize             int64
-	SourceUncompressedSize int64
-	Digest                 v1.Hash
-	Size                   int64
+	// LayerReport is what the convert job reported.
+	job.LayerReport
 	// Ratio is Size over SourceSize.
 	Ratio float64
-	// Seconds is the conversion time; MBPerSecond the uncompressed
-	// source MB (10^6 bytes) per second of it.
-	Seconds, MBPerSecond float64
-	Reused               bool
-	TOCDigest            digest.Digest
+	// MBPerSecond is the uncompressed source MB (10^6 bytes) per second
+	// of the layer's conversion.
+	MBPerSecond float64
 	// OpenRequests and OpenBytes are the HTTP range requests and bytes
 	// estargz.Open took to open the layer lazily.
 	OpenRequests int
@@ -283,34 +268,23 @@ type Layer struct {
 	EStargzVerified bool
 }
 
-// Totals sum a report's layers.
-type Totals struct {
-	SourceBytes, OutputBytes, SourceUncompressedSize int64
-	ConvertSeconds, WriteSeconds                     float64
-	// MBPerSecond is uncompressed source MB (10^6 bytes) per second of
-	// conversion.
-	MBPerSecond float64
-}
-
-// fill copies what the conversion reported into r.
-func (r *Report) fill(c *Conversion) {
-	r.Digest = c.Digest
-	r.Totals.ConvertSeconds, r.Totals.WriteSeconds = c.ConvertSeconds, c.WriteSeconds
-	for _, l := range c.Layers {
-		out := Layer{
-			SourceDigest: l.SourceDigest, SourceSize: l.SourceSize, SourceUncompressedSize: l.SourceUncompressedSize,
-			Digest: l.Digest, Size: l.Size, Seconds: l.Seconds, Reused: l.Reused, TOCDigest: digest.Digest(l.TOCDigest),
-			Ratio: float64(l.Size) / float64(max(l.SourceSize, 1)),
-		}
+// fill takes the converted image's digest and layers from the convert
+// job's report, which must be of one image.
+func (r *Report) fill(c *job.Report) error {
+	d, err := v1.NewHash(c.Digest)
+	if err != nil {
+		return fmt.Errorf("convert report: digest: %w", err)
+	}
+	if len(c.Images) != 1 {
+		return fmt.Errorf("convert report: %d images, want 1", len(c.Images))
+	}
+	r.Digest, r.Conversion, r.Layers = d, c, nil
+	for _, l := range c.Images[0].Layers {
+		out := Layer{LayerReport: l, Ratio: float64(l.Size) / float64(max(l.SourceSize, 1))}
 		if l.Seconds > 0 {
 			out.MBPerSecond = float64(l.SourceUncompressedSize) / 1e6 / l.Seconds
 		}
 		r.Layers = append(r.Layers, out)
-		r.Totals.SourceBytes += l.SourceSize
-		r.Totals.OutputBytes += l.Size
-		r.Totals.SourceUncompressedSize += l.SourceUncompressedSize
 	}
-	if c.ConvertSeconds > 0 {
-		r.Totals.MBPerSecond = float64(r.Totals.SourceUncompressedSize) / 1e6 / c.ConvertSeconds
-	}
+	return nil
 }

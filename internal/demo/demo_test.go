@@ -2,64 +2,21 @@ package demo
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
-	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/lazybase/lazybase/convert"
+	"github.com/lazybase/lazybase/convert/job"
 	"github.com/lazybase/lazybase/internal/imageio"
+	"github.com/lazybase/lazybase/internal/testimage"
 )
-
-// libraryConvert converts with the convert package and writes with
-// imageio, as 'lazybase convert' does, without its progress display.
-func libraryConvert(t *testing.T, format convert.Format) ConvertFunc {
-	return func(ctx context.Context, src, dst string) (*Conversion, error) {
-		client, err := imageio.New()
-		if err != nil {
-			return nil, err
-		}
-		srcRef, err := client.ParseRef(src)
-		if err != nil {
-			return nil, err
-		}
-		dstRef, err := client.ParseRef(dst)
-		if err != nil {
-			return nil, err
-		}
-		conv, err := convert.New(convert.WithFormat(format))
-		if err != nil {
-			return nil, err
-		}
-		defer conv.Close()
-		source, err := client.Open(ctx, srcRef)
-		if err != nil {
-			return nil, err
-		}
-		t0 := time.Now()
-		res, err := conv.Image(ctx, source.Image)
-		if err != nil {
-			return nil, err
-		}
-		c := &Conversion{Digest: res.Digest, ConvertSeconds: time.Since(t0).Seconds()}
-		if _, err := client.Write(ctx, dstRef, res.Image, res.Platform); err != nil {
-			return nil, err
-		}
-		for _, l := range res.Layers {
-			c.Layers = append(c.Layers, ConvertedLayer{
-				SourceDigest: l.Source.Digest, SourceSize: l.Source.Size, SourceUncompressedSize: l.SourceUncompressedSize,
-				Digest: l.Output.Digest, Size: l.Output.Size, TOCDigest: l.TOCDigest, Seconds: l.Seconds, Reused: l.Reused,
-			})
-		}
-		return c, nil
-	}
-}
 
 // checkLayers checks what every report holds for each layer.
 func checkLayers(t *testing.T, rep *Report, wantVerified bool) {
@@ -67,7 +24,7 @@ func checkLayers(t *testing.T, rep *Report, wantVerified bool) {
 	if len(rep.Layers) != 2 || rep.Sample.Layers != 2 {
 		t.Fatalf("%d layers, sample of %d, want 2", len(rep.Layers), rep.Sample.Layers)
 	}
-	var tot Totals
+	var tot job.Totals
 	for i, l := range rep.Layers {
 		if l.Digest == l.SourceDigest || l.Size <= 0 || l.SourceSize <= 0 || l.Reused {
 			t.Errorf("layer %d: %s (%d bytes) from %s (%d bytes), reused %v", i+1, l.Digest, l.Size, l.SourceDigest, l.SourceSize, l.Reused)
@@ -75,7 +32,7 @@ func checkLayers(t *testing.T, rep *Report, wantVerified bool) {
 		if got := float64(l.Size) / float64(l.SourceSize); l.Ratio != got {
 			t.Errorf("layer %d: ratio %v, want %v", i+1, l.Ratio, got)
 		}
-		if err := l.TOCDigest.Validate(); err != nil {
+		if _, err := digest.Parse(l.TOCDigest); err != nil {
 			t.Errorf("layer %d: TOC digest %q: %v", i+1, l.TOCDigest, err)
 		}
 		// Opening lazily reads the footer and the TOC: a few requests, a
@@ -93,9 +50,15 @@ func checkLayers(t *testing.T, rep *Report, wantVerified bool) {
 		tot.OutputBytes += l.Size
 		tot.SourceUncompressedSize += l.SourceUncompressedSize
 	}
-	if rep.Totals.SourceBytes != tot.SourceBytes || rep.Totals.OutputBytes != tot.OutputBytes ||
-		rep.Totals.SourceUncompressedSize != tot.SourceUncompressedSize || tot.SourceBytes != rep.Sample.CompressedSize {
-		t.Errorf("totals %+v, layers sum to %+v, sample %+v", rep.Totals, tot, rep.Sample)
+	got := rep.Conversion.Totals
+	if got.SourceBytes != tot.SourceBytes || got.OutputBytes != tot.OutputBytes || got.Layers != 2 || got.Images != 1 ||
+		got.SourceUncompressedSize != tot.SourceUncompressedSize || tot.SourceBytes != rep.Sample.CompressedSize ||
+		tot.SourceUncompressedSize != rep.Sample.UncompressedSize {
+		t.Errorf("totals %+v, layers sum to %+v, sample %+v", got, tot, rep.Sample)
+	}
+	if rep.Digest.String() != rep.Conversion.Digest || rep.Conversion.Source != rep.Source || rep.Conversion.Destination != rep.Destination {
+		t.Errorf("report %s -> %s@%s, conversion %s -> %s@%s", rep.Source, rep.Destination, rep.Digest,
+			rep.Conversion.Source, rep.Conversion.Destination, rep.Conversion.Digest)
 	}
 	if !strings.HasPrefix(rep.Registry, "127.0.0.1:") || rep.Source != rep.Registry+"/demo/sample:gzip" ||
 		!strings.HasPrefix(rep.Destination, rep.Registry+"/demo/sample:") {
@@ -106,8 +69,7 @@ func checkLayers(t *testing.T, rep *Report, wantVerified bool) {
 func TestRunSmallVerifiesEveryLayer(t *testing.T) {
 	t.Setenv("DOCKER_CONFIG", t.TempDir())
 	var stages []Stage
-	rep, err := Run(context.Background(), WithSmall(true), WithConvert(libraryConvert(t, convert.FormatEStargz)),
-		WithNotify(func(s Stage, _ *Report) { stages = append(stages, s) }))
+	rep, err := Run(context.Background(), WithSmall(true), WithNotify(func(s Stage, _ *Report) { stages = append(stages, s) }))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -119,9 +81,9 @@ func TestRunSmallVerifiesEveryLayer(t *testing.T) {
 	if rep.Sample.Files != 253 || rep.Sample.SourceDir != "" || rep.Format != convert.FormatEStargz {
 		t.Errorf("sample %+v, format %s", rep.Sample, rep.Format)
 	}
-	// The base: etc/ with 3 files and a symlink, usr/share/demo/ with 16
-	// directories of 200 files, and the landmark.
-	if want := 1 + 4 + 3 + 16 + 200 + 1; rep.Layers[0].Entries != want {
+	// The base: etc/ with 3 files and a symlink, many/ with 2
+	// directories of 200 files (testimage.ManyFiles), and the landmark.
+	if want := 1 + 4 + 1 + 2 + 200 + 1; rep.Layers[0].Entries != want {
 		t.Errorf("base layer: %d entries, want %d", rep.Layers[0].Entries, want)
 	}
 }
@@ -142,8 +104,7 @@ func TestRunSourceDirZstdChunked(t *testing.T) {
 	if err := os.Symlink("pkg0/file00.go", filepath.Join(src, "link.go")); err != nil {
 		t.Fatal(err)
 	}
-	rep, err := Run(context.Background(), WithSource(src), WithFormat(convert.FormatZstdChunked),
-		WithConvert(libraryConvert(t, convert.FormatZstdChunked)))
+	rep, err := Run(context.Background(), WithSource(src), WithFormat(convert.FormatZstdChunked))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -159,42 +120,83 @@ func TestRunSourceDirZstdChunked(t *testing.T) {
 	}
 }
 
-// TestRunRefuses checks bad options and a conversion whose report does
-// not match what the registry holds.
-func TestRunRefuses(t *testing.T) {
+// TestRunRefusesBadOptions checks that Run refuses options that exclude
+// each other, bad values, and a source directory that does not exist.
+func TestRunRefusesBadOptions(t *testing.T) {
 	t.Setenv("DOCKER_CONFIG", t.TempDir())
-	good := libraryConvert(t, convert.FormatEStargz)
-	lie := func(change func(*Conversion)) ConvertFunc {
-		return func(ctx context.Context, src, dst string) (*Conversion, error) {
-			c, err := good(ctx, src, dst)
-			if err == nil {
-				change(c)
-			}
-			return c, err
-		}
-	}
 	absent := filepath.Join(t.TempDir(), "absent")
 	for _, tc := range []struct {
 		name string
 		opts []Option
 		want string
 	}{
-		{"no conversion step", []Option{WithSmall(true)}, "WithConvert"},
-		{"small with a source", []Option{WithSmall(true), WithSource(t.TempDir()), WithConvert(good)}, "source directory"},
-		{"zero max bytes", []Option{WithMaxBytes(0), WithConvert(good)}, "must be positive"},
-		{"absent source", []Option{WithSource(absent), WithConvert(good)}, absent},
-		{"wrong manifest digest", []Option{WithSmall(true), WithConvert(lie(func(c *Conversion) {
-			c.Digest = v1.Hash{Algorithm: "sha256", Hex: strings.Repeat("0", 64)}
-		}))}, "registry holds"},
-		{"wrong TOC digest", []Option{WithSmall(true), WithConvert(lie(func(c *Conversion) {
-			c.Layers[1].TOCDigest = digest.FromString("x").String()
-		}))}, "conversion reported " + digest.FromString("x").String()},
-		{"a layer too few", []Option{WithSmall(true), WithConvert(lie(func(c *Conversion) {
-			c.Layers = c.Layers[:1]
-		}))}, "conversion reported 1 layers"},
+		{"small with a source", []Option{WithSmall(true), WithSource(t.TempDir())}, "source directory"},
+		{"zero max bytes", []Option{WithMaxBytes(0)}, "must be positive"},
+		{"negative jobs", []Option{WithSmall(true), WithJobs(-1)}, "must not be negative"},
+		{"absent source", []Option{WithSource(absent)}, absent},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Run(context.Background(), tc.opts...)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("err %v, want it to name %s", err, tc.want)
+			}
+		})
+	}
+}
+
+// TestVerifyRefusesReportNotMatchingRegistry converts an image with the
+// convert job and checks that Verify accepts the job's report and refuses
+// a report that does not match what the registry holds.
+func TestVerifyRefusesReportNotMatchingRegistry(t *testing.T) {
+	t.Setenv("DOCKER_CONFIG", t.TempDir())
+	ctx := context.Background()
+	reg := testimage.NewRegistry(t)
+	img, err := testimage.SeedImage(3, testimage.LinuxAMD64, testimage.WithoutLargeFiles())
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := reg.Push(t, "demo/app:gzip", img).String()
+	dst := reg.Host + "/demo/app:estargz"
+	client, err := imageio.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	good, err := job.Run(ctx, job.Request{Source: src, Destination: dst, Client: client})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err := Verify(ctx, client, reg.Host, dst, good)
+	if err != nil {
+		t.Fatalf("the job's own report: %v", err)
+	}
+	if len(rep.Layers) != 2 || rep.Layers[0].Landmark != estargz.NoPrefetchLandmark || !rep.Layers[1].EStargzVerified {
+		t.Errorf("verified layers %+v", rep.Layers)
+	}
+	lie := func(change func(*job.Report)) *job.Report {
+		b, err := json.Marshal(good)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var c job.Report
+		if err := json.Unmarshal(b, &c); err != nil {
+			t.Fatal(err)
+		}
+		change(&c)
+		return &c
+	}
+	for _, tc := range []struct {
+		name string
+		rep  *job.Report
+		want string
+	}{
+		{"wrong manifest digest", lie(func(c *job.Report) { c.Digest = "sha256:" + strings.Repeat("0", 64) }), "registry holds"},
+		{"wrong TOC digest", lie(func(c *job.Report) { c.Images[0].Layers[1].TOCDigest = digest.FromString("x").String() }),
+			"conversion reported " + digest.FromString("x").String()},
+		{"a layer too few", lie(func(c *job.Report) { c.Images[0].Layers = c.Images[0].Layers[:1] }), "conversion reported 1 layers"},
+		{"two images", lie(func(c *job.Report) { c.Images = append(c.Images, c.Images[0]) }), "2 images, want 1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Verify(ctx, client, reg.Host, dst, tc.rep)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("err %v, want it to name %s", err, tc.want)
 			}

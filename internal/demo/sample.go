@@ -9,80 +9,100 @@ import (
 	"hash"
 	"io"
 	"io/fs"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path"
 	"path/filepath"
 	"runtime"
 	"strings"
-	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/klauspost/compress/gzip"
+
+	"github.com/lazybase/lazybase/internal/testimage"
 )
 
-// sampleImage builds the two-layer sample image in dir.
+// sampleImage builds the two-layer sample image, its second layer in dir
+// unless the run is small.
 func sampleImage(dir string, o options) (v1.Image, Sample, error) {
 	var info Sample
-	base, n, err := writeLayer(filepath.Join(dir, "base.tar.gz"), func(tw *tar.Writer) (int, error) {
-		return generatedFiles(tw, "", 200, 16<<10)
-	})
+	base, err := generatedLayer("", 1, 200, 16<<10, &info)
 	if err != nil {
 		return nil, info, fmt.Errorf("base layer: %w", err)
 	}
-	info.Files += n
-	var top *fileLayer
+	var top v1.Layer
 	if o.small {
-		top, n, err = writeLayer(filepath.Join(dir, "top.tar.gz"), func(tw *tar.Writer) (int, error) {
-			return generatedFiles(tw, "opt/app/", 50, 64<<10)
-		})
+		top, err = generatedLayer("opt/app/", 2, 50, 64<<10, &info)
 	} else {
-		src := o.source
-		if src == "" {
-			if src, err = goSourceDir(); err != nil {
-				return nil, info, err
-			}
-		}
-		info.SourceDir = src
-		top, n, err = writeLayer(filepath.Join(dir, "top.tar.gz"), func(tw *tar.Writer) (int, error) {
-			return dirFiles(tw, src, "usr/local/go/src", o.maxBytes)
-		})
+		top, err = sourceLayer(dir, o, &info)
 	}
 	if err != nil {
 		return nil, info, fmt.Errorf("second layer: %w", err)
 	}
-	info.Files += n
 	info.Layers = 2
-	for _, l := range []*fileLayer{base, top} {
-		info.UncompressedSize += l.uncompressedSize
-		info.CompressedSize += l.size
-	}
-
-	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
-	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
-	created := v1.Time{Time: sampleTime}
-	img, err = mutate.Append(img,
-		mutate.Addendum{Layer: base, History: v1.History{Created: created, CreatedBy: "lazybase demo: generated base files"}},
-		mutate.Addendum{Layer: top, History: v1.History{Created: created, CreatedBy: "lazybase demo: source tree"}},
-	)
-	if err != nil {
-		return nil, info, err
-	}
-	cfg, err := img.ConfigFile()
-	if err != nil {
-		return nil, info, err
-	}
-	cfg = cfg.DeepCopy()
-	cfg.OS, cfg.Architecture = "linux", runtime.GOARCH
-	cfg.Created = created
-	cfg.Config.Env = []string{"PATH=/usr/local/go/bin:/usr/bin:/bin"}
-	cfg.Config.Labels = map[string]string{"org.opencontainers.image.title": "lazybase demo sample"}
-	img, err = mutate.ConfigFile(img, cfg)
+	img, err := testimage.Image(v1.Platform{OS: "linux", Architecture: runtime.GOARCH}, base, top)
 	return img, info, err
+}
+
+// generatedLayer is a gzip layer of n generated files of up to size bytes
+// (testimage.ManyFiles) under prefix, with files and a symlink under /etc
+// when prefix is empty. It adds the layer to info.
+func generatedLayer(prefix string, seed uint64, n, size int, info *Sample) (v1.Layer, error) {
+	var es []testimage.Entry
+	for _, d := range parents(prefix + "x") {
+		es = append(es, testimage.Entry{Header: &tar.Header{Typeflag: tar.TypeDir, Name: d + "/", Mode: 0o755, ModTime: testimage.Epoch}})
+	}
+	if prefix == "" {
+		es = append(es, testimage.Entry{Header: &tar.Header{Typeflag: tar.TypeDir, Name: "etc/", Mode: 0o755, ModTime: testimage.Epoch}})
+		es = append(es, testimage.Files(
+			"etc/os-release", "NAME=\"lazybase demo\"\nID=lazybase-demo\n",
+			"etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+			"etc/group", "root:x:0:\nnogroup:x:65534:\n",
+		)...)
+		es = append(es, testimage.Entry{Header: &tar.Header{Typeflag: tar.TypeSymlink, Name: "etc/mtab", Linkname: "../proc/self/mounts", Mode: 0o777, ModTime: testimage.Epoch}})
+	}
+	for _, e := range testimage.ManyFiles(seed, n, size) {
+		e.Header.Name = prefix + e.Header.Name
+		es = append(es, e)
+	}
+	tarball, err := testimage.Tar(es)
+	if err != nil {
+		return nil, err
+	}
+	l := testimage.GzipLayer(tarball)
+	for _, e := range es {
+		if e.Header.Typeflag == tar.TypeReg {
+			info.Files++
+		}
+	}
+	info.UncompressedSize += int64(len(tarball))
+	info.CompressedSize += int64(len(l.Blob))
+	return l, nil
+}
+
+// sourceLayer is a gzip layer, written to a file in dir, of the files
+// under o.source (default: the Go toolchain's src directory) up to
+// o.maxBytes. It adds the layer to info.
+func sourceLayer(dir string, o options, info *Sample) (v1.Layer, error) {
+	src := o.source
+	if src == "" {
+		var err error
+		if src, err = goSourceDir(); err != nil {
+			return nil, err
+		}
+	}
+	info.SourceDir = src
+	l, n, err := writeLayer(filepath.Join(dir, "top.tar.gz"), func(tw *tar.Writer) (int, error) {
+		return dirFiles(tw, src, "usr/local/go/src", o.maxBytes)
+	})
+	if err != nil {
+		return nil, err
+	}
+	info.Files += n
+	info.UncompressedSize += l.uncompressedSize
+	info.CompressedSize += l.size
+	return l, nil
 }
 
 // goSourceDir finds the Go toolchain's src directory.
@@ -107,73 +127,6 @@ func goSourceDir() (string, error) {
 	return "", errors.New("cannot find the Go toolchain's src directory; give one with --source DIR or use --small")
 }
 
-// sampleTime is the time of every file and history entry of the sample
-// image, which makes it reproducible.
-var sampleTime = time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC)
-
-// generatedFiles writes n deterministic text files of up to size bytes
-// under prefix, with /etc files when prefix is empty.
-func generatedFiles(tw *tar.Writer, prefix string, n, size int) (int, error) {
-	files := 0
-	dirs := map[string]bool{}
-	mkdir := func(p string) error {
-		for _, d := range parents(p) {
-			if dirs[d] {
-				continue
-			}
-			dirs[d] = true
-			if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d + "/", Mode: 0o755, ModTime: sampleTime, Format: tar.FormatPAX}); err != nil {
-				return err
-			}
-		}
-		return nil
-	}
-	add := func(name string, body []byte, mode int64) error {
-		if err := mkdir(name); err != nil {
-			return err
-		}
-		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: mode, Size: int64(len(body)), ModTime: sampleTime, Format: tar.FormatPAX}); err != nil {
-			return err
-		}
-		_, err := tw.Write(body)
-		files++
-		return err
-	}
-	if prefix == "" {
-		for _, f := range []struct{ name, body string }{
-			{"etc/os-release", "NAME=\"lazybase demo\"\nID=lazybase-demo\n"},
-			{"etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"},
-			{"etc/group", "root:x:0:\nnogroup:x:65534:\n"},
-		} {
-			if err := add(f.name, []byte(f.body), 0o644); err != nil {
-				return files, err
-			}
-		}
-		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeSymlink, Name: "etc/mtab", Linkname: "../proc/self/mounts", Mode: 0o777, ModTime: sampleTime, Format: tar.FormatPAX}); err != nil {
-			return files, err
-		}
-	}
-	rng := rand.New(rand.NewPCG(1, 2))
-	words := []string{"lazy", "base", "layer", "image", "stargz", "chunk", "prefetch", "registry", "build", "kit"}
-	for i := 0; i < n; i++ {
-		var b strings.Builder
-		want := 256 + rng.IntN(size)
-		for b.Len() < want {
-			b.WriteString(words[rng.IntN(len(words))])
-			if rng.IntN(12) == 0 {
-				b.WriteByte('\n')
-			} else {
-				b.WriteByte(' ')
-			}
-		}
-		name := fmt.Sprintf("%susr/share/demo/%02d/file-%04d.txt", prefix, i%16, i)
-		if err := add(name, []byte(b.String()), 0o644); err != nil {
-			return files, err
-		}
-	}
-	return files, nil
-}
-
 func parents(p string) []string {
 	var out []string
 	for d := path.Dir(p); d != "." && d != "/"; d = path.Dir(d) {
@@ -189,7 +142,7 @@ func dirFiles(tw *tar.Writer, root, prefix string, maxBytes int64) (int, error) 
 	var total int64
 	files := 0
 	for _, d := range parents(prefix + "/x") {
-		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d + "/", Mode: 0o755, ModTime: sampleTime, Format: tar.FormatPAX}); err != nil {
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: d + "/", Mode: 0o755, ModTime: testimage.Epoch, Format: tar.FormatPAX}); err != nil {
 			return 0, err
 		}
 	}
@@ -207,7 +160,7 @@ func dirFiles(tw *tar.Writer, root, prefix string, maxBytes int64) (int, error) 
 		if err != nil {
 			return err
 		}
-		hdr := &tar.Header{Name: name, Mode: int64(fi.Mode().Perm()), ModTime: sampleTime, Format: tar.FormatPAX}
+		hdr := &tar.Header{Name: name, Mode: int64(fi.Mode().Perm()), ModTime: testimage.Epoch, Format: tar.FormatPAX}
 		switch {
 		case fi.IsDir():
 			hdr.Typeflag, hdr.Name = tar.TypeDir, name+"/"

@@ -61,7 +61,7 @@ func verify(ctx context.Context, client *imageio.Client, rep *Report) error {
 	repo := strings.TrimPrefix(r.Registry.Context().RepositoryStr(), "/")
 	for i, d := range m.Layers {
 		l := &rep.Layers[i]
-		if d.Digest != l.Digest {
+		if d.Digest.String() != l.Digest {
 			return fmt.Errorf("layer %d is %s in the registry, conversion reported %s", i+1, d.Digest, l.Digest)
 		}
 		ra := &rangeReader{ctx: ctx, client: hc, url: fmt.Sprintf("http://%s/v2/%s/blobs/%s", rep.Registry, repo, d.Digest)}
@@ -78,7 +78,7 @@ func verifyLayer(img v1.Image, d v1.Descriptor, diffID v1.Hash, ra *rangeReader,
 	if err != nil {
 		return fmt.Errorf("annotation %s: %w", convert.AnnotationTOCDigest, err)
 	}
-	if want != l.TOCDigest {
+	if want.String() != l.TOCDigest {
 		return fmt.Errorf("annotation %s says %s, conversion reported %s", convert.AnnotationTOCDigest, want, l.TOCDigest)
 	}
 	if err := openLazily(ra, d.Size, want, l); err != nil {

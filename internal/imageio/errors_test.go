@@ -14,21 +14,31 @@ import (
 // TestRegistryErrorKindsMatchWithErrorsIs opens a manifest on registries
 // that answer each refusal status and checks that the error matches its kind
 // (and no other) with errors.Is, and still names the kind in its text.
+// TestRegistryErrorKindsMatchWithErrorsIs: each HTTP status a registry
+// answers with becomes one kind, matched with errors.Is and no other, kept
+// as a RegistryError with its status, and named in the message after the
+// operation and the image.
 func TestRegistryErrorKindsMatchWithErrorsIs(t *testing.T) {
 	kinds := []error{ErrUnauthorized, ErrDenied, ErrNotFound, ErrServer, ErrRefused, ErrCertificate}
 	for _, tc := range []struct {
 		status int
 		want   error
+		real   bool // the registry's own answer: the image is absent
 	}{
-		{http.StatusUnauthorized, ErrUnauthorized},
-		{http.StatusForbidden, ErrDenied},
-		{http.StatusNotFound, ErrNotFound},
-		{http.StatusInternalServerError, ErrServer},
-		{http.StatusBadGateway, ErrServer},
-		{http.StatusTeapot, ErrRefused},
+		{http.StatusUnauthorized, ErrUnauthorized, false},
+		{http.StatusForbidden, ErrDenied, false},
+		{http.StatusNotFound, ErrNotFound, false},
+		{http.StatusNotFound, ErrNotFound, true},
+		{http.StatusInternalServerError, ErrServer, false},
+		{http.StatusBadGateway, ErrServer, false},
+		{http.StatusTeapot, ErrRefused, false},
 	} {
-		t.Run(fmt.Sprint(tc.status), func(t *testing.T) {
-			host := newRegistry(t, func(h http.Handler) http.Handler {
+		name := fmt.Sprint(tc.status)
+		if tc.real {
+			name += " from the registry"
+		}
+		t.Run(name, func(t *testing.T) {
+			wrap := func(h http.Handler) http.Handler {
 				return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 					if r.URL.Path == "/v2/" {
 						h.ServeHTTP(w, r)
@@ -36,7 +46,11 @@ func TestRegistryErrorKindsMatchWithErrorsIs(t *testing.T) {
 					}
 					http.Error(w, "refused", tc.status)
 				})
-			})
+			}
+			if tc.real {
+				wrap = nil
+			}
+			host := newRegistry(t, wrap)
 			c := newClient(t)
 			_, err := c.Open(context.Background(), mustRef(t, c, host+"/x/app:v1"))
 			if err == nil {
@@ -51,8 +65,8 @@ func TestRegistryErrorKindsMatchWithErrorsIs(t *testing.T) {
 			if !errors.As(err, &re) || re.StatusCode != tc.status {
 				t.Errorf("error %v: want a RegistryError with status %d", err, tc.status)
 			}
-			if !strings.Contains(err.Error(), tc.want.Error()+": ") {
-				t.Errorf("error %q does not name its kind %q", err, tc.want)
+			if want := "reading " + host + "/x/app:v1: " + tc.want.Error() + ": "; !strings.Contains(err.Error(), want) {
+				t.Errorf("error %q does not name the operation, the image and its kind: want %q", err, want)
 			}
 		})
 	}

@@ -340,7 +340,7 @@ func TestLayoutReplacesWrongBlobs(t *testing.T) {
 	}
 }
 
-func TestOverwrites(t *testing.T) {
+func TestOverwritesOnlyWhenDestinationIsTheSource(t *testing.T) {
 	c := newClient(t)
 	dir := t.TempDir()
 	link := filepath.Join(t.TempDir(), "link")

@@ -3,6 +3,7 @@ package progress
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -11,6 +12,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/lazybase/lazybase/convert"
+	"github.com/lazybase/lazybase/internal/eventually"
 )
 
 type syncBuf struct {
@@ -45,7 +47,10 @@ func done(src, out v1.Hash, reused bool) convert.Event {
 	}}
 }
 
-func TestPlain(t *testing.T) {
+// TestPlainOutputIsOneLinePerFinishedLayer: without a terminal, each layer
+// that ends gives one line (converted, reused or failed) and Printf one
+// more, in order, with no escape sequences and nothing for progress events.
+func TestPlainOutputIsOneLinePerFinishedLayer(t *testing.T) {
 	var buf syncBuf
 	d := New(&buf)
 	d.Start()
@@ -74,7 +79,11 @@ func TestPlain(t *testing.T) {
 	}
 }
 
-func TestTerminal(t *testing.T) {
+// TestTerminalRedrawsLiveBlockAtMostTenTimesASecond: on a terminal, a burst
+// of events gives at most one redraw per interval, the live block shows
+// each active layer's size, rate and state and is redrawn in place, and
+// Stop leaves only the finished lines.
+func TestTerminalRedrawsLiveBlockAtMostTenTimesASecond(t *testing.T) {
 	var buf syncBuf
 	now := time.Unix(1000, 0)
 	var mu sync.Mutex
@@ -102,66 +111,91 @@ func TestTerminal(t *testing.T) {
 	if max := int(elapsed/DefaultInterval) + 2; writes > max {
 		t.Errorf("%d redraws in %v, want at most %d", writes, elapsed, max)
 	}
-	time.Sleep(2 * DefaultInterval)
-	s := buf.String()
-	if !strings.Contains(s, "sha256:aaaaaaaaaaaa     20.0 MB / 50.0 MB       10.0 MB/s  converting") {
-		t.Errorf("no live line for layer a:\n%q", s)
-	}
-	if !strings.Contains(s, "sha256:bbbbbbbbbbbb") || !strings.Contains(s, "starting") {
-		t.Errorf("no live line for layer b:\n%q", s)
-	}
-	if !strings.Contains(s, "\x1b[2A\r\x1b[J") {
-		t.Errorf("no redraw in place:\n%q", s)
-	}
+	// The ticker draws the last state after the burst.
+	eventually.Require(t, 5*time.Second, "live lines for layers a and b, redrawn in place", func() error {
+		s := buf.String()
+		if !strings.Contains(s, "sha256:aaaaaaaaaaaa     20.0 MB / 50.0 MB       10.0 MB/s  converting") {
+			return fmt.Errorf("no live line for layer a at 20 MB:\n%q", s)
+		}
+		if !strings.Contains(s, "sha256:bbbbbbbbbbbb") || !strings.Contains(s, "starting") {
+			return fmt.Errorf("no live line for layer b:\n%q", s)
+		}
+		if !strings.Contains(s, "\x1b[2A\r\x1b[J") {
+			return fmt.Errorf("no redraw in place:\n%q", s)
+		}
+		return nil
+	})
 	d.Handle(done(a, hash('1'), false))
 	d.Handle(done(b, hash('2'), false))
 	d.Stop()
-	s = buf.String()
+	s := buf.String()
 	tail := s[strings.LastIndex(s, "\x1b[J")+3:]
 	if !strings.HasPrefix(tail, "layer sha256:aaaaaaaaaaaa converted") || strings.Count(tail, "\n") != 2 {
 		t.Errorf("final render %q", tail)
 	}
 }
 
-func TestStatus(t *testing.T) {
+// TestStatusLineShownOnTerminalOnly: a status line is drawn under the live
+// block on a terminal and erased when cleared; plain output never shows it.
+func TestStatusLineShownOnTerminalOnly(t *testing.T) {
 	var buf syncBuf
 	d := New(&buf, WithTerminal(true))
 	d.Start()
 	d.Status("writing dst  1.0 MB / 2.0 MB")
-	time.Sleep(3 * DefaultInterval)
+	eventually.Require(t, 5*time.Second, "status line drawn", func() error {
+		if s := buf.String(); !strings.Contains(s, "writing dst  1.0 MB / 2.0 MB\n") {
+			return fmt.Errorf("output %q", s)
+		}
+		return nil
+	})
 	d.Status("")
 	d.Stop()
-	s := buf.String()
-	if !strings.Contains(s, "writing dst  1.0 MB / 2.0 MB\n") || !strings.HasSuffix(s, "\x1b[1A\r\x1b[J") {
-		t.Errorf("status output %q", s)
+	if s := buf.String(); !strings.HasSuffix(s, "\x1b[1A\r\x1b[J") {
+		t.Errorf("status line not erased: %q", s)
 	}
-	// Plain output has no status line.
+	// Plain output has no status line: the ticker renders the line
+	// printed after the status, and nothing else.
 	var plain syncBuf
 	p := New(&plain)
 	p.Start()
 	p.Status("writing")
-	time.Sleep(2 * DefaultInterval)
+	p.Printf("marker")
+	eventually.Require(t, 5*time.Second, "plain output rendered by the ticker", func() error {
+		if plain.String() == "" {
+			return errors.New("nothing written")
+		}
+		return nil
+	})
 	p.Stop()
-	if plain.String() != "" {
-		t.Errorf("plain output %q", plain.String())
+	if got := plain.String(); got != "marker\n" {
+		t.Errorf("plain output %q, want only the printed line", got)
 	}
 }
 
-func TestWriter(t *testing.T) {
+// TestLogLinesGoAboveLiveBlock: lines written to the Display (a logger's
+// output) are printed above the live block, joined across writes, and the
+// block is redrawn under them.
+func TestLogLinesGoAboveLiveBlock(t *testing.T) {
 	var buf syncBuf
 	d := New(&buf, WithTerminal(true))
 	d.Handle(convert.Event{Kind: convert.LayerStarted, Layer: hash('a'), Total: 10})
 	d.Start()
-	time.Sleep(2 * DefaultInterval)
+	eventually.Require(t, 5*time.Second, "live block drawn", func() error {
+		if s := buf.String(); !strings.Contains(s, "sha256:aaaaaaaaaaaa") {
+			return fmt.Errorf("output %q", s)
+		}
+		return nil
+	})
 	if _, err := d.Write([]byte("level=warning msg=one\nlevel=info ")); err != nil {
 		t.Fatal(err)
 	}
 	d.Write([]byte("msg=two\n"))
-	time.Sleep(2 * DefaultInterval)
+	const want = "\x1b[1A\r\x1b[Jlevel=warning msg=one\nlevel=info msg=two\nsha256:aaaaaaaaaaaa"
+	eventually.Require(t, 5*time.Second, "log lines above the redrawn live block", func() error {
+		if s := buf.String(); !strings.Contains(s, want) {
+			return fmt.Errorf("output %q", s)
+		}
+		return nil
+	})
 	d.Stop()
-	s := buf.String()
-	// Log lines go above the live block, which is redrawn under them.
-	if !strings.Contains(s, "\x1b[1A\r\x1b[Jlevel=warning msg=one\nlevel=info msg=two\nsha256:aaaaaaaaaaaa") {
-		t.Errorf("output %q", s)
-	}
 }

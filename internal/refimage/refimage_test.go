@@ -22,7 +22,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/validate"
 )
 
-func TestAptMirror(t *testing.T) {
+func TestAptMirrorFindsTheSuiteInDeb822AndOneLineSources(t *testing.T) {
 	dir := t.TempDir()
 	if err := os.MkdirAll(filepath.Join(dir, "sources.list.d"), 0o755); err != nil {
 		t.Fatal(err)
@@ -56,7 +56,7 @@ Components: main
 	}
 }
 
-func TestBuildRejects(t *testing.T) {
+func TestBuildRejectsUnknownKindAndNonHTTPMirror(t *testing.T) {
 	if _, err := Build(context.Background(), Kind("alpine"), WithCacheDir(t.TempDir()), WithMirror("http://x.example/debian")); err == nil {
 		t.Error("unknown kind accepted")
 	}
@@ -125,7 +125,7 @@ func tarStats(t *testing.T, l v1.Layer, keep ...string) (int64, int, map[string]
 	return cr.n, files, names, kept
 }
 
-func TestBuildGolang(t *testing.T) {
+func TestBuildGolangGivesACachedTwoLayerOCIImage(t *testing.T) {
 	needBuilder(t)
 	ctx := context.Background()
 	start := time.Now()
@@ -248,11 +248,11 @@ func TestBuildGolang(t *testing.T) {
 	}
 }
 
-// TestRebuildInvalid copies the cache into a new directory, damages the
-// golang-like image there and builds it twice at once: the damage is found,
-// one build rebuilds it (from the cached debian-like image) and both get the
-// original digest.
-func TestRebuildInvalid(t *testing.T) {
+// TestBuildRebuildsADamagedCachedImageOnce copies the cache into a new
+// directory, damages the golang-like image there and builds it twice at
+// once: the damage is found, one build rebuilds it (from the cached
+// debian-like image) and both get the original digest.
+func TestBuildRebuildsADamagedCachedImageOnce(t *testing.T) {
 	needBuilder(t)
 	ctx := context.Background()
 	img, err := Build(ctx, Golang)

@@ -277,7 +277,7 @@ func TestPackContent(t *testing.T) {
 	}
 }
 
-func TestWriteLayer(t *testing.T) {
+func TestWriteLayerIsReproducibleAndHoldsThePackedTar(t *testing.T) {
 	root, _ := makeTree(t)
 	dir := t.TempDir()
 	l1, err := writeLayer(filepath.Join(dir, "a"), Epoch, func(p *packer) error { return p.addTree(context.Background(), root, "") })

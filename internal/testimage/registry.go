@@ -8,7 +8,6 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
-	"testing"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
@@ -32,7 +31,7 @@ type Registry struct {
 }
 
 // NewRegistry starts an in-process registry that is closed when t ends.
-func NewRegistry(t testing.TB) *Registry {
+func NewRegistry(t TB) *Registry {
 	t.Helper()
 	r := &Registry{faults: map[string]int{}, reads: map[string]int{}, stalls: map[string]stall{}}
 	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
@@ -145,7 +144,7 @@ func (r *Registry) BlobReads(dgst v1.Hash) int {
 }
 
 // Ref returns a reference to repo:tag on this registry.
-func (r *Registry) Ref(t testing.TB, repoTag string) name.Reference {
+func (r *Registry) Ref(t TB, repoTag string) name.Reference {
 	t.Helper()
 	ref, err := name.ParseReference(r.Host+"/"+repoTag, name.Insecure)
 	if err != nil {
@@ -155,7 +154,7 @@ func (r *Registry) Ref(t testing.TB, repoTag string) name.Reference {
 }
 
 // Push writes img to repo:tag and returns its reference.
-func (r *Registry) Push(t testing.TB, repoTag string, img v1.Image) name.Reference {
+func (r *Registry) Push(t TB, repoTag string, img v1.Image) name.Reference {
 	t.Helper()
 	ref := r.Ref(t, repoTag)
 	if err := remote.Write(ref, img); err != nil {
@@ -165,7 +164,7 @@ func (r *Registry) Push(t testing.TB, repoTag string, img v1.Image) name.Referen
 }
 
 // PushIndex writes idx and its images to repo:tag and returns its reference.
-func (r *Registry) PushIndex(t testing.TB, repoTag string, idx v1.ImageIndex) name.Reference {
+func (r *Registry) PushIndex(t TB, repoTag string, idx v1.ImageIndex) name.Reference {
 	t.Helper()
 	ref := r.Ref(t, repoTag)
 	if err := remote.WriteIndex(ref, idx); err != nil {
@@ -176,7 +175,7 @@ func (r *Registry) PushIndex(t testing.TB, repoTag string, idx v1.ImageIndex) na
 
 // DeleteBlob deletes the blob dgst from repo through the registry API (the
 // in-process registry's blob store is shared by all repositories).
-func (r *Registry) DeleteBlob(t testing.TB, repo string, dgst v1.Hash) {
+func (r *Registry) DeleteBlob(t TB, repo string, dgst v1.Hash) {
 	t.Helper()
 	req, err := http.NewRequest(http.MethodDelete, r.Server.URL+"/v2/"+repo+"/blobs/"+dgst.String(), nil)
 	if err != nil {
@@ -194,7 +193,7 @@ func (r *Registry) DeleteBlob(t testing.TB, repo string, dgst v1.Hash) {
 
 // Image reads ref back with remote.Image, without retries so that injected
 // faults surface at once.
-func (r *Registry) Image(t testing.TB, ref name.Reference) v1.Image {
+func (r *Registry) Image(t TB, ref name.Reference) v1.Image {
 	t.Helper()
 	img, err := remote.Image(ref, NoRetry()...)
 	if err != nil {

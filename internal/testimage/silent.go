@@ -13,7 +13,6 @@ import (
 	"net/http/httptest"
 	"strconv"
 	"sync"
-	"testing"
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -24,7 +23,7 @@ import (
 // and never sends a byte: a registry that hangs after the TCP handshake.
 // It returns the listener's host:port; the listener and its connections are
 // closed when t ends.
-func SilentServer(t testing.TB) string {
+func SilentServer(t TB) string {
 	t.Helper()
 	return silent(t, nil)
 }
@@ -32,7 +31,7 @@ func SilentServer(t testing.TB) string {
 // SilentTLSServer is SilentServer that first completes a TLS handshake with
 // a self-signed certificate for 127.0.0.1 (clients must skip verification),
 // then stays silent: a registry that hangs after the TLS handshake.
-func SilentTLSServer(t testing.TB) string {
+func SilentTLSServer(t TB) string {
 	t.Helper()
 	cert, err := selfSigned()
 	if err != nil {
@@ -41,7 +40,7 @@ func SilentTLSServer(t testing.TB) string {
 	return silent(t, &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"http/1.1"}})
 }
 
-func silent(t testing.TB, cfg *tls.Config) string {
+func silent(t TB, cfg *tls.Config) string {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -147,7 +146,7 @@ func serveStalled(w http.ResponseWriter, req *http.Request, inner http.Handler, 
 // completes: a listening socket with a backlog of 0 that never accepts,
 // whose queue is filled first, so the kernel drops further SYNs. Like a
 // registry behind a firewall that drops packets. It is closed when t ends.
-func BlackholeServer(t testing.TB) string {
+func BlackholeServer(t TB) string {
 	t.Helper()
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {

@@ -20,7 +20,7 @@ func old(t *testing.T, p string) {
 	}
 }
 
-func TestSweep(t *testing.T) {
+func TestSweepRemovesOnlyAgedUnlockedMatches(t *testing.T) {
 	elsewhere := filepath.Join(t.TempDir(), "target")
 	if err := os.WriteFile(elsewhere, []byte("keep"), 0o644); err != nil {
 		t.Fatal(err)

@@ -205,7 +205,7 @@ func TestValidateAcceptsOddButSafeTOCs(t *testing.T) {
 	}
 }
 
-func TestOptions(t *testing.T) {
+func TestOptionsLowerLimitsAndRefuseBadValues(t *testing.T) {
 	tc := toc(ent("a/b/c", "fifo"), ent("d", "fifo"), ent("e", "fifo"))
 	if err := toccheck.Validate(tc, blob, toccheck.WithMaxEntries(2)); err == nil || !strings.Contains(err.Error(), "3 entries, more than the limit of 2") {
 		t.Errorf("WithMaxEntries(2): %v", err)
