@@ -30,20 +30,22 @@ import (
 const authHelperName = "lzbe2e"
 
 // TestAuthRegistry runs lazybase against a registry that requires
-// credentials (distribution's htpasswd auth): in one scenario they come
-// from a docker config.json (`auths`, the daemon's auth.docker_config), in
-// the second from a credential helper (the daemon's
+// credentials. Three scenarios: distribution's htpasswd auth with the
+// credentials in a docker config.json (`auths`; the daemon's
+// auth.docker_config); htpasswd with a credential helper (the daemon's
 // auth.credential_helpers; config.json's credHelpers for buildctl and the
-// CLI); the third runs the registry with token auth (a token server in the
-// test process, credentials from a docker config.json), and no issued
-// bearer token may appear in a log either. In each: buildkitd builds the multi-stage Dockerfile on the lazily
-// mounted eStargz bases (FUSE mounts, the builder base fetched by ranges),
-// the export guard materializes the final base and the push fetches 0 of
-// its bytes, `lazybase convert` and `lazybase mirror` read from and write to
-// the registry; then, with a wrong password, convert, mirror and the
-// daemon's barrier fail with an error naming the host. The daemon runs at
-// log level trace (helper scenario: debug); no daemon log and no CLI
-// output holds the password or the base64 of user:password.
+// CLI); distribution's token auth (a token server in the test process)
+// with a docker config.json. In each: buildkitd builds the multi-stage
+// Dockerfile on the lazily mounted eStargz bases (FUSE mounts, the builder
+// base fetched by ranges); containerd pulls the golang-like eStargz image
+// lazily (ctr --user; no layer in the content store) and runs `go
+// version` from it; the export guard materializes the final base and the
+// push fetches 0 of its bytes; `lazybase convert` and `lazybase mirror`
+// read from and write to the registry. Then, with a wrong password,
+// convert, mirror and the daemon's barrier fail with an error naming the
+// host. The daemon runs at log level trace (debug in the other two); no
+// daemon log and no CLI output holds the password, the base64 of
+// user:password, or an issued bearer token.
 func TestAuthRegistry(t *testing.T) {
 	for _, sc := range []struct {
 		name     string
@@ -196,6 +198,37 @@ mode = "lazy-only"
 	}
 	if lazyOnly == 0 {
 		t.Fatal("the golang-like image has no layer of its own")
+	}
+
+	// A plain containerd lazy pull (ctr passes the credentials to
+	// containerd's transfer service; the daemon uses its own) and a
+	// container running from it.
+	p.SetPhase("pull")
+	goRef := r.Ref(repoGolang, tagEStargz)
+	redact := func(err error) string { return strings.ReplaceAll(err.Error(), password, "<password>") }
+	if _, err := s.Containerd.Ctr(ctx, "images", "pull", "--plain-http", "--snapshotter", harness.LazySnapshotterName, "--user", user+":"+password, goRef); err != nil {
+		t.Fatalf("lazy pull of %s: %s", goRef, redact(err))
+	}
+	content, err := s.Containerd.ContentDigests(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range layerDigests(t, golang.estargz) {
+		if content[d] {
+			t.Errorf("lazy pull: layer %s is in the content store", d)
+		}
+	}
+	goOut, err := s.Containerd.Run(ctx, goRef, harness.LazySnapshotterName, "authgo", "go", "version")
+	if err != nil {
+		t.Fatalf("running %s: %v", goRef, err)
+	}
+	if !strings.HasPrefix(strings.TrimSpace(goOut), "go version") {
+		t.Errorf("go version printed %q", goOut)
+	}
+	for d, size := range layerSizes(t, golang.estargz) {
+		if b := p.StatsFor("pull").Blob(d); b.FullGETs != 0 || b.Covered()*2 >= size {
+			t.Errorf("lazy pull: layer %s fetched whole or over half (%d of %d bytes)", d, b.Covered(), size)
+		}
 	}
 
 	// The guard materializes the final base through the same credentials.
