@@ -21,8 +21,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/lazybase/lazybase/e2e/harness"
+	"github.com/lazybase/lazybase/exportguard"
 	"github.com/lazybase/lazybase/internal/eventually"
-	"github.com/lazybase/lazybase/lazypull"
 )
 
 // authHelperName is the credential helper the auth test writes:
@@ -236,7 +236,7 @@ mode = "lazy-only"
 		st := guardStates(ctx, t, s)
 		for _, d := range debianLayers {
 			l := st[d]
-			if l.State == lazypull.GuardFailed {
+			if l.State == exportguard.StateFailed {
 				t.Fatalf("guard failed on final base layer %s: %s\n%s", d, l.Error, s.Logs(40))
 			}
 			if !l.Materialized {
