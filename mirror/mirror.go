@@ -10,7 +10,6 @@ import (
 	"github.com/containerd/log"
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
-	"golang.org/x/sync/singleflight"
 
 	"github.com/lazybase/lazybase/convert"
 	"github.com/lazybase/lazybase/internal/imageio"
@@ -33,7 +32,8 @@ type Mirror struct {
 	sessions map[*session]bool
 	closed   convert.Stats // counters of closed sessions' converters
 
-	layerSF singleflight.Group // by record key, across sessions
+	flightMu sync.Mutex
+	flights  map[string]*layerFlight // by record key, across sessions
 
 	listMu sync.Mutex
 	lists  map[string]prefetch.Source
@@ -97,6 +97,7 @@ func New(cfg *Config, opts ...Option) (*Mirror, error) {
 		listRT:   imageio.PolicyTransport(rt, cfg.PlainHTTP),
 		format:   FormatAnnotation(f, cfg.Level, cfg.ChunkSize),
 		sessions: map[*session]bool{},
+		flights:  map[string]*layerFlight{},
 		lists:    map[string]prefetch.Source{},
 	}
 	ref, err := client.ParseRef(cfg.RecordsRepository + ":probe")

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/containerd/log"
+	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
@@ -72,7 +73,10 @@ feed:
 }
 
 type imageStats struct {
-	sess                           *session
+	sess *session
+	// repo is the source repository, from which a shared layer is read
+	// detached from this image (nil: read through the image).
+	repo                           *name.Repository
 	converted, fromRecords, shared atomic.Int64
 	bytes                          atomic.Int64
 }
@@ -95,7 +99,7 @@ func (m *Mirror) mirrorImage(ctx context.Context, sess *session, j Job) ImageRep
 	wait := 4 * initial
 	for attempt := 1; ; attempt++ {
 		r.Attempts = attempt
-		st := &imageStats{sess: sess}
+		st := &imageStats{sess: sess, repo: m.sourceRepo(j)}
 		status, src, dgst, err := m.attempt(ctx, j, st)
 		r.SourceDigest, r.Digest, r.Status = src, dgst, status
 		r.LayersConverted, r.LayersFromRecords, r.LayersShared = int(st.converted.Load()), int(st.fromRecords.Load()), int(st.shared.Load())
@@ -124,6 +128,17 @@ func (m *Mirror) mirrorImage(ctx context.Context, sess *session, j Job) ImageRep
 		m.onImageMu.Unlock()
 	}
 	return r
+}
+
+// sourceRepo returns the repository of a job's source, nil when it is not
+// a registry repository.
+func (m *Mirror) sourceRepo(j Job) *name.Repository {
+	ref, err := m.client.ParseRef(j.Source)
+	if err != nil || ref.IsLayout() {
+		return nil
+	}
+	repo := ref.Registry.Context()
+	return &repo
 }
 
 func (m *Mirror) attempt(ctx context.Context, j Job, st *imageStats) (status, srcDigest, digest string, err error) {
@@ -191,10 +206,12 @@ func (m *Mirror) layer(ctx context.Context, src v1.Layer, desc v1.Descriptor, di
 		st.shared.Add(1)
 		return l, nil
 	}
-	var mine bool
-	v, err, _ := m.layerSF.Do(key, func() (any, error) {
-		mine = true
-		p, err := m.produce(ctx, sess, key, src, desc, diffID, files, st)
+	p, mine, err := m.join(ctx, key, func(fctx context.Context) (*produced, error) {
+		l, err := m.detach(fctx, st.repo, src, desc)
+		if err != nil {
+			return nil, err
+		}
+		p, err := m.produce(fctx, sess, key, l, desc, diffID, files, st)
 		if err == nil {
 			// Before the flight ends: a caller of this session arriving
 			// just after it must find the layer here, not start another.
@@ -205,7 +222,6 @@ func (m *Mirror) layer(ctx context.Context, src v1.Layer, desc v1.Descriptor, di
 	if err != nil {
 		return nil, err
 	}
-	p := v.(*produced)
 	if !mine {
 		if p.owner != nil && p.owner != sess {
 			// Converted by another session, whose files go away when
