@@ -72,6 +72,16 @@ import (
 //	insecure = false
 //	# Directory for converted layers and spooled tars. Default: os.TempDir().
 //	temp_dir = ""
+//	# How long a conversion claim holds (see the package documentation):
+//	# mirrors started together (shards of an Indexed Job) claim a layer in
+//	# the records repository before converting it, and a mirror finding
+//	# another's fresh claim waits for its conversion record instead of
+//	# converting too. The holder renews its claim every third of this; a
+//	# mirror killed mid-way holds its layers for at most this long before
+//	# another takes over. Keep it well above the clock skew between the
+//	# mirrors' machines. "0s" turns claims off. Claims need the record
+//	# key. Default: "2m".
+//	claim_ttl = "2m"
 //	# Registry timeouts, per request phase, never for a whole transfer: TCP
 //	# connect, TLS handshake, response headers once the request is sent,
 //	# and idle (the longest wait for the next bytes of a body, sent or
@@ -160,6 +170,7 @@ type Config struct {
 	PlainHTTP         bool     `toml:"plain_http"`
 	Insecure          bool     `toml:"insecure"`
 	TempDir           string   `toml:"temp_dir"`
+	ClaimTTL          string   `toml:"claim_ttl"`
 	Sources           []Source `toml:"source"`
 
 	// Record authentication and the [serve] table (see security.go).
@@ -332,6 +343,12 @@ func (c *Config) validate() error {
 			return fmt.Errorf("%s: want a positive duration such as \"500ms\", got %q", d.key, *d.v)
 		}
 	}
+	if c.ClaimTTL == "" {
+		c.ClaimTTL = DefaultClaimTTL.String()
+	}
+	if v, err := time.ParseDuration(c.ClaimTTL); err != nil || v < 0 {
+		return fmt.Errorf("claim_ttl: want a duration such as \"2m\" (\"0s\" for no claims), got %q", c.ClaimTTL)
+	}
 	if err := c.validateTimeouts(); err != nil {
 		return err
 	}
@@ -402,6 +419,12 @@ func (c *Config) durations() (initial, max, afterMax time.Duration) {
 	max, _ = time.ParseDuration(c.RetryMax)
 	afterMax, _ = time.ParseDuration(c.RetryAfterMax)
 	return
+}
+
+// claimTTL returns the claim expiry of a validated Config (0: no claims).
+func (c *Config) claimTTL() time.Duration {
+	d, _ := time.ParseDuration(c.ClaimTTL)
+	return d
 }
 
 // validateTimeouts fills in and checks the registry timeouts.

@@ -11,8 +11,8 @@
 // ImageReport. Server turns registry push notifications into jobs, and
 // Serve runs it until shutdown and returns a ServeResult. Each job has its
 // file: options.go; mirror.go (the Mirror and its counters); plan.go;
-// run.go, build.go and session.go (attempts, converted images, layers kept
-// for a run); record.go; report.go; events.go, queue.go, server.go and
+// run.go, build.go, flight.go and session.go (attempts, converted images,
+// shared layer conversions, layers kept for a run); record.go; claim.go; report.go; events.go, queue.go, server.go and
 // serve.go (notifications); config.go, security.go and tags.go (the
 // config, secrets, tag selection); retry.go.
 //
@@ -110,11 +110,57 @@
 // the others; Run returns a Report of converted,
 // skipped and failed images with reasons and timings.
 //
+// # Conversion claims
+//
+// Records make a layer converted once across runs; claims make it
+// converted once across mirror processes started together (the shards of
+// an Indexed Job, or a serve and a scheduled run). Before converting a
+// layer that has no record, a mirror reads the layer's claim, tagged
+// ClaimTag(record tag) ("claim-" and the record tag's hex) in the records
+// repository: an OCI manifest with artifactType
+// application/vnd.lazybase.conversion-claim.v1, the empty config and
+// annotations naming the holder (host, process id, a random suffix, the
+// shard) and when the claim expires (RFC 3339).
+//
+//   - No claim, or an expired one (or its own): the mirror writes its
+//     claim, expiring claim_ttl from now, waits a settle time (claim_ttl/200,
+//     between 50 ms and 500 ms) and reads it back. Registries have no
+//     conditional tag write, so two mirrors that found the claim free both
+//     write it and the last write wins; reading back after the settle time
+//     tells each which one won. The winner looks for the record once more,
+//     converts the layer, renews its claim every claim_ttl/3 while it
+//     converts, writes the record and then releases the claim (rewrites
+//     it as expired).
+//   - A fresh claim of another mirror: it waits, polling the record every
+//     claim_ttl/30 (between 50 ms and 2 s), and takes the layer from the
+//     record as soon as it appears; if the claim expires or is released
+//     without a record (the holder was killed, or its conversion failed),
+//     it claims the layer itself (a takeover) and converts it.
+//
+// Failure modes: a mirror killed mid-way stops renewing, and its layers
+// are taken over claim_ttl after its last renewal at the latest (a
+// restarted process has a new holder name and waits for its old claims
+// too). A registry that cannot be read or written for claims, or two
+// writes further apart than the settle time, cost a second conversion,
+// never a wrong result: conversion is deterministic and records are
+// idempotent, so claims are an economy, not a lock correctness depends
+// on. Expiry is judged by each mirror's clock: keep claim_ttl far above
+// the clock skew. Claims are off with claim_ttl "0s", without a record
+// key, and with force. Report.Layers counts ClaimWaits, ClaimRecords and
+// ClaimTakeovers. Tested with two mirror processes started together over
+// images sharing layers (unit tests with go-containerregistry's registry,
+// e2e with distribution's): each unique layer read from the source and
+// converted once.
+//
 // Within one Run, a layer shared by several images is converted once and
 // kept in a temporary file until the run ends; MirrorImage (one image, as
 // serve uses it) releases its files when the image is done, and images of
 // different calls share layers through their records. Concurrent requests
-// for the same layer in one process wait for a single conversion.
+// for the same layer in one process wait for a single conversion, which
+// runs detached from the image that started it (its source read under its
+// own context) and is cancelled only when no image waits for it any more:
+// an image that fails, and so cancels its own work, never fails another
+// image sharing its layers.
 //
 // Shard splits the images between workers by the FNV-1a hash of the source
 // reference.

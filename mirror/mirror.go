@@ -41,6 +41,12 @@ type Mirror struct {
 	converted, fromRecords, recordFailures atomic.Int64
 	// recordsRejected counts records found without a valid MAC.
 	recordsRejected atomic.Int64
+	// holder names this process in conversion claims; claimWaits counts
+	// layers found claimed by another process, claimRecords those of them
+	// taken from the record it wrote, claimTakeovers expired claims taken
+	// over.
+	holder                                   string
+	claimWaits, claimRecords, claimTakeovers atomic.Int64
 
 	onImageMu sync.Mutex // serializes WithImageDone calls
 }
@@ -98,6 +104,7 @@ func New(cfg *Config, opts ...Option) (*Mirror, error) {
 		format:   FormatAnnotation(f, cfg.Level, cfg.ChunkSize),
 		sessions: map[*session]bool{},
 		flights:  map[string]*layerFlight{},
+		holder:   newHolder(o.shard),
 		lists:    map[string]prefetch.Source{},
 	}
 	ref, err := client.ParseRef(cfg.RecordsRepository + ":probe")

@@ -72,6 +72,13 @@ type LayerCounts struct {
 	// RecordsRejected is how many records were found without a valid MAC
 	// (their layers were converted again and the records rewritten).
 	RecordsRejected int64 `json:"recordsRejected"`
+	// ClaimWaits is how many layers were found claimed by another mirror
+	// process (see claim_ttl); ClaimRecords how many of them were then
+	// taken from the record that process wrote, and ClaimTakeovers how
+	// many expired claims this process took over.
+	ClaimWaits     int64 `json:"claimWaits"`
+	ClaimRecords   int64 `json:"claimRecords"`
+	ClaimTakeovers int64 `json:"claimTakeovers"`
 }
 
 // OK reports whether nothing failed.

@@ -67,7 +67,8 @@ feed:
 		rep.add(r)
 	}
 	rep.Seconds = time.Since(start).Seconds()
-	rep.Layers = LayerCounts{Converted: m.converted.Load(), FromRecords: m.fromRecords.Load(), RecordWriteFailures: m.recordFailures.Load(), RecordsRejected: m.recordsRejected.Load()}
+	rep.Layers = LayerCounts{Converted: m.converted.Load(), FromRecords: m.fromRecords.Load(), RecordWriteFailures: m.recordFailures.Load(), RecordsRejected: m.recordsRejected.Load(),
+		ClaimWaits: m.claimWaits.Load(), ClaimRecords: m.claimRecords.Load(), ClaimTakeovers: m.claimTakeovers.Load()}
 	rep.Retries = m.rt.Retries()
 	return rep, ctx.Err()
 }
@@ -256,6 +257,20 @@ func (m *Mirror) produce(ctx context.Context, sess *session, key string, src v1.
 			st.fromRecords.Add(1)
 			return &produced{l: l}, nil
 		}
+	}
+	if m.claimsEnabled() {
+		l, release, err := m.claimLayer(ctx, key, desc.Digest, fp)
+		if err != nil {
+			return nil, err
+		}
+		if l != nil {
+			m.fromRecords.Add(1)
+			st.fromRecords.Add(1)
+			return &produced{l: l}, nil
+		}
+		// Released once the record is written (or the conversion
+		// failed), so a waiting process takes the record or over.
+		defer release()
 	}
 	conv, err := sess.converter(files)
 	if err != nil {
