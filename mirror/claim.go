@@ -216,6 +216,61 @@ func (m *Mirror) readClaim(ctx context.Context, key string) (*claim, error) {
 	if err != nil {
 		return nil, err
 	}
+	a, err := m.readArtifact(ctx, ref, ClaimArtifactType)
+	if err != nil || a == nil {
+		return nil, err
+	}
+	exp, err := time.Parse(time.RFC3339Nano, a[AnnotationClaimExpires])
+	if err != nil {
+		return nil, nil // unreadable: as good as expired
+	}
+	return &claim{holder: a[AnnotationClaimHolder], expires: exp}, nil
+}
+
+// writeClaim tags this process's claim on key, expiring at exp.
+func (m *Mirror) writeClaim(ctx context.Context, key string, src v1.Hash, exp time.Time) error {
+	ref, err := m.claimRef(key)
+	if err != nil {
+		return err
+	}
+	err = m.writeArtifact(ctx, ref, ClaimArtifactType, map[string]string{
+		AnnotationClaimHolder:         m.holder,
+		AnnotationClaimExpires:        exp.UTC().Format(time.RFC3339Nano),
+		convert.AnnotationSourceLayer: src.String(),
+	})
+	if err != nil {
+		return fmt.Errorf("claim %s: %w", ClaimTag(key), err)
+	}
+	return nil
+}
+
+// writeArtifact tags at ref an OCI manifest of the given artifactType and
+// annotations, with the empty config as its config and only layer.
+func (m *Mirror) writeArtifact(ctx context.Context, ref imageio.Ref, artifactType string, ann map[string]string) error {
+	empty := v1.Descriptor{MediaType: types.OCIEmptyJSON, Size: 2, Digest: sha256Of([]byte("{}"))}
+	man := v1.Manifest{
+		SchemaVersion: 2,
+		MediaType:     types.OCIManifestSchema1,
+		ArtifactType:  artifactType,
+		Config:        empty,
+		Layers:        []v1.Descriptor{empty},
+		Annotations:   ann,
+	}
+	raw, err := json.Marshal(man)
+	if err != nil {
+		return err
+	}
+	img, err := partial.CompressedToImage(&rawImage{manifest: raw, config: []byte("{}"), layers: map[v1.Hash]partial.CompressedLayer{empty.Digest: static.NewLayer([]byte("{}"), types.OCIEmptyJSON)}})
+	if err != nil {
+		return err
+	}
+	_, err = m.client.Write(ctx, ref, img, nil)
+	return err
+}
+
+// readArtifact returns the annotations of the manifest tagged at ref when
+// it has the given artifactType, nil when there is none.
+func (m *Mirror) readArtifact(ctx context.Context, ref imageio.Ref, artifactType string) (map[string]string, error) {
 	src, err := m.client.Open(ctx, ref)
 	if err != nil {
 		if errors.Is(err, imageio.ErrNotFound) {
@@ -228,48 +283,10 @@ func (m *Mirror) readClaim(ctx context.Context, key string) (*claim, error) {
 	}
 	man, err := src.Image.Manifest()
 	if err != nil {
-		return nil, fmt.Errorf("claim %s: %w", ClaimTag(key), err)
+		return nil, fmt.Errorf("%s: %w", ref, err)
 	}
-	if man.ArtifactType != ClaimArtifactType {
+	if man.ArtifactType != artifactType || man.Annotations == nil {
 		return nil, nil
 	}
-	exp, err := time.Parse(time.RFC3339Nano, man.Annotations[AnnotationClaimExpires])
-	if err != nil {
-		return nil, nil // unreadable: as good as expired
-	}
-	return &claim{holder: man.Annotations[AnnotationClaimHolder], expires: exp}, nil
-}
-
-// writeClaim tags this process's claim on key, expiring at exp: an OCI
-// manifest with the empty config as its config and only layer.
-func (m *Mirror) writeClaim(ctx context.Context, key string, src v1.Hash, exp time.Time) error {
-	empty := v1.Descriptor{MediaType: types.OCIEmptyJSON, Size: 2, Digest: sha256Of([]byte("{}"))}
-	man := v1.Manifest{
-		SchemaVersion: 2,
-		MediaType:     types.OCIManifestSchema1,
-		ArtifactType:  ClaimArtifactType,
-		Config:        empty,
-		Layers:        []v1.Descriptor{empty},
-		Annotations: map[string]string{
-			AnnotationClaimHolder:         m.holder,
-			AnnotationClaimExpires:        exp.UTC().Format(time.RFC3339Nano),
-			convert.AnnotationSourceLayer: src.String(),
-		},
-	}
-	raw, err := json.Marshal(man)
-	if err != nil {
-		return err
-	}
-	img, err := partial.CompressedToImage(&rawImage{manifest: raw, config: []byte("{}"), layers: map[v1.Hash]partial.CompressedLayer{empty.Digest: static.NewLayer([]byte("{}"), types.OCIEmptyJSON)}})
-	if err != nil {
-		return err
-	}
-	ref, err := m.claimRef(key)
-	if err != nil {
-		return err
-	}
-	if _, err := m.client.Write(ctx, ref, img, nil); err != nil {
-		return fmt.Errorf("claim %s: %w", ClaimTag(key), err)
-	}
-	return nil
+	return man.Annotations, nil
 }

@@ -82,6 +82,14 @@ import (
 //	# mirrors' machines. "0s" turns claims off. Claims need the record
 //	# key. Default: "2m".
 //	claim_ttl = "2m"
+//	# Quarantine: an image that fails the same way (same source digest,
+//	# same reason) on this many consecutive runs is known bad, reported as
+//	# "quarantined" and not tried again (one HEAD of its source per run)
+//	# until its source digest changes. Known-bad images do not make a run
+//	# fail: the exit status is non-zero only for new failures. The state
+//	# lives in failure records in the records repository (no disk needed)
+//	# and needs the record key. 0 turns quarantine off. Default: 2.
+//	quarantine_after = 2
 //	# Registry timeouts, per request phase, never for a whole transfer: TCP
 //	# connect, TLS handshake, response headers once the request is sent,
 //	# and idle (the longest wait for the next bytes of a body, sent or
@@ -171,6 +179,7 @@ type Config struct {
 	Insecure          bool     `toml:"insecure"`
 	TempDir           string   `toml:"temp_dir"`
 	ClaimTTL          string   `toml:"claim_ttl"`
+	QuarantineAfter   *int     `toml:"quarantine_after"`
 	Sources           []Source `toml:"source"`
 
 	// Record authentication and the [serve] table (see security.go).
@@ -342,6 +351,12 @@ func (c *Config) validate() error {
 		if err != nil || v <= 0 {
 			return fmt.Errorf("%s: want a positive duration such as \"500ms\", got %q", d.key, *d.v)
 		}
+	}
+	if c.QuarantineAfter == nil {
+		n := DefaultQuarantineAfter
+		c.QuarantineAfter = &n
+	} else if *c.QuarantineAfter < 0 {
+		return fmt.Errorf("quarantine_after: must not be negative, got %d", *c.QuarantineAfter)
 	}
 	if c.ClaimTTL == "" {
 		c.ClaimTTL = DefaultClaimTTL.String()

@@ -12,7 +12,8 @@
 // Serve runs it until shutdown and returns a ServeResult. Each job has its
 // file: options.go; mirror.go (the Mirror and its counters); plan.go;
 // run.go, build.go, flight.go and session.go (attempts, converted images,
-// shared layer conversions, layers kept for a run); record.go; claim.go; report.go; events.go, queue.go, server.go and
+// shared layer conversions, layers kept for a run); record.go; claim.go;
+// quarantine.go; report.go; events.go, queue.go, server.go and
 // serve.go (notifications); config.go, security.go and tags.go (the
 // config, secrets, tag selection); retry.go.
 //
@@ -164,6 +165,29 @@
 //
 // Shard splits the images between workers by the FNV-1a hash of the source
 // reference.
+//
+// # Quarantine
+//
+// An image that fails the same way on quarantine_after consecutive runs
+// (default 2) is known bad: reported with status "quarantined"
+// (StatusQuarantined, Report.Quarantined) instead of "failed", and from
+// then on not fetched (one HEAD of its source per run) until its source
+// digest changes. "The same way" is the same source manifest digest and
+// the same reason; a failure before the source manifest was read (a
+// registry down) or of an interrupted run is never a verdict. The state
+// is a failure record per source reference in the records repository,
+// tagged FailureTag(source) ("fail-" and the hex sha256 of
+// "lazybase-failure/v1\n" + source + "\n"): an OCI manifest with
+// artifactType application/vnd.lazybase.failure-record.v1, the empty
+// config, and annotations naming the source, its digest, the reason, the
+// count of consecutive failed runs, when the first of them failed and an
+// HMAC-SHA256 of these under the record key (a record without a valid MAC
+// is ignored). A success rewrites the record with a count of 0. No disk
+// is needed, so it works for an Indexed Job without a volume. Quarantine
+// needs the record key; quarantine_after = 0 or force turn it off.
+// Report.OK, and so the exit status of 'lazybase mirror', count only new
+// failures: a run whose only failures are known bad exits 0. mirror serve
+// counts both in lazybase_mirror_images_total by status.
 //
 // # Notifications
 //

@@ -93,9 +93,38 @@ func (m *Mirror) MirrorImage(ctx context.Context, j Job) ImageReport {
 }
 
 func (m *Mirror) mirrorImage(ctx context.Context, sess *session, j Job) ImageReport {
+	ctx = log.WithLogger(ctx, log.G(ctx).WithField("image", j.Source))
+	if !m.quarantineEnabled() {
+		return m.done(m.tryImage(ctx, sess, j))
+	}
+	start := time.Now()
+	prev, err := m.readFailure(ctx, j.Source)
+	if err != nil {
+		log.G(ctx).WithError(err).Warn("reading the failure record failed")
+	}
+	if r, ok := m.quarantined(ctx, j, prev); ok {
+		r.Seconds = time.Since(start).Seconds()
+		return m.done(r)
+	}
+	r := m.noteOutcome(ctx, prev, m.tryImage(ctx, sess, j))
+	r.Seconds = time.Since(start).Seconds()
+	return m.done(r)
+}
+
+// done passes an image's report to WithImageDone's function.
+func (m *Mirror) done(r ImageReport) ImageReport {
+	if m.o.onImage != nil {
+		m.onImageMu.Lock()
+		m.o.onImage(r)
+		m.onImageMu.Unlock()
+	}
+	return r
+}
+
+// tryImage mirrors one image with up to image_attempts attempts.
+func (m *Mirror) tryImage(ctx context.Context, sess *session, j Job) ImageReport {
 	start := time.Now()
 	r := ImageReport{Source: j.Source, Destination: j.Destination}
-	ctx = log.WithLogger(ctx, log.G(ctx).WithField("image", j.Source))
 	initial, maxWait, _ := m.cfg.durations()
 	wait := 4 * initial
 	for attempt := 1; ; attempt++ {
@@ -123,11 +152,6 @@ func (m *Mirror) mirrorImage(ctx context.Context, sess *session, j Job) ImageRep
 		wait = min(2*wait, maxWait)
 	}
 	r.Seconds = time.Since(start).Seconds()
-	if m.o.onImage != nil {
-		m.onImageMu.Lock()
-		m.o.onImage(r)
-		m.onImageMu.Unlock()
-	}
 	return r
 }
 
