@@ -200,7 +200,10 @@
 // never logged. no_auth turns this off, and Serve accepts it on a
 // loopback listener only. /healthz and /metrics are open. Every event's
 // repository and tag are checked against distribution's reference grammar
-// before the sources' filters see them; a request is bounded in size
+// before the sources' filters see them; a pushed tag must pass the same
+// filters as a scheduled run's (globs and tag_regex when the event
+// arrives, newest N against the repository's current tags when its job
+// runs: a tag outside the newest N is skipped, saying so); a request is bounded in size
 // (MaxEventBody) and in push events (max_events); jobs wait in a bounded
 // queue with a share per source repository, served in turn. When Serve's
 // context ends the queue is drained for a grace period (WithGracePeriod,

@@ -118,6 +118,9 @@ func (r ImageReport) Summary() string {
 	case StatusQuarantined:
 		return fmt.Sprintf("quarantined %s -> %s after %d attempt(s) in %.1fs: %s", r.Source, r.Destination, r.Attempts, r.Seconds, r.Reason)
 	case StatusSkipped:
+		if r.Digest == "" {
+			return fmt.Sprintf("skipped   %s -> %s: %s", r.Source, r.Destination, r.Reason)
+		}
 		return fmt.Sprintf("skipped   %s -> %s (up to date, %s) in %.2fs", r.Source, r.Destination, r.Digest, r.Seconds)
 	}
 	return fmt.Sprintf("converted %s -> %s %s in %.1fs: layers %d converted, %d from records, %d shared; %s",

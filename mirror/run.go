@@ -3,6 +3,7 @@ package mirror
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -86,7 +87,20 @@ type imageStats struct {
 // reports what happened. Its converted layers are released when it
 // returns; layers it shares with other images are found through their
 // conversion records.
+//
+// A job whose source keeps only the newest N tags is first checked against
+// the repository's current tags, as a scheduled run selects them: a pushed
+// tag that is not among them is skipped, saying so.
 func (m *Mirror) MirrorImage(ctx context.Context, j Job) ImageReport {
+	if ok, err := m.newestOK(ctx, j); err != nil || !ok {
+		r := ImageReport{Source: j.Source, Destination: j.Destination, Status: StatusSkipped}
+		if err != nil {
+			r.Status, r.Reason = StatusFailed, "checking the source's newest filter: "+err.Error()
+		} else {
+			r.Reason = fmt.Sprintf("not among the newest %d tags of %s", j.src.Newest, j.src.Repository)
+		}
+		return m.done(r)
+	}
 	sess := m.newSession()
 	defer sess.close()
 	return m.mirrorImage(ctx, sess, j)
