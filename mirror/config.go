@@ -70,7 +70,10 @@ import (
 //	# Defaults: false, false.
 //	plain_http = false
 //	insecure = false
-//	# Directory for converted layers and spooled tars. Default: os.TempDir().
+//	# Directory for converted layers and spooled tars. What killed runs
+//	# left there (converter directories no live process holds, untouched
+//	# for a minute) is removed when a run or serve starts. Default:
+//	# os.TempDir().
 //	temp_dir = ""
 //	# How long a conversion claim holds (see the package documentation):
 //	# mirrors started together (shards of an Indexed Job) claim a layer in

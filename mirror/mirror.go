@@ -49,6 +49,9 @@ type Mirror struct {
 	claimWaits, claimRecords, claimTakeovers atomic.Int64
 
 	onImageMu sync.Mutex // serializes WithImageDone calls
+
+	sweepOnce sync.Once
+	swept     atomic.Int64 // leftovers of killed runs removed
 }
 
 // New returns a Mirror for cfg (as ParseConfig returns it).

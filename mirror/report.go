@@ -67,6 +67,9 @@ type Report struct {
 	Layers LayerCounts `json:"layers"`
 	// Retries is how many HTTP requests were retried.
 	Retries int64 `json:"retries"`
+	// Swept is how many temporary directories of killed runs were removed
+	// from temp_dir at start.
+	Swept int64 `json:"swept"`
 }
 
 // LayerCounts counts layer work.

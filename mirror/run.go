@@ -27,6 +27,7 @@ import (
 // error is the context's, when it ended the run early.
 func (m *Mirror) Run(ctx context.Context) (*Report, error) {
 	start := time.Now()
+	m.sweep(ctx)
 	rep := &Report{Started: start.UTC()}
 	if m.o.shard.Count > 1 {
 		rep.Shard = m.o.shard.String()
@@ -71,6 +72,7 @@ feed:
 	rep.Layers = LayerCounts{Converted: m.converted.Load(), FromRecords: m.fromRecords.Load(), RecordWriteFailures: m.recordFailures.Load(), RecordsRejected: m.recordsRejected.Load(),
 		ClaimWaits: m.claimWaits.Load(), ClaimRecords: m.claimRecords.Load(), ClaimTakeovers: m.claimTakeovers.Load()}
 	rep.Retries = m.rt.Retries()
+	rep.Swept = m.swept.Load()
 	return rep, ctx.Err()
 }
 
@@ -430,4 +432,20 @@ func (m *Mirror) prefetchList(j Job) (prefetch.Source, error) {
 		return l, nil
 	}
 	return nil, nil
+}
+
+// sweep removes, once per Mirror, what killed runs left in temp_dir: the
+// converters' temporary directories (converted layers, spooled tars) that
+// no live process holds.
+func (m *Mirror) sweep(ctx context.Context) {
+	m.sweepOnce.Do(func() {
+		removed, err := convert.SweepTempDir(ctx, m.cfg.TempDir)
+		if err != nil {
+			log.G(ctx).WithError(err).Warn("sweeping leftovers of earlier runs")
+		}
+		if len(removed) > 0 {
+			log.G(ctx).WithField("removed", len(removed)).Info("removed temporary files of killed runs")
+		}
+		m.swept.Add(int64(len(removed)))
+	})
 }
