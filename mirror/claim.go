@@ -14,6 +14,7 @@ import (
 	"github.com/containerd/log"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/partial"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
@@ -31,6 +32,9 @@ const (
 	AnnotationClaimHolder = "dev.lazybase.claim.holder"
 	// AnnotationClaimExpires is when a claim expires (RFC 3339, UTC).
 	AnnotationClaimExpires = "dev.lazybase.claim.expires"
+	// AnnotationClaimReleased is "true" on a claim its holder gave up
+	// (its conversion ended).
+	AnnotationClaimReleased = "dev.lazybase.claim.released"
 	// DefaultClaimTTL is the default claim_ttl.
 	DefaultClaimTTL = 2 * time.Minute
 )
@@ -43,11 +47,12 @@ func ClaimTag(recordTag string) string {
 
 // claim is a claim read from the registry.
 type claim struct {
-	holder  string
-	expires time.Time
+	holder   string
+	expires  time.Time
+	released bool
 }
 
-func (c *claim) fresh(now time.Time) bool { return c != nil && now.Before(c.expires) }
+func (c *claim) fresh(now time.Time) bool { return c != nil && !c.released && now.Before(c.expires) }
 
 // newHolder names this process in its claims: host, process id and a
 // random suffix, so two processes never take each other's claims for
@@ -75,7 +80,7 @@ func (m *Mirror) claimsEnabled() bool {
 func (m *Mirror) claimTimes() (ttl, poll, settle time.Duration) {
 	ttl = m.cfg.claimTTL()
 	poll = min(max(ttl/30, 50*time.Millisecond), 2*time.Second)
-	settle = min(max(ttl/200, 50*time.Millisecond), 500*time.Millisecond)
+	settle = min(max(ttl/200, 250*time.Millisecond), time.Second)
 	return ttl, poll, settle
 }
 
@@ -109,10 +114,10 @@ func (m *Mirror) claimLayer(ctx context.Context, key string, src v1.Hash, fp str
 			}
 			continue
 		}
-		if c != nil && c.holder != m.holder && !c.fresh(now) && c.expires.After(time.Time{}) {
-			takeover = true
+		if c != nil && c.holder != m.holder && !c.released {
+			takeover = true // expired without being released
 		}
-		if err := m.writeClaim(ctx, key, src, now.Add(ttl)); err != nil {
+		if err := m.writeClaim(ctx, key, src, now.Add(ttl), false); err != nil {
 			log.G(ctx).WithError(err).Warn("writing the conversion claim failed; converting without one")
 			return nil, noop, nil
 		}
@@ -183,7 +188,7 @@ func (m *Mirror) renewClaim(ctx context.Context, key string, src v1.Hash, ttl ti
 			case <-ctx.Done():
 				return
 			case <-t.C:
-				if err := m.writeClaim(ctx, key, src, time.Now().Add(ttl)); err != nil {
+				if err := m.writeClaim(ctx, key, src, time.Now().Add(ttl), false); err != nil {
 					log.G(ctx).WithError(err).Warn("renewing the conversion claim failed")
 				}
 			}
@@ -196,11 +201,11 @@ func (m *Mirror) renewClaim(ctx context.Context, key string, src v1.Hash, ttl ti
 	}
 }
 
-// releaseClaim marks the claim expired, so a process waiting for a record
+// releaseClaim marks the claim released, so a process waiting for a record
 // that never comes (a failed conversion) takes over at its next poll.
 func (m *Mirror) releaseClaim(ctx context.Context, key string, src v1.Hash) {
 	ctx = context.WithoutCancel(ctx)
-	if err := m.writeClaim(ctx, key, src, time.Now().Add(-time.Second)); err != nil {
+	if err := m.writeClaim(ctx, key, src, time.Now(), true); err != nil {
 		log.G(ctx).WithError(err).Debug("releasing the conversion claim failed; it expires by itself")
 	}
 }
@@ -224,29 +229,71 @@ func (m *Mirror) readClaim(ctx context.Context, key string) (*claim, error) {
 	if err != nil {
 		return nil, nil // unreadable: as good as expired
 	}
-	return &claim{holder: a[AnnotationClaimHolder], expires: exp}, nil
+	return &claim{holder: a[AnnotationClaimHolder], expires: exp, released: a[AnnotationClaimReleased] == "true"}, nil
 }
 
-// writeClaim tags this process's claim on key, expiring at exp.
-func (m *Mirror) writeClaim(ctx context.Context, key string, src v1.Hash, exp time.Time) error {
+// writeClaim tags this process's claim on key, expiring at exp; released
+// marks a claim given up. It is one manifest PUT (the empty blob is
+// uploaded once per process), so that the time between reading a claim
+// free and writing one stays well below the settle time.
+func (m *Mirror) writeClaim(ctx context.Context, key string, src v1.Hash, exp time.Time, released bool) error {
 	ref, err := m.claimRef(key)
 	if err != nil {
 		return err
 	}
-	err = m.writeArtifact(ctx, ref, ClaimArtifactType, map[string]string{
+	ann := map[string]string{
 		AnnotationClaimHolder:         m.holder,
 		AnnotationClaimExpires:        exp.UTC().Format(time.RFC3339Nano),
 		convert.AnnotationSourceLayer: src.String(),
-	})
-	if err != nil {
+	}
+	if released {
+		ann[AnnotationClaimReleased] = "true"
+	}
+	if err := m.putArtifact(ctx, ref, ClaimArtifactType, ann); err != nil {
 		return fmt.Errorf("claim %s: %w", ClaimTag(key), err)
 	}
 	return nil
 }
 
+// putArtifact is writeArtifact in one manifest PUT: the empty blob is
+// uploaded to the records repository once per process.
+func (m *Mirror) putArtifact(ctx context.Context, ref imageio.Ref, artifactType string, ann map[string]string) error {
+	opts := m.remoteOptions(ctx)
+	m.emptyMu.Lock()
+	if !m.emptyUp {
+		if err := remote.WriteLayer(m.records, static.NewLayer([]byte("{}"), types.OCIEmptyJSON), opts...); err != nil {
+			m.emptyMu.Unlock()
+			return err
+		}
+		m.emptyUp = true
+	}
+	m.emptyMu.Unlock()
+	img, err := artifact(artifactType, ann)
+	if err != nil {
+		return err
+	}
+	return remote.Put(ref.Registry, img.(*rawImage), opts...)
+}
+
 // writeArtifact tags at ref an OCI manifest of the given artifactType and
 // annotations, with the empty config as its config and only layer.
 func (m *Mirror) writeArtifact(ctx context.Context, ref imageio.Ref, artifactType string, ann map[string]string) error {
+	core, err := artifact(artifactType, ann)
+	if err != nil {
+		return err
+	}
+	img, err := partial.CompressedToImage(core)
+	if err != nil {
+		return err
+	}
+	_, err = m.client.Write(ctx, ref, img, nil)
+	return err
+}
+
+// artifact returns the image core of an artifact manifest: the empty
+// config as its config and only layer, the given artifactType and
+// annotations.
+func artifact(artifactType string, ann map[string]string) (partial.CompressedImageCore, error) {
 	empty := v1.Descriptor{MediaType: types.OCIEmptyJSON, Size: 2, Digest: sha256Of([]byte("{}"))}
 	man := v1.Manifest{
 		SchemaVersion: 2,
@@ -258,14 +305,9 @@ func (m *Mirror) writeArtifact(ctx context.Context, ref imageio.Ref, artifactTyp
 	}
 	raw, err := json.Marshal(man)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	img, err := partial.CompressedToImage(&rawImage{manifest: raw, config: []byte("{}"), layers: map[v1.Hash]partial.CompressedLayer{empty.Digest: static.NewLayer([]byte("{}"), types.OCIEmptyJSON)}})
-	if err != nil {
-		return err
-	}
-	_, err = m.client.Write(ctx, ref, img, nil)
-	return err
+	return &rawImage{manifest: raw, config: []byte("{}"), layers: map[v1.Hash]partial.CompressedLayer{empty.Digest: static.NewLayer([]byte("{}"), types.OCIEmptyJSON)}}, nil
 }
 
 // readArtifact returns the annotations of the manifest tagged at ref when

@@ -123,15 +123,17 @@
 // annotations naming the holder (host, process id, a random suffix, the
 // shard) and when the claim expires (RFC 3339).
 //
-//   - No claim, or an expired one (or its own): the mirror writes its
-//     claim, expiring claim_ttl from now, waits a settle time (claim_ttl/200,
-//     between 50 ms and 500 ms) and reads it back. Registries have no
-//     conditional tag write, so two mirrors that found the claim free both
-//     write it and the last write wins; reading back after the settle time
-//     tells each which one won. The winner looks for the record once more,
-//     converts the layer, renews its claim every claim_ttl/3 while it
-//     converts, writes the record and then releases the claim (rewrites
-//     it as expired).
+//   - No claim, or an expired or released one (or its own): the mirror
+//     writes its claim (one manifest PUT), expiring claim_ttl from now,
+//     waits a settle time (claim_ttl/200, between 250 ms and 1 s) and reads
+//     it back. Registries have no conditional tag write, so two mirrors
+//     that found the claim free both write it and the last write wins;
+//     reading back after the settle time tells each which one won, as long
+//     as the later of the two writes lands within the settle time of the
+//     earlier. The winner looks for the record once more, converts the
+//     layer, renews its claim every claim_ttl/3 while it converts, writes
+//     the record and then releases the claim (rewrites it with
+//     dev.lazybase.claim.released "true").
 //   - A fresh claim of another mirror: it waits, polling the record every
 //     claim_ttl/30 (between 50 ms and 2 s), and takes the layer from the
 //     record as soon as it appears; if the claim expires or is released

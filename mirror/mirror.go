@@ -47,6 +47,8 @@ type Mirror struct {
 	// over.
 	holder                                   string
 	claimWaits, claimRecords, claimTakeovers atomic.Int64
+	emptyMu                                  sync.Mutex
+	emptyUp                                  bool // the empty blob is in the records repository
 
 	onImageMu sync.Mutex // serializes WithImageDone calls
 
