@@ -95,13 +95,14 @@ func (m *Mirror) claimLayer(ctx context.Context, key string, src v1.Hash, fp str
 	ttl, poll, settle := m.claimTimes()
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("layer", src))
 	noop := func() {}
-	waited, takeover := false, false
+	waited, takeover, sawClaim := false, false, false
 	for {
 		c, err := m.readClaim(ctx, key)
 		if err != nil {
 			log.G(ctx).WithError(err).Warn("reading the conversion claim failed; converting without one")
 			return nil, noop, nil
 		}
+		sawClaim = sawClaim || c != nil
 		now := time.Now()
 		if c != nil && c.holder != m.holder && c.fresh(now) {
 			if !waited {
@@ -142,8 +143,12 @@ func (m *Mirror) claimLayer(ctx context.Context, key string, src v1.Hash, fp str
 			m.claimTakeovers.Add(1)
 			log.G(ctx).Warn("took over an expired conversion claim (its holder stopped or is late)")
 		}
-		// A holder may have finished between our record lookup and claim.
-		if l, err := m.lookupRecord(ctx, key, src, fp); err == nil && l != nil {
+		// Another holder may have finished between our record lookup and
+		// our claim (it left its claim behind, released or expired).
+		if !sawClaim {
+			return nil, m.renewClaim(ctx, key, src, ttl), nil
+		}
+		if l, err := m.lookupRecordCounting(ctx, key, src, fp, false); err == nil && l != nil {
 			m.releaseClaim(ctx, key, src)
 			return l, nil, nil
 		}
@@ -160,7 +165,7 @@ func (m *Mirror) waitClaim(ctx context.Context, key string, src v1.Hash, fp stri
 			return nil, context.Cause(ctx)
 		case <-time.After(poll):
 		}
-		if l, err := m.lookupRecord(ctx, key, src, fp); err == nil && l != nil {
+		if l, err := m.lookupRecordCounting(ctx, key, src, fp, false); err == nil && l != nil {
 			m.claimRecords.Add(1)
 			return l, nil
 		}

@@ -87,9 +87,9 @@ import (
 //	claim_ttl = "2m"
 //	# Quarantine: an image that fails the same way (same source digest,
 //	# same reason) on this many consecutive runs is known bad, reported as
-//	# "quarantined" and not tried again (one HEAD of its source per run)
-//	# until its source digest changes. Known-bad images do not make a run
-//	# fail: the exit status is non-zero only for new failures. The state
+//	# "quarantined" and not tried again (three manifest reads per run, no
+//	# blob) until its source digest changes. Known-bad images do not make a
+//	# run fail: the exit status is non-zero only for new failures. The state
 //	# lives in failure records in the records repository (no disk needed)
 //	# and needs the record key. 0 turns quarantine off. Default: 2.
 //	quarantine_after = 2

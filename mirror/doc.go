@@ -173,8 +173,9 @@
 // An image that fails the same way on quarantine_after consecutive runs
 // (default 2) is known bad: reported with status "quarantined"
 // (StatusQuarantined, Report.Quarantined) instead of "failed", and from
-// then on not fetched (one HEAD of its source per run) until its source
-// digest changes. "The same way" is the same source manifest digest and
+// then on not fetched (its source manifest, destination manifest and
+// failure record are read, no blob) until its source digest changes. An
+// up-to-date image costs no failure record request. "The same way" is the same source manifest digest and
 // the same reason; a failure before the source manifest was read (a
 // registry down) or of an interrupted run is never a verdict. The state
 // is a failure record per source reference in the records repository,
@@ -184,7 +185,10 @@
 // config, and annotations naming the source, its digest, the reason, the
 // count of consecutive failed runs, when the first of them failed and an
 // HMAC-SHA256 of these under the record key (a record without a valid MAC
-// is ignored). A success rewrites the record with a count of 0. No disk
+// is ignored). A conversion rewrites the record with a count of 0. (An
+// image skipped as up to date does not clear its record: if its tag moves
+// to a broken digest, back, and to the same broken digest again, the
+// failures count as consecutive.) No disk
 // is needed, so it works for an Indexed Job without a volume. Quarantine
 // needs the record key; quarantine_after = 0 or force turn it off.
 // Report.OK, and so the exit status of 'lazybase mirror', count only new

@@ -7,10 +7,12 @@ import (
 	"encoding/hex"
 	"fmt"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/containerd/log"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/lazybase/lazybase/internal/imageio"
 )
 
 // Failure records (see the package documentation).
@@ -112,26 +114,50 @@ func (m *Mirror) writeFailure(ctx context.Context, source string, f failure) err
 	return nil
 }
 
-// quarantined returns the report of an image that stays quarantined: its
-// failure record says it failed quarantine_after runs in a row and its
-// source digest (one HEAD) has not changed since. ok is false when the
-// image is to be tried.
-func (m *Mirror) quarantined(ctx context.Context, j Job, f *failure) (ImageReport, bool) {
-	if f == nil || f.runs < *m.cfg.QuarantineAfter {
-		return ImageReport{}, false
+// imageFailures holds an image's failure record, read at most once per
+// image and run.
+type imageFailures struct {
+	mu   sync.Mutex
+	read bool
+	f    *failure
+}
+
+func (q *imageFailures) get(ctx context.Context, m *Mirror, source string) *failure {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if !q.read {
+		f, err := m.readFailure(ctx, source)
+		if err != nil {
+			log.G(ctx).WithError(err).Warn("reading the failure record failed")
+			return nil // read again later
+		}
+		q.read, q.f = true, f
 	}
-	ref, err := m.client.ParseRef(j.Source)
-	if err != nil || ref.IsLayout() {
-		return ImageReport{}, false
+	return q.f
+}
+
+// quarantinedError stops the job of a quarantined image before any layer
+// is read.
+type quarantinedError struct{ f *failure }
+
+func (e *quarantinedError) Error() string { return e.f.describe() }
+
+// upToDateOrQuarantined is upToDate, then, for an image whose destination
+// is not up to date, the quarantine check: when its failure record says it
+// failed quarantine_after runs in a row at the source digest it has now,
+// the job stops with a quarantinedError before reading any blob. An up to
+// date image costs no failure record request.
+func (m *Mirror) upToDateOrQuarantined(j Job, q *imageFailures) func(context.Context, imageio.Ref, *imageio.Source) (string, bool, error) {
+	return func(ctx context.Context, dest imageio.Ref, src *imageio.Source) (string, bool, error) {
+		dgst, ok, err := m.upToDate(ctx, dest, src)
+		if err != nil || ok {
+			return dgst, ok, err
+		}
+		if f := q.get(ctx, m, j.Source); f != nil && f.runs >= *m.cfg.QuarantineAfter && f.digest == src.Descriptor.Digest.String() {
+			return "", false, &quarantinedError{f: f}
+		}
+		return dgst, false, nil
 	}
-	desc, err := remote.Head(ref.Registry, m.remoteOptions(ctx)...)
-	if err != nil || desc.Digest.String() != f.digest {
-		return ImageReport{}, false
-	}
-	return ImageReport{
-		Source: j.Source, Destination: j.Destination, SourceDigest: f.digest,
-		Status: StatusQuarantined, Reason: f.describe(),
-	}, true
 }
 
 func (f *failure) describe() string {
@@ -143,7 +169,8 @@ func (f *failure) describe() string {
 // a failure with a known source digest counts one more consecutive run
 // when it repeats the recorded one (and quarantines the image once
 // quarantine_after runs failed alike), else starts the count; a success
-// clears a record. It returns the report, its status changed to
+// clears a record (read only for images that failed or converted: an up
+// to date image costs no failure record request). It returns the report, its status changed to
 // quarantined when this run made the image known bad.
 func (m *Mirror) noteOutcome(ctx context.Context, prev *failure, r ImageReport) ImageReport {
 	switch {

@@ -12,7 +12,7 @@ import (
 // TestBrokenImageIsQuarantinedUntilItsDigestChanges mirrors a permanently
 // broken image with good ones, run after run: the first run reports a new
 // failure (not OK), the second the same failure as known bad (quarantined,
-// OK), the third does not read the broken image at all (one HEAD), and
+// OK), the third reads no blob of the broken image (only manifests), and
 // once the tag is fixed the image converts and its failure record is
 // cleared, so a later breakage is new again.
 func TestBrokenImageIsQuarantinedUntilItsDigestChanges(t *testing.T) {
@@ -57,7 +57,7 @@ func TestBrokenImageIsQuarantinedUntilItsDigestChanges(t *testing.T) {
 		t.Logf("run 3: blob %s read %d times", dg, n)
 	}
 	// The good images are skipped after one manifest request each, the
-	// bad one after a HEAD: no blob is read.
+	// bad one after its source manifest: no blob is read.
 	if len(gets) != 0 || manifests != 4 {
 		t.Errorf("run 3 read %d blobs and %d manifests, want 0 and 4", len(gets), manifests)
 	}

@@ -110,20 +110,11 @@ func (m *Mirror) MirrorImage(ctx context.Context, j Job) ImageReport {
 
 func (m *Mirror) mirrorImage(ctx context.Context, sess *session, j Job) ImageReport {
 	ctx = log.WithLogger(ctx, log.G(ctx).WithField("image", j.Source))
-	if !m.quarantineEnabled() {
-		return m.done(m.tryImage(ctx, sess, j))
+	q := &imageFailures{}
+	r := m.tryImage(ctx, sess, j, q)
+	if m.quarantineEnabled() && r.Status != StatusSkipped && r.Status != StatusQuarantined {
+		r = m.noteOutcome(ctx, q.get(ctx, m, j.Source), r)
 	}
-	start := time.Now()
-	prev, err := m.readFailure(ctx, j.Source)
-	if err != nil {
-		log.G(ctx).WithError(err).Warn("reading the failure record failed")
-	}
-	if r, ok := m.quarantined(ctx, j, prev); ok {
-		r.Seconds = time.Since(start).Seconds()
-		return m.done(r)
-	}
-	r := m.noteOutcome(ctx, prev, m.tryImage(ctx, sess, j))
-	r.Seconds = time.Since(start).Seconds()
 	return m.done(r)
 }
 
@@ -138,7 +129,7 @@ func (m *Mirror) done(r ImageReport) ImageReport {
 }
 
 // tryImage mirrors one image with up to image_attempts attempts.
-func (m *Mirror) tryImage(ctx context.Context, sess *session, j Job) ImageReport {
+func (m *Mirror) tryImage(ctx context.Context, sess *session, j Job, q *imageFailures) ImageReport {
 	start := time.Now()
 	r := ImageReport{Source: j.Source, Destination: j.Destination}
 	initial, maxWait, _ := m.cfg.durations()
@@ -146,7 +137,7 @@ func (m *Mirror) tryImage(ctx context.Context, sess *session, j Job) ImageReport
 	for attempt := 1; ; attempt++ {
 		r.Attempts = attempt
 		st := &imageStats{sess: sess, repo: m.sourceRepo(j)}
-		status, src, dgst, err := m.attempt(ctx, j, st)
+		status, src, dgst, err := m.attempt(ctx, j, st, q)
 		r.SourceDigest, r.Digest, r.Status = src, dgst, status
 		r.LayersConverted, r.LayersFromRecords, r.LayersShared = int(st.converted.Load()), int(st.fromRecords.Load()), int(st.shared.Load())
 		r.Bytes = st.bytes.Load()
@@ -154,6 +145,12 @@ func (m *Mirror) tryImage(ctx context.Context, sess *session, j Job) ImageReport
 			if status == StatusSkipped {
 				r.Reason = "the destination already holds the conversion of " + src
 			}
+			break
+		}
+		var qe *quarantinedError
+		if errors.As(err, &qe) {
+			// Known bad and unchanged: not tried (only manifests read).
+			r.Status, r.Reason, r.Attempts = StatusQuarantined, qe.f.describe(), 0
 			break
 		}
 		r.Status, r.Reason = StatusFailed, err.Error()
@@ -182,7 +179,7 @@ func (m *Mirror) sourceRepo(j Job) *name.Repository {
 	return &repo
 }
 
-func (m *Mirror) attempt(ctx context.Context, j Job, st *imageStats) (status, srcDigest, digest string, err error) {
+func (m *Mirror) attempt(ctx context.Context, j Job, st *imageStats, q *imageFailures) (status, srcDigest, digest string, err error) {
 	list, err := m.prefetchList(j)
 	if err != nil {
 		return "", "", "", err
@@ -196,6 +193,9 @@ func (m *Mirror) attempt(ctx context.Context, j Job, st *imageStats) (status, sr
 	}
 	if !m.o.force {
 		req.UpToDate = m.upToDate
+		if m.quarantineEnabled() {
+			req.UpToDate = m.upToDateOrQuarantined(j, q)
+		}
 	}
 	rep, err := job.Run(ctx, req)
 	switch {
