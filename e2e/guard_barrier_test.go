@@ -16,7 +16,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/lazybase/lazybase/e2e/harness"
-	"github.com/lazybase/lazybase/lazypull"
+	"github.com/lazybase/lazybase/exportguard"
 )
 
 // guardConfig is the lazybase daemon's configuration for the guard tests:
@@ -40,13 +40,13 @@ mode = %q
 
 // guardStates returns the guard's state of each layer in the buildkit
 // namespace.
-func guardStates(ctx context.Context, t *testing.T, s *harness.Stack) map[string]lazypull.GuardLayerStatus {
+func guardStates(ctx context.Context, t *testing.T, s *harness.Stack) map[string]exportguard.LayerStatus {
 	t.Helper()
-	st, err := fetchGuardStatus(ctx, s.Snapshotter.StatusSocket())
+	st, err := exportguard.FetchStatus(ctx, s.Snapshotter.StatusSocket())
 	if err != nil {
 		t.Fatal(err)
 	}
-	out := map[string]lazypull.GuardLayerStatus{}
+	out := map[string]exportguard.LayerStatus{}
 	for _, l := range st.Layers {
 		if l.Namespace == harness.BuildkitNamespace {
 			out[l.Layer] = l

@@ -19,8 +19,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/lazybase/lazybase/e2e/harness"
+	"github.com/lazybase/lazybase/exportguard"
 	"github.com/lazybase/lazybase/internal/eventually"
-	"github.com/lazybase/lazybase/lazypull"
 )
 
 // tamperOffset returns an offset inside the compressed payload of a file
@@ -124,15 +124,15 @@ func TestGuardTamperedBlob(t *testing.T) {
 	}
 
 	// export-base: the guard fetched the blob at once and refused it.
-	var st lazypull.GuardLayerStatus
+	var st exportguard.LayerStatus
 	eventually.Require(t, 3*time.Minute, "guard verdict on the tampered layer "+badDigest, func() error {
 		st = guardStates(ctx, t, s)[badDigest]
-		if st.State == lazypull.GuardFailed || st.State == lazypull.GuardMaterialized {
+		if st.State == exportguard.StateFailed || st.State == exportguard.StateMaterialized {
 			return nil
 		}
 		return fmt.Errorf("guard state %+v", st)
 	})
-	if st.State != lazypull.GuardFailed || !strings.Contains(st.Error, "verification") || !strings.Contains(st.Error, badDigest) {
+	if st.State != exportguard.StateFailed || !strings.Contains(st.Error, "verification") || !strings.Contains(st.Error, badDigest) {
 		t.Fatalf("tampered layer: guard state %q, error %q; want failed with a verification error naming %s", st.State, st.Error, badDigest)
 	}
 	t.Logf("guard: %s", st.Error)

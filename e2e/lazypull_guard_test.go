@@ -4,10 +4,7 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
-	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -18,8 +15,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/lazybase/lazybase/e2e/harness"
+	"github.com/lazybase/lazybase/exportguard"
 	"github.com/lazybase/lazybase/internal/eventually"
-	"github.com/lazybase/lazybase/lazypull"
 )
 
 // TestLazypullGuardExport runs the multi-stage build on buildkitd's
@@ -94,29 +91,29 @@ mode = "lazy-only"
 	}
 	start = time.Now()
 	statusSocket := s.Snapshotter.Address + ".status"
-	var last []lazypull.GuardLayerStatus
+	var last []exportguard.LayerStatus
 	wrongState := map[string]string{} // lazy-only layers the guard did not skip
 	err := eventually.Wait(ctx, 2*time.Minute, func() error {
-		st, err := fetchGuardStatus(ctx, statusSocket)
+		st, err := exportguard.FetchStatus(ctx, statusSocket)
 		if err != nil {
 			t.Fatal(err)
 		}
 		last = st.Layers
-		state := map[string]lazypull.GuardLayerStatus{}
+		state := map[string]exportguard.LayerStatus{}
 		for _, l := range st.Layers {
 			if l.Namespace == harness.BuildkitNamespace {
 				state[l.Layer] = l
 			}
 		}
 		for d := range builderOnly {
-			if l, ok := state[d]; ok && l.State != lazypull.GuardSkipped {
+			if l, ok := state[d]; ok && l.State != exportguard.StateSkipped {
 				wrongState[d] = string(l.State)
 			}
 		}
 		pending := 0
 		for _, d := range debianLayers {
 			l := state[d]
-			if l.State == lazypull.GuardFailed {
+			if l.State == exportguard.StateFailed {
 				t.Fatalf("guard failed on final base layer %s: %s", d, l.Error)
 			}
 			if !l.Materialized {
@@ -129,7 +126,7 @@ mode = "lazy-only"
 		return nil
 	})
 	for d, st := range wrongState {
-		t.Errorf("lazy-only builder layer %s: guard state %q, want %q", d, st, lazypull.GuardSkipped)
+		t.Errorf("lazy-only builder layer %s: guard state %q, want %q", d, st, exportguard.StateSkipped)
 	}
 	if err != nil {
 		t.Fatalf("final base layers materialized: %v\n%+v\n%s", err, last, s.Logs(40))
@@ -166,8 +163,8 @@ mode = "lazy-only"
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(leaseOut, lazypull.GuardLeaseID) {
-		t.Errorf("no lease %s in namespace %s:\n%s", lazypull.GuardLeaseID, harness.BuildkitNamespace, leaseOut)
+	if !strings.Contains(leaseOut, exportguard.LeaseID) {
+		t.Errorf("no lease %s in namespace %s:\n%s", exportguard.LeaseID, harness.BuildkitNamespace, leaseOut)
 	}
 
 	build, export := p.StatsFor("build"), p.StatsFor("export")
@@ -208,31 +205,4 @@ mode = "lazy-only"
 			t.Errorf("pushed layer %d is %s, want the lazy base's %s", i, pushed[i], d)
 		}
 	}
-}
-
-// fetchGuardStatus reads the export guard's status from the daemon's status
-// socket.
-func fetchGuardStatus(ctx context.Context, socket string) (*lazypull.GuardStatus, error) {
-	c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", socket)
-	}}}
-	defer c.CloseIdleConnections()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://lazybase/guard", nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := c.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("guard status on %s: %w", socket, err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("guard status on %s: %s", socket, resp.Status)
-	}
-	var st lazypull.GuardStatus
-	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
-		return nil, fmt.Errorf("guard status on %s: %w", socket, err)
-	}
-	return &st, nil
 }

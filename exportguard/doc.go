@@ -1,16 +1,37 @@
-// Package exportguard materializes the compressed blobs of lazily mounted
-// layers into a containerd content store before an image export needs them.
+// Package exportguard puts the compressed blobs of lazily mounted layers
+// into a containerd content store, verified, before an image export needs
+// them, and keeps everything that depends on them: when to fetch, who waits,
+// and who reads them locally once they are there.
 //
-// A Guard fetches each blob once from its registry through a Fetcher,
-// verifies it by digest and size while it streams into a content.Writer, and
-// commits it only when both match; a blob that fails verification leaves no
-// content and no ingest behind. Concurrent requests for one digest share one
-// transfer, transfers run with bounded parallelism, and a broken transfer is
-// retried with exponential backoff from the offset the content store's ingest
-// reached. Committed and already present blobs are held against containerd's
-// garbage collection by a lease (WithLease) and, when asked, a GC root label
-// (WithGCRoot). Progress is reported per blob (WithProgress) and Prometheus
-// metrics on a given registerer (WithRegisterer).
+// A Guard is the materializer. It fetches each blob once from its registry
+// through a Fetcher, verifies it by digest and size while it streams into a
+// content.Writer, and commits it only when both match; a blob that fails
+// verification leaves no content and no ingest behind. Concurrent requests
+// for one digest share one transfer, transfers run with bounded parallelism,
+// and a broken transfer is retried with exponential backoff from the offset
+// the content store's ingest reached. Committed and already present blobs
+// are held against containerd's garbage collection by a lease (WithLease)
+// and, when asked, a GC root label (WithGCRoot). Progress is reported per
+// blob (WithProgress) and Prometheus metrics on a given registerer
+// (WithRegisterer).
+//
+// A Trigger drives one Guard per containerd namespace from mount events
+// (Trigger.Mounted): each MountEvent says When its blob is materialized,
+// at once (WhenNow), after a delay (WhenDelayed, WithDelay) or never
+// (WhenNever); Promote ends a delay early. It keeps a typed State per layer
+// (Status, served as JSON by StatusHandler) and tells subscribers when a
+// blob is committed (OnCommit). Trigger.Barrier waits until the layers of
+// given images are materialized, starting delayed ones and retrying failed
+// ones; it wakes on state changes, it does not poll. BarrierHandler serves
+// it as a stream of BarrierEvents and RequestBarrier is its client, over
+// the unix socket the lazybase daemon serves both on. Remote is the
+// Registry a Trigger reads blobs, sizes and manifests from.
+//
+// Trigger.LocalBlob opens a committed blob for local readers (the lazy
+// filesystem, so that each blob crosses the network once), and an
+// Unpacker unpacks a committed blob next to its layer's lazy mount and
+// rewrites the mounts handed out from then on to use the unpacked
+// directory; it acts when told about mounts and commits, it does not scan.
 //
 // Every blob a Guard commits carries LabelRef and LabelVerified, plus
 // containerd's distribution source label; Committed and CommittedFilters
@@ -18,5 +39,6 @@
 // versions under the old lazybase.io/exportguard label.
 //
 // The package holds no FUSE file system and no gRPC server: the lazybase
-// daemon wires a Guard to its mounts and API.
+// daemon (package lazypull) wires a Trigger to its mounts and serves its
+// handlers.
 package exportguard

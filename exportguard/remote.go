@@ -10,7 +10,9 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
+	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/lazybase/lazybase/internal/imageio"
@@ -42,9 +44,78 @@ type Remote struct {
 
 	mu         sync.Mutex
 	transports map[string]http.RoundTripper // by repository
+	base       http.RoundTripper            // of the manifest and size lookups, made once
 }
 
-var _ Fetcher = (*Remote)(nil)
+var (
+	_ Fetcher  = (*Remote)(nil)
+	_ Registry = (*Remote)(nil)
+)
+
+// BlobSize implements Registry with a HEAD request for the blob.
+func (r *Remote) BlobSize(ctx context.Context, ref string, dgst digest.Digest) (int64, error) {
+	nref, err := name.ParseReference(ref)
+	if err != nil {
+		return 0, fmt.Errorf("parsing reference %q: %w", ref, err)
+	}
+	d, err := name.NewDigest(nref.Context().Name() + "@" + dgst.String())
+	if err != nil {
+		return 0, err
+	}
+	layer, err := remote.Layer(d, r.remoteOptions(ctx)...)
+	if err != nil {
+		return 0, err
+	}
+	return layer.Size()
+}
+
+// ImageLayers implements Registry: it reads ref's manifest, for the
+// running platform when ref names an index.
+func (r *Remote) ImageLayers(ctx context.Context, ref string) ([]digest.Digest, error) {
+	nref, err := name.ParseReference(ref)
+	if err != nil {
+		return nil, fmt.Errorf("parsing reference %q: %w", ref, err)
+	}
+	img, err := remote.Image(nref, r.remoteOptions(ctx)...)
+	if err != nil {
+		return nil, fmt.Errorf("reading manifest: %w", err)
+	}
+	m, err := img.Manifest()
+	if err != nil {
+		return nil, fmt.Errorf("reading manifest: %w", err)
+	}
+	out := make([]digest.Digest, 0, len(m.Layers))
+	for _, l := range m.Layers {
+		out = append(out, digest.Digest(l.Digest.String()))
+	}
+	return out, nil
+}
+
+// remoteOptions are go-containerregistry's options for the lookups: the
+// keychain, and the base transport with timeouts and the plain-HTTP
+// policy.
+func (r *Remote) remoteOptions(ctx context.Context) []remote.Option {
+	kc := r.Keychain
+	if kc == nil {
+		kc = authn.DefaultKeychain
+	}
+	r.mu.Lock()
+	if r.base == nil {
+		r.base = imageio.PolicyTransport(r.baseTransport(), r.PlainHTTP)
+	}
+	rt := r.base
+	r.mu.Unlock()
+	return []remote.Option{remote.WithContext(ctx), remote.WithAuthFromKeychain(kc), remote.WithTransport(rt)}
+}
+
+// baseTransport is Transport bounded by Timeouts, or a new bounded
+// transport.
+func (r *Remote) baseTransport() http.RoundTripper {
+	if r.Transport != nil {
+		return imageio.BoundedTransport(r.Transport, r.Timeouts)
+	}
+	return imageio.NewTransport(false, r.Timeouts)
+}
 
 // FetchRange implements Fetcher. A registry that ignores the Range header is
 // read from the start and the first offset bytes are skipped. A response
@@ -133,13 +204,7 @@ func (r *Remote) transport(ctx context.Context, repo name.Repository) (http.Roun
 	if err != nil {
 		return nil, fmt.Errorf("credentials for %s: %w", repo, err)
 	}
-	var base http.RoundTripper
-	if r.Transport != nil {
-		base = imageio.BoundedTransport(r.Transport, r.Timeouts)
-	} else {
-		base = imageio.NewTransport(false, r.Timeouts)
-	}
-	rt, err = transport.NewWithContext(ctx, repo.Registry, auth, imageio.PolicyTransport(base, r.PlainHTTP), []string{repo.Scope(transport.PullScope)})
+	rt, err = transport.NewWithContext(ctx, repo.Registry, auth, imageio.PolicyTransport(r.baseTransport(), r.PlainHTTP), []string{repo.Scope(transport.PullScope)})
 	if err != nil {
 		return nil, fmt.Errorf("connecting to %s: %w", repo, err)
 	}

@@ -1,6 +1,7 @@
 package exportguard
 
 import (
+	"context"
 	"errors"
 	"net/http"
 	"strings"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/opencontainers/go-digest"
 
 	"github.com/lazybase/lazybase/internal/imageio"
 	"github.com/lazybase/lazybase/internal/testimage"
@@ -118,5 +120,61 @@ func TestRemoteStallThenResume(t *testing.T) {
 	assertBlob(t, s, d, data)
 	if gets := tr.gets(); len(gets) != 2 || gets[1] != "bytes=102400-262143" {
 		t.Errorf("blob GETs with Range %q, want a resumed second one", gets)
+	}
+}
+
+// TestRegistryLookupsSilentRegistry: Remote's blob size lookup (at mount)
+// and manifest read (barrier), against registries that never complete the
+// TCP handshake or never answer after it, give up within their timeouts
+// with an error naming the host; the barrier names the image at fault.
+func TestRegistryLookupsSilentRegistry(t *testing.T) {
+	short := Timeouts{Connect: 500 * time.Millisecond, TLSHandshake: 300 * time.Millisecond, ResponseHeader: 300 * time.Millisecond, Idle: 300 * time.Millisecond}
+	const dgst = digest.Digest("sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae")
+	r := &Remote{Keychain: authn.NewMultiKeychain(), Timeouts: short}
+	for _, tc := range []struct {
+		name  string
+		host  string
+		limit time.Duration
+	}{
+		{"no TCP handshake", testimage.BlackholeServer(t), short.Connect},
+		{"silent after TCP", testimage.SilentServer(t), short.ResponseHeader},
+	} {
+		ref := tc.host + "/app:1"
+		for _, lookup := range []struct {
+			name string
+			run  func(context.Context) error
+		}{
+			{"blob size", func(ctx context.Context) error { _, err := r.BlobSize(ctx, ref, dgst); return err }},
+			{"image layers", func(ctx context.Context) error { _, err := r.ImageLayers(ctx, ref); return err }},
+		} {
+			t.Run(tc.name+"/"+lookup.name, func(t *testing.T) {
+				start := time.Now()
+				err := lookup.run(t.Context())
+				elapsed := time.Since(start)
+				if err == nil || !strings.Contains(err.Error(), "registry "+tc.host+": ") {
+					t.Fatalf("error %v, want one naming registry %s", err, tc.host)
+				}
+				if elapsed < tc.limit || elapsed > 10*tc.limit {
+					t.Errorf("gave up after %s, want between %s and %s", elapsed, tc.limit, 10*tc.limit)
+				}
+				t.Logf("%s: %v", elapsed.Round(time.Millisecond), err)
+			})
+		}
+	}
+
+	// The barrier reports the image at fault.
+	g, err := NewTrigger(newTestStores(t), r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	silent := testimage.SilentServer(t) + "/app:1"
+	start := time.Now()
+	_, err = g.Barrier(t.Context(), "buildkit", []string{silent}, nil)
+	if err == nil || !strings.Contains(err.Error(), "image "+silent+": reading manifest") || !strings.Contains(err.Error(), "registry "+strings.TrimSuffix(silent, "/app:1")+": ") {
+		t.Fatalf("barrier: %v, want the image and the registry named", err)
+	}
+	if elapsed := time.Since(start); elapsed > 10*short.ResponseHeader {
+		t.Errorf("barrier gave up after %s", elapsed)
 	}
 }

@@ -13,6 +13,8 @@ import (
 
 	"github.com/containerd/stargz-snapshotter/fs/config"
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/lazybase/lazybase/exportguard"
 )
 
 func TestParseConfigDefaults(t *testing.T) {
@@ -383,7 +385,7 @@ entry_timeout = "3s"
 	if err != nil {
 		t.Fatal(err)
 	}
-	sc, opts, err := cfg.upstream(t.Context(), newBlobSource())
+	sc, opts, err := cfg.upstream(t.Context(), exportguard.NewBlobSource())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -426,7 +428,7 @@ func TestUpstreamFUSETracing(t *testing.T) {
 		if err := cfg.Validate(); err != nil {
 			t.Fatal(err)
 		}
-		sc, _, err := cfg.upstream(t.Context(), newBlobSource())
+		sc, _, err := cfg.upstream(t.Context(), exportguard.NewBlobSource())
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -22,6 +22,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
+
+	"github.com/lazybase/lazybase/exportguard"
 )
 
 // Daemon is a running lazybase snapshotter: the upstream lazy filesystem and
@@ -34,11 +36,12 @@ type Daemon struct {
 	base   snapshots.Snapshotter
 	sn     snapshots.Snapshotter
 	access *accessRecording
-	guard  *guardTrigger // nil when guard.enable is false
-	local  *localizer    // nil when local.enable or guard.enable is false
+	guard  *exportguard.Trigger  // nil when guard.enable is false
+	stores *containerdStores     // the guard's containerd connection
+	local  *exportguard.Unpacker // nil when local.enable or guard.enable is false
 	// blobs serves the lazy filesystem's blob reads from the guard's
 	// local copies; this daemon's own, attached to its guard.
-	blobs *blobSource
+	blobs *exportguard.BlobSource
 	// locks are the flocks on the root directory and the socket, held
 	// from NewDaemon until Close.
 	locks       []*os.File
@@ -87,7 +90,7 @@ func NewDaemon(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 	m := newMetrics()
 	// The registry hosts of the lazy filesystem read blobs through it;
 	// the export guard, set up below, serves them from its local copies.
-	blobs := newBlobSource()
+	blobs := exportguard.NewBlobSource()
 	sc, opts, err := cfg.upstream(ctx, blobs)
 	if err != nil {
 		return nil, err
@@ -125,19 +128,13 @@ func NewDaemon(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 		locks:  locks,
 	}
 	if cfg.Guard.Enable {
-		if d.guard, err = newDaemonGuard(ctx, cfg, blobs, m.reg); err != nil {
+		if err := d.startGuard(ctx, psn); err != nil {
+			d.closeGuard()
 			base.Close()
 			if access != nil {
 				access.stop()
 			}
 			return nil, err
-		}
-		psn.lazy = d.guardMounted
-		psn.hideRemote = true
-		if cfg.Local.Enable {
-			d.local = newLocalizer(tfs, d.guard.localBlob, cfg.Local.Parallelism, m)
-			psn.local = d.local
-			d.local.start(log.WithLogger(context.Background(), log.G(ctx)))
 		}
 	} else if cfg.Local.Enable {
 		log.G(ctx).Warn("local.enable has no effect: local unpacking unpacks the blobs the export guard materializes, and guard.enable is false")
@@ -150,6 +147,10 @@ func (d *Daemon) Snapshotter() snapshots.Snapshotter { return d.sn }
 
 // StatusSocket returns the path of the status API's unix socket.
 func (d *Daemon) StatusSocket() string { return d.cfg.statusSocket() }
+
+// StatusSocketPath returns the path of the status API's unix socket:
+// status_socket, else the snapshots socket with ".status" appended.
+func (c *Config) StatusSocketPath() string { return c.statusSocket() }
 
 func (c *Config) statusSocket() string {
 	if c.StatusSocket != "" {
@@ -242,9 +243,9 @@ func (d *Daemon) Serve(ctx context.Context) (retErr error) {
 	mux := http.NewServeMux()
 	mux.Handle("GET /status", d.statusHandler())
 	if d.guard != nil {
-		mux.Handle("GET /guard", d.guard.handler())
+		mux.Handle("GET "+exportguard.StatusPath, d.guard.StatusHandler())
 	}
-	mux.Handle("POST "+BarrierPath, d.barrierHandler())
+	mux.Handle("POST "+exportguard.BarrierPath, d.barrierHandler())
 	mux.Handle("GET /metrics", metrics)
 	httpSrv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 
@@ -319,13 +320,8 @@ func stopGRPC(srv *grpc.Server, grace time.Duration) {
 func (d *Daemon) Close() error {
 	d.closed.Do(func() {
 		ctx := context.Background()
-		if d.local != nil {
-			d.local.stop()
-		}
-		if d.guard != nil {
-			if err := d.guard.close(); err != nil {
-				d.err = fmt.Errorf("closing export guard: %w", err)
-			}
+		if err := d.closeGuard(); err != nil {
+			d.err = fmt.Errorf("closing export guard: %w", err)
 		}
 		if err := d.base.Close(); err != nil && d.err == nil {
 			d.err = fmt.Errorf("closing snapshotter: %w", err)

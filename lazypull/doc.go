@@ -24,12 +24,14 @@
 //   - access recording: per image, the files its lazily mounted layers
 //     served, in first-access order with their sizes (access_record_dir),
 //     for building prefetch profiles from real builds;
-//   - the export guard (package exportguard) wired to the mounts: the
-//     verified blob of every lazily mounted layer is put into the content
-//     store of the containerd namespace that mounted it, when policy says
-//     ([guard]), with a barrier (`lazybase guard`) on the status socket;
-//     committed blobs then serve the layer's reads locally, and local
-//     unpacking ([local]) can hand out overlayfs mounts of them;
+//   - the export guard wired to the mounts: package exportguard owns the
+//     guard (its Trigger, barrier, local blobs and Unpacker); lazypull
+//     maps each policy Mode onto an exportguard.When, hands every lazy
+//     mount to the Trigger with the containerd namespace of its Prepare,
+//     connects it to containerd ([guard]), serves its status and barrier
+//     routes on the status socket, lets the lazy filesystem read the blobs
+//     it committed, and tells an Unpacker ([local]) about mounts so that
+//     the snapshotter hands out overlayfs mounts of unpacked layers;
 //   - Daemon, which serves containerd's snapshots gRPC API on a unix socket
 //     and unmounts every FUSE mount when it stops; a restarted Daemon
 //     mounts again the lazy snapshots the previous one had.

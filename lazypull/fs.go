@@ -16,8 +16,27 @@ type trackingFS struct {
 	fs snapshot.FileSystem
 	m  *metrics
 
-	mu     sync.Mutex
-	mounts map[string]mountRecord
+	mu      sync.Mutex
+	mounts  map[string]mountRecord
+	watcher mountWatcher // told about mounts and unmounts, under mu
+}
+
+// mountWatcher is told about each lazy mount and unmount of a trackingFS,
+// in order, under its lock: its methods must not block.
+type mountWatcher interface {
+	mounted(mountpoint string, rec mountRecord)
+	unmounted(mountpoint string)
+}
+
+// watch makes w the watcher of t's mounts and tells it about the mounts
+// already there.
+func (t *trackingFS) watch(w mountWatcher) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.watcher = w
+	for mp, rec := range t.mounts {
+		w.mounted(mp, rec)
+	}
 }
 
 var _ snapshot.FileSystem = (*trackingFS)(nil)
@@ -59,14 +78,18 @@ func (t *trackingFS) Mount(ctx context.Context, mountpoint string, labels map[st
 	d := time.Since(start)
 	t.m.lazyMounts.WithLabelValues("ok").Inc()
 	t.m.mountDuration.Observe(d.Seconds())
-	t.mu.Lock()
-	t.mounts[mountpoint] = mountRecord{
+	rec := mountRecord{
 		image:     imageRef(labels),
 		layer:     layerDigest(labels),
 		mode:      snapshotMode(labels),
 		mountedAt: time.Now(),
 	}
+	t.mu.Lock()
+	t.mounts[mountpoint] = rec
 	t.m.mounted.Set(float64(len(t.mounts)))
+	if t.watcher != nil {
+		t.watcher.mounted(mountpoint, rec)
+	}
 	t.mu.Unlock()
 	log.G(ctx).WithField("mountpoint", mountpoint).WithField("duration", d).Info("layer mounted lazily")
 	return nil
@@ -83,6 +106,9 @@ func (t *trackingFS) Unmount(ctx context.Context, mountpoint string) error {
 	rec, ok := t.mounts[mountpoint]
 	delete(t.mounts, mountpoint)
 	t.m.mounted.Set(float64(len(t.mounts)))
+	if ok && t.watcher != nil {
+		t.watcher.unmounted(mountpoint)
+	}
 	t.mu.Unlock()
 	err := t.fs.Unmount(ctx, mountpoint)
 	if ok {

@@ -2,12 +2,7 @@ package lazypull
 
 import (
 	"context"
-	"encoding/json"
-	"errors"
-	"fmt"
 	"net/http"
-	"sort"
-	"strings"
 	"sync"
 	"time"
 
@@ -23,353 +18,199 @@ import (
 	"github.com/containerd/log"
 	"github.com/containerd/stargz-snapshotter/service/resolver"
 	"github.com/google/go-containerregistry/pkg/authn"
-	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/opencontainers/go-digest"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
-	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/lazybase/lazybase/exportguard"
-	"github.com/lazybase/lazybase/internal/imageio"
 )
 
-// GuardLeaseID is the containerd lease, in each namespace the daemon
-// guards blobs for, that holds the materialized blobs.
-const GuardLeaseID = "lazybase-exportguard"
-
-// Guard states of a layer, as GuardStatus reports them.
-const (
-	GuardScheduled     = "scheduled"     // waiting for its delay (lazy images)
-	GuardMaterializing = "materializing" // transfer under way
-	GuardMaterialized  = "materialized"  // blob verified in the content store
-	GuardSkipped       = "skipped"       // lazy-only: never materialized
-	GuardFailed        = "failed"        // given up on; Error says why
-)
-
-// guardStores opens the content store and lease manager of containerd; the
-// namespace travels in each call's context.
-type guardStores func(ctx context.Context) (content.Store, leases.Manager, error)
-
-// blobSizer returns the compressed size of a layer blob of ref.
-type blobSizer func(ctx context.Context, ref string, dgst digest.Digest) (int64, error)
-
-// mountEvent is a layer the daemon mounted lazily.
-type mountEvent struct {
-	Namespace string
-	Ref       string
-	Layer     digest.Digest
-	Mode      Mode
-}
-
-// GuardStatus lists the layers the export guard has been told about.
-type GuardStatus struct {
-	Layers []GuardLayerStatus `json:"layers"`
-}
-
-// GuardLayerStatus is one lazily mounted layer as the export guard sees it.
-type GuardLayerStatus struct {
-	Namespace string    `json:"namespace"`
-	Image     string    `json:"image"`
-	Layer     string    `json:"layer"`
-	Mode      string    `json:"mode"`
-	State     string    `json:"state"`
-	Size      int64     `json:"size"`
-	Error     string    `json:"error,omitempty"`
-	Updated   time.Time `json:"updated"`
-	// Materialized is true when the layer's blob is in the content store.
-	Materialized bool `json:"materialized"`
-}
-
-// guardTrigger hands lazily mounted layers to an exportguard.Guard per
-// containerd namespace, following the policy: export-base at once,
-// lazy after a delay, lazy-only never.
-type guardTrigger struct {
-	cfg     GuardConfig
-	stores  guardStores
-	sizer   blobSizer
-	fetcher exportguard.Fetcher
-	reg     prometheus.Registerer
-
-	triggers *prometheus.CounterVec
-
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-
-	mu     sync.Mutex
-	guards map[string]*exportguard.Guard // by namespace
-	layers map[string]*GuardLayerStatus  // by namespace + "/" + digest
-	wake   map[string]chan struct{}      // closed to end a layer's delay, same keys
-	closed bool
-
-	promotions prometheus.Counter
-
-	onClose func() error // run last by close
-}
-
-func newGuardTrigger(cfg GuardConfig, stores guardStores, sizer blobSizer, fetcher exportguard.Fetcher, reg prometheus.Registerer) (*guardTrigger, error) {
-	ctx, cancel := context.WithCancel(context.Background())
-	g := &guardTrigger{
-		cfg: cfg, stores: stores, sizer: sizer, fetcher: fetcher, reg: reg,
-		ctx: ctx, cancel: cancel,
-		guards: map[string]*exportguard.Guard{},
-		layers: map[string]*GuardLayerStatus{},
-		wake:   map[string]chan struct{}{},
-		promotions: prometheus.NewCounter(prometheus.CounterOpts{
-			Namespace: "lazybase", Subsystem: "guard", Name: "promotions_total",
-			Help: "Layers of lazy images materialized before guard.delay ended because the lazy filesystem started fetching their blob in earnest.",
-		}),
-		triggers: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: "lazybase", Subsystem: "guard", Name: "triggers_total",
-			Help: "Lazily mounted layers handed to the export guard, by policy mode and action (now, delayed, skipped).",
-		}, []string{"mode", "action"}),
-	}
-	if reg != nil {
-		if err := errors.Join(reg.Register(g.triggers), reg.Register(g.promotions)); err != nil {
-			cancel()
-			return nil, fmt.Errorf("registering guard metrics: %w", err)
-		}
-	}
-	return g, nil
-}
-
-// mounted is called for each layer mounted lazily. It never blocks on the
-// network.
-func (g *guardTrigger) mounted(ctx context.Context, ev mountEvent) {
-	l := log.G(ctx).WithFields(log.Fields{"image": ev.Ref, "layer": ev.Layer, "mode": ev.Mode, "namespace": ev.Namespace})
-	var delay time.Duration
-	action := "now"
-	switch ev.Mode {
+// whenOf maps a policy Mode onto when the export guard materializes the
+// blob of a layer mounted lazily; ok is false for eager, which mounts
+// nothing lazily.
+func whenOf(m Mode) (w exportguard.When, ok bool) {
+	switch m {
 	case ModeExportBase:
+		return exportguard.WhenNow, true
 	case ModeLazy, "":
-		delay, action = g.cfg.Delay.D(), "delayed"
+		return exportguard.WhenDelayed, true
 	case ModeLazyOnly:
-		action = "skipped"
-	default: // eager: not lazily mounted, nothing to guard
-		return
+		return exportguard.WhenNever, true
 	}
-	key := ev.Namespace + "/" + ev.Layer.String()
-	g.mu.Lock()
-	if g.closed {
-		g.mu.Unlock()
-		return
-	}
-	if st, ok := g.layers[key]; ok && st.State != GuardFailed && !(st.State == GuardSkipped && action != "skipped") {
-		g.mu.Unlock()
-		return // already handled for this namespace
-	}
-	st := &GuardLayerStatus{Namespace: ev.Namespace, Image: ev.Ref, Layer: ev.Layer.String(), Mode: string(ev.Mode), Size: -1, Updated: time.Now()}
-	g.layers[key] = st
-	g.triggers.WithLabelValues(string(ev.Mode), action).Inc()
-	if action == "skipped" {
-		st.State = GuardSkipped
-		g.mu.Unlock()
-		l.Debug("export guard: lazy-only image, blob not materialized")
-		return
-	}
-	st.State = GuardScheduled
-	wake := make(chan struct{})
-	g.wake[key] = wake
-	g.wg.Add(1)
-	g.mu.Unlock()
-	l.WithField("delay", delay).Info("export guard: materializing blob")
-	go func() {
-		defer g.wg.Done()
-		if delay > 0 {
-			t := time.NewTimer(delay)
-			defer t.Stop()
-			select {
-			case <-t.C:
-			case <-wake:
-			case <-g.ctx.Done():
-				return
-			}
-		}
-		g.mu.Lock()
-		if g.wake[key] == wake {
-			delete(g.wake, key)
-		}
-		g.mu.Unlock()
-		g.materialize(ev, st)
-	}()
+	return 0, false
 }
 
-func (g *guardTrigger) set(st *GuardLayerStatus, f func(*GuardLayerStatus)) {
-	g.mu.Lock()
-	f(st)
-	st.Updated = time.Now()
-	g.mu.Unlock()
+// containerdStores is the export guard's way to containerd at
+// guard.containerd_address: one gRPC connection, made on first use and
+// checked with a Version call, closed by close.
+type containerdStores struct {
+	address string
+	// open returns the stores; tests put an in-process store here.
+	open func(ctx context.Context) (content.Store, leases.Manager, error)
+
+	mu   sync.Mutex
+	conn *grpc.ClientConn
 }
 
-func (g *guardTrigger) materialize(ev mountEvent, st *GuardLayerStatus) {
-	ctx := namespaces.WithNamespace(g.ctx, ev.Namespace)
-	l := log.G(ctx).WithFields(log.Fields{"image": ev.Ref, "layer": ev.Layer, "namespace": ev.Namespace})
-	g.set(st, func(s *GuardLayerStatus) { s.State = GuardMaterializing })
-	fail := func(err error) {
-		if g.ctx.Err() != nil {
-			return
+var _ exportguard.Stores = (*containerdStores)(nil)
+
+func newContainerdStores(address string) *containerdStores {
+	s := &containerdStores{address: address}
+	s.open = s.dial
+	return s
+}
+
+// Open implements exportguard.Stores.
+func (s *containerdStores) Open(ctx context.Context) (content.Store, leases.Manager, error) {
+	return s.open(ctx)
+}
+
+// WithNamespace implements exportguard.Stores: the namespace travels as
+// containerd's gRPC metadata.
+func (s *containerdStores) WithNamespace(ctx context.Context, ns string) context.Context {
+	return namespaces.WithNamespace(ctx, ns)
+}
+
+func (s *containerdStores) dial(ctx context.Context) (content.Store, leases.Manager, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.conn == nil {
+		c, err := grpc.NewClient("unix://"+s.address, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			return nil, nil, err
 		}
-		g.set(st, func(s *GuardLayerStatus) { s.State, s.Error = GuardFailed, err.Error() })
-		l.WithError(err).Warn("export guard: blob not materialized; an export of this image fetches it")
+		vctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err = versionapi.NewVersionClient(c).Version(vctx, &emptypb.Empty{})
+		cancel()
+		if err != nil {
+			c.Close()
+			return nil, nil, err
+		}
+		s.conn = c
 	}
-	ref := stripDigest(ev.Ref)
-	size, err := g.sizer(ctx, ref, ev.Layer)
+	// What containerd's client.ContentStore and LeasesService return.
+	return contentproxy.NewContentStore(contentapi.NewContentClient(s.conn)),
+		leasesproxy.NewLeaseManager(leasesapi.NewLeasesClient(s.conn)), nil
+}
+
+func (s *containerdStores) close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.conn == nil {
+		return nil
+	}
+	err := s.conn.Close()
+	s.conn = nil
+	return err
+}
+
+// newGuardRegistry is the export guard's access to the registries: the
+// daemon's registry credentials (auth.docker_config and
+// auth.credential_helpers), plain HTTP for loopback registries only, and
+// the guard.*_timeout bounds on each phase of a request.
+func newGuardRegistry(ctx context.Context, cfg Config) *exportguard.Remote {
+	return &exportguard.Remote{
+		Keychain: credentialKeychain{dockerCredentials(ctx, cfg.Auth)},
+		Timeouts: cfg.Guard.Timeouts(),
+	}
+}
+
+// newGuardTrigger builds the export guard over stores and reg as cfg's
+// [guard] section says, with its metrics on the daemon's registry m.
+func newGuardTrigger(cfg GuardConfig, stores exportguard.Stores, reg exportguard.Registry, m *metrics) (*exportguard.Trigger, error) {
+	opts := []exportguard.TriggerOption{
+		exportguard.WithDelay(cfg.Delay.D()),
+		exportguard.WithGuardOptions(exportguard.WithParallelism(cfg.Parallelism)),
+		exportguard.WithStoreName(cfg.ContainerdAddress),
+	}
+	if m != nil {
+		opts = append(opts, exportguard.WithTriggerRegisterer(m.reg))
+	}
+	return exportguard.NewTrigger(stores, reg, opts...)
+}
+
+// startGuard wires the export guard into d: to containerd at
+// guard.containerd_address, connected on first use; to the lazy
+// filesystem's blob reads, which it serves from the blobs it committed;
+// and, with local.enable, to an Unpacker told about every mount and
+// commit.
+func (d *Daemon) startGuard(ctx context.Context, psn *policySnapshotter) error {
+	d.stores = newContainerdStores(d.cfg.Guard.ContainerdAddress)
+	g, err := newGuardTrigger(d.cfg.Guard, d.stores, newGuardRegistry(ctx, d.cfg), d.m)
 	if err != nil {
-		fail(fmt.Errorf("size of layer %s: %w", ev.Layer, err))
-		return
+		return err
 	}
-	g.set(st, func(s *GuardLayerStatus) { s.Size = size })
-	guard, err := g.guard(ctx, ev.Namespace)
-	if err != nil {
-		fail(err)
-		return
+	// The lazy filesystem reads the blobs the guard committed instead of
+	// fetching them again.
+	if err := d.blobs.Attach(g.LocalBlob, g.Promote, d.m.reg); err != nil {
+		g.Close()
+		return err
 	}
-	start := time.Now()
-	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: ev.Layer, Size: size}
-	if err := guard.Ensure(ctx, ref, desc); err != nil {
-		fail(err)
-		return
+	d.guard = g
+	psn.lazy = d.guardMounted
+	psn.hideRemote = true
+	if d.cfg.Local.Enable {
+		u, err := exportguard.NewUnpacker(log.WithLogger(context.Background(), log.G(ctx)), g.LocalBlob,
+			exportguard.WithUnpackParallelism(d.cfg.Local.Parallelism),
+			exportguard.WithUnpackRegisterer(d.m.reg))
+		if err != nil {
+			return err
+		}
+		d.attachUnpacker(u)
+		g.OnCommit(func(st exportguard.LayerStatus) { u.Committed(digest.Digest(st.Layer)) })
 	}
-	g.set(st, func(s *GuardLayerStatus) { s.State, s.Materialized, s.Error = GuardMaterialized, true, "" })
-	l.WithFields(log.Fields{"size": size, "duration": time.Since(start)}).Info("export guard: blob materialized")
+	log.G(ctx).WithField("containerd", d.cfg.Guard.ContainerdAddress).Info("export guard enabled")
+	return nil
 }
 
-// guard returns the namespace's Guard, connecting to containerd first,
-// retrying while it is not up.
-func (g *guardTrigger) guard(ctx context.Context, ns string) (*exportguard.Guard, error) {
-	g.mu.Lock()
-	gd, ok := g.guards[ns]
-	g.mu.Unlock()
-	if ok {
-		return gd, nil
-	}
-	var (
-		store content.Store
-		lm    leases.Manager
-		err   error
-	)
-	for wait := 200 * time.Millisecond; ; wait = min(2*wait, 5*time.Second) {
-		if store, lm, err = g.stores(ctx); err == nil {
-			break
-		}
-		log.G(ctx).WithError(err).Debug("export guard: containerd not reachable yet; retrying")
-		select {
-		case <-ctx.Done():
-			return nil, fmt.Errorf("containerd at %s: %w", g.cfg.ContainerdAddress, err)
-		case <-time.After(wait):
-		}
-	}
-	opts := []exportguard.Option{
-		exportguard.WithParallelism(g.cfg.Parallelism),
-		exportguard.WithGCRoot(),
-	}
-	if lm != nil {
-		opts = append(opts, exportguard.WithLease(lm, GuardLeaseID))
-	}
-	if g.reg != nil {
-		opts = append(opts, exportguard.WithRegisterer(prometheus.WrapRegistererWith(prometheus.Labels{"namespace": ns}, g.reg)))
-	}
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	if gd, ok := g.guards[ns]; ok {
-		return gd, nil
-	}
-	gd, err = exportguard.New(store, g.fetcher, opts...)
-	if err != nil {
-		return nil, fmt.Errorf("export guard for namespace %s: %w", ns, err)
-	}
-	g.guards[ns] = gd
-	return gd, nil
+// attachUnpacker makes u the daemon's local unpacker: told about every
+// lazy mount, those already there included, and rewriting the mounts the
+// snapshotter hands out.
+func (d *Daemon) attachUnpacker(u *exportguard.Unpacker) {
+	d.local = u
+	d.sn.(*policySnapshotter).local = u
+	d.fs.watch(unpackWatcher{u})
 }
 
-// status returns the guard's view of every layer it was told about.
-func (g *guardTrigger) status() *GuardStatus {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	st := &GuardStatus{Layers: make([]GuardLayerStatus, 0, len(g.layers))}
-	for _, l := range g.layers {
-		st.Layers = append(st.Layers, *l)
-	}
-	sort.Slice(st.Layers, func(i, j int) bool {
-		a, b := st.Layers[i], st.Layers[j]
-		if a.Namespace != b.Namespace {
-			return a.Namespace < b.Namespace
-		}
-		return a.Layer < b.Layer
-	})
-	return st
-}
+// unpackWatcher tells an Unpacker about the mounts of a trackingFS.
+type unpackWatcher struct{ u *exportguard.Unpacker }
 
-func (g *guardTrigger) handler() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(w).Encode(g.status())
+func (w unpackWatcher) mounted(mp string, rec mountRecord) {
+	w.u.Mounted(mp, exportguard.UnpackMount{
+		Image: rec.image, Layer: digest.Digest(rec.layer), Skip: Mode(rec.mode) == ModeLazyOnly,
 	})
 }
 
-// close stops pending and running transfers and closes every Guard.
-func (g *guardTrigger) close() error {
-	g.mu.Lock()
-	g.closed = true
-	g.mu.Unlock()
-	g.cancel()
-	g.wg.Wait()
-	var errs []error
-	for ns, gd := range g.guards {
-		if err := gd.Close(); err != nil {
-			errs = append(errs, fmt.Errorf("export guard for namespace %s: %w", ns, err))
-		}
-	}
-	if g.onClose != nil {
-		if err := g.onClose(); err != nil {
-			errs = append(errs, fmt.Errorf("containerd client: %w", err))
-		}
-	}
-	return errors.Join(errs...)
-}
+func (w unpackWatcher) unmounted(mp string) { w.u.Unmounted(mp) }
 
-// stripDigest turns BuildKit's "name:tag@sha256:…" into "name:tag"; a
-// reference by digest alone is kept.
-func stripDigest(ref string) string {
-	name, _, ok := strings.Cut(ref, "@")
-	if ok && strings.LastIndexByte(name, ':') > strings.LastIndexByte(name, '/') {
-		return name
+// closeGuard stops the local unpacker and the export guard and closes the
+// connection to containerd.
+func (d *Daemon) closeGuard() error {
+	if d.local != nil {
+		d.local.Close()
 	}
-	return ref
-}
-
-// remoteBlobSize asks ref's registry for the size of blob dgst (a HEAD
-// request), with credentials from keychain, plain HTTP for loopback only,
-// and each phase of a request bounded by timeouts.
-func remoteBlobSize(keychain authn.Keychain, timeouts imageio.Timeouts) blobSizer {
-	rt := imageio.PolicyTransport(imageio.NewTransport(false, timeouts), false)
-	return func(ctx context.Context, ref string, dgst digest.Digest) (int64, error) {
-		nref, err := name.ParseReference(ref)
-		if err != nil {
-			return 0, fmt.Errorf("parsing reference %q: %w", ref, err)
-		}
-		d, err := name.NewDigest(nref.Context().Name() + "@" + dgst.String())
-		if err != nil {
-			return 0, err
-		}
-		layer, err := remote.Layer(d, remote.WithContext(ctx), remote.WithAuthFromKeychain(keychain), remote.WithTransport(rt))
-		if err != nil {
-			return 0, err
-		}
-		return layer.Size()
+	if d.guard == nil {
+		return nil
 	}
+	var err error
+	if cerr := d.guard.Close(); cerr != nil {
+		err = cerr
+	}
+	d.blobs.Detach()
+	if cerr := d.stores.close(); cerr != nil && err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // GuardStatus returns the export guard's view of the lazily mounted layers;
 // nil when guard.enable is false.
-func (d *Daemon) GuardStatus() *GuardStatus {
+func (d *Daemon) GuardStatus() *exportguard.Status {
 	if d.guard == nil {
 		return nil
 	}
-	return d.guard.status()
+	return d.guard.Status()
 }
 
 // guardMounted hands a lazily mounted layer to the export guard with the
@@ -386,64 +227,22 @@ func (d *Daemon) guardMounted(ctx context.Context, plan preparePlan) {
 		log.G(ctx).WithError(err).WithField("image", plan.Ref).Warn("export guard: bad layer digest")
 		return
 	}
-	d.guard.mounted(ctx, mountEvent{Namespace: ns, Ref: plan.Ref, Layer: dgst, Mode: plan.Decision.Mode})
+	when, ok := whenOf(plan.Decision.Mode)
+	if !ok {
+		return // eager: not lazily mounted, nothing to guard
+	}
+	d.guard.Mounted(ctx, exportguard.MountEvent{Namespace: ns, Ref: plan.Ref, Layer: dgst, Mode: string(plan.Decision.Mode), When: when})
 }
 
-// newDaemonGuard wires the export guard to containerd at
-// cfg.Guard.ContainerdAddress, connected on first use, and to the
-// registries with the docker keychain (auth.docker_config) and plain HTTP
-// for loopback registries only. It attaches itself to src, the daemon's
-// blob source, so that the lazy filesystem reads the blobs it committed.
-func newDaemonGuard(ctx context.Context, cfg Config, src *blobSource, reg prometheus.Registerer) (*guardTrigger, error) {
-	keychain := credentialKeychain{dockerCredentials(ctx, cfg.Auth)}
-	var (
-		mu   sync.Mutex
-		conn *grpc.ClientConn
-	)
-	stores := func(ctx context.Context) (content.Store, leases.Manager, error) {
-		mu.Lock()
-		defer mu.Unlock()
-		if conn == nil {
-			c, err := grpc.NewClient("unix://"+cfg.Guard.ContainerdAddress,
-				grpc.WithTransportCredentials(insecure.NewCredentials()))
-			if err != nil {
-				return nil, nil, err
-			}
-			vctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			_, err = versionapi.NewVersionClient(c).Version(vctx, &emptypb.Empty{})
-			cancel()
-			if err != nil {
-				c.Close()
-				return nil, nil, err
-			}
-			conn = c
-		}
-		// What containerd's client.ContentStore and LeasesService return.
-		return contentproxy.NewContentStore(contentapi.NewContentClient(conn)),
-			leasesproxy.NewLeaseManager(leasesapi.NewLeasesClient(conn)), nil
+// barrierHandler serves exportguard.BarrierPath: the guard's barrier, or
+// 409 when guard.enable is false.
+func (d *Daemon) barrierHandler() http.Handler {
+	if d.guard == nil {
+		return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+			http.Error(w, "export guard disabled (guard.enable = false in the daemon's configuration)", http.StatusConflict)
+		})
 	}
-	timeouts := cfg.Guard.Timeouts()
-	g, err := newGuardTrigger(cfg.Guard, stores, remoteBlobSize(keychain, timeouts), &exportguard.Remote{Keychain: keychain, Timeouts: timeouts}, reg)
-	if err != nil {
-		return nil, err
-	}
-	// The lazy filesystem reads the blobs the guard committed instead of
-	// fetching them again.
-	if err := src.attach(g.localBlob, g.promote, reg); err != nil {
-		g.close()
-		return nil, err
-	}
-	g.onClose = func() error {
-		src.detach()
-		mu.Lock()
-		defer mu.Unlock()
-		if conn == nil {
-			return nil
-		}
-		return conn.Close()
-	}
-	log.G(ctx).WithField("containerd", cfg.Guard.ContainerdAddress).Info("export guard enabled")
-	return g, nil
+	return d.guard.BarrierHandler()
 }
 
 // credentialKeychain is an authn.Keychain over the daemon's registry

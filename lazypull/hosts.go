@@ -14,14 +14,16 @@ import (
 	"github.com/containerd/stargz-snapshotter/fs/source"
 	"github.com/containerd/stargz-snapshotter/service/resolver"
 	rhttp "github.com/hashicorp/go-retryablehttp"
+
+	"github.com/lazybase/lazybase/exportguard"
 )
 
 // registryHosts returns the registry hosts the lazy filesystem reads from:
 // those of the hosts.toml directories in registry.config_path when it is
 // set, else those of registry.mirrors. Every host's HTTP client reads blobs
-// through src (blobsource.go), which serves the ones the export guard
-// committed from their local copy.
-func (c *Config) registryHosts(ctx context.Context, creds resolver.Credential, src *blobSource) source.RegistryHosts {
+// through src, which serves the ones the export guard committed from their
+// local copy.
+func (c *Config) registryHosts(ctx context.Context, creds resolver.Credential, src *exportguard.BlobSource) source.RegistryHosts {
 	if len(c.Registry.ConfigPath) > 0 {
 		return hostsFromDirs(ctx, c.Registry.ConfigPath, c.Fetch.Timeout.D(), creds, src)
 	}
@@ -33,7 +35,7 @@ func (c *Config) registryHosts(ctx context.Context, creds resolver.Credential, s
 // are reached over plain HTTP, the others over HTTPS; docker.io is
 // registry-1.docker.io. Each host gets a client of its own on every call,
 // since stargz's fetcher tunes the client it is handed.
-func hostsFromMirrors(mirrors map[string][]Mirror, timeout time.Duration, creds resolver.Credential, src *blobSource) source.RegistryHosts {
+func hostsFromMirrors(mirrors map[string][]Mirror, timeout time.Duration, creds resolver.Credential, src *exportguard.BlobSource) source.RegistryHosts {
 	return func(ref reference.Spec) ([]docker.RegistryHost, error) {
 		host := ref.Hostname()
 		targets := append(slices.Clone(mirrors[host]), Mirror{Host: host})
@@ -66,11 +68,11 @@ func hostsFromMirrors(mirrors map[string][]Mirror, timeout time.Duration, creds 
 // recognizes its transport and applies fetch.max_retries and its backoff
 // to it) bounded by timeout per request, whose own transport is src's
 // blob transport over a pooled HTTP transport.
-func retryingClient(timeout time.Duration, src *blobSource) *http.Client {
+func retryingClient(timeout time.Duration, src *exportguard.BlobSource) *http.Client {
 	rc := rhttp.NewClient()
 	rc.Logger = nil // not a line per request
 	rc.HTTPClient.Timeout = timeout
-	rc.HTTPClient.Transport = src.transport(rc.HTTPClient.Transport)
+	rc.HTTPClient.Transport = src.Transport(rc.HTTPClient.Transport)
 	return rc.StandardClient()
 }
 
@@ -78,7 +80,7 @@ func retryingClient(timeout time.Duration, src *blobSource) *http.Client {
 // directories, the first directory that has an entry for a host winning.
 // Every client is bounded by timeout per request and reads blobs through
 // src.
-func hostsFromDirs(ctx context.Context, roots []string, timeout time.Duration, creds resolver.Credential, src *blobSource) source.RegistryHosts {
+func hostsFromDirs(ctx context.Context, roots []string, timeout time.Duration, creds resolver.Credential, src *exportguard.BlobSource) source.RegistryHosts {
 	hostDir := func(host string) (string, error) {
 		for _, root := range roots {
 			dir, err := dconfig.HostDirFromRoot(root)(host)
@@ -103,7 +105,7 @@ func hostsFromDirs(ctx context.Context, roots []string, timeout time.Duration, c
 			// (src.transport does not wrap twice).
 			UpdateClient: func(c *http.Client) error {
 				c.Timeout = timeout
-				c.Transport = src.transport(c.Transport)
+				c.Transport = src.Transport(c.Transport)
 				return nil
 			},
 		}

@@ -20,23 +20,25 @@ import (
 	rhttp "github.com/hashicorp/go-retryablehttp"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/lazybase/lazybase/exportguard"
 )
 
 // retryingBlobTransport returns the blob transport inside c's retrying
 // transport, failing t when c is not built that way: stargz's fetcher
 // applies fetch.max_retries and its backoff only to a *rhttp.RoundTripper,
 // and the blob transport must sit below it.
-func retryingBlobTransport(t *testing.T, c *http.Client) *blobTransport {
+func retryingBlobTransport(t *testing.T, c *http.Client) *exportguard.BlobTransport {
 	t.Helper()
 	rt, ok := c.Transport.(*rhttp.RoundTripper)
 	if !ok || rt.Client == nil || rt.Client.HTTPClient == nil {
 		t.Fatalf("client transport is %T, want a retrying one", c.Transport)
 	}
-	bt, ok := rt.Client.HTTPClient.Transport.(*blobTransport)
+	bt, ok := rt.Client.HTTPClient.Transport.(*exportguard.BlobTransport)
 	if !ok {
 		t.Fatalf("transport inside the retrying one is %T, want the blob source's", rt.Client.HTTPClient.Transport)
 	}
-	if _, twice := bt.next.(*blobTransport); twice {
+	if _, twice := bt.Next.(*exportguard.BlobTransport); twice {
 		t.Fatal("blob transport wrapped twice")
 	}
 	if rt.Client.Logger != nil {
@@ -74,7 +76,7 @@ func TestHostsFromMirrors(t *testing.T) {
 		{"quay.io/o/i:1", []host{{"quay.io", "https"}}},
 	} {
 		t.Run(tc.ref, func(t *testing.T) {
-			src := newBlobSource()
+			src := exportguard.NewBlobSource()
 			spec, err := reference.Parse(tc.ref)
 			if err != nil {
 				t.Fatal(err)
@@ -94,7 +96,7 @@ func TestHostsFromMirrors(t *testing.T) {
 					t.Errorf("host %s shares its client with another host", h.Host)
 				}
 				clients[h.Client] = true
-				if bt := retryingBlobTransport(t, h.Client); bt.src != src {
+				if bt := retryingBlobTransport(t, h.Client); bt.Source != src {
 					t.Errorf("host %s reads blobs through another blob source", h.Host)
 				}
 				if rt := h.Client.Transport.(*rhttp.RoundTripper); rt.Client.HTTPClient.Timeout != 7*time.Second {
@@ -122,7 +124,7 @@ func TestHostsFromMirrorsReadsThroughMirror(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hosts := hostsFromMirrors(map[string][]Mirror{"registry.invalid": {{Host: e.proxy.host}}}, 10*time.Second, anonymous, newBlobSource())
+	hosts := hostsFromMirrors(map[string][]Mirror{"registry.invalid": {{Host: e.proxy.host}}}, 10*time.Second, anonymous, exportguard.NewBlobSource())
 	r := remote.NewResolver(config.BlobConfig{ChunkSize: 50000, FetchTimeoutSec: 10}, nil)
 	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: e.layer, Size: int64(len(e.data))}
 	blob, err := r.Resolve(context.Background(), hosts, spec, desc, cache.NewMemoryCache())
@@ -181,12 +183,12 @@ func TestHostsFromDirsBlobTransportOnce(t *testing.T) {
 	}
 	var local *http.Client
 	for _, h := range hs {
-		bt, ok := h.Client.Transport.(*blobTransport)
+		bt, ok := h.Client.Transport.(*exportguard.BlobTransport)
 		if !ok {
 			t.Fatalf("host %s: transport %T, want the blob source's", h.Host, h.Client.Transport)
 		}
-		if _, twice := bt.next.(*blobTransport); twice || bt.src != src {
-			t.Errorf("host %s: blob transport over %T, source %p (want %p)", h.Host, bt.next, bt.src, src)
+		if _, twice := bt.Next.(*exportguard.BlobTransport); twice || bt.Source != src {
+			t.Errorf("host %s: blob transport over %T, source %p (want %p)", h.Host, bt.Next, bt.Source, src)
 		}
 		if h.Client.Timeout != 9*time.Second {
 			t.Errorf("host %s: timeout %s, want the fetch timeout", h.Host, h.Client.Timeout)
@@ -200,8 +202,8 @@ func TestHostsFromDirsBlobTransportOnce(t *testing.T) {
 	}
 
 	ctx := namespaces.WithNamespace(context.Background(), "builder")
-	g.mounted(ctx, mountEvent{Namespace: "builder", Ref: e.ref, Layer: e.layer, Mode: ModeExportBase})
-	waitState(t, g, "builder", e.layer, GuardMaterialized)
+	g.Mounted(ctx, exportguard.MountEvent{Namespace: "builder", Ref: e.ref, Layer: e.layer, Mode: string(ModeExportBase), When: exportguard.WhenNow})
+	waitState(t, g.Status, "builder", e.layer, exportguard.StateMaterialized)
 	before := e.proxy.blobBytes(e.layer)
 	if resp := get(t, local, http.MethodGet, e.blobURL(), ""); !bytes.Equal(readAll(t, resp.Body), e.data) {
 		t.Errorf("blob through the hosts.toml client: %s, bytes differ", resp.Status)
@@ -218,12 +220,12 @@ func TestHostsFromDirsBlobTransportOnce(t *testing.T) {
 func TestRegistryHostsPerDaemon(t *testing.T) {
 	e := newSourceEnv(t, 200_000)
 	g, srcA := e.trigger(t, time.Hour, prometheus.NewRegistry())
-	srcB := newBlobSource()
+	srcB := exportguard.NewBlobSource()
 	cfgA, cfgB := DefaultConfig(), DefaultConfig()
 	cfgA.Root, cfgB.Root = t.TempDir(), t.TempDir()
 	ctx := namespaces.WithNamespace(context.Background(), "builder")
-	g.mounted(ctx, mountEvent{Namespace: "builder", Ref: e.ref, Layer: e.layer, Mode: ModeExportBase})
-	waitState(t, g, "builder", e.layer, GuardMaterialized)
+	g.Mounted(ctx, exportguard.MountEvent{Namespace: "builder", Ref: e.ref, Layer: e.layer, Mode: string(ModeExportBase), When: exportguard.WhenNow})
+	waitState(t, g.Status, "builder", e.layer, exportguard.StateMaterialized)
 
 	spec, err := reference.Parse(e.ref)
 	if err != nil {
@@ -232,7 +234,7 @@ func TestRegistryHostsPerDaemon(t *testing.T) {
 	for _, tc := range []struct {
 		name       string
 		cfg        Config
-		src        *blobSource
+		src        *exportguard.BlobSource
 		fromRemote int64
 	}{{"daemon A", cfgA, srcA, 0}, {"daemon B", cfgB, srcB, 1000}} {
 		hs, err := tc.cfg.registryHosts(context.Background(), anonymous, tc.src)(spec)

@@ -20,6 +20,8 @@ import (
 	"github.com/sirupsen/logrus"
 	logtest "github.com/sirupsen/logrus/hooks/test"
 	"golang.org/x/sys/unix"
+
+	"github.com/lazybase/lazybase/exportguard"
 )
 
 // unixClient is an HTTP client that dials the unix socket at path.
@@ -53,7 +55,7 @@ func TestTCPListenerServesOnlyMetrics(t *testing.T) {
 	}
 
 	methods := []string{http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch, http.MethodDelete, http.MethodOptions}
-	for _, path := range []string{"/status", "/guard", BarrierPath, "/", "/debug/pprof/"} {
+	for _, path := range []string{"/status", "/guard", exportguard.BarrierPath, "/", "/debug/pprof/"} {
 		for _, m := range methods {
 			req, err := http.NewRequest(m, base+path, strings.NewReader(`{"namespace":"default","images":["docker.io/library/alpine:3"]}`))
 			if err != nil {
@@ -82,7 +84,7 @@ func TestTCPListenerServesOnlyMetrics(t *testing.T) {
 			t.Errorf("status socket GET %s: %s", path, resp.Status)
 		}
 	}
-	resp, err = uc.Post("http://lazybase"+BarrierPath, "application/json", strings.NewReader(`{"namespace":"default","images":[]}`))
+	resp, err = uc.Post("http://lazybase"+exportguard.BarrierPath, "application/json", strings.NewReader(`{"namespace":"default","images":[]}`))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -90,7 +92,7 @@ func TestTCPListenerServesOnlyMetrics(t *testing.T) {
 	resp.Body.Close()
 	// The barrier handler itself answers (it rejects an empty image list).
 	if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(b), "barrier request needs") {
-		t.Errorf("status socket POST %s: %s %q", BarrierPath, resp.Status, b)
+		t.Errorf("status socket POST %s: %s %q", exportguard.BarrierPath, resp.Status, b)
 	}
 	if st, err := FetchStatus(context.Background(), td.cfg.statusSocket()); err != nil || st.Layers == nil {
 		t.Errorf("FetchStatus: %+v, %v", st, err)

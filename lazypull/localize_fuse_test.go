@@ -24,6 +24,8 @@ import (
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
 
+	"github.com/lazybase/lazybase/exportguard"
+	"github.com/lazybase/lazybase/internal/eventually"
 	"github.com/lazybase/lazybase/internal/testimage"
 )
 
@@ -167,21 +169,25 @@ func lowerdirs(mounts []mount.Mount) string {
 	return strings.Join(s, "\n")
 }
 
-// attachLocalizer gives td a localizer whose verified blobs come from
-// find, as the export guard's would.
-func attachLocalizer(td *testDaemon, find blobFinder) *localizer {
-	l := newLocalizer(td.d.fs, find, 2, td.d.m)
-	l.interval = 50 * time.Millisecond
-	td.d.local = l
-	td.d.sn.(*policySnapshotter).local = l
-	l.start(context.Background())
-	return l
+// attachUnpacker gives td an Unpacker whose verified blobs come from
+// find, as the export guard's would, told about td's mounts; it returns
+// the channel of unpack results.
+func attachUnpacker(t *testing.T, td *testDaemon, find exportguard.BlobOpener) <-chan exportguard.UnpackResult {
+	t.Helper()
+	results := make(chan exportguard.UnpackResult, 16)
+	u, err := exportguard.NewUnpacker(context.Background(), find, exportguard.WithUnpackParallelism(2),
+		exportguard.WithOnUnpacked(func(r exportguard.UnpackResult) { results <- r }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	td.d.attachUnpacker(u)
+	return results
 }
 
 func waitLocal(t *testing.T, td *testDaemon, n int) []LayerStatus {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	var layers []LayerStatus
+	eventually.Require(t, 30*time.Second, fmt.Sprintf("%d layers unpacked locally", n), func() error {
 		st, err := td.d.Status(context.Background())
 		if err != nil {
 			t.Fatal(err)
@@ -192,14 +198,13 @@ func waitLocal(t *testing.T, td *testDaemon, n int) []LayerStatus {
 				local++
 			}
 		}
-		if local >= n {
-			return st.Layers
+		layers = st.Layers
+		if local < n {
+			return fmt.Errorf("%d unpacked: %+v", local, st.Layers)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d of %d layers unpacked locally after 30s: %+v", local, n, st.Layers)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return nil
+	})
+	return layers
 }
 
 // TestLocalUnpack mounts a two-layer image lazily, then lets the daemon
@@ -237,7 +242,7 @@ func TestLocalUnpack(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if l := lowerdirs(before); strings.Contains(l, localDirName) {
+	if l := lowerdirs(before); strings.Contains(l, exportguard.LocalDirName) {
 		t.Fatalf("lowerdirs before unpacking = %s", l)
 	}
 	fuseRoot := mountAt(t, before)
@@ -248,7 +253,7 @@ func TestLocalUnpack(t *testing.T) {
 		}
 	}
 
-	attachLocalizer(td, find)
+	attachUnpacker(t, td, find)
 	layers := waitLocal(t, td, 2)
 	after, err := td.sn.Prepare(ctx, "rootfs-after", "c1")
 	if err != nil {
@@ -272,7 +277,7 @@ func TestLocalUnpack(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(view) != 1 || !strings.HasSuffix(view[0].Source, localDirName) {
+	if len(view) != 1 || !strings.HasSuffix(view[0].Source, exportguard.LocalDirName) {
 		t.Fatalf("view of the lower layer = %+v", view)
 	}
 	if _, err := os.Stat(filepath.Join(mountAt(t, view), "d", "x")); err != nil {
@@ -294,7 +299,7 @@ func TestLocalUnpack(t *testing.T) {
 			t.Errorf("unpacked copy %s kept over a clean restart: %v", l.LocalDir, err)
 		}
 	}
-	attachLocalizer(td, find)
+	attachUnpacker(t, td, find)
 	waitLocal(t, td, 2)
 	again, err := td.sn.Prepare(ctx, "rootfs-again", "c1")
 	if err != nil {
@@ -339,7 +344,7 @@ func TestLocalUnpackBadBlob(t *testing.T) {
 	reg := testimage.NewRegistry(t)
 	img, _ := localizeImage(t, reg)
 	td := startDaemon(t, "", func(c *Config) { c.Guard.Enable = false })
-	l := attachLocalizer(td, func(context.Context, digest.Digest) (content.ReaderAt, bool) {
+	results := attachUnpacker(t, td, func(context.Context, digest.Digest) (content.ReaderAt, bool) {
 		return memBlob{bytes.NewReader([]byte("this is no layer"))}, true
 	})
 	ctx := namespaces.WithNamespace(context.Background(), "test")
@@ -347,18 +352,13 @@ func TestLocalUnpackBadBlob(t *testing.T) {
 	if !errdefs.IsAlreadyExists(err) {
 		t.Fatalf("Prepare = %v", err)
 	}
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		l.mu.Lock()
-		failed := len(l.failed)
-		l.mu.Unlock()
-		if failed == 1 {
-			break
+	select {
+	case r := <-results:
+		if r.Err == nil {
+			t.Fatalf("unpack of a bad blob succeeded: %+v", r)
 		}
-		if time.Now().After(deadline) {
-			t.Fatal("the bad blob's unpack did not fail")
-		}
-		time.Sleep(20 * time.Millisecond)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the bad blob's unpack did not end")
 	}
 	st, err := td.d.Status(ctx)
 	if err != nil {
@@ -368,7 +368,7 @@ func TestLocalUnpackBadBlob(t *testing.T) {
 		t.Fatalf("status = %+v", st.Layers)
 	}
 	snDir := filepath.Dir(st.Layers[0].Mountpoint)
-	for _, name := range []string{localDirName, localDirName + ".tmp", localDoneName} {
+	for _, name := range []string{exportguard.LocalDirName, exportguard.LocalDirName + ".tmp", exportguard.LocalDoneName} {
 		if _, err := os.Stat(filepath.Join(snDir, name)); !os.IsNotExist(err) {
 			t.Errorf("%s left after a failed unpack: %v", name, err)
 		}

@@ -5,7 +5,7 @@ import (
 )
 
 // metrics are lazypull's own Prometheus collectors. They live in a
-// per-Daemon registry; the upstream filesystem registers its metrics
+// per-Daemon registry, with the export guard's; the upstream filesystem registers its metrics
 // (stargz_fs_*) in the default registry, and the metrics endpoint serves
 // both.
 type metrics struct {
@@ -16,10 +16,6 @@ type metrics struct {
 	fallbacks     *prometheus.CounterVec
 	mounted       prometheus.Gauge
 	mountDuration prometheus.Histogram
-
-	localized        prometheus.Gauge
-	localizations    *prometheus.CounterVec
-	localizeDuration prometheus.Histogram
 }
 
 func newMetrics() *metrics {
@@ -47,30 +43,14 @@ func newMetrics() *metrics {
 			Help:    "Time to resolve, verify and mount a layer lazily.",
 			Buckets: prometheus.ExponentialBuckets(0.005, 2, 14),
 		}),
-		localized: prometheus.NewGauge(prometheus.GaugeOpts{
-			Namespace: ns, Subsystem: sub, Name: "localized_layers",
-			Help: "Lazily mounted layers unpacked locally, which new containers read through overlayfs alone.",
-		}),
-		localizations: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: ns, Subsystem: sub, Name: "local_unpacks_total",
-			Help: "Local unpacks of lazily mounted layers from their verified blobs, by result (ok or failed).",
-		}, []string{"result"}),
-		localizeDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Namespace: ns, Subsystem: sub, Name: "local_unpack_duration_seconds",
-			Help:    "Time to unpack a lazily mounted layer locally from its verified blob.",
-			Buckets: prometheus.ExponentialBuckets(0.05, 2, 12),
-		}),
 	}
-	m.reg.MustRegister(m.decisions, m.lazyMounts, m.fallbacks, m.mounted, m.mountDuration,
-		m.localized, m.localizations, m.localizeDuration)
+	m.reg.MustRegister(m.decisions, m.lazyMounts, m.fallbacks, m.mounted, m.mountDuration)
 	// Pre-create the series so they read 0 rather than being absent.
 	for _, r := range []string{ReasonPolicy, ReasonNotEStargz, ReasonNoReference, ReasonMountFailed, ReasonInvalidTOC} {
 		m.fallbacks.WithLabelValues(r)
 	}
 	m.lazyMounts.WithLabelValues("ok")
 	m.lazyMounts.WithLabelValues("failed")
-	m.localizations.WithLabelValues("ok")
-	m.localizations.WithLabelValues("failed")
 	return m
 }
 

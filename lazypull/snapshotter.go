@@ -8,6 +8,8 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
+
+	"github.com/lazybase/lazybase/exportguard"
 )
 
 // policySnapshotter applies the Policy to every Prepare before the upstream
@@ -21,7 +23,7 @@ type policySnapshotter struct {
 	lazy func(ctx context.Context, plan preparePlan)
 	// local, when set, replaces unpacked lazy layers in the mounts handed
 	// out.
-	local *localizer
+	local *exportguard.Unpacker
 	// hideRemote drops the upstream snapshotter's remote-snapshot marker
 	// from what Stat and Walk tell containerd (guard.enable).
 	hideRemote bool
@@ -91,7 +93,7 @@ func (s *policySnapshotter) localMounts(mounts []mount.Mount) []mount.Mount {
 	if s.local == nil || len(mounts) == 0 {
 		return mounts
 	}
-	return s.local.rewrite(mounts)
+	return s.local.Rewrite(mounts)
 }
 
 // replaceLabels is a snapshots.Opt that sets the labels to a copy of labels.

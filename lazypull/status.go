@@ -59,7 +59,7 @@ func (d *Daemon) Status(ctx context.Context) (*Status, error) {
 		ls := LayerStatus{
 			Mountpoint: mp, Image: rec.image, Layer: rec.layer, Mode: rec.mode, MountedAt: rec.mountedAt,
 			Size: -1, FetchedBytes: -1, PrefetchBytes: -1, FetchedPercent: -1,
-			LocalDir: d.local.localDir(mp),
+			LocalDir: d.local.LocalDir(mp),
 		}
 		if s, ok := perMount[mp]; ok {
 			ls.Size, ls.FetchedBytes, ls.PrefetchBytes = s[0], s[1], s[2]

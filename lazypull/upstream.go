@@ -10,6 +10,8 @@ import (
 	"github.com/containerd/stargz-snapshotter/service"
 	"github.com/containerd/stargz-snapshotter/service/resolver"
 	dockercliconfig "github.com/docker/cli/cli/config"
+
+	"github.com/lazybase/lazybase/exportguard"
 )
 
 // upstream translates c into the upstream stargz service configuration and
@@ -17,7 +19,7 @@ import (
 // starts from stargz's own defaults (stargzDefaults) and sets only the
 // fields below; TestUpstreamDefaults lists them, each with its reason.
 // The registry hosts read blobs through src, the daemon's blob source.
-func (c *Config) upstream(ctx context.Context, src *blobSource) (service.Config, []service.Option, error) {
+func (c *Config) upstream(ctx context.Context, src *exportguard.BlobSource) (service.Config, []service.Option, error) {
 	secs := func(d Duration) int64 { return int64(d.D() / time.Second) }
 	cacheType := func(v string) string {
 		if v == "memory" {
@@ -71,7 +73,7 @@ func (c *Config) upstream(ctx context.Context, src *blobSource) (service.Config,
 	sc.ResolverConfig.RequestTimeoutSec = int(fetchSecs)
 
 	// Blob reads are served from the export guard's verified copies once
-	// it has committed them (blobsource.go).
+	// it has committed them (exportguard.BlobSource).
 	hosts := c.registryHosts(ctx, dockerCredentials(ctx, c.Auth), src)
 	return sc, []service.Option{
 		service.WithCustomRegistryHosts(hosts),

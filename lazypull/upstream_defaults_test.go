@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/lazybase/lazybase/exportguard"
 )
 
 // upstreamOnPurpose lists the fields of stargz's service.Config (by TOML
@@ -171,7 +173,7 @@ entry_timeout = "3s"
 		name string
 		cfg  Config
 	}{{"default", defaultCfg}, {"changed", changed}} {
-		sc, _, err := tc.cfg.upstream(t.Context(), newBlobSource())
+		sc, _, err := tc.cfg.upstream(t.Context(), exportguard.NewBlobSource())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -264,7 +266,7 @@ func TestUpstreamPassthroughBuffer(t *testing.T) {
 	for _, pt := range []bool{true, false} {
 		cfg := DefaultConfig()
 		cfg.FUSE.Passthrough = pt
-		sc, _, err := cfg.upstream(t.Context(), newBlobSource())
+		sc, _, err := cfg.upstream(t.Context(), exportguard.NewBlobSource())
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -17,6 +17,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/registry"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/lazybase/lazybase/internal/eventually"
 )
 
 func TestGuardNoDaemon(t *testing.T) {
@@ -109,16 +111,11 @@ func startDaemon(t *testing.T, config string) string {
 			t.Error("daemon did not stop")
 		}
 	})
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if _, err := os.Stat(sock + ".status"); err == nil {
-			return sock
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("daemon did not listen")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	eventually.Require(t, 20*time.Second, "daemon listening", func() error {
+		_, err := os.Stat(sock + ".status")
+		return err
+	})
+	return sock
 }
 
 // TestGuardNotMounted asks a running daemon to guard an image it never

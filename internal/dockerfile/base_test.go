@@ -164,3 +164,29 @@ func TestWithPlatformRejectsGarbage(t *testing.T) {
 		t.Fatal("no error")
 	}
 }
+
+func TestWithBuildArgList(t *testing.T) {
+	env := map[string]string{"FROM_ENV": "env-value"}
+	lookup := func(k string) (string, bool) { v, ok := env[k]; return v, ok }
+	df := "ARG A=a0\nARG B=b0\nARG FROM_ENV=e0\nARG UNSET=u0\nFROM r.example/${A}/${B}/${FROM_ENV}:${UNSET}\n"
+	base, err := ExportBase(strings.NewReader(df), "Dockerfile", WithBuildArgList([]string{"A=x", "B=b1", "FROM_ENV", "UNSET"}, lookup))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A=x and B=b1 set, FROM_ENV takes the
+	// environment's value, UNSET is not in it and keeps its default.
+	if want := "r.example/x/b1/env-value:u0"; base.Image != want {
+		t.Errorf("image %q, want %q", base.Image, want)
+	}
+	for _, bad := range [][]string{{"=v"}, {""}} {
+		if _, err := ExportBase(strings.NewReader(df), "Dockerfile", WithBuildArgList(bad, lookup)); err == nil || !strings.Contains(err.Error(), "empty name") {
+			t.Errorf("%q: got %v, want an empty name error", bad, err)
+		}
+	}
+}
+
+func TestExportBaseFileNamesMissingFile(t *testing.T) {
+	if _, err := ExportBaseFile("/nonexistent/Dockerfile"); err == nil || !strings.Contains(err.Error(), "/nonexistent/Dockerfile") {
+		t.Fatalf("got %v, want the path named", err)
+	}
+}

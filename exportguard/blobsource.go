@@ -1,4 +1,4 @@
-package lazypull
+package exportguard
 
 import (
 	"bufio"
@@ -14,16 +14,15 @@ import (
 	"sync"
 
 	"github.com/containerd/containerd/v2/core/content"
-	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
 // PromoteAfterBytes is how many bytes of a layer's blob the lazy filesystem
-// may fetch from the registry before the export guard stops waiting for
-// guard.delay and materializes the blob at once. A first command's
+// may fetch from the registry before a BlobSource promotes it (see
+// Trigger.Promote): the guard stops waiting for its delay and materializes
+// the blob at once. A first command's
 // on-demand reads stay under it (`go version` on the golang-like image
 // reads about 14 MB with passthrough), so its link is not shared with a
 // whole-blob transfer; a build crosses it within seconds, and from then on
@@ -33,17 +32,13 @@ const PromoteAfterBytes = 24 << 20
 // readBuffer is the size of the reads a local blob is served with.
 const readBuffer = 1 << 20
 
-// Sources of the bytes a blobSource counts.
+// Sources of the bytes a BlobSource counts.
 const (
 	sourceLocal  = "local"  // read from a verified blob in the content store
 	sourceRemote = "remote" // fetched from the registry
 )
 
-// localBlobs opens a verified local copy of blob dgst; ok is false when
-// there is none.
-type localBlobs func(ctx context.Context, dgst digest.Digest) (ra content.ReaderAt, ok bool)
-
-// blobSource lets the lazy filesystem read a layer's blob from the local,
+// BlobSource lets a lazy filesystem read a layer's blob from the local,
 // verified copy the export guard committed to containerd's content store,
 // so that each blob crosses the network at most once per builder: the
 // guard's transfer also serves the filesystem's background fill and the
@@ -57,11 +52,12 @@ type localBlobs func(ctx context.Context, dgst digest.Digest) (ra content.Reader
 // handed to the guard at once instead of after guard.delay, which keeps
 // those duplicate bytes small.
 //
-// The upstream filesystem is built before the export guard: the source
-// starts with no local blobs and the guard attaches itself when it starts.
-type blobSource struct {
+// A lazy filesystem's registry hosts are built before the export guard:
+// the source starts with no local blobs, and the guard is attached to it
+// when it starts (Attach). Its HTTP clients read through Transport.
+type BlobSource struct {
 	mu      sync.RWMutex
-	local   localBlobs
+	local   BlobOpener
 	promote func(digest.Digest)
 	remote  map[digest.Digest]int64 // registry bytes per blob
 
@@ -69,8 +65,9 @@ type blobSource struct {
 	requests *prometheus.CounterVec
 }
 
-func newBlobSource() *blobSource {
-	return &blobSource{
+// NewBlobSource returns a BlobSource with no local blobs.
+func NewBlobSource() *BlobSource {
+	return &BlobSource{
 		remote: map[digest.Digest]int64{},
 		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "lazybase", Subsystem: "blobsource", Name: "bytes_total",
@@ -83,9 +80,11 @@ func newBlobSource() *blobSource {
 	}
 }
 
-// attach makes local the source of local blobs and promote the hook for
-// blobs the filesystem fetches in earnest; it registers the metrics on reg.
-func (s *blobSource) attach(local localBlobs, promote func(digest.Digest), reg prometheus.Registerer) error {
+// Attach makes local (Trigger.LocalBlob) the source of local blobs and
+// promote (Trigger.Promote) the hook for blobs the filesystem fetches in
+// earnest (PromoteAfterBytes); it registers the metrics
+// (lazybase_blobsource_bytes_total and _requests_total) on reg, once.
+func (s *BlobSource) Attach(local BlobOpener, promote func(digest.Digest), reg prometheus.Registerer) error {
 	if reg != nil {
 		for _, c := range []prometheus.Collector{s.bytes, s.requests} {
 			if err := reg.Register(c); err != nil {
@@ -103,15 +102,23 @@ func (s *blobSource) attach(local localBlobs, promote func(digest.Digest), reg p
 	return nil
 }
 
-// detach stops serving local blobs.
-func (s *blobSource) detach() {
+// Detach stops serving local blobs.
+func (s *BlobSource) Detach() {
 	s.mu.Lock()
 	s.local, s.promote = nil, nil
 	s.mu.Unlock()
 }
 
+// Attached reports whether s serves local blobs (between Attach and
+// Detach).
+func (s *BlobSource) Attached() bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.local != nil
+}
+
 // open returns the local copy of dgst, if any.
-func (s *blobSource) open(ctx context.Context, dgst digest.Digest) (content.ReaderAt, bool) {
+func (s *BlobSource) open(ctx context.Context, dgst digest.Digest) (content.ReaderAt, bool) {
 	s.mu.RLock()
 	local := s.local
 	s.mu.RUnlock()
@@ -123,7 +130,7 @@ func (s *blobSource) open(ctx context.Context, dgst digest.Digest) (content.Read
 
 // fetched counts n bytes of dgst from the registry, and promotes dgst once
 // PromoteAfterBytes of it came that way.
-func (s *blobSource) fetched(dgst digest.Digest, n int64) {
+func (s *BlobSource) fetched(dgst digest.Digest, n int64) {
 	s.bytes.WithLabelValues(sourceRemote).Add(float64(n))
 	s.mu.Lock()
 	before := s.remote[dgst]
@@ -136,51 +143,55 @@ func (s *blobSource) fetched(dgst digest.Digest, n int64) {
 	}
 }
 
-// transport returns next with blob reads served from s's local copies
-// (nil next is http.DefaultTransport). A transport that already is a blob
-// transport is returned as it is: a blob read is counted and served once.
-func (s *blobSource) transport(next http.RoundTripper) http.RoundTripper {
-	if _, done := next.(*blobTransport); done {
+// Transport returns next with blob reads served from s's local copies
+// (nil next is http.DefaultTransport). A transport that already is a
+// BlobTransport is returned as it is: a blob read is counted and served
+// once.
+func (s *BlobSource) Transport(next http.RoundTripper) http.RoundTripper {
+	if _, done := next.(*BlobTransport); done {
 		return next
 	}
 	if next == nil {
 		next = http.DefaultTransport
 	}
-	return &blobTransport{next: next, src: s}
+	return &BlobTransport{Next: next, Source: s}
 }
 
-// blobTransport answers GET and HEAD of /v2/<name>/blobs/<digest> from a
+// BlobTransport answers GET and HEAD of /v2/<name>/blobs/<digest> from a
 // local verified copy of the blob when there is one, as a registry would
 // (200, or 206 for one range or multipart/byteranges for several), and
 // sends every other request on.
-type blobTransport struct {
-	next http.RoundTripper
-	src  *blobSource
+type BlobTransport struct {
+	// Next is where every request goes that Source does not answer.
+	Next http.RoundTripper
+	// Source holds the local blobs and counts the bytes read.
+	Source *BlobSource
 }
 
-var _ http.RoundTripper = (*blobTransport)(nil)
+var _ http.RoundTripper = (*BlobTransport)(nil)
 
-func (t *blobTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+// RoundTrip implements http.RoundTripper.
+func (t *BlobTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	dgst, ok := blobDigest(req.URL.Path)
 	if !ok || (req.Method != http.MethodGet && req.Method != http.MethodHead) {
-		return t.next.RoundTrip(req)
+		return t.Next.RoundTrip(req)
 	}
-	if ra, ok := t.src.open(req.Context(), dgst); ok {
+	if ra, ok := t.Source.open(req.Context(), dgst); ok {
 		resp, err := t.serveLocal(req, dgst, ra)
 		if err == nil {
-			t.src.requests.WithLabelValues(sourceLocal).Inc()
+			t.Source.requests.WithLabelValues(sourceLocal).Inc()
 			return resp, nil
 		}
 		ra.Close()
 		log.G(req.Context()).WithError(err).WithField("digest", dgst).Debug("blob source: local copy not used; asking the registry")
 	}
-	resp, err := t.next.RoundTrip(req)
+	resp, err := t.Next.RoundTrip(req)
 	if err != nil || req.Method != http.MethodGet {
 		return resp, err
 	}
 	if resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusPartialContent {
-		t.src.requests.WithLabelValues(sourceRemote).Inc()
-		resp.Body = &countingBody{ReadCloser: resp.Body, count: func(n int64) { t.src.fetched(dgst, n) }}
+		t.Source.requests.WithLabelValues(sourceRemote).Inc()
+		resp.Body = &countingBody{ReadCloser: resp.Body, count: func(n int64) { t.Source.fetched(dgst, n) }}
 	}
 	return resp, nil
 }
@@ -247,7 +258,7 @@ func parseRanges(h string, size int64) (rs []byteRange, ok bool) {
 }
 
 // serveLocal answers req from ra, which it closes with the response body.
-func (t *blobTransport) serveLocal(req *http.Request, dgst digest.Digest, ra content.ReaderAt) (*http.Response, error) {
+func (t *BlobTransport) serveLocal(req *http.Request, dgst digest.Digest, ra content.ReaderAt) (*http.Response, error) {
 	size := ra.Size()
 	resp := &http.Response{
 		Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
@@ -260,7 +271,7 @@ func (t *blobTransport) serveLocal(req *http.Request, dgst digest.Digest, ra con
 		resp.StatusCode = code
 		resp.Status = fmt.Sprintf("%d %s", code, http.StatusText(code))
 	}
-	count := func(n int64) { t.src.bytes.WithLabelValues(sourceLocal).Add(float64(n)) }
+	count := func(n int64) { t.Source.bytes.WithLabelValues(sourceLocal).Add(float64(n)) }
 	var ranges []byteRange
 	if h := req.Header.Get("Range"); h != "" {
 		var ok bool
@@ -342,59 +353,4 @@ func (b *countingBody) Read(p []byte) (int, error) {
 		b.count(int64(n))
 	}
 	return n, err
-}
-
-// localBlob opens the blob dgst in the content store of a namespace the
-// guard materialized it in.
-func (g *guardTrigger) localBlob(ctx context.Context, dgst digest.Digest) (content.ReaderAt, bool) {
-	type where struct {
-		ns   string
-		size int64
-	}
-	var cands []where
-	g.mu.Lock()
-	for _, st := range g.layers {
-		if st.Materialized && st.Layer == dgst.String() {
-			cands = append(cands, where{st.Namespace, st.Size})
-		}
-	}
-	g.mu.Unlock()
-	if len(cands) == 0 {
-		return nil, false
-	}
-	store, _, err := g.stores(ctx)
-	if err != nil {
-		log.G(ctx).WithError(err).WithField("digest", dgst).Debug("blob source: content store not reachable")
-		return nil, false
-	}
-	for _, c := range cands {
-		ra, err := store.ReaderAt(namespaces.WithNamespace(ctx, c.ns), ocispec.Descriptor{Digest: dgst, Size: c.size})
-		if err != nil {
-			log.G(ctx).WithError(err).WithFields(log.Fields{"digest": dgst, "namespace": c.ns}).Debug("blob source: materialized blob not readable")
-			continue
-		}
-		if ra.Size() != c.size {
-			ra.Close()
-			continue
-		}
-		return ra, true
-	}
-	return nil, false
-}
-
-// promote ends the delay of every layer of blob dgst still waiting for it.
-func (g *guardTrigger) promote(dgst digest.Digest) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	for key, wake := range g.wake {
-		st := g.layers[key]
-		if st == nil || st.Layer != dgst.String() || st.State != GuardScheduled {
-			continue
-		}
-		close(wake)
-		delete(g.wake, key)
-		g.promotions.Inc()
-		log.G(g.ctx).WithFields(log.Fields{"layer": dgst, "namespace": st.Namespace, "image": st.Image}).
-			Info("export guard: the lazy filesystem is fetching this blob; materializing it now so that one transfer serves both")
-	}
 }

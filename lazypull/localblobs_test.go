@@ -4,11 +4,8 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"fmt"
 	"io"
 	stdlog "log"
-	"mime"
-	"mime/multipart"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
@@ -29,7 +26,6 @@ import (
 	"github.com/containerd/stargz-snapshotter/cache"
 	"github.com/containerd/stargz-snapshotter/fs/config"
 	"github.com/containerd/stargz-snapshotter/fs/remote"
-	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
 	ggcrremote "github.com/google/go-containerregistry/pkg/v1/remote"
@@ -62,8 +58,9 @@ func newCountingProxy(t *testing.T, upstream string) *countingProxy {
 	rp := httputil.NewSingleHostReverseProxy(u)
 	p := &countingProxy{bytes: map[string]int64{}}
 	p.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		d, ok := blobDigest(r.URL.Path)
-		if !ok || r.Method != http.MethodGet {
+		_, blob, ok := strings.Cut(r.URL.Path, "/blobs/")
+		d, err := digest.Parse(blob)
+		if !ok || err != nil || r.Method != http.MethodGet {
 			rp.ServeHTTP(w, r)
 			return
 		}
@@ -161,16 +158,16 @@ func newContentStore(t *testing.T) (content.Store, leases.Manager) {
 
 // trigger returns a guard trigger over the env's content store, attached to
 // a new blob source whose metrics go to reg.
-func (e *sourceEnv) trigger(t *testing.T, delay time.Duration, reg *prometheus.Registry) (*guardTrigger, *blobSource) {
+func (e *sourceEnv) trigger(t *testing.T, delay time.Duration, reg *prometheus.Registry) (*exportguard.Trigger, *exportguard.BlobSource) {
 	t.Helper()
-	stores := func(context.Context) (content.Store, leases.Manager, error) { return e.store, e.leases, nil }
-	g, err := newGuardTrigger(guardCfg(delay), stores, remoteBlobSize(authn.DefaultKeychain, DefaultConfig().Guard.Timeouts()), &exportguard.Remote{}, reg)
+	genv := &guardEnv{store: e.store, leases: e.leases}
+	g, err := exportguard.NewTrigger(genv.stores(), &exportguard.Remote{}, exportguard.WithDelay(delay), exportguard.WithTriggerRegisterer(reg))
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { g.close() })
-	src := newBlobSource()
-	if err := src.attach(g.localBlob, g.promote, reg); err != nil {
+	t.Cleanup(func() { g.Close() })
+	src := exportguard.NewBlobSource()
+	if err := src.Attach(g.LocalBlob, g.Promote, reg); err != nil {
 		t.Fatal(err)
 	}
 	return g, src
@@ -178,7 +175,7 @@ func (e *sourceEnv) trigger(t *testing.T, delay time.Duration, reg *prometheus.R
 
 // hosts returns the registry hosts of the env's image as the daemon
 // builds them (no mirrors), reading blobs through src.
-func (e *sourceEnv) hosts(t *testing.T, src *blobSource) (reference.Spec, []docker.RegistryHost) {
+func (e *sourceEnv) hosts(t *testing.T, src *exportguard.BlobSource) (reference.Spec, []docker.RegistryHost) {
 	t.Helper()
 	spec, err := reference.Parse(e.ref)
 	if err != nil {
@@ -196,7 +193,7 @@ func (e *sourceEnv) hosts(t *testing.T, src *blobSource) (reference.Spec, []dock
 
 // hostClient returns the HTTP client of the registry host of the env's
 // image, as the daemon builds it, reading blobs through src.
-func (e *sourceEnv) hostClient(t *testing.T, src *blobSource) *http.Client {
+func (e *sourceEnv) hostClient(t *testing.T, src *exportguard.BlobSource) *http.Client {
 	t.Helper()
 	_, hs := e.hosts(t, src)
 	return hs[0].Client
@@ -235,102 +232,6 @@ func readAll(t *testing.T, r io.Reader) []byte {
 	return b
 }
 
-// TestBlobTransportServesCommittedBlob: once the guard committed a blob,
-// GET (whole, one range, a suffix, several ranges) and HEAD are answered
-// from the content store, byte for byte as the registry would, and the
-// registry sends nothing more; before, they go to the registry.
-func TestBlobTransportServesCommittedBlob(t *testing.T) {
-	e := newSourceEnv(t, 600_000)
-	reg := prometheus.NewRegistry()
-	g, src := e.trigger(t, time.Hour, reg)
-	c := e.hostClient(t, src)
-
-	// Not materialized: the registry answers.
-	resp := get(t, c, http.MethodGet, e.blobURL(), "bytes=0-999")
-	if resp.StatusCode != http.StatusPartialContent || !bytes.Equal(readAll(t, resp.Body), e.data[:1000]) {
-		t.Fatalf("remote range: %s", resp.Status)
-	}
-	if got := e.proxy.blobBytes(e.layer); got != 1000 {
-		t.Fatalf("registry sent %d bytes, want 1000", got)
-	}
-	if got := counterValue(t, src.bytes.WithLabelValues(sourceRemote)); got != 1000 {
-		t.Errorf("remote bytes metric %v, want 1000", got)
-	}
-
-	ctx := namespaces.WithNamespace(context.Background(), "builder")
-	g.mounted(ctx, mountEvent{Namespace: "builder", Ref: e.ref, Layer: e.layer, Mode: ModeExportBase})
-	waitState(t, g, "builder", e.layer, GuardMaterialized)
-	before := e.proxy.blobBytes(e.layer)
-	if before != 1000+int64(len(e.data)) {
-		t.Errorf("registry sent %d bytes after the guard's transfer, want 1000 + %d", before, len(e.data))
-	}
-
-	size := int64(len(e.data))
-	resp = get(t, c, http.MethodGet, e.blobURL(), "")
-	if resp.StatusCode != http.StatusOK || resp.ContentLength != size || !bytes.Equal(readAll(t, resp.Body), e.data) {
-		t.Errorf("local whole blob: %s, length %d", resp.Status, resp.ContentLength)
-	}
-	resp = get(t, c, http.MethodGet, e.blobURL(), "bytes=100-199")
-	if resp.StatusCode != http.StatusPartialContent || resp.Header.Get("Content-Range") != "bytes 100-199/600000" ||
-		!bytes.Equal(readAll(t, resp.Body), e.data[100:200]) {
-		t.Errorf("local range: %s %q", resp.Status, resp.Header.Get("Content-Range"))
-	}
-	resp = get(t, c, http.MethodGet, e.blobURL(), "bytes=-10")
-	if !bytes.Equal(readAll(t, resp.Body), e.data[size-10:]) || resp.Header.Get("Content-Range") != "bytes 599990-599999/600000" {
-		t.Errorf("local suffix range: %s %q", resp.Status, resp.Header.Get("Content-Range"))
-	}
-	resp = get(t, c, http.MethodHead, e.blobURL(), "")
-	if resp.StatusCode != http.StatusOK || resp.ContentLength != size || resp.Header.Get("Docker-Content-Digest") != e.layer.String() {
-		t.Errorf("local HEAD: %s, length %d", resp.Status, resp.ContentLength)
-	}
-
-	// Several ranges: multipart/byteranges, one part per range.
-	resp = get(t, c, http.MethodGet, e.blobURL(), "bytes=0-9,5000-5999,599000-599999")
-	mt, params, err := mime.ParseMediaType(resp.Header.Get("Content-Type"))
-	if err != nil || mt != "multipart/byteranges" {
-		t.Fatalf("multi-range: %s %q %v", resp.Status, resp.Header.Get("Content-Type"), err)
-	}
-	mr := multipart.NewReader(resp.Body, params["boundary"])
-	for _, want := range []struct {
-		cr         string
-		first, end int
-	}{{"bytes 0-9/600000", 0, 10}, {"bytes 5000-5999/600000", 5000, 6000}, {"bytes 599000-599999/600000", 599000, 600000}} {
-		part, err := mr.NextPart()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if cr := part.Header.Get("Content-Range"); cr != want.cr || !bytes.Equal(readAll(t, part), e.data[want.first:want.end]) {
-			t.Errorf("part %q, want %q with its bytes", cr, want.cr)
-		}
-	}
-	if _, err := mr.NextPart(); err != io.EOF {
-		t.Errorf("after the last part: %v", err)
-	}
-
-	if got := e.proxy.blobBytes(e.layer); got != before {
-		t.Errorf("registry sent %d more blob bytes after the commit", got-before)
-	}
-	wantLocal := float64(size + 100 + 10 + 10 + 1000 + 1000)
-	if got := counterValue(t, src.bytes.WithLabelValues(sourceLocal)); got != wantLocal {
-		t.Errorf("local bytes metric %v, want %v", got, wantLocal)
-	}
-
-	// A range the blob cannot satisfy goes to the registry, which says so.
-	resp = get(t, c, http.MethodGet, e.blobURL(), "bytes=700000-700010")
-	if resp.StatusCode == http.StatusPartialContent || resp.StatusCode == http.StatusOK {
-		t.Errorf("unsatisfiable range answered %s", resp.Status)
-	}
-
-	// Without the guard, the registry answers again.
-	before = e.proxy.blobBytes(e.layer)
-	src.detach()
-	resp = get(t, c, http.MethodGet, e.blobURL(), "bytes=0-99")
-	readAll(t, resp.Body)
-	if got := e.proxy.blobBytes(e.layer); got != before+100 {
-		t.Errorf("after detach the registry sent %d bytes, want 100", got-before)
-	}
-}
-
 // TestUpstreamFetcherReadsCommittedBlob drives the upstream stargz blob
 // fetcher (its resolver, retrying client, redirect probe, size check and
 // multi-range reads) over the registry hosts the daemon builds: after the
@@ -343,8 +244,8 @@ func TestUpstreamFetcherReadsCommittedBlob(t *testing.T) {
 	spec, _ := e.hosts(t, src)
 
 	ctx := namespaces.WithNamespace(context.Background(), "builder")
-	g.mounted(ctx, mountEvent{Namespace: "builder", Ref: e.ref, Layer: e.layer, Mode: ModeExportBase})
-	waitState(t, g, "builder", e.layer, GuardMaterialized)
+	g.Mounted(ctx, exportguard.MountEvent{Namespace: "builder", Ref: e.ref, Layer: e.layer, Mode: string(ModeExportBase), When: exportguard.WhenNow})
+	waitState(t, g.Status, "builder", e.layer, exportguard.StateMaterialized)
 	before := e.proxy.blobBytes(e.layer)
 
 	r := remote.NewResolver(config.BlobConfig{ChunkSize: 50000, FetchTimeoutSec: 10}, nil)
@@ -373,41 +274,29 @@ func TestUpstreamFetcherReadsCommittedBlob(t *testing.T) {
 	if n := e.proxy.blobBytes(e.layer) - before; n != 0 {
 		t.Errorf("the upstream fetcher took %d blob bytes from the registry after the commit", n)
 	}
-	if local := counterValue(t, src.bytes.WithLabelValues(sourceLocal)); local < float64(len(e.data)) {
+	if local := blobSourceBytes(t, reg, "local"); local < float64(len(e.data)) {
 		t.Errorf("local bytes metric %v, want at least %d", local, len(e.data))
 	}
 }
 
-// TestBlobSourcePromotesLazyLayer: a lazy image's layer waits for
-// guard.delay, unless the filesystem fetches PromoteAfterBytes of its blob
-// from the registry first; then the guard materializes it at once.
-func TestBlobSourcePromotesLazyLayer(t *testing.T) {
-	e := newSourceEnv(t, PromoteAfterBytes+2<<20)
-	reg := prometheus.NewRegistry()
-	g, src := e.trigger(t, time.Hour, reg)
-	c := e.hostClient(t, src)
-	ctx := namespaces.WithNamespace(context.Background(), "builder")
-	g.mounted(ctx, mountEvent{Namespace: "builder", Ref: e.ref, Layer: e.layer, Mode: ModeLazy})
-	waitState(t, g, "builder", e.layer, GuardScheduled)
-
-	// A small on-demand read does not promote it.
-	readAll(t, get(t, c, http.MethodGet, e.blobURL(), "bytes=0-65535").Body)
-	time.Sleep(100 * time.Millisecond)
-	waitState(t, g, "builder", e.layer, GuardScheduled)
-
-	// A background fill does.
-	fill := PromoteAfterBytes + 1<<20
-	readAll(t, get(t, c, http.MethodGet, e.blobURL(), fmt.Sprintf("bytes=65536-%d", fill)).Body)
-	waitState(t, g, "builder", e.layer, GuardMaterialized)
-	if got := counterValue(t, g.promotions); got != 1 {
-		t.Errorf("promotions %v, want 1", got)
+// blobSourceBytes returns lazybase_blobsource_bytes_total{source} in reg.
+func blobSourceBytes(t *testing.T, reg prometheus.Gatherer, source string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
 	}
-	before := e.proxy.blobBytes(e.layer)
-	resp := get(t, c, http.MethodGet, e.blobURL(), fmt.Sprintf("bytes=%d-%d", fill+1, len(e.data)-1))
-	if !bytes.Equal(readAll(t, resp.Body), e.data[fill+1:]) {
-		t.Error("rest of the blob differs")
+	for _, mf := range mfs {
+		if mf.GetName() != "lazybase_blobsource_bytes_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "source" && l.GetValue() == source {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
 	}
-	if n := e.proxy.blobBytes(e.layer) - before; n != 0 {
-		t.Errorf("registry sent %d bytes after the promoted commit", n)
-	}
+	return 0
 }

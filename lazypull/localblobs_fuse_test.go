@@ -18,6 +18,7 @@ import (
 	"github.com/moby/sys/mountinfo"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/lazybase/lazybase/exportguard"
 	"github.com/lazybase/lazybase/internal/eventually"
 	"github.com/lazybase/lazybase/internal/testimage"
 )
@@ -48,7 +49,7 @@ func TestLazyReadsAfterGuardCommitStayLocal(t *testing.T) {
 	// containerd's content store, in process, in place of the daemon's
 	// connection to a containerd socket.
 	store, lm := newContentStore(t)
-	td.d.guard.stores = func(context.Context) (content.Store, leases.Manager, error) { return store, lm, nil }
+	td.d.stores.open = func(context.Context) (content.Store, leases.Manager, error) { return store, lm, nil }
 
 	ctx := namespaces.WithNamespace(context.Background(), "builder")
 	if _, err := td.sn.Prepare(ctx, "extract-0", "", snapshots.WithLabels(img.unpackLabels(0, "chain-0"))); !errdefs.IsAlreadyExists(err) {
@@ -68,21 +69,7 @@ func TestLazyReadsAfterGuardCommitStayLocal(t *testing.T) {
 		t.Fatalf("no FUSE mount under %s", root)
 	}
 
-	eventually.Require(t, 30*time.Second, "layer "+layer.String()+" materialized by the guard", func() error {
-		var st GuardLayerStatus
-		for _, l := range td.d.GuardStatus().Layers {
-			if l.Layer == layer.String() && l.Namespace == "builder" {
-				st = l
-			}
-		}
-		if st.State == GuardFailed {
-			t.Fatalf("layer %s: guard failed: %s", layer, st.Error)
-		}
-		if !st.Materialized {
-			return fmt.Errorf("guard state %q", st.State)
-		}
-		return nil
-	})
+	waitState(t, td.d.GuardStatus, "builder", layer, exportguard.StateMaterialized)
 	if _, err := store.Info(ctx, layer); err != nil {
 		t.Fatalf("blob not in the content store: %v", err)
 	}
@@ -115,11 +102,23 @@ func TestLazyReadsAfterGuardCommitStayLocal(t *testing.T) {
 	if read != want {
 		t.Errorf("read %d bytes of files, want %d", read, want)
 	}
-	// Leave the background fill a moment: it must not fetch either.
-	time.Sleep(time.Second)
+	// The background fill must not fetch either: wait until the layer is
+	// fetched in full (on demand and by the fill), then count.
+	eventually.Require(t, 30*time.Second, "layer fetched in full", func() error {
+		st, err := td.d.Status(ctx)
+		if err != nil {
+			return err
+		}
+		for _, l := range st.Layers {
+			if l.Layer == layer.String() && l.Size > 0 && l.FetchedBytes >= l.Size {
+				return nil
+			}
+		}
+		return fmt.Errorf("layers %+v", st.Layers)
+	})
 
 	total := proxy.blobBytes(layer)
-	local := counterValue(t, td.d.blobs.bytes.WithLabelValues(sourceLocal))
+	local := blobSourceBytes(t, td.d.m.reg, "local")
 	t.Logf("blob %d bytes: registry sent %d before the commit (guard transfer and mount), %d after; %v bytes read locally", size, atCommit, total-atCommit, local)
 	if total != atCommit {
 		t.Errorf("the registry sent %d blob bytes after the guard's commit, want 0", total-atCommit)
@@ -139,11 +138,7 @@ func TestLazyReadsAfterGuardCommitStayLocal(t *testing.T) {
 // process-wide map was shared by a restarted daemon with its predecessor.)
 func TestDaemonsHaveTheirOwnBlobSource(t *testing.T) {
 	requireFUSE(t)
-	attached := func(s *blobSource) bool {
-		s.mu.RLock()
-		defer s.mu.RUnlock()
-		return s.local != nil && s.promote != nil
-	}
+	attached := (*exportguard.BlobSource).Attached
 	rootA := t.TempDir()
 	a := startDaemon(t, rootA, nil)
 	b := startDaemon(t, "", nil)

@@ -1,0 +1,67 @@
+package exportguard
+
+import (
+	"context"
+
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+// LocalBlob opens the blob dgst in the content store of a namespace the
+// Trigger materialized it in; ok is false when it has none that it can
+// read at the size it verified. The caller closes ra.
+func (t *Trigger) LocalBlob(ctx context.Context, dgst digest.Digest) (ra content.ReaderAt, ok bool) {
+	type where struct {
+		ns   string
+		size int64
+	}
+	var cands []where
+	t.mu.Lock()
+	for k, l := range t.layers {
+		if l.present && k.digest == dgst {
+			cands = append(cands, where{k.ns, l.size})
+		}
+	}
+	t.mu.Unlock()
+	if len(cands) == 0 {
+		return nil, false
+	}
+	store, _, err := t.stores.Open(ctx)
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("digest", dgst).Debug("blob source: content store not reachable")
+		return nil, false
+	}
+	for _, c := range cands {
+		ra, err := store.ReaderAt(t.stores.WithNamespace(ctx, c.ns), ocispec.Descriptor{Digest: dgst, Size: c.size})
+		if err != nil {
+			log.G(ctx).WithError(err).WithFields(log.Fields{"digest": dgst, "namespace": c.ns}).Debug("blob source: materialized blob not readable")
+			continue
+		}
+		if ra.Size() != c.size {
+			ra.Close()
+			continue
+		}
+		return ra, true
+	}
+	return nil, false
+}
+
+// Promote ends the delay of every layer of blob dgst still waiting for it:
+// the lazy filesystem is fetching the blob in earnest, and one transfer
+// should serve both.
+func (t *Trigger) Promote(dgst digest.Digest) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for k, l := range t.layers {
+		if k.digest != dgst || l.state != StateScheduled || l.wake == nil {
+			continue
+		}
+		close(l.wake)
+		l.wake = nil
+		t.promotions.Inc()
+		log.G(t.ctx).WithFields(log.Fields{"layer": dgst, "namespace": l.ns, "image": l.image}).
+			Info("export guard: the lazy filesystem is fetching this blob; materializing it now so that one transfer serves both")
+	}
+}
