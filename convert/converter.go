@@ -137,13 +137,12 @@ func sweepTempDir(dir string) {
 // SweepTempDir removes the temporary directories that converters of
 // killed processes left in dir (os.TempDir() when empty): those no live
 // converter holds locked and untouched for tmpsweep.MinAge. It returns
-// their paths. New does the same once per process and directory; call it
-// to sweep at start even when no converter may be needed.
+// their paths. Each New does the same; call it to sweep at start even
+// when no converter may be needed.
 func SweepTempDir(ctx context.Context, dir string) ([]string, error) {
 	if dir == "" {
 		dir = os.TempDir()
 	}
-	swept.Store(dir, true)
 	return tmpsweep.Sweep(ctx, dir, tempDirPrefix+"*", tmpsweep.MinAge)
 }
 
