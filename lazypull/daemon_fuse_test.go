@@ -57,6 +57,13 @@ type testDaemon struct {
 // empty) with the socket in a short temporary directory.
 func startDaemon(t testing.TB, root string, mutate func(*Config)) *testDaemon {
 	t.Helper()
+	return startDaemonWith(t, root, mutate, nil)
+}
+
+// startDaemonWith is startDaemon calling before, when set, between
+// NewDaemon and Serve.
+func startDaemonWith(t testing.TB, root string, mutate func(*Config), before func(*Daemon)) *testDaemon {
+	t.Helper()
 	if root == "" {
 		root = t.TempDir()
 	}
@@ -77,6 +84,9 @@ func startDaemon(t testing.TB, root string, mutate func(*Config)) *testDaemon {
 	if err != nil {
 		cancel()
 		t.Fatal(err)
+	}
+	if before != nil {
+		before(d)
 	}
 	td := &testDaemon{d: d, cfg: cfg, cancel: cancel, done: make(chan error, 1)}
 	go func() { td.done <- d.Serve(ctx) }()

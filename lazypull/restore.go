@@ -16,8 +16,9 @@ import (
 const restoreParallelism = 4
 
 // restoreRetryAfter is how long a restore that failed (registry down)
-// keeps failing before a request for its layer tries it again.
-const restoreRetryAfter = 5 * time.Second
+// keeps failing before a request for its layer tries it again; a variable
+// for tests.
+var restoreRetryAfter = 5 * time.Second
 
 // errRestoreDropped is the error of a restore whose snapshot was removed
 // before it ran.
