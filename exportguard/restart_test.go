@@ -189,3 +189,73 @@ func TestTriggerFinishesInterruptedTransfer(t *testing.T) {
 		t.Errorf("committed blob: %v (equal %v)", err, bytes.Equal(got, data))
 	}
 }
+
+// TestKeepAndRestoreLocal: an unpacked directory kept while the daemon is
+// stopped goes back next to its mountpoint only when its done marker names
+// the layer mounted there again; the keep is removed in every case, and an
+// incomplete unpack is never kept.
+func TestKeepAndRestoreLocal(t *testing.T) {
+	layer := digest.FromString("layer")
+	other := digest.FromString("other")
+	unpacked := func(t *testing.T, mp string, marker string) {
+		t.Helper()
+		snDir := filepath.Dir(mp)
+		if err := os.MkdirAll(filepath.Join(snDir, LocalDirName, "etc"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(snDir, LocalDirName, "etc", "motd"), []byte("hi\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if marker != "" {
+			if err := os.WriteFile(filepath.Join(snDir, LocalDoneName), []byte(marker+"\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for _, tc := range []struct {
+		name     string
+		marker   string        // "" : unpack not complete
+		remount  digest.Digest // the layer mounted again
+		kept     bool
+		restored bool
+	}{
+		{"same layer", layer.String(), layer, true, true},
+		{"another layer mounted there", layer.String(), other, true, false},
+		{"incomplete unpack", "", layer, false, false},
+		{"bad marker", "not a digest", layer, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			mp := snapshotMount(t, "3")
+			keep := filepath.Join(t.TempDir(), "kept", "3")
+			unpacked(t, mp, tc.marker)
+			kept, err := KeepLocal(mp, keep)
+			if err != nil || kept != tc.kept {
+				t.Fatalf("KeepLocal = %v, %v; want %v", kept, err, tc.kept)
+			}
+			// The snapshotter removes the snapshot directory, restores make
+			// it again.
+			if err := os.RemoveAll(filepath.Dir(mp)); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.MkdirAll(mp, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			restored, err := RestoreLocal(keep, mp, tc.remount)
+			if err != nil || restored != tc.restored {
+				t.Fatalf("RestoreLocal = %v, %v; want %v", restored, err, tc.restored)
+			}
+			if _, err := os.Stat(keep); !os.IsNotExist(err) {
+				t.Errorf("keep %s left: %v", keep, err)
+			}
+			dir, ok := completedLocal(mp, tc.remount)
+			if ok != tc.restored {
+				t.Fatalf("completed unpack after restore: %v, want %v", ok, tc.restored)
+			}
+			if ok {
+				if b, err := os.ReadFile(filepath.Join(dir, "etc", "motd")); err != nil || string(b) != "hi\n" {
+					t.Errorf("restored file: %q, %v", b, err)
+				}
+			}
+		})
+	}
+}
