@@ -32,8 +32,9 @@ func (d *Daemon) startRestore(ctx context.Context) {
 }
 
 // guardRestored hands every lazy snapshot of the previous daemon to the
-// export guard, with the namespace containerd named it in and the policy
-// mode it was mounted with: a layer whose blob is in that namespace's
+// export guard, with the namespace of the Prepare that mounted it
+// (NamespaceLabel; else the namespace of a key named as containerd names
+// snapshots) and the policy mode it was mounted with: a layer whose blob is in that namespace's
 // content store is materialized at once and read locally, one that is not
 // is scheduled as its mode says.
 func (d *Daemon) guardRestored(ctx context.Context) {
@@ -47,9 +48,12 @@ func (d *Daemon) guardRestored(ctx context.Context) {
 		}
 		ref, layer := imageRef(info.Labels), layerDigest(info.Labels)
 		lg := log.G(ctx).WithFields(log.Fields{"snapshot": info.Name, "image": ref, "layer": layer})
-		ns, ok := namespaceOfKey(info.Name)
+		ns, ok := info.Labels[NamespaceLabel], true
+		if ns == "" {
+			ns, ok = namespaceOfKey(info.Name)
+		}
 		if !ok {
-			lg.Debug("export guard: restored snapshot not named by containerd; its namespace is unknown, the next Prepare of its layer tells the guard")
+			lg.Info("export guard: restored snapshot without its containerd namespace (mounted by an older lazybase); the guard learns of it when a build prepares it again")
 			return nil
 		}
 		dgst, err := digest.Parse(layer)

@@ -161,8 +161,9 @@ func TestServesWhileRestoring(t *testing.T) {
 	root := t.TempDir()
 	noGuard := func(c *Config) { c.Guard.Enable = false }
 	ctx := namespaces.WithNamespace(context.Background(), "builder")
-	// Keys as containerd's metadata store names them.
-	const chain = "builder/2/chain-0"
+	// Keys as containerd's metadata store names them; a remote snapshot is
+	// named by its chain ID alone.
+	const chain = "sha256:chain-0"
 
 	td := startDaemon(t, root, noGuard)
 	if _, err := td.sn.Prepare(ctx, "builder/1/extract-0", "", snapshots.WithLabels(img.unpackLabels(0, chain))); !errdefs.IsAlreadyExists(err) {
@@ -273,7 +274,9 @@ func TestRestartWithoutRegistry(t *testing.T) {
 		d.stores.open = func(context.Context) (content.Store, leases.Manager, error) { return store, lm, nil }
 	}
 	ctx := namespaces.WithNamespace(context.Background(), "builder")
-	const chain, otherChain = "builder/2/chain-0", "builder/4/chain-1"
+	// Keys as containerd's metadata store names them; a remote snapshot is
+	// named by its chain ID alone, which says nothing of the namespace.
+	const chain, otherChain = "sha256:chain-0", "sha256:chain-1"
 
 	td := startDaemonWith(t, root, cfg, useStore)
 	if _, err := td.sn.Prepare(ctx, "builder/1/extract-0", "", snapshots.WithLabels(base.unpackLabels(0, chain))); !errdefs.IsAlreadyExists(err) {
