@@ -26,7 +26,7 @@ func (t *Trigger) LocalBlob(ctx context.Context, dgst digest.Digest) (ra content
 	for k, l := range t.layers {
 		switch {
 		case k.digest != dgst:
-		case l.present:
+		case l.present || l.inStore:
 			cands = append(cands, where{k.ns, l.size})
 		case !l.checked:
 			unchecked = append(unchecked, where{k.ns, -1})

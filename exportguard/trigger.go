@@ -306,13 +306,17 @@ func (t *Trigger) materialize(l *layer) {
 	// before the daemon restarted) is taken as it is: its size comes from
 	// the store, and the registry is not asked anything.
 	var size int64
-	if info, err := guard.store.Info(ctx, l.digest); err == nil {
+	info, err := guard.store.Info(ctx, l.digest)
+	inStore := err == nil
+	if inStore {
 		size = info.Size
 	} else if size, err = t.reg.BlobSize(ctx, ref, l.digest); err != nil {
 		fail(fmt.Errorf("size of layer %s: %w", l.digest, err))
 		return
 	}
-	t.set(l, func(l *layer) { l.size, l.checked = size, true })
+	// A blob found in the store is readable locally from now on, before
+	// Ensure holds it.
+	t.set(l, func(l *layer) { l.size, l.checked, l.inStore = size, true, inStore })
 	start := time.Now()
 	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: l.digest, Size: size}
 	if err := guard.Ensure(ctx, ref, desc); err != nil {
@@ -331,8 +335,8 @@ func (t *Trigger) inStore(ctx context.Context, l *layer) bool {
 	size, ok := t.storeSize(ctx, l.ns, l.digest)
 	t.mu.Lock()
 	l.checked = true
-	if ok && l.size < 0 {
-		l.size = size
+	if ok {
+		l.size, l.inStore = size, true
 	}
 	t.mu.Unlock()
 	return ok
