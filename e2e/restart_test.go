@@ -99,6 +99,14 @@ func TestRestartScenarios(t *testing.T) {
 			// The next daemon's guard finds the blob gone and fetches it
 			// again, slowly; the kill cuts that transfer.
 			content(t, "rm", big)
+			// containerd links a blob still in its backing store into a
+			// namespace again instead of taking the bytes: collect it
+			// (deleting a lease with --sync runs the garbage collector).
+			for _, args := range [][]string{{"leases", "create", "--id", "e2e-restart-gc"}, {"leases", "delete", "--sync", "e2e-restart-gc"}} {
+				if out, err := s.Containerd.CtrNS(ctx, ns, args...); err != nil {
+					t.Fatalf("ctr %v: %v\n%s", args, err, out)
+				}
+			}
 			p.SetBandwidth(2 << 20)
 			defer p.SetBandwidth(0)
 			if err := s.StopSnapshotter(); err != nil {
