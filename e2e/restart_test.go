@@ -132,12 +132,33 @@ func TestRestartScenarios(t *testing.T) {
 			if strings.Contains(content(t, "ls", "-q"), big) {
 				t.Errorf("blob %s committed although its transfer was killed", big)
 			}
+			// What the killed transfer left: an ingest, not a blob.
+			var left string
+			for _, line := range strings.Split(content(t, "active"), "\n") {
+				if strings.Contains(line, ingest) {
+					left = line
+				}
+			}
+			if left == "" {
+				t.Fatalf("no ingest %s left by the killed transfer", ingest)
+			}
+			t.Logf("killed mid-transfer of %s (%d bytes): %s", big, sizes[big], strings.Join(strings.Fields(left), " "))
 			p.SetBandwidth(0)
+			p.SetPhase("kill9-resume")
 			if err := s.StartSnapshotter(ctx); err != nil {
 				t.Fatalf("starting the snapshotter after SIGKILL: %v\n%s", err, s.Logs(40))
 			}
-			// The next start finishes the transfer.
+			// The next start finishes the transfer, from where it stopped.
 			materialized(t)
+			p.SetPhase("")
+			resumed := p.StatsFor("kill9-resume").Blob(big).Bytes
+			t.Logf("the restarted guard fetched %d of %d bytes", resumed, sizes[big])
+			if resumed >= sizes[big] {
+				t.Errorf("the restarted guard fetched %d bytes of a %d-byte blob: it started over", resumed, sizes[big])
+			}
+			if strings.Contains(content(t, "active"), ingest) {
+				t.Errorf("ingest %s left after the transfer finished", ingest)
+			}
 		}},
 		{"snapshotter-registry-down", func(t *testing.T) {
 			if err := s.StopSnapshotter(); err != nil {
