@@ -27,11 +27,17 @@
 // the unix socket the lazybase daemon serves both on. Remote is the
 // Registry a Trigger reads blobs, sizes and manifests from.
 //
+// A blob already in a namespace's content store when a Trigger is told
+// about its layer (committed before the daemon restarted) is taken from
+// there: materialized at once, without a registry request.
+//
 // Trigger.LocalBlob opens a committed blob for local readers (the lazy
 // filesystem, so that each blob crosses the network once), and an
 // Unpacker unpacks a committed blob next to its layer's lazy mount and
 // rewrites the mounts handed out from then on to use the unpacked
 // directory; it acts when told about mounts and commits, it does not scan.
+// KeepLocal and RestoreLocal carry an unpacked directory across a stop of
+// the daemon, whose snapshotter removes the snapshot directories.
 //
 // Every blob a Guard commits carries LabelRef and LabelVerified, plus
 // containerd's distribution source label; Committed and CommittedFilters

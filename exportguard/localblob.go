@@ -11,20 +11,29 @@ import (
 
 // LocalBlob opens the blob dgst in the content store of a namespace the
 // Trigger materialized it in; ok is false when it has none that it can
-// read at the size it verified. The caller closes ra.
+// read at the size it verified. A layer the Trigger was just told about
+// (a daemon that restarts tells it about every layer it mounts again) is
+// looked up in its namespace's content store until the Trigger's own
+// check ran, so that a blob committed before the restart is read locally
+// from the first read on. The caller closes ra.
 func (t *Trigger) LocalBlob(ctx context.Context, dgst digest.Digest) (ra content.ReaderAt, ok bool) {
 	type where struct {
 		ns   string
-		size int64
+		size int64 // -1: ask the store
 	}
-	var cands []where
+	var cands, unchecked []where
 	t.mu.Lock()
 	for k, l := range t.layers {
-		if l.present && k.digest == dgst {
+		switch {
+		case k.digest != dgst:
+		case l.present || l.inStore:
 			cands = append(cands, where{k.ns, l.size})
+		case !l.checked:
+			unchecked = append(unchecked, where{k.ns, -1})
 		}
 	}
 	t.mu.Unlock()
+	cands = append(cands, unchecked...)
 	if len(cands) == 0 {
 		return nil, false
 	}
@@ -34,7 +43,15 @@ func (t *Trigger) LocalBlob(ctx context.Context, dgst digest.Digest) (ra content
 		return nil, false
 	}
 	for _, c := range cands {
-		ra, err := store.ReaderAt(t.stores.WithNamespace(ctx, c.ns), ocispec.Descriptor{Digest: dgst, Size: c.size})
+		nctx := t.stores.WithNamespace(ctx, c.ns)
+		if c.size < 0 {
+			info, err := store.Info(nctx, dgst)
+			if err != nil {
+				continue
+			}
+			c.size = info.Size
+		}
+		ra, err := store.ReaderAt(nctx, ocispec.Descriptor{Digest: dgst, Size: c.size})
 		if err != nil {
 			log.G(ctx).WithError(err).WithFields(log.Fields{"digest": dgst, "namespace": c.ns}).Debug("blob source: materialized blob not readable")
 			continue

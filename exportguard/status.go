@@ -94,6 +94,11 @@ type layer struct {
 	err     string
 	updated time.Time
 	present bool // the blob is in the content store
+	// checked is set once the content store was asked whether it holds
+	// the blob already; until then LocalBlob asks it. inStore records
+	// that it did: LocalBlob reads it before Ensure holds it.
+	checked bool
+	inStore bool
 	// wake, while the layer waits for its delay, is closed to end the wait
 	// early; nil otherwise.
 	wake chan struct{}

@@ -239,7 +239,10 @@ func (t *Trigger) Mounted(ctx context.Context, ev MountEvent) {
 	lg.WithField("delay", delay).Info("export guard: materializing blob")
 	go func() {
 		defer t.wg.Done()
-		if delay > 0 {
+		// A blob already in the namespace's content store (committed
+		// before a restart of the daemon, or pulled) is taken at once,
+		// without waiting and without asking the registry.
+		if delay > 0 && !t.inStore(t.ctx, l) {
 			timer := time.NewTimer(delay)
 			defer timer.Stop()
 			select {
@@ -294,17 +297,26 @@ func (t *Trigger) materialize(l *layer) {
 		lg.WithError(err).Warn("export guard: blob not materialized; an export of this image fetches it")
 	}
 	ref := stripDigest(l.image)
-	size, err := t.reg.BlobSize(ctx, ref, l.digest)
-	if err != nil {
-		fail(fmt.Errorf("size of layer %s: %w", l.digest, err))
-		return
-	}
-	t.set(l, func(l *layer) { l.size = size })
 	guard, err := t.guard(ctx, l.ns)
 	if err != nil {
 		fail(err)
 		return
 	}
+	// A blob the content store holds already (the guard committed it
+	// before the daemon restarted) is taken as it is: its size comes from
+	// the store, and the registry is not asked anything.
+	var size int64
+	info, err := guard.store.Info(ctx, l.digest)
+	inStore := err == nil
+	if inStore {
+		size = info.Size
+	} else if size, err = t.reg.BlobSize(ctx, ref, l.digest); err != nil {
+		fail(fmt.Errorf("size of layer %s: %w", l.digest, err))
+		return
+	}
+	// A blob found in the store is readable locally from now on, before
+	// Ensure holds it.
+	t.set(l, func(l *layer) { l.size, l.checked, l.inStore = size, true, inStore })
 	start := time.Now()
 	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: l.digest, Size: size}
 	if err := guard.Ensure(ctx, ref, desc); err != nil {
@@ -313,6 +325,36 @@ func (t *Trigger) materialize(l *layer) {
 	}
 	t.set(l, func(l *layer) { l.state, l.present, l.err = StateMaterialized, true, "" })
 	lg.WithFields(log.Fields{"size": size, "duration": time.Since(start)}).Info("export guard: blob materialized")
+}
+
+// inStore reports whether the blob of l is in the content store of its
+// namespace, asking the store once (no retry: containerd may not be up
+// yet), and records that the store was asked. It sets l's size when the
+// blob is there.
+func (t *Trigger) inStore(ctx context.Context, l *layer) bool {
+	size, ok := t.storeSize(ctx, l.ns, l.digest)
+	t.mu.Lock()
+	l.checked = true
+	if ok {
+		l.size, l.inStore = size, true
+	}
+	t.mu.Unlock()
+	return ok
+}
+
+// storeSize returns the size of blob dgst in the content store of
+// namespace ns; ok is false when it is not there or the store cannot be
+// reached.
+func (t *Trigger) storeSize(ctx context.Context, ns string, dgst digest.Digest) (size int64, ok bool) {
+	store, _, err := t.stores.Open(ctx)
+	if err != nil {
+		return 0, false
+	}
+	info, err := store.Info(t.stores.WithNamespace(ctx, ns), dgst)
+	if err != nil {
+		return 0, false
+	}
+	return info.Size, true
 }
 
 // guard returns the namespace's Guard, opening the stores first, retrying

@@ -507,3 +507,64 @@ func (m *unpackMetrics) register(r prometheus.Registerer) error {
 	}
 	return nil
 }
+
+// KeepLocal moves the complete unpacked directory of the layer mounted at
+// mountpoint, with its done marker, into the directory keep (replaced),
+// so that it survives the removal of its snapshot directory when the
+// daemon stops; RestoreLocal puts it back. ok is false when there is no
+// complete unpacked directory to keep.
+func KeepLocal(mountpoint, keep string) (ok bool, err error) {
+	snDir := filepath.Dir(mountpoint)
+	b, err := os.ReadFile(filepath.Join(snDir, LocalDoneName))
+	if err != nil {
+		return false, nil
+	}
+	layer, err := digest.Parse(strings.TrimSpace(string(b)))
+	if err != nil {
+		return false, nil
+	}
+	if _, ok := completedLocal(mountpoint, layer); !ok {
+		return false, nil
+	}
+	if err := os.RemoveAll(keep); err != nil {
+		return false, fmt.Errorf("layer %s: clearing %s: %w", layer, keep, err)
+	}
+	if err := os.MkdirAll(keep, 0o700); err != nil {
+		return false, fmt.Errorf("layer %s: %w", layer, err)
+	}
+	// The directory first, its marker last: a keep without a marker is
+	// never put back.
+	for _, name := range []string{LocalDirName, LocalDoneName} {
+		if err := os.Rename(filepath.Join(snDir, name), filepath.Join(keep, name)); err != nil {
+			return false, fmt.Errorf("layer %s: keeping %s: %w", layer, name, err)
+		}
+	}
+	return true, nil
+}
+
+// RestoreLocal puts the unpacked directory KeepLocal kept in keep back
+// next to mountpoint when its done marker names layer, and removes keep in
+// any case. ok reports whether mountpoint has its layer's complete
+// unpacked directory afterwards.
+func RestoreLocal(keep, mountpoint string, layer digest.Digest) (ok bool, err error) {
+	defer os.RemoveAll(keep)
+	if _, ok := completedLocal(mountpoint, layer); ok {
+		return true, nil // a killed daemon left it in place
+	}
+	if _, ok := completedLocal(filepath.Join(keep, "fs"), layer); !ok {
+		return false, nil
+	}
+	snDir := filepath.Dir(mountpoint)
+	for _, p := range []string{filepath.Join(snDir, LocalDirName+".tmp"), filepath.Join(snDir, LocalDirName), filepath.Join(snDir, LocalDoneName)} {
+		if err := os.RemoveAll(p); err != nil {
+			return false, fmt.Errorf("layer %s: clearing %s: %w", layer, p, err)
+		}
+	}
+	for _, name := range []string{LocalDirName, LocalDoneName} {
+		if err := os.Rename(filepath.Join(keep, name), filepath.Join(snDir, name)); err != nil {
+			os.RemoveAll(filepath.Join(snDir, LocalDirName))
+			return false, fmt.Errorf("layer %s: putting back %s: %w", layer, name, err)
+		}
+	}
+	return true, nil
+}

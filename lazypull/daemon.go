@@ -50,11 +50,12 @@ type Daemon struct {
 	err         error
 }
 
-// NewDaemon validates cfg, sets up the root directory and the upstream
-// filesystem and snapshotter, and re-mounts the lazy snapshots a previous
-// run left (a snapshot whose layer cannot be mounted any more is kept,
-// unusable, with a warning, so that a registry outage does not keep the
-// daemon from starting).
+// NewDaemon validates cfg and sets up the root directory and the upstream
+// filesystem and snapshotter. The lazy snapshots a previous run left are
+// mounted again by Serve once it listens (restore.go); a snapshot whose
+// layer cannot be mounted then is kept, with a warning and a retry when a
+// request needs it, so that a registry outage neither keeps the daemon
+// from starting nor loses the snapshot.
 //
 // One daemon owns a root directory and a socket: NewDaemon locks
 // ROOT/lazybase.lock and SOCKET.lock (flock, released by Close or when
@@ -108,9 +109,14 @@ func NewDaemon(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 			return nil, err
 		}
 	}
+	// The snapshotter mounts again, while it starts, every lazy snapshot
+	// the previous daemon left: those mounts wait until Serve listens.
+	tfs.restore.deferMounts(true)
 	base, err := snapshot.NewSnapshotter(ctx, snRoot, tfs,
 		snapshot.AsynchronousRemove, snapshot.AllowInvalidMountsOnRestart)
+	tfs.restore.deferMounts(false)
 	if err != nil {
+		tfs.restore.stop()
 		if access != nil {
 			access.stop()
 		}
@@ -129,6 +135,7 @@ func NewDaemon(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 	}
 	if cfg.Guard.Enable {
 		if err := d.startGuard(ctx, psn); err != nil {
+			tfs.restore.stop()
 			d.closeGuard()
 			base.Close()
 			if access != nil {
@@ -215,6 +222,11 @@ func (d *Daemon) MetricsAddr() net.Addr {
 // done; then it stops the servers, removes the sockets it created and
 // closes the daemon, unmounting every lazy mount.
 //
+// Once both sockets listen, it restores the lazy mounts of the previous
+// daemon in the background: containerd connects at once and Stat, Walk
+// and everything else that needs no lazy mount are answered meanwhile; a
+// request that needs a layer not restored yet waits for it.
+//
 // Only the unix sockets, whose mode limits who may connect, serve routes
 // that act or tell about images: the TCP listener answers GET /metrics and
 // 404 to everything else.
@@ -235,6 +247,7 @@ func (d *Daemon) Serve(ctx context.Context) (retErr error) {
 		return err
 	}
 	defer statusL.removeIfOurs()
+	d.startRestore(ctx)
 
 	srv := grpc.NewServer()
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(d.sn))
@@ -320,9 +333,12 @@ func stopGRPC(srv *grpc.Server, grace time.Duration) {
 func (d *Daemon) Close() error {
 	d.closed.Do(func() {
 		ctx := context.Background()
+		d.fs.restore.stop()
 		if err := d.closeGuard(); err != nil {
 			d.err = fmt.Errorf("closing export guard: %w", err)
 		}
+		// Before the snapshotter removes the snapshot directories.
+		d.keepLocal(ctx)
 		if err := d.base.Close(); err != nil && d.err == nil {
 			d.err = fmt.Errorf("closing snapshotter: %w", err)
 		}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
@@ -27,6 +28,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/lazybase/lazybase/internal/eventually"
 	"github.com/lazybase/lazybase/internal/testimage"
 )
 
@@ -55,6 +57,13 @@ type testDaemon struct {
 // empty) with the socket in a short temporary directory.
 func startDaemon(t testing.TB, root string, mutate func(*Config)) *testDaemon {
 	t.Helper()
+	return startDaemonWith(t, root, mutate, nil)
+}
+
+// startDaemonWith is startDaemon calling before, when set, between
+// NewDaemon and Serve.
+func startDaemonWith(t testing.TB, root string, mutate func(*Config), before func(*Daemon)) *testDaemon {
+	t.Helper()
 	if root == "" {
 		root = t.TempDir()
 	}
@@ -75,6 +84,9 @@ func startDaemon(t testing.TB, root string, mutate func(*Config)) *testDaemon {
 	if err != nil {
 		cancel()
 		t.Fatal(err)
+	}
+	if before != nil {
+		before(d)
 	}
 	td := &testDaemon{d: d, cfg: cfg, cancel: cancel, done: make(chan error, 1)}
 	go func() { td.done <- d.Serve(ctx) }()
@@ -368,13 +380,17 @@ func TestLazyMount(t *testing.T) {
 	// on the same root restores the lazy mount.
 	td.stop(t)
 	td2 := startDaemon(t, root, policy)
-	if n := fuseMountsUnder(t, root); n != 1 {
-		t.Fatalf("%d FUSE mounts after restart, want 1 restored", n)
-	}
-	st, err = td2.d.Status(ctx)
-	if err != nil || len(st.Layers) != 1 || st.Layers[0].Layer != img.layers[0].Digest.String() {
-		t.Fatalf("status after restart %+v, %v", st, err)
-	}
+	// Restored in the background once the daemon listens.
+	eventually.Require(t, 30*time.Second, "the lazy mount restored", func() error {
+		if n := fuseMountsUnder(t, root); n != 1 {
+			return fmt.Errorf("%d FUSE mounts after restart, want 1 restored", n)
+		}
+		st, err = td2.d.Status(ctx)
+		if err != nil || len(st.Layers) != 1 || st.Layers[0].Layer != img.layers[0].Digest.String() || st.Restore != nil {
+			return fmt.Errorf("status after restart %+v, %v", st, err)
+		}
+		return nil
+	})
 	mounts, err = td2.sn.View(ctx, "view-restored", "chain-0")
 	if err != nil {
 		t.Fatal(err)

@@ -34,5 +34,11 @@
 //     the snapshotter hands out overlayfs mounts of unpacked layers;
 //   - Daemon, which serves containerd's snapshots gRPC API on a unix socket
 //     and unmounts every FUSE mount when it stops; a restarted Daemon
-//     mounts again the lazy snapshots the previous one had.
+//     listens first and then mounts again, in the background, the lazy
+//     snapshots the previous one had (a request that needs one waits for
+//     it; one that fails, registry down, is retried when a request needs
+//     it), hands them to the export guard, which takes the blobs it
+//     committed before from the content store instead of the registry,
+//     and puts back the unpacked directories the previous daemon kept
+//     when it stopped.
 package lazypull

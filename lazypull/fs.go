@@ -16,6 +16,10 @@ type trackingFS struct {
 	fs snapshot.FileSystem
 	m  *metrics
 
+	// restore holds the mounts the upstream snapshotter restores when it
+	// starts, until the daemon listens (restore.go).
+	restore *restorer
+
 	mu      sync.Mutex
 	mounts  map[string]mountRecord
 	watcher mountWatcher // told about mounts and unmounts, under mu
@@ -49,7 +53,11 @@ type mountRecord struct {
 }
 
 func newTrackingFS(fs snapshot.FileSystem, m *metrics) *trackingFS {
-	return &trackingFS{fs: fs, m: m, mounts: make(map[string]mountRecord)}
+	t := &trackingFS{fs: fs, m: m, mounts: make(map[string]mountRecord)}
+	t.restore = newRestorer(func(ctx context.Context, mp string, labels map[string]string) error {
+		return t.mount(ctx, mp, labels, true)
+	})
+	return t
 }
 
 func layerLogger(ctx context.Context, labels map[string]string) context.Context {
@@ -61,12 +69,26 @@ func layerLogger(ctx context.Context, labels map[string]string) context.Context 
 
 // Mount mounts the layer lazily. On failure the upstream snapshotter falls
 // back to a normal snapshot, so containerd pulls the layer; the log line
-// says so and why.
+// says so and why. While the snapshotter restores the mounts of a previous
+// daemon (restorer.deferMounts), Mount only records them: they are mounted
+// once the daemon listens.
 func (t *trackingFS) Mount(ctx context.Context, mountpoint string, labels map[string]string) error {
+	if t.restore.add(ctx, mountpoint, labels) {
+		return nil
+	}
+	return t.mount(ctx, mountpoint, labels, false)
+}
+
+// mount mounts the layer lazily; restoring says it is a previous daemon's
+// mount, which has no fallback.
+func (t *trackingFS) mount(ctx context.Context, mountpoint string, labels map[string]string, restoring bool) error {
 	ctx = layerLogger(ctx, labels)
 	start := time.Now()
 	if err := t.fs.Mount(ctx, mountpoint, labels); err != nil {
 		t.m.lazyMounts.WithLabelValues("failed").Inc()
+		if restoring {
+			return err // the restorer logs it
+		}
 		reason, msg := ReasonMountFailed, "lazy mount failed; containerd pulls this layer normally"
 		if isInvalidTOC(err) {
 			reason, msg = ReasonInvalidTOC, "lazy mount refused: invalid eStargz TOC; containerd pulls this layer normally"
@@ -95,13 +117,18 @@ func (t *trackingFS) Mount(ctx context.Context, mountpoint string, labels map[st
 	return nil
 }
 
-// Check checks that the layer's registry is still reachable.
+// Check checks that the layer's registry is still reachable. A layer the
+// daemon has not restored yet is restored first (or waited for).
 func (t *trackingFS) Check(ctx context.Context, mountpoint string, labels map[string]string) error {
+	if err := t.restore.wait(ctx, mountpoint); err != nil {
+		return restoreError(mountpoint, labels, err)
+	}
 	return t.fs.Check(layerLogger(ctx, labels), mountpoint, labels)
 }
 
-// Unmount unmounts the layer.
+// Unmount unmounts the layer; a layer not restored yet never is.
 func (t *trackingFS) Unmount(ctx context.Context, mountpoint string) error {
+	t.restore.drop(mountpoint)
 	t.mu.Lock()
 	rec, ok := t.mounts[mountpoint]
 	delete(t.mounts, mountpoint)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,6 +23,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/lazybase/lazybase/internal/eventually"
 	"github.com/lazybase/lazybase/internal/testimage"
 )
 
@@ -151,9 +153,13 @@ func TestKill9Restart(t *testing.T) {
 
 	p2 := startDaemonProc(t, bin, root, sock, "")
 	sn2 := dialSnapshotter(t, sock)
-	if n := fuseMountsUnder(t, root); n != 1 {
-		t.Fatalf("%d FUSE mounts after restart, want 1: %v", n, mountsUnder(t, root))
-	}
+	// Restored in the background once the daemon listens.
+	eventually.Require(t, 30*time.Second, "the lazy mount restored", func() error {
+		if n := fuseMountsUnder(t, root); n != 1 {
+			return fmt.Errorf("%d FUSE mounts after restart, want 1: %v", n, mountsUnder(t, root))
+		}
+		return nil
+	})
 	mounts, err := sn2.View(ctx, "view-0", "chain-0")
 	if err != nil {
 		t.Fatalf("View after restart: %v\n%s", err, p2.log.String())

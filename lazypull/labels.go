@@ -40,6 +40,11 @@ const (
 	// "containerd.io/snapshot/"; the rest is lazybase's dev.lazybase
 	// namespace.
 	ModeLabel = "containerd.io/snapshot/dev.lazybase.mode"
+	// NamespaceLabel records, on a lazily mounted snapshot, the containerd
+	// namespace of the Prepare that mounted it: containerd names remote
+	// snapshots by their chain ID alone, and a restarted daemon hands the
+	// layer to the export guard of that namespace.
+	NamespaceLabel = "containerd.io/snapshot/dev.lazybase.namespace"
 	// FallbackLabel records why a remote mount was declined.
 	FallbackLabel = "containerd.io/snapshot/dev.lazybase.fallback"
 	// legacyModeLabel is ModeLabel as lazybase wrote it before all its

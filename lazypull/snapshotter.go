@@ -6,6 +6,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 
@@ -62,6 +63,11 @@ func (s *policySnapshotter) Prepare(ctx context.Context, key, parent string, opt
 		l.WithField("reason", plan.Reason).Infof("pulling layer normally: %s", plan.Detail)
 	} else {
 		l.Debug("mounting layer lazily")
+	}
+	if plan.Remote {
+		if ns, ok := namespaces.Namespace(ctx); ok {
+			plan.Labels[NamespaceLabel] = ns
+		}
 	}
 	// snapshots.WithLabels merges, so the labels are replaced by an option of
 	// our own, applied last; the plan's labels carry every label kept.

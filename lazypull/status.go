@@ -23,6 +23,10 @@ const (
 // Status lists the layers a Daemon has mounted lazily.
 type Status struct {
 	Layers []LayerStatus `json:"layers"`
+	// Restore, while the daemon restores the lazy mounts of the previous
+	// one, says how many are left and which failed (registry down); nil
+	// once every one is mounted.
+	Restore *RestoreStatus `json:"restore,omitempty"`
 }
 
 // LayerStatus is one lazily mounted layer.
@@ -55,6 +59,9 @@ func (d *Daemon) Status(ctx context.Context) (*Status, error) {
 		return nil, err
 	}
 	st := &Status{Layers: []LayerStatus{}}
+	if rs := d.fs.restore.status(); rs.Pending > 0 {
+		st.Restore = &rs
+	}
 	for mp, rec := range d.fs.snapshot() {
 		ls := LayerStatus{
 			Mountpoint: mp, Image: rec.image, Layer: rec.layer, Mode: rec.mode, MountedAt: rec.mountedAt,

@@ -128,7 +128,8 @@ func newSnapshotterStatusCmd() *cobra.Command {
 		Long: `List the layers a running lazybase snapshotter has mounted lazily: image,
 layer digest, policy mode, bytes fetched so far (on demand, prefetch and
 background) against the layer's size, whether it is unpacked locally, and
-when it was mounted.
+when it was mounted. While a restarted daemon restores the lazy mounts of
+the previous one, a last line says how many are left and which failed.
 
 The daemon is found through its status socket: --status-socket, else the
 status_socket of --config, else the snapshots socket (--socket, or the
@@ -163,7 +164,16 @@ config's socket) with ".status" appended.`,
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", l.Image, layerShort(l.Layer), l.Mode,
 					sizeOrUnknown(l.FetchedBytes), sizeOrUnknown(l.Size), pct, local, l.MountedAt.Format(time.RFC3339))
 			}
-			return tw.Flush()
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			if r := st.Restore; r != nil {
+				fmt.Fprintf(out, "restoring the previous daemon's lazy mounts: %d left, %d failed\n", r.Pending, len(r.Failed))
+				for _, f := range r.Failed {
+					fmt.Fprintf(out, "  %s %s: %s\n", f.Image, layerShort(f.Layer), f.Error)
+				}
+			}
+			return nil
 		},
 	}
 	f := cmd.Flags()

@@ -119,8 +119,7 @@ func (s *Stack) lazybaseConfig() (string, error) {
 }
 
 func (s *Stack) runSnapshotter(ctx context.Context, sn *Snapshotter) error {
-	// A restarted daemon remounts its snapshots before it listens; never
-	// mistake a stale socket for a ready one.
+	// Never mistake the stale socket of a stopped daemon for a ready one.
 	if err := os.Remove(sn.Address); err != nil && !os.IsNotExist(err) {
 		return err
 	}
@@ -154,11 +153,9 @@ func (s *Stack) RestartSnapshotter(ctx context.Context) error {
 	if s.Containerd == nil {
 		return nil
 	}
-	// A restarted daemon restores its mounts before it listens; when that
-	// takes longer than containerd's connect timeout (20s, under load),
-	// containerd's connection to it sits in backoff and fails calls for a
-	// few seconds more. Wait until containerd reaches it again, as a
-	// user's next command would after a retry.
+	// containerd's connection to the stopped daemon may sit in backoff
+	// for a few seconds more; wait until containerd reaches it again.
+	// (StartSnapshotter does not wait.)
 	return waitFor(ctx, sn.proc, 30*time.Second, "containerd to reach the restarted snapshotter", func() error {
 		_, err := s.Containerd.Ctr(ctx, "snapshots", "--snapshotter", LazySnapshotterName, "ls")
 		return err

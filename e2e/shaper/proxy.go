@@ -23,6 +23,7 @@ type Proxy struct {
 	rp     *httputil.ReverseProxy
 	bucket bucket
 	rtt    atomic.Int64 // nanoseconds
+	down   atomic.Bool  // SetDown
 
 	mu     sync.Mutex
 	phase  string
@@ -114,6 +115,10 @@ func (p *Proxy) SetBandwidth(bytesPerSecond int64) {
 	p.bucket.set(bytesPerSecond, burst)
 }
 
+// SetDown makes the proxy close every connection unanswered while down
+// is true, as a registry that is gone.
+func (p *Proxy) SetDown(down bool) { p.down.Store(down) }
+
 // SetRTT changes the latency added to every request.
 func (p *Proxy) SetRTT(d time.Duration) { p.rtt.Store(int64(d)) }
 
@@ -161,6 +166,13 @@ func (p *Proxy) Close() error {
 // when the request arrives and updated before each header and body write
 // reaches the client, so a client that has its response sees it counted.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if p.down.Load() {
+		// Gone: the connection closes unanswered, nothing is recorded.
+		if c, _, err := http.NewResponseController(w).Hijack(); err == nil {
+			c.Close()
+		}
+		return
+	}
 	start := time.Now()
 	if d := time.Duration(p.rtt.Load()); d > 0 {
 		t := time.NewTimer(d)
