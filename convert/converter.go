@@ -123,18 +123,13 @@ func (c *Converter) Close() error {
 // tempDirPrefix starts the name of every Converter's temporary directory.
 const tempDirPrefix = "lazybase-convert-"
 
-// swept holds the temporary directories swept by this process.
-var swept sync.Map
-
-// sweepTempDir removes, once per process and directory, the temporary
-// directories that converters of killed processes left in dir (see
-// tmpsweep: unlocked, and untouched for tmpsweep.MinAge).
+// sweepTempDir removes the temporary directories that converters of
+// killed processes left in dir (see tmpsweep: unlocked, and untouched for
+// tmpsweep.MinAge). Each new Converter sweeps: the directories of live
+// converters are locked, so they are never taken.
 func sweepTempDir(dir string) {
 	if dir == "" {
 		dir = os.TempDir()
-	}
-	if _, done := swept.LoadOrStore(dir, true); done {
-		return
 	}
 	_, _ = tmpsweep.Sweep(context.Background(), dir, tempDirPrefix+"*", tmpsweep.MinAge)
 }
