@@ -227,3 +227,13 @@ func transferLease(ctx context.Context, lm leases.Manager, dgst digest.Digest) (
 		}
 	}, nil
 }
+
+// SnapshotLabeler is implemented by Stores that can add LabelSnapshotRef
+// to the snapshots containerd keeps of lazily mounted layers that lack it
+// (those mounted by lazybase versions that did not set it). A Trigger
+// calls LabelSnapshots once per namespace, with the namespace in ctx,
+// before its Guard first releases anything there, so that blobs earlier
+// versions held for ever stay while a snapshot of their layer exists.
+type SnapshotLabeler interface {
+	LabelSnapshots(ctx context.Context) error
+}

@@ -392,6 +392,12 @@ func (t *Trigger) guard(ctx context.Context, ns string) (*Guard, error) {
 		case <-time.After(wait):
 		}
 	}
+	if sl, ok := t.stores.(SnapshotLabeler); ok && lm != nil {
+		if err := sl.LabelSnapshots(ctx); err != nil {
+			log.G(ctx).WithError(err).WithField("namespace", ns).
+				Warn("export guard: labelling the lazy snapshots of earlier versions; their blobs may be released while they exist")
+		}
+	}
 	opts := append([]Option(nil), t.o.guardOpts...)
 	if lm != nil {
 		opts = append(opts, WithRetention(lm, LeaseID, t.o.maxBytes))
