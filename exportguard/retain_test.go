@@ -248,3 +248,62 @@ func TestWithRetentionRejects(t *testing.T) {
 		t.Error("NewTrigger accepted a negative budget")
 	}
 }
+
+// labellingStores is testStores that labels the namespace's snapshots as
+// lazypull's containerd stores do, recording when it was asked.
+type labellingStores struct {
+	*testStores
+	layer  digest.Digest
+	called []string
+}
+
+func (s *labellingStores) LabelSnapshots(ctx context.Context) error {
+	ns, _ := namespaces.Namespace(ctx)
+	s.called = append(s.called, ns)
+	sn := s.db.Snapshotter("stargz")
+	_, err := sn.Update(ctx, snapshots.Info{Name: "old-snapshot", Labels: map[string]string{LabelSnapshotRef: s.layer.String()}}, "labels."+LabelSnapshotRef)
+	return err
+}
+
+// TestTriggerLabelsSnapshotsBeforeReleasing: a snapshot an earlier
+// version recorded without the blob reference gets it from the Stores
+// before the Guard releases the old lease, so its blob survives.
+func TestTriggerLabelsSnapshotsBeforeReleasing(t *testing.T) {
+	e := newTriggerEnv(t)
+	ctx := gcCtx()
+	s := stores{ctx: ctx, store: e.stores.store}
+	old := writeBlob(t, s, "blob of an old lazy snapshot", map[string]string{LabelRef: e.ref})
+	l, err := e.stores.leases.Create(ctx, leases.WithID(LeaseID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.stores.leases.AddResource(ctx, l, leases.Resource{ID: old.String(), Type: "content"}); err != nil {
+		t.Fatal(err)
+	}
+	hl, err := e.stores.leases.Create(ctx, leases.WithID("buildkit-record"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lctx := leases.WithLease(ctx, hl.ID)
+	sn := e.stores.db.Snapshotter("stargz")
+	if _, err := sn.Prepare(lctx, "old-active", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := sn.Commit(lctx, "old-snapshot", "old-active"); err != nil {
+		t.Fatal(err)
+	}
+	ls := &labellingStores{testStores: e.stores, layer: old}
+	g, err := NewTrigger(ls, &Remote{}, WithGuardOptions(fastRetry))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Close() })
+	e.materialize(t, g, e.layers[0])
+	e.collect(t)
+	if len(ls.called) != 1 || ls.called[0] != gcNS {
+		t.Errorf("LabelSnapshots called for %v, want once for %s", ls.called, gcNS)
+	}
+	if !e.present(t, old) {
+		t.Error("blob of a snapshot an earlier version recorded was released")
+	}
+}
