@@ -287,7 +287,7 @@ func (g *Guard) run(ctx context.Context, ref string, desc ocispec.Descriptor, f,
 }
 
 // materialize runs the attempts of one blob's transfer.
-func (g *Guard) materialize(ctx context.Context, ref string, desc ocispec.Descriptor) error {
+func (g *Guard) materialize(ctx context.Context, ref string, desc ocispec.Descriptor) (retErr error) {
 	select {
 	case g.sem <- struct{}{}:
 	case <-ctx.Done():
@@ -308,7 +308,15 @@ func (g *Guard) materialize(ctx context.Context, ref string, desc ocispec.Descri
 		if err != nil {
 			return err
 		}
-		defer done()
+		// A transfer that failed keeps its lease, which expires, while
+		// the lease holds a partial ingest: the next attempt resumes it.
+		defer func() {
+			if retErr == nil {
+				done(true)
+			} else if _, err := g.store.Status(context.WithoutCancel(tctx), ingestRef(desc.Digest)); errdefs.IsNotFound(err) {
+				done(false)
+			}
+		}()
 		ctx = tctx
 	}
 	start := g.o.now()

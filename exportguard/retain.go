@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -31,8 +32,9 @@ const transferLeaseExpiry = 24 * time.Hour
 
 // WithRetention makes the Guard hold blobs only as long as something uses
 // them. Each transfer writes and commits under a lease of its own, created
-// in m and deleted when the transfer ends (it expires after a day should
-// the process die first): a committed blob is then held by what
+// in m and deleted once the blob is committed (a failed transfer's lease
+// keeps its partial ingest for the next attempt to resume, and expires
+// after a day): a committed blob is then held by what
 // references it, such as a snapshot labelled LabelSnapshotRef, an image or
 // a BuildKit lease. Besides, the lease id keeps the most recently
 // materialized or found blobs up to maxBytes in all and releases the
@@ -213,17 +215,34 @@ func (r *retention) heldBytes() int64 {
 }
 
 // transferLease creates the lease one transfer of dgst runs under and
-// returns ctx carrying it and a function that deletes it.
-func transferLease(ctx context.Context, lm leases.Manager, dgst digest.Digest) (context.Context, func(), error) {
-	id := fmt.Sprintf("%s%s-%d", ingestPrefix, dgst.Encoded(), time.Now().UnixNano())
+// returns ctx carrying it and a function that deletes it, and with all
+// (after the blob is committed) the leases earlier transfers of dgst kept
+// for their partial ingests.
+func transferLease(ctx context.Context, lm leases.Manager, dgst digest.Digest) (context.Context, func(all bool), error) {
+	prefix := ingestPrefix + dgst.Encoded() + "-"
+	id := fmt.Sprintf("%s%d", prefix, time.Now().UnixNano())
 	l, err := lm.Create(ctx, leases.WithID(id), leases.WithExpiration(transferLeaseExpiry))
 	if err != nil {
 		return ctx, nil, fmt.Errorf("creating lease %s: %w", id, err)
 	}
-	return leases.WithLease(ctx, l.ID), func() {
+	return leases.WithLease(ctx, l.ID), func(all bool) {
 		dctx := context.WithoutCancel(ctx)
-		if err := lm.Delete(dctx, l); err != nil && !errdefs.IsNotFound(err) {
-			log.G(ctx).WithError(err).WithField("lease", id).Warn("exportguard: deleting transfer lease")
+		drop := []leases.Lease{l}
+		if all {
+			ls, err := lm.List(dctx, `id~="^`+prefix+`"`)
+			if err != nil {
+				log.G(ctx).WithError(err).WithField("digest", dgst).Warn("exportguard: listing transfer leases")
+			}
+			for _, o := range ls {
+				if o.ID != l.ID && strings.HasPrefix(o.ID, prefix) {
+					drop = append(drop, o)
+				}
+			}
+		}
+		for _, d := range drop {
+			if err := lm.Delete(dctx, d); err != nil && !errdefs.IsNotFound(err) {
+				log.G(ctx).WithError(err).WithField("lease", d.ID).Warn("exportguard: deleting transfer lease")
+			}
 		}
 	}, nil
 }

@@ -3,6 +3,8 @@ package exportguard
 import (
 	"context"
 	"errors"
+	"fmt"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -305,5 +307,64 @@ func TestTriggerLabelsSnapshotsBeforeReleasing(t *testing.T) {
 	}
 	if !e.present(t, old) {
 		t.Error("blob of a snapshot an earlier version recorded was released")
+	}
+}
+
+// TestRetentionResumesAcrossGC: a transfer whose only caller gives up
+// keeps its partial ingest under its own lease through a garbage
+// collection, and the next call fetches only the rest; once committed, no
+// transfer lease is left.
+func TestRetentionResumesAcrossGC(t *testing.T) {
+	tr := newTestRegistry(t)
+	data, d := tr.push(512 << 10)
+	const first = 100 << 10
+	started := make(chan struct{})
+	tr.setServe(func(n int, w http.ResponseWriter, r *http.Request, next http.Handler) {
+		if n > 0 {
+			next.ServeHTTP(w, r)
+			return
+		}
+		w.Header().Set("Content-Length", fmt.Sprint(d.Size))
+		w.WriteHeader(http.StatusOK)
+		w.Write(data[:first])
+		w.(http.Flusher).Flush()
+		close(started)
+		<-r.Context().Done()
+	})
+	s := metadataStore(t)
+	g := newGuard(t, s, WithRetention(s.leases, LeaseID, 1<<30))
+	ctx, cancel := context.WithCancel(s.ctx)
+	go func() {
+		<-started
+		// Let the client write what it received before it is cut off.
+		time.Sleep(100 * time.Millisecond)
+		cancel()
+	}()
+	if err := g.Ensure(ctx, tr.ref, d); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Ensure: %v, want context.Canceled", err)
+	}
+	if _, err := s.db.GarbageCollect(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Ensure(s.ctx, tr.ref, d); err != nil {
+		t.Fatal(err)
+	}
+	assertBlob(t, s, d, data)
+	gets := tr.gets()
+	if want := fmt.Sprintf("bytes=%d-%d", first, d.Size-1); len(gets) != 2 || gets[1] != want {
+		t.Errorf("Range headers %q, want the second to be %q", gets, want)
+	}
+	ls, err := s.leases.List(s.ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range ls {
+		rs, err := s.leases.ListResources(s.ctx, l)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if l.ID != LeaseID && len(rs) > 0 {
+			t.Errorf("lease %s still holds %+v after the blob was committed", l.ID, rs)
+		}
 	}
 }
