@@ -134,6 +134,18 @@ func sweepTempDir(dir string) {
 	_, _ = tmpsweep.Sweep(context.Background(), dir, tempDirPrefix+"*", tmpsweep.MinAge)
 }
 
+// SweepTempDir removes the temporary directories that converters of
+// killed processes left in dir (os.TempDir() when empty): those no live
+// converter holds locked and untouched for tmpsweep.MinAge. It returns
+// their paths. Each New does the same; call it to sweep at start even
+// when no converter may be needed.
+func SweepTempDir(ctx context.Context, dir string) ([]string, error) {
+	if dir == "" {
+		dir = os.TempDir()
+	}
+	return tmpsweep.Sweep(ctx, dir, tempDirPrefix+"*", tmpsweep.MinAge)
+}
+
 var errClosed = errors.New("converter is closed")
 
 // flight is one layer conversion shared by every caller asking for the same
