@@ -9,9 +9,14 @@
 // verification leaves no content and no ingest behind. Concurrent requests
 // for one digest share one transfer, transfers run with bounded parallelism,
 // and a broken transfer is retried with exponential backoff from the offset
-// the content store's ingest reached. Committed and already present blobs
-// are held against containerd's garbage collection by a lease (WithLease)
-// and, when asked, a GC root label (WithGCRoot). Progress is reported per
+// the content store's ingest reached. With WithRetention a blob lives as
+// long as something uses it: each transfer runs under a lease of its own,
+// a snapshot labelled LabelSnapshotRef (lazypull labels every lazy
+// snapshot so) references the blob for containerd's garbage collection,
+// and a retention lease keeps the most recently used blobs within a byte
+// budget; a Trigger's Guards use it (WithMaxBytes). Library users may hold
+// blobs instead by a lease (WithLease) and a GC root label (WithGCRoot),
+// which never expire. Progress is reported per
 // blob (WithProgress) and Prometheus metrics on a given registerer
 // (WithRegisterer).
 //

@@ -81,6 +81,9 @@ type Guard struct {
 
 	leaseMu    sync.Mutex
 	leaseReady bool
+
+	// ret is the retention budget (WithRetention); nil without it.
+	ret *retention
 }
 
 // flight is one transfer shared by every Ensure call waiting for its digest.
@@ -108,6 +111,9 @@ func New(store content.Store, fetcher Fetcher, opts ...Option) (*Guard, error) {
 			return nil, err
 		}
 	}
+	if o.retain != "" && (o.leaseID != "" || o.gcRoot) {
+		return nil, errors.New("exportguard: WithRetention conflicts with WithLease and WithGCRoot")
+	}
 	g := &Guard{
 		store:   store,
 		fetcher: fetcher,
@@ -115,6 +121,9 @@ func New(store content.Store, fetcher Fetcher, opts ...Option) (*Guard, error) {
 		m:       newMetrics(),
 		sem:     make(chan struct{}, o.parallelism),
 		flights: map[digest.Digest]*flight{},
+	}
+	if o.retain != "" {
+		g.ret = newRetention(store, o.leases, o.retain, o.maxBytes)
 	}
 	if o.registerer != nil {
 		if err := g.m.register(o.registerer); err != nil {
@@ -161,7 +170,7 @@ func (g *Guard) Ensure(ctx context.Context, ref string, descs ...ocispec.Descrip
 		if _, err := g.store.Info(ctx, desc.Digest); err == nil {
 			g.m.present.Inc()
 			g.report(Progress{Ref: ref, Digest: desc.Digest, Phase: PhasePresent, Done: desc.Size, Total: desc.Size})
-			if err := g.hold(ctx, desc.Digest, true); err != nil {
+			if err := g.hold(ctx, desc.Digest, desc.Size, true); err != nil {
 				errs = append(errs, fmt.Errorf("image %s layer %s: %w", ref, desc.Digest, err))
 			}
 			continue
@@ -189,7 +198,7 @@ func (g *Guard) Ensure(ctx context.Context, ref string, descs ...ocispec.Descrip
 			errs = append(errs, fmt.Errorf("image %s layer %s: %w", ref, w.desc.Digest, w.f.err))
 			continue
 		}
-		if err := g.hold(ctx, w.desc.Digest, false); err != nil {
+		if err := g.hold(ctx, w.desc.Digest, w.desc.Size, false); err != nil {
 			errs = append(errs, fmt.Errorf("image %s layer %s: %w", ref, w.desc.Digest, err))
 		}
 	}
@@ -278,7 +287,7 @@ func (g *Guard) run(ctx context.Context, ref string, desc ocispec.Descriptor, f,
 }
 
 // materialize runs the attempts of one blob's transfer.
-func (g *Guard) materialize(ctx context.Context, ref string, desc ocispec.Descriptor) error {
+func (g *Guard) materialize(ctx context.Context, ref string, desc ocispec.Descriptor) (retErr error) {
 	select {
 	case g.sem <- struct{}{}:
 	case <-ctx.Done():
@@ -293,6 +302,22 @@ func (g *Guard) materialize(ctx context.Context, ref string, desc ocispec.Descri
 			return err
 		}
 		ctx = leases.WithLease(ctx, g.o.leaseID)
+	}
+	if g.ret != nil {
+		tctx, done, err := transferLease(ctx, g.o.leases, desc.Digest)
+		if err != nil {
+			return err
+		}
+		// A transfer that failed keeps its lease, which expires, while
+		// the lease holds a partial ingest: the next attempt resumes it.
+		defer func() {
+			if retErr == nil {
+				done(true)
+			} else if _, err := g.store.Status(context.WithoutCancel(tctx), ingestRef(desc.Digest)); errdefs.IsNotFound(err) {
+				done(false)
+			}
+		}()
+		ctx = tctx
 	}
 	start := g.o.now()
 	restarted := false
@@ -476,10 +501,16 @@ func distributionSource(ref string) (string, string, bool) {
 }
 
 // hold keeps a blob from garbage collection: in the Guard's lease, in the
-// lease of ctx, and with a GC root label when asked. present says the blob
-// was found rather than committed by the Guard.
-func (g *Guard) hold(ctx context.Context, dgst digest.Digest, present bool) error {
+// lease of ctx, with a GC root label when asked, and within the retention
+// budget (WithRetention). present says the blob was found rather than
+// committed by the Guard.
+func (g *Guard) hold(ctx context.Context, dgst digest.Digest, size int64, present bool) error {
 	res := leases.Resource{ID: dgst.String(), Type: "content"}
+	if g.ret != nil {
+		if err := g.ret.use(ctx, dgst, size); err != nil {
+			return err
+		}
+	}
 	if g.o.leaseID != "" {
 		if err := g.ensureLease(ctx); err != nil {
 			return err

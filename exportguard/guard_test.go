@@ -19,8 +19,10 @@ import (
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/core/metadata"
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/plugins/content/local"
+	"github.com/containerd/containerd/v2/plugins/snapshots/native"
 	"github.com/containerd/errdefs"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
@@ -214,7 +216,14 @@ func metadataStore(t testing.TB) stores {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { bdb.Close() })
-	db := metadata.NewDB(bdb, cs, nil)
+	// A real snapshotter under the name lazybase serves as, so that tests
+	// can make snapshots that reference blobs, as containerd does.
+	sn, err := native.NewSnapshotter(filepath.Join(dir, "snapshots"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sn.Close() })
+	db := metadata.NewDB(bdb, cs, map[string]snapshots.Snapshotter{"stargz": sn})
 	ctx := namespaces.WithNamespace(context.Background(), "exportguard-test")
 	if err := db.Init(ctx); err != nil {
 		t.Fatal(err)

@@ -15,8 +15,8 @@ func Committed(labels map[string]string) bool {
 // CommittedFilters returns containerd content filters that together match
 // the blobs Committed accepts. content.Store.Walk matches a blob that passes
 // any one of them: whoever owns the builder walks with them to find the
-// blobs a Guard committed, for example to remove their containerd.io/gc.root
-// label (WithGCRoot) once their layers are no longer mounted.
+// blobs a Guard committed, as WithRetention does to remove the
+// containerd.io/gc.root label (WithGCRoot) earlier versions set.
 func CommittedFilters() []string {
 	return []string{`labels."` + LabelRef + `"`, `labels."` + labelLegacy + `"`}
 }

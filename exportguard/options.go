@@ -29,6 +29,8 @@ type options struct {
 	leaseID     string
 	leaseOpts   []leases.Opt
 	gcRoot      bool
+	retain      string // retention lease id (WithRetention)
+	maxBytes    int64  // retention budget (WithRetention)
 	labels      map[string]string
 	progress    func(Progress)
 	registerer  prometheus.Registerer

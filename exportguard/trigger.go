@@ -11,6 +11,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/leases"
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -18,7 +19,9 @@ import (
 )
 
 // LeaseID is the containerd lease, in each namespace a Trigger guards
-// blobs for, that holds the materialized blobs.
+// blobs for, that keeps the most recently used materialized blobs within
+// the Trigger's retention budget (WithMaxBytes). Earlier lazybase versions
+// held every blob in it for ever; the same budget now applies to those.
 const LeaseID = "lazybase-exportguard"
 
 // Stores gives a Trigger containerd's content store and lease manager.
@@ -101,6 +104,21 @@ type triggerOptions struct {
 	guardOpts  []Option
 	registerer prometheus.Registerer
 	storeName  string
+	maxBytes   int64
+}
+
+// WithMaxBytes sets how many bytes of materialized blobs each namespace's
+// Guard keeps in LeaseID, least recently used released first, beyond the
+// blobs that snapshots (LabelSnapshotRef), images or BuildKit records
+// reference themselves (0 unless given: none).
+func WithMaxBytes(n int64) TriggerOption {
+	return func(o *triggerOptions) error {
+		if n < 0 {
+			return fmt.Errorf("max bytes must not be negative, got %d", n)
+		}
+		o.maxBytes = n
+		return nil
+	}
 }
 
 // WithDelay sets how long a layer mounted WhenDelayed waits before its
@@ -116,9 +134,10 @@ func WithDelay(d time.Duration) TriggerOption {
 }
 
 // WithGuardOptions adds opts to those of every Guard the Trigger makes, one
-// per namespace. The Trigger itself gives each Guard WithGCRoot, WithLease
-// (LeaseID, when Stores returns a lease manager) and, with
-// WithTriggerRegisterer, WithRegisterer labelled by namespace.
+// per namespace. The Trigger itself gives each Guard WithRetention
+// (LeaseID and the WithMaxBytes budget, when Stores returns a lease
+// manager) and, with WithTriggerRegisterer, WithRegisterer labelled by
+// namespace.
 func WithGuardOptions(opts ...Option) TriggerOption {
 	return func(o *triggerOptions) error {
 		o.guardOpts = append(o.guardOpts, opts...)
@@ -216,6 +235,14 @@ func (t *Trigger) Mounted(ctx context.Context, ev MountEvent) {
 		t.mu.Unlock()
 		return
 	}
+	if l, ok := t.layers[key]; ok && l.state == StateMaterialized {
+		// The blob lives as long as something uses it: after a prune it
+		// may be gone, and this mount needs it again.
+		t.wg.Add(1)
+		t.mu.Unlock()
+		go t.recheck(ctx, ev, l)
+		return
+	}
 	if l, ok := t.layers[key]; ok && l.state != StateFailed && (l.state != StateSkipped || ev.When == WhenNever) {
 		t.mu.Unlock()
 		return // already handled for this namespace
@@ -259,6 +286,31 @@ func (t *Trigger) Mounted(ctx context.Context, ev MountEvent) {
 		t.mu.Unlock()
 		t.materialize(l)
 	}()
+}
+
+// recheck hands ev to Mounted again when the blob that l, materialized
+// earlier, stood for is no longer in the namespace's content store.
+func (t *Trigger) recheck(ctx context.Context, ev MountEvent, l *layer) {
+	defer t.wg.Done()
+	sctx := t.stores.WithNamespace(t.ctx, ev.Namespace)
+	store, _, err := t.stores.Open(sctx)
+	if err != nil {
+		return
+	}
+	if _, err := store.Info(sctx, ev.Layer); !errdefs.IsNotFound(err) {
+		return
+	}
+	key := layerKey{ev.Namespace, ev.Layer}
+	t.mu.Lock()
+	if t.layers[key] != l || l.state != StateMaterialized || t.closed {
+		t.mu.Unlock()
+		return
+	}
+	delete(t.layers, key)
+	t.mu.Unlock()
+	log.G(ctx).WithFields(log.Fields{"image": ev.Ref, "layer": ev.Layer, "namespace": ev.Namespace}).
+		Info("export guard: blob materialized earlier was released; materializing it again")
+	t.Mounted(ctx, ev)
 }
 
 // notifyLocked wakes every barrier waiting for a change. t.mu is held.
@@ -382,9 +434,15 @@ func (t *Trigger) guard(ctx context.Context, ns string) (*Guard, error) {
 		case <-time.After(wait):
 		}
 	}
-	opts := append([]Option{WithGCRoot()}, t.o.guardOpts...)
+	if sl, ok := t.stores.(SnapshotLabeler); ok && lm != nil {
+		if err := sl.LabelSnapshots(ctx); err != nil {
+			log.G(ctx).WithError(err).WithField("namespace", ns).
+				Warn("export guard: labelling the lazy snapshots of earlier versions; their blobs may be released while they exist")
+		}
+	}
+	opts := append([]Option(nil), t.o.guardOpts...)
 	if lm != nil {
-		opts = append(opts, WithLease(lm, LeaseID))
+		opts = append(opts, WithRetention(lm, LeaseID, t.o.maxBytes))
 	}
 	if t.o.registerer != nil {
 		opts = append(opts, WithRegisterer(prometheus.WrapRegistererWith(prometheus.Labels{"namespace": ns}, t.o.registerer)))

@@ -267,6 +267,17 @@ type GuardConfig struct {
 	// duration such as "10s", "0s" or more. Default "10s".
 	Delay Duration `toml:"delay"`
 
+	// MaxBytes is how many bytes of materialized blobs the guard keeps,
+	// per containerd namespace, after nothing uses them any more (key
+	// "guard.max_bytes"): the most recently used ones, held in the lease
+	// "lazybase-exportguard", so that a build that mounts the same base
+	// again after a prune exports it without fetching it. A blob is
+	// always kept while a snapshot of its layer exists (the snapshot
+	// references it), and while an image or a BuildKit record references
+	// it. 0 keeps nothing beyond that: `buildctl prune --all` and removing
+	// the images release every blob. 0 or more. Default 0.
+	MaxBytes int64 `toml:"max_bytes"`
+
 	// ConnectTimeout bounds a TCP connect to a registry for the guard's
 	// requests: blob transfers, the blob size lookup at mount and the
 	// barrier's manifest reads (key "guard.connect_timeout"). Like the
@@ -573,6 +584,9 @@ func (c *Config) Validate() error {
 	absPath("guard.containerd_address", c.Guard.ContainerdAddress, c.Guard.Enable)
 	if c.Guard.Parallelism < 1 || c.Guard.Parallelism > 64 {
 		bad("guard.parallelism", "%d: want 1 to 64", c.Guard.Parallelism)
+	}
+	if c.Guard.MaxBytes < 0 {
+		bad("guard.max_bytes", "%d: want 0 or more", c.Guard.MaxBytes)
 	}
 	if c.Guard.Delay < 0 {
 		bad("guard.delay", "%s: must not be negative", c.Guard.Delay.D())

@@ -130,6 +130,7 @@ func TestParseConfigInvalid(t *testing.T) {
 		{"guard address empty", "[guard]\ncontainerd_address = \"\"", "guard.containerd_address"},
 		{"guard parallelism", "[guard]\nparallelism = 0", "guard.parallelism"},
 		{"guard parallelism too many", "[guard]\nparallelism = 65", "guard.parallelism"},
+		{"guard max_bytes negative", "[guard]\nmax_bytes = -1", "guard.max_bytes"},
 		{"guard delay negative", "[guard]\ndelay = \"-1s\"", "guard.delay"},
 		{"guard delay syntax", "[guard]\ndelay = \"later\"", "guard.delay"},
 		{"guard enable type", "[guard]\nenable = 1", "guard.enable"},

@@ -88,6 +88,9 @@ func NewDaemon(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 	if err := initMetaStore(ctx, filepath.Join(snRoot, "metadata.db")); err != nil {
 		return nil, err
 	}
+	if err := sweepCaches(ctx, cfg.Root); err != nil {
+		return nil, err
+	}
 	m := newMetrics()
 	// The registry hosts of the lazy filesystem read blobs through it;
 	// the export guard, set up below, serves them from its local copies.

@@ -32,6 +32,12 @@
 //     routes on the status socket, lets the lazy filesystem read the blobs
 //     it committed, and tells an Unpacker ([local]) about mounts so that
 //     the snapshotter hands out overlayfs mounts of unpacked layers;
+//   - bounded disk (disk.go, migrate.go): every lazy snapshot references
+//     its layer's blob (exportguard.LabelSnapshotRef), so containerd keeps
+//     the guard's blob exactly while a snapshot of the layer exists;
+//     containerd's post-GC Cleanup reaches the upstream snapshotter and
+//     reclaims removed snapshots' directories; the lazy filesystem's caches
+//     an earlier run left are swept at start;
 //   - Daemon, which serves containerd's snapshots gRPC API on a unix socket
 //     and unmounts every FUSE mount when it stops; a restarted Daemon
 //     listens first and then mounts again, in the background, the lazy

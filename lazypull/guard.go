@@ -123,6 +123,7 @@ func newGuardTrigger(cfg GuardConfig, stores exportguard.Stores, reg exportguard
 		exportguard.WithDelay(cfg.Delay.D()),
 		exportguard.WithGuardOptions(exportguard.WithParallelism(cfg.Parallelism)),
 		exportguard.WithStoreName(cfg.ContainerdAddress),
+		exportguard.WithMaxBytes(cfg.MaxBytes),
 	}
 	if m != nil {
 		opts = append(opts, exportguard.WithTriggerRegisterer(m.reg))

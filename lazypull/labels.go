@@ -7,6 +7,9 @@ import (
 
 	"github.com/containerd/containerd/v2/pkg/snapshotters"
 	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/lazybase/lazybase/exportguard"
 )
 
 // Snapshot labels lazypull reads and writes. containerd passes a layer
@@ -137,6 +140,13 @@ func planPrepare(p *Policy, labels map[string]string) preparePlan {
 		plan.Remote = true
 		plan.Labels = maps.Clone(labels)
 		plan.Labels[ModeLabel] = string(plan.Decision.Mode)
+		// containerd copies the labels of the committed snapshot into its
+		// metadata; this one makes the snapshot reference the layer's blob,
+		// so the blob the export guard commits lives as long as the
+		// snapshot does.
+		if d, err := digest.Parse(plan.Layer); err == nil {
+			plan.Labels[exportguard.LabelSnapshotRef] = d.String()
+		}
 		return plan
 	}
 	plan.Labels = stripRemoteLabels(labels)

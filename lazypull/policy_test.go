@@ -12,6 +12,8 @@ import (
 	"github.com/containerd/containerd/v2/pkg/snapshotters"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+
+	"github.com/lazybase/lazybase/exportguard"
 )
 
 func TestPolicyDecide(t *testing.T) {
@@ -179,9 +181,13 @@ func TestPlanPrepare(t *testing.T) {
 				t.Errorf("mode label = %q", plan.Labels[ModeLabel])
 			}
 			if tc.remote {
-				// Everything is kept, plus the mode label.
-				if !maps.Equal(without(plan.Labels, ModeLabel), tc.labels) {
+				// Everything is kept, plus the mode label and the
+				// reference from the snapshot to the layer's blob.
+				if !maps.Equal(without(plan.Labels, ModeLabel, exportguard.LabelSnapshotRef), tc.labels) {
 					t.Errorf("remote labels changed: %v", plan.Labels)
+				}
+				if got := plan.Labels[exportguard.LabelSnapshotRef]; got != testLayer {
+					t.Errorf("label %s = %q, want the layer digest %s", exportguard.LabelSnapshotRef, got, testLayer)
 				}
 				if plan.Ref != testRef && !strings.HasPrefix(plan.Ref, "127.0.0.1:5000/golang:") || plan.Layer != testLayer {
 					t.Errorf("ref %q layer %q", plan.Ref, plan.Layer)
