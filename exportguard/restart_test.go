@@ -89,11 +89,12 @@ func TestTriggerRemembersCommittedBlobs(t *testing.T) {
 	if !st.Materialized || st.Size != int64(len(blob)) || st.Error != "" {
 		t.Errorf("status %+v", st)
 	}
-	// Still held: in the lease and as a GC root.
+	// Still the guard's blob, and no GC root: it lives as long as a
+	// snapshot, image or lease references it (retain.go).
 	ctx := namespaces.WithNamespace(context.Background(), ns)
 	info, err := stores.store.Info(ctx, layer)
-	if err != nil || info.Labels[labelGCRoot] == "" || !Committed(info.Labels) {
-		t.Errorf("blob info %+v (%v): want the guard's labels and a GC root", info, err)
+	if err != nil || info.Labels[labelGCRoot] != "" || !Committed(info.Labels) {
+		t.Errorf("blob info %+v (%v): want the guard's labels and no GC root", info, err)
 	}
 	// The layer never committed waits for its delay, and is not local.
 	if st, _ := layerStatus(after, ns, otherLayer); st.State != StateScheduled {
