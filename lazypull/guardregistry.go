@@ -1,0 +1,315 @@
+package lazypull
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/containerd/v2/core/remotes"
+	"github.com/containerd/containerd/v2/core/remotes/docker"
+	remoteserrors "github.com/containerd/containerd/v2/core/remotes/errors"
+	"github.com/containerd/containerd/v2/pkg/reference"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/platforms"
+	"github.com/containerd/stargz-snapshotter/fs/source"
+	dref "github.com/distribution/reference"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/lazybase/lazybase/exportguard"
+	"github.com/lazybase/lazybase/internal/imageio"
+)
+
+// maxManifestBytes bounds a manifest or index the guard reads.
+const maxManifestBytes = 8 << 20
+
+// hostsRegistry is the export guard's exportguard.Registry over the
+// daemon's registry hosts, the ones the lazy filesystem reads from
+// ([registry] mirrors or config_path hosts.toml, [auth] credentials): a
+// request goes to each host able to serve it in turn, as containerd's
+// resolver tries them (mirrors, then the registry itself), through
+// containerd's docker resolver and fetcher; per-host TLS, CA, headers and
+// credentials come with each host's client and authorizer. Every byte is
+// verified by the guard (blobs) or here (manifests) against its digest.
+type hostsRegistry struct {
+	hosts    source.RegistryHosts
+	platform platforms.MatchComparer
+
+	mu        sync.Mutex
+	resolvers map[string]remotes.Resolver // by repository (host/path)
+}
+
+var _ exportguard.Registry = (*hostsRegistry)(nil)
+
+// newHostsRegistry returns the guard's Registry over hosts.
+func newHostsRegistry(hosts source.RegistryHosts) *hostsRegistry {
+	return &hostsRegistry{hosts: hosts, platform: platforms.Default(), resolvers: map[string]remotes.Resolver{}}
+}
+
+// guardClients are the export guard's: no retries of their own (the guard
+// retries a blob, resuming from the bytes it has) and no bound on a whole
+// request, but every phase of a request bounded by t (the guard.*_timeout
+// keys), as exportguard.Remote bounds its own.
+func guardClients(t exportguard.Timeouts) hostClients {
+	return hostClients{
+		new: func() *http.Client {
+			return &http.Client{Transport: closedRange{imageio.NewTransport(false, t)}}
+		},
+		update: func(c *http.Client) error {
+			// A transport containerd made (its default one, or a fresh
+			// one with a host's TLS settings) is bounded; a copy of the
+			// default client keeps the transport bounded already.
+			if _, ok := c.Transport.(*http.Transport); ok || c.Transport == nil {
+				inner := c.Transport
+				if inner == nil {
+					inner = http.DefaultTransport
+				}
+				c.Transport = closedRange{imageio.BoundedTransport(inner, t)}
+			}
+			return nil
+		},
+	}
+}
+
+// blobSizeKey is the context key of the size of the blob a request
+// fetches, for closedRange.
+type blobSizeKey struct{}
+
+// closedRange names the last byte of an open-ended "Range: bytes=N-"
+// (containerd's fetcher resumes a blob with one) when the request's
+// context carries the blob's size: go-containerregistry's registry, among
+// others, answers only "bytes=N-M".
+type closedRange struct{ next http.RoundTripper }
+
+func (t closedRange) RoundTrip(req *http.Request) (*http.Response, error) {
+	size, ok := req.Context().Value(blobSizeKey{}).(int64)
+	rng := req.Header.Get("Range")
+	if ok && size > 0 && strings.HasPrefix(rng, "bytes=") && strings.HasSuffix(rng, "-") && !strings.Contains(rng, ",") {
+		if first, err := strconv.ParseInt(rng[len("bytes="):len(rng)-1], 10, 64); err == nil && first < size {
+			req = req.Clone(req.Context())
+			req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", first, size-1))
+		}
+	}
+	return t.next.RoundTrip(req)
+}
+
+// parseRef returns ref, normalized (docker.io/library/ for short names) as
+// containerd's reference.
+func parseRef(ref string) (reference.Spec, error) {
+	named, err := dref.ParseDockerRef(ref)
+	if err != nil {
+		return reference.Spec{}, fmt.Errorf("parsing reference %q: %w", ref, err)
+	}
+	spec, err := reference.Parse(named.String())
+	if err != nil {
+		return reference.Spec{}, fmt.Errorf("parsing reference %q: %w", ref, err)
+	}
+	return spec, nil
+}
+
+// resolver returns the resolver of spec's repository, made once: its
+// hosts' clients keep their connections and their authorizers their
+// tokens from one request to the next.
+func (r *hostsRegistry) resolver(spec reference.Spec) remotes.Resolver {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if res, ok := r.resolvers[spec.Locator]; ok {
+		return res
+	}
+	var (
+		once  sync.Once
+		hosts []docker.RegistryHost
+		herr  error
+	)
+	res := docker.NewResolver(docker.ResolverOptions{
+		Hosts: func(string) ([]docker.RegistryHost, error) {
+			once.Do(func() { hosts, herr = r.hosts(spec) })
+			return hosts, herr
+		},
+	})
+	r.resolvers[spec.Locator] = res
+	return res
+}
+
+// FetchRange implements exportguard.Fetcher: the blob from the first host
+// that has it, from offset on. Errors that retrying cannot fix (no host
+// has the blob, access denied) are marked exportguard.Permanent.
+func (r *hostsRegistry) FetchRange(ctx context.Context, ref string, desc ocispec.Descriptor, offset int64) (io.ReadCloser, error) {
+	spec, err := parseRef(ref)
+	if err != nil {
+		return nil, exportguard.Permanent(err)
+	}
+	f, err := r.resolver(spec).Fetcher(ctx, spec.Locator)
+	if err != nil {
+		return nil, classify(fmt.Errorf("blob %s of %s: %w", desc.Digest, spec.Locator, err))
+	}
+	rc, err := f.Fetch(context.WithValue(ctx, blobSizeKey{}, desc.Size), desc)
+	if err != nil {
+		return nil, classify(fmt.Errorf("blob %s of %s: %w", desc.Digest, spec.Locator, err))
+	}
+	if offset > 0 {
+		s, ok := rc.(io.Seeker)
+		if !ok {
+			rc.Close()
+			return nil, exportguard.Permanent(fmt.Errorf("blob %s of %s: fetcher cannot resume at %d", desc.Digest, spec.Locator, offset))
+		}
+		if _, err := s.Seek(offset, io.SeekStart); err != nil {
+			rc.Close()
+			return nil, fmt.Errorf("blob %s of %s: resuming at %d: %w", desc.Digest, spec.Locator, offset, err)
+		}
+	}
+	// containerd's fetcher sends the request on the first read: make it
+	// now, so that a host that fails is reported here, classified.
+	br := bufio.NewReaderSize(rc, 64<<10)
+	if _, err := br.Peek(1); err != nil && !errors.Is(err, io.EOF) {
+		rc.Close()
+		return nil, classify(fmt.Errorf("blob %s of %s: %w", desc.Digest, spec.Locator, err))
+	}
+	return struct {
+		io.Reader
+		io.Closer
+	}{br, rc}, nil
+}
+
+// BlobSize implements exportguard.Registry with a HEAD request for the
+// blob, at the first host that has it.
+func (r *hostsRegistry) BlobSize(ctx context.Context, ref string, dgst digest.Digest) (int64, error) {
+	spec, err := parseRef(ref)
+	if err != nil {
+		return 0, err
+	}
+	if err := dgst.Validate(); err != nil {
+		return 0, fmt.Errorf("blob digest %q: %w", dgst, err)
+	}
+	_, desc, err := r.resolver(spec).Resolve(ctx, spec.Locator+"@"+dgst.String())
+	if err != nil {
+		return 0, fmt.Errorf("size of blob %s of %s: %w", dgst, spec.Locator, err)
+	}
+	if desc.Size < 0 {
+		return 0, fmt.Errorf("size of blob %s of %s: registry sent no length", dgst, spec.Locator)
+	}
+	return desc.Size, nil
+}
+
+// ImageLayers implements exportguard.Registry: it reads ref's manifest,
+// for the running platform when ref names an index, each verified against
+// its digest.
+func (r *hostsRegistry) ImageLayers(ctx context.Context, ref string) ([]digest.Digest, error) {
+	spec, err := parseRef(ref)
+	if err != nil {
+		return nil, err
+	}
+	res := r.resolver(spec)
+	name, desc, err := res.Resolve(ctx, spec.String())
+	if err != nil {
+		return nil, fmt.Errorf("resolving %s: %w", spec, err)
+	}
+	f, err := res.Fetcher(ctx, name)
+	if err != nil {
+		return nil, fmt.Errorf("reading manifest of %s: %w", spec, err)
+	}
+	// An index per level at most: an index of indexes is refused.
+	for range 2 {
+		b, err := fetchVerified(ctx, f, desc)
+		if err != nil {
+			return nil, fmt.Errorf("reading manifest of %s: %w", spec, err)
+		}
+		switch {
+		case images.IsIndexType(desc.MediaType):
+			var idx ocispec.Index
+			if err := json.Unmarshal(b, &idx); err != nil {
+				return nil, fmt.Errorf("reading index %s of %s: %w", desc.Digest, spec, err)
+			}
+			child, err := r.pick(idx)
+			if err != nil {
+				return nil, fmt.Errorf("index %s of %s: %w", desc.Digest, spec, err)
+			}
+			desc = child
+			continue
+		case images.IsManifestType(desc.MediaType):
+			var m ocispec.Manifest
+			if err := json.Unmarshal(b, &m); err != nil {
+				return nil, fmt.Errorf("reading manifest %s of %s: %w", desc.Digest, spec, err)
+			}
+			out := make([]digest.Digest, 0, len(m.Layers))
+			for _, l := range m.Layers {
+				out = append(out, l.Digest)
+			}
+			return out, nil
+		default:
+			return nil, fmt.Errorf("%s of %s is a %q, not an image manifest or index", desc.Digest, spec, desc.MediaType)
+		}
+	}
+	return nil, fmt.Errorf("%s: index nested in an index", spec)
+}
+
+// pick returns the image manifest of idx for the running platform, the
+// best match if several.
+func (r *hostsRegistry) pick(idx ocispec.Index) (ocispec.Descriptor, error) {
+	var (
+		best  ocispec.Descriptor
+		found bool
+	)
+	for _, d := range idx.Manifests {
+		if !images.IsManifestType(d.MediaType) {
+			continue
+		}
+		if d.Platform == nil || !r.platform.Match(*d.Platform) {
+			continue
+		}
+		if !found || r.platform.Less(*d.Platform, *best.Platform) {
+			best, found = d, true
+		}
+	}
+	if !found {
+		return ocispec.Descriptor{}, fmt.Errorf("no manifest for %s: %w", platforms.DefaultString(), errdefs.ErrNotFound)
+	}
+	return best, nil
+}
+
+// fetchVerified reads the manifest or index desc, at most
+// maxManifestBytes, and checks it against desc's digest and size.
+func fetchVerified(ctx context.Context, f remotes.Fetcher, desc ocispec.Descriptor) ([]byte, error) {
+	if desc.Size > maxManifestBytes {
+		return nil, fmt.Errorf("%s: %d bytes, more than the %d a manifest may have", desc.Digest, desc.Size, maxManifestBytes)
+	}
+	rc, err := f.Fetch(ctx, desc)
+	if err != nil {
+		return nil, err
+	}
+	defer rc.Close()
+	b, err := io.ReadAll(io.LimitReader(rc, maxManifestBytes+1))
+	if err != nil {
+		return nil, err
+	}
+	if desc.Size >= 0 && int64(len(b)) != desc.Size {
+		return nil, fmt.Errorf("%s: registry sent %d bytes, descriptor says %d", desc.Digest, len(b), desc.Size)
+	}
+	if got := desc.Digest.Algorithm().FromBytes(b); got != desc.Digest {
+		return nil, fmt.Errorf("%s: registry sent content with digest %s", desc.Digest, got)
+	}
+	return b, nil
+}
+
+// classify marks the errors of a blob fetch that retrying cannot fix as
+// exportguard.Permanent: no host has the blob, or a host refused the
+// request or the credentials (4xx but 408 and 429).
+func classify(err error) error {
+	if errdefs.IsNotFound(err) || errors.Is(err, docker.ErrInvalidAuthorization) {
+		return exportguard.Permanent(err)
+	}
+	var us remoteserrors.ErrUnexpectedStatus
+	if errors.As(err, &us) && us.StatusCode >= 400 && us.StatusCode < 500 &&
+		us.StatusCode != http.StatusRequestTimeout && us.StatusCode != http.StatusTooManyRequests {
+		return exportguard.Permanent(err)
+	}
+	return err
+}
