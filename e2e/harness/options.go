@@ -47,6 +47,7 @@ type options struct {
 	bandwidth    int64
 	rtt          time.Duration
 	namespace    string
+	mirror       *mirrorOpt // WithRegistryMirror
 }
 
 // Option configures a Stack.
