@@ -79,6 +79,20 @@ func guardClients(t exportguard.Timeouts) hostClients {
 	}
 }
 
+// RegistryHosts returns the registry hosts of c's [registry] section
+// (mirrors in order, then each image's own registry; or those of the
+// config_path hosts.toml directories) with the [auth] credentials, for
+// clients outside the daemon that must reach registries as it does, such
+// as the pull of `lazybase prefetch record`. Every phase of a request is
+// bounded by the [guard] timeouts.
+func (c *Config) RegistryHosts(ctx context.Context) docker.RegistryHosts {
+	hosts := c.hostsWith(ctx, dockerCredentials(ctx, c.Auth), guardClients(c.Guard.Timeouts()))
+	return func(host string) ([]docker.RegistryHost, error) {
+		spec := reference.Spec{Locator: host}
+		return hosts(spec)
+	}
+}
+
 // blobSizeKey is the context key of the size of the blob a request
 // fetches, for closedRange.
 type blobSizeKey struct{}

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/remotes/docker"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
@@ -340,6 +341,43 @@ func TestGuardRegistryTimeouts(t *testing.T) {
 			}
 			if d := time.Since(start); d > 10*time.Second {
 				t.Errorf("FetchRange took %s", d)
+			}
+		})
+	}
+}
+
+// TestConfigRegistryHosts: the hosts Config.RegistryHosts gives clients
+// outside the daemon (the pull of prefetch record) resolve and fetch an
+// image named by a host that does not resolve from its mirror, in both
+// forms, as containerd's resolver uses them.
+func TestConfigRegistryHosts(t *testing.T) {
+	for _, form := range mirrorForms {
+		t.Run(form.name, func(t *testing.T) {
+			e := newMirrorEnv(t)
+			cfg := form.config(t, e.proxy.host)
+			ctx := context.Background()
+			res := docker.NewResolver(docker.ResolverOptions{Hosts: cfg.RegistryHosts(ctx)})
+			name, desc, err := res.Resolve(ctx, e.ref)
+			if err != nil {
+				t.Fatalf("Resolve %s: %v", e.ref, err)
+			}
+			want, _ := e.img.Digest()
+			if name != e.ref || desc.Digest.String() != want.String() {
+				t.Errorf("Resolve: %s %s, want %s %s", name, desc.Digest, e.ref, want)
+			}
+			data, ld := e.layer(t, 0)
+			f, err := res.Fetcher(ctx, name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			rc, err := f.Fetch(ctx, ld)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, err := io.ReadAll(rc)
+			rc.Close()
+			if err != nil || !bytes.Equal(b, data) {
+				t.Errorf("Fetch: %d bytes, %v", len(b), err)
 			}
 		})
 	}
