@@ -194,7 +194,7 @@ func (r *hostsRegistry) FetchRange(ctx context.Context, ref string, desc ocispec
 }
 
 // BlobSize implements exportguard.Registry with a HEAD request for the
-// blob, at the first host that has it.
+// blob, at the first host that answers it.
 func (r *hostsRegistry) BlobSize(ctx context.Context, ref string, dgst digest.Digest) (int64, error) {
 	spec, err := parseRef(ref)
 	if err != nil {
@@ -203,10 +203,21 @@ func (r *hostsRegistry) BlobSize(ctx context.Context, ref string, dgst digest.Di
 	if err := dgst.Validate(); err != nil {
 		return 0, fmt.Errorf("blob digest %q: %w", dgst, err)
 	}
-	_, desc, err := r.resolver(spec).Resolve(ctx, spec.Locator+"@"+dgst.String())
+	f, err := r.resolver(spec).Fetcher(ctx, spec.Locator)
 	if err != nil {
 		return 0, fmt.Errorf("size of blob %s of %s: %w", dgst, spec.Locator, err)
 	}
+	fd, ok := f.(remotes.FetcherByDigest)
+	if !ok {
+		return 0, fmt.Errorf("size of blob %s of %s: fetcher %T cannot look blobs up by digest", dgst, spec.Locator, f)
+	}
+	// FetchByDigest sends the HEAD requests (blobs first, each host in
+	// turn) and defers the GET to the first read, which never comes.
+	rc, desc, err := fd.FetchByDigest(ctx, dgst)
+	if err != nil {
+		return 0, fmt.Errorf("size of blob %s of %s: %w", dgst, spec.Locator, err)
+	}
+	rc.Close()
 	if desc.Size < 0 {
 		return 0, fmt.Errorf("size of blob %s of %s: registry sent no length", dgst, spec.Locator)
 	}

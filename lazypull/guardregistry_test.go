@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -64,6 +65,12 @@ func newMirrorEnv(t *testing.T) *mirrorEnv {
 		if u, p, ok := r.BasicAuth(); user != "" && (!ok || u != user || p != pass) {
 			w.Header().Set("WWW-Authenticate", `Basic realm="mirror"`)
 			w.WriteHeader(http.StatusUnauthorized)
+			return
+		}
+		// distribution (2.8) answers a manifest request for the digest
+		// of a layer blob with 500: a size lookup must not go there.
+		if _, d, ok := strings.Cut(r.URL.Path, "/manifests/"); ok && slices.Contains(e.layers, digest.Digest(d)) {
+			http.Error(w, "unknown manifest", http.StatusInternalServerError)
 			return
 		}
 		counting.ServeHTTP(w, r)
