@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/remotes"
@@ -44,14 +45,14 @@ type hostsRegistry struct {
 	platform platforms.MatchComparer
 
 	mu        sync.Mutex
-	resolvers map[string]remotes.Resolver // by repository (host/path)
+	resolvers map[string]cachedResolver // by repository (host/path)
 }
 
 var _ exportguard.Registry = (*hostsRegistry)(nil)
 
 // newHostsRegistry returns the guard's Registry over hosts.
 func newHostsRegistry(hosts source.RegistryHosts) *hostsRegistry {
-	return &hostsRegistry{hosts: hosts, platform: platforms.Default(), resolvers: map[string]remotes.Resolver{}}
+	return &hostsRegistry{hosts: hosts, platform: platforms.Default(), resolvers: map[string]cachedResolver{}}
 }
 
 // guardClients are the export guard's: no retries of their own (the guard
@@ -129,28 +130,39 @@ func parseRef(ref string) (reference.Spec, error) {
 	return spec, nil
 }
 
-// resolver returns the resolver of spec's repository, made once: its
-// hosts' clients keep their connections and their authorizers their
-// tokens from one request to the next.
-func (r *hostsRegistry) resolver(spec reference.Spec) remotes.Resolver {
+// hostsTTL is how long the guard keeps the hosts (and their clients and
+// authorizers) of one repository before it resolves them again, so that
+// an edited hosts.toml or docker config takes effect without a restart.
+const hostsTTL = time.Minute
+
+// cachedResolver is a resolver of one repository and when it was made.
+type cachedResolver struct {
+	res  remotes.Resolver
+	made time.Time
+}
+
+// resolver returns the resolver of spec's repository over its hosts, made
+// at most hostsTTL ago: within that time, its hosts' clients keep their
+// connections and their authorizers their tokens from one request to the
+// next. A failure to resolve the hosts is not kept.
+func (r *hostsRegistry) resolver(spec reference.Spec) (remotes.Resolver, error) {
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	if res, ok := r.resolvers[spec.Locator]; ok {
-		return res
+	c, ok := r.resolvers[spec.Locator]
+	r.mu.Unlock()
+	if ok && time.Since(c.made) < hostsTTL {
+		return c.res, nil
 	}
-	var (
-		once  sync.Once
-		hosts []docker.RegistryHost
-		herr  error
-	)
+	hosts, err := r.hosts(spec)
+	if err != nil {
+		return nil, fmt.Errorf("registry hosts of %s: %w", spec.Locator, err)
+	}
 	res := docker.NewResolver(docker.ResolverOptions{
-		Hosts: func(string) ([]docker.RegistryHost, error) {
-			once.Do(func() { hosts, herr = r.hosts(spec) })
-			return hosts, herr
-		},
+		Hosts: func(string) ([]docker.RegistryHost, error) { return hosts, nil },
 	})
-	r.resolvers[spec.Locator] = res
-	return res
+	r.mu.Lock()
+	r.resolvers[spec.Locator] = cachedResolver{res: res, made: time.Now()}
+	r.mu.Unlock()
+	return res, nil
 }
 
 // FetchRange implements exportguard.Fetcher: the blob from the first host
@@ -161,7 +173,11 @@ func (r *hostsRegistry) FetchRange(ctx context.Context, ref string, desc ocispec
 	if err != nil {
 		return nil, exportguard.Permanent(err)
 	}
-	f, err := r.resolver(spec).Fetcher(ctx, spec.Locator)
+	res, err := r.resolver(spec)
+	if err != nil {
+		return nil, err
+	}
+	f, err := res.Fetcher(ctx, spec.Locator)
 	if err != nil {
 		return nil, classify(fmt.Errorf("blob %s of %s: %w", desc.Digest, spec.Locator, err))
 	}
@@ -203,7 +219,11 @@ func (r *hostsRegistry) BlobSize(ctx context.Context, ref string, dgst digest.Di
 	if err := dgst.Validate(); err != nil {
 		return 0, fmt.Errorf("blob digest %q: %w", dgst, err)
 	}
-	f, err := r.resolver(spec).Fetcher(ctx, spec.Locator)
+	res, err := r.resolver(spec)
+	if err != nil {
+		return 0, err
+	}
+	f, err := res.Fetcher(ctx, spec.Locator)
 	if err != nil {
 		return 0, fmt.Errorf("size of blob %s of %s: %w", dgst, spec.Locator, err)
 	}
@@ -232,7 +252,10 @@ func (r *hostsRegistry) ImageLayers(ctx context.Context, ref string) ([]digest.D
 	if err != nil {
 		return nil, err
 	}
-	res := r.resolver(spec)
+	res, err := r.resolver(spec)
+	if err != nil {
+		return nil, err
+	}
 	name, desc, err := res.Resolve(ctx, spec.String())
 	if err != nil {
 		return nil, fmt.Errorf("resolving %s: %w", spec, err)

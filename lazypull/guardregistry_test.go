@@ -389,3 +389,31 @@ func TestConfigRegistryHosts(t *testing.T) {
 		})
 	}
 }
+
+// TestGuardRegistryHostsErrorNotKept: a hosts.toml that cannot be read
+// fails the request naming the repository's hosts, and once it is fixed the next
+// request goes through the mirror, without a restart.
+func TestGuardRegistryHostsErrorNotKept(t *testing.T) {
+	e := newMirrorEnv(t)
+	dir := t.TempDir()
+	// A hosts.toml that cannot be read (a directory here; containerd only
+	// logs one that does not parse, and goes to the registry itself).
+	unreadable := filepath.Join(dir, unresolvable, "hosts.toml")
+	if err := os.MkdirAll(unreadable, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cfg := DefaultConfig()
+	cfg.Registry.ConfigPath = []string{dir}
+	ctx := context.Background()
+	reg := newGuardRegistry(ctx, cfg)
+	if _, err := reg.ImageLayers(ctx, e.ref); err == nil || !strings.Contains(err.Error(), "registry hosts of "+unresolvable+"/lazybase/mirror-test") {
+		t.Fatalf("ImageLayers with an unreadable hosts.toml: %v, want an error naming the repository", err)
+	}
+	if err := os.Remove(unreadable); err != nil {
+		t.Fatal(err)
+	}
+	writeHostsToml(t, dir, unresolvable, "server = \"https://"+unresolvable+"\"\n\n[host.\"http://"+e.proxy.host+"\"]\n  capabilities = [\"pull\", \"resolve\"]\n")
+	if got, err := reg.ImageLayers(ctx, e.ref); err != nil || len(got) != len(e.layers) {
+		t.Errorf("ImageLayers after the fix: %v, %v", got, err)
+	}
+}
