@@ -123,20 +123,27 @@ func (c *Converter) Close() error {
 // tempDirPrefix starts the name of every Converter's temporary directory.
 const tempDirPrefix = "lazybase-convert-"
 
-// swept holds the temporary directories swept by this process.
-var swept sync.Map
-
-// sweepTempDir removes, once per process and directory, the temporary
-// directories that converters of killed processes left in dir (see
-// tmpsweep: unlocked, and untouched for tmpsweep.MinAge).
+// sweepTempDir removes the temporary directories that converters of
+// killed processes left in dir (see tmpsweep: unlocked, and untouched for
+// tmpsweep.MinAge). Each new Converter sweeps: the directories of live
+// converters are locked, so they are never taken.
 func sweepTempDir(dir string) {
 	if dir == "" {
 		dir = os.TempDir()
 	}
-	if _, done := swept.LoadOrStore(dir, true); done {
-		return
-	}
 	_, _ = tmpsweep.Sweep(context.Background(), dir, tempDirPrefix+"*", tmpsweep.MinAge)
+}
+
+// SweepTempDir removes the temporary directories that converters of
+// killed processes left in dir (os.TempDir() when empty): those no live
+// converter holds locked and untouched for tmpsweep.MinAge. It returns
+// their paths. Each New does the same; call it to sweep at start even
+// when no converter may be needed.
+func SweepTempDir(ctx context.Context, dir string) ([]string, error) {
+	if dir == "" {
+		dir = os.TempDir()
+	}
+	return tmpsweep.Sweep(ctx, dir, tempDirPrefix+"*", tmpsweep.MinAge)
 }
 
 var errClosed = errors.New("converter is closed")

@@ -19,7 +19,15 @@ import (
 // tocCheckOption makes the upstream filesystem check every eStargz TOC
 // before its metadata reader sees it.
 func tocCheckOption(opts ...toccheck.Option) stargzfs.Option {
-	return stargzfs.WithMetadataStore(tocCheckingStore(memorymetadata.NewReader, opts...))
+	return stargzfs.WithMetadataStore(tocCheckingStore(memorymetadata.NewReader, tocCheck{opts: opts}))
+}
+
+// tocCheck is how a checking store checks a TOC: the limits, and a hook
+// for tests run before every full check (not before a Clone that only
+// compares bytes).
+type tocCheck struct {
+	opts    []toccheck.Option
+	onCheck func()
 }
 
 // tocCheckingStore wraps the metadata store inner: before inner reads a
@@ -35,9 +43,9 @@ func tocCheckOption(opts ...toccheck.Option) stargzfs.Option {
 // which opens the blob anew. The TOC bytes read for the check are served
 // to inner from memory, so the check costs one more decode of the TOC,
 // not one more fetch.
-func tocCheckingStore(inner metadata.Store, opts ...toccheck.Option) metadata.Store {
+func tocCheckingStore(inner metadata.Store, c tocCheck) metadata.Store {
 	return func(sr *io.SectionReader, mopts ...metadata.Option) (metadata.Reader, error) {
-		cached, err := checkTOC(sr, mopts, opts)
+		cached, err := c.check(sr, mopts)
 		if err != nil {
 			return nil, err
 		}
@@ -46,15 +54,15 @@ func tocCheckingStore(inner metadata.Store, opts ...toccheck.Option) metadata.St
 		if err != nil {
 			return nil, err
 		}
-		return &checkedReader{Reader: r, mopts: mopts, opts: opts, checked: cached.checked, size: cached.size}, nil
+		return &checkedReader{Reader: r, mopts: mopts, check: c, checked: cached.checked, size: cached.size}, nil
 	}
 }
 
-// checkTOC checks the TOC of sr with the decompressors and TOC offset the
+// check checks the TOC of sr with the decompressors and TOC offset the
 // metadata options carry, as stargz's reader will read it.
-func checkTOC(sr *io.SectionReader, mopts []metadata.Option, opts []toccheck.Option) (*spanReaderAt, error) {
-	if testHookCheckTOC != nil {
-		testHookCheckTOC()
+func (c tocCheck) check(sr *io.SectionReader, mopts []metadata.Option) (*spanReaderAt, error) {
+	if c.onCheck != nil {
+		c.onCheck()
 	}
 	var o metadata.Options
 	for _, opt := range mopts {
@@ -66,7 +74,7 @@ func checkTOC(sr *io.SectionReader, mopts []metadata.Option, opts []toccheck.Opt
 	for _, d := range o.Decompressors {
 		decs = append(decs, d)
 	}
-	f, err := toccheck.Check(sr, o.TOCOffset, decs, opts...)
+	f, err := toccheck.Check(sr, o.TOCOffset, decs, c.opts...)
 	if err != nil {
 		log.L.WithError(err).WithField("blob_size", sr.Size()).Info("refusing eStargz layer before stargz reads its TOC")
 		return nil, fmt.Errorf("checking eStargz TOC: %w", err)
@@ -99,9 +107,6 @@ func sameTOC(sr *io.SectionReader, size int64, checked []toccheck.Span) bool {
 	return true
 }
 
-// testHookCheckTOC, set by tests only, is called by every checkTOC.
-var testHookCheckTOC func()
-
 // isInvalidTOC reports whether err, returned by a mount, comes from a TOC
 // the store refused. stargz flattens the store's error into text on the
 // way (%v), so the text is what is left to recognise.
@@ -114,7 +119,7 @@ func isInvalidTOC(err error) bool {
 type checkedReader struct {
 	metadata.Reader
 	mopts []metadata.Option
-	opts  []toccheck.Option
+	check tocCheck
 	// checked are the blob ranges (footer and TOC) of the TOC that passed
 	// the check, kept so that a Clone over the same bytes skips the check.
 	checked []toccheck.Span
@@ -131,7 +136,7 @@ func (r *checkedReader) Clone(sr *io.SectionReader) (metadata.Reader, error) {
 		cached = newSpanReaderAt(sr, r.checked)
 	} else {
 		var err error
-		if cached, err = checkTOC(sr, r.mopts, r.opts); err != nil {
+		if cached, err = r.check.check(sr, r.mopts); err != nil {
 			return nil, err
 		}
 	}
@@ -140,7 +145,7 @@ func (r *checkedReader) Clone(sr *io.SectionReader) (metadata.Reader, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &checkedReader{Reader: c, mopts: r.mopts, opts: r.opts, checked: cached.checked, size: cached.size}, nil
+	return &checkedReader{Reader: c, mopts: r.mopts, check: r.check, checked: cached.checked, size: cached.size}, nil
 }
 
 // spanReaderAt serves reads that fall inside the blob ranges the check

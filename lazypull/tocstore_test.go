@@ -45,7 +45,8 @@ func TestTOCCheckingStoreOpensGoodLayers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	store := tocCheckingStore(memorymetadata.NewReader)
+	var checks atomic.Int64
+	store := tocCheckingStore(memorymetadata.NewReader, tocCheck{onCheck: func() { checks.Add(1) }})
 
 	// Without the check: the reads stargz's reader makes on its own.
 	plainSR, plain := section(l.Blob)
@@ -72,9 +73,10 @@ func TestTOCCheckingStoreOpensGoodLayers(t *testing.T) {
 	// Clone over the same blob (stargz's prefetch and background fetch)
 	// compares the footer and TOC bytes with the checked ones instead of
 	// decoding and validating them again, and still works.
-	var checks atomic.Int64
-	testHookCheckTOC = func() { checks.Add(1) }
-	t.Cleanup(func() { testHookCheckTOC = nil })
+	if n := checks.Load(); n != 1 {
+		t.Fatalf("opening the layer ran %d checks, want 1", n)
+	}
+	checks.Store(0)
 	c, err := r.Clone(io.NewSectionReader(bytes.NewReader(l.Blob), 0, int64(len(l.Blob))))
 	if err != nil {
 		t.Fatal(err)
@@ -115,7 +117,7 @@ func TestTOCCheckingStoreRefusesHostileLayers(t *testing.T) {
 		innerCalls.Add(1)
 		return memorymetadata.NewReader(sr, opts...)
 	}
-	store := tocCheckingStore(inner)
+	store := tocCheckingStore(inner, tocCheck{})
 	goodSR, _ := section(good.Blob)
 	r, err := store(goodSR, storeOpts...)
 	if err != nil {

@@ -70,8 +70,29 @@ import (
 //	# Defaults: false, false.
 //	plain_http = false
 //	insecure = false
-//	# Directory for converted layers and spooled tars. Default: os.TempDir().
+//	# Directory for converted layers and spooled tars. What killed runs
+//	# left there (converter directories no live process holds, untouched
+//	# for a minute) is removed when a run or serve starts. Default:
+//	# os.TempDir().
 //	temp_dir = ""
+//	# How long a conversion claim holds (see the package documentation):
+//	# mirrors started together (shards of an Indexed Job) claim a layer in
+//	# the records repository before converting it, and a mirror finding
+//	# another's fresh claim waits for its conversion record instead of
+//	# converting too. The holder renews its claim every third of this; a
+//	# mirror killed mid-way holds its layers for at most this long before
+//	# another takes over. Keep it well above the clock skew between the
+//	# mirrors' machines. "0s" turns claims off. Claims need the record
+//	# key. Default: "2m".
+//	claim_ttl = "2m"
+//	# Quarantine: an image that fails the same way (same source digest,
+//	# same reason) on this many consecutive runs is known bad, reported as
+//	# "quarantined" and not tried again (three manifest reads per run, no
+//	# blob) until its source digest changes. Known-bad images do not make a
+//	# run fail: the exit status is non-zero only for new failures. The state
+//	# lives in failure records in the records repository (no disk needed)
+//	# and needs the record key. 0 turns quarantine off. Default: 2.
+//	quarantine_after = 2
 //	# Registry timeouts, per request phase, never for a whole transfer: TCP
 //	# connect, TLS handshake, response headers once the request is sent,
 //	# and idle (the longest wait for the next bytes of a body, sent or
@@ -160,6 +181,8 @@ type Config struct {
 	PlainHTTP         bool     `toml:"plain_http"`
 	Insecure          bool     `toml:"insecure"`
 	TempDir           string   `toml:"temp_dir"`
+	ClaimTTL          string   `toml:"claim_ttl"`
+	QuarantineAfter   *int     `toml:"quarantine_after"`
 	Sources           []Source `toml:"source"`
 
 	// Record authentication and the [serve] table (see security.go).
@@ -332,6 +355,18 @@ func (c *Config) validate() error {
 			return fmt.Errorf("%s: want a positive duration such as \"500ms\", got %q", d.key, *d.v)
 		}
 	}
+	if c.QuarantineAfter == nil {
+		n := DefaultQuarantineAfter
+		c.QuarantineAfter = &n
+	} else if *c.QuarantineAfter < 0 {
+		return fmt.Errorf("quarantine_after: must not be negative, got %d", *c.QuarantineAfter)
+	}
+	if c.ClaimTTL == "" {
+		c.ClaimTTL = DefaultClaimTTL.String()
+	}
+	if v, err := time.ParseDuration(c.ClaimTTL); err != nil || v < 0 {
+		return fmt.Errorf("claim_ttl: want a duration such as \"2m\" (\"0s\" for no claims), got %q", c.ClaimTTL)
+	}
 	if err := c.validateTimeouts(); err != nil {
 		return err
 	}
@@ -402,6 +437,12 @@ func (c *Config) durations() (initial, max, afterMax time.Duration) {
 	max, _ = time.ParseDuration(c.RetryMax)
 	afterMax, _ = time.ParseDuration(c.RetryAfterMax)
 	return
+}
+
+// claimTTL returns the claim expiry of a validated Config (0: no claims).
+func (c *Config) claimTTL() time.Duration {
+	d, _ := time.ParseDuration(c.ClaimTTL)
+	return d
 }
 
 // validateTimeouts fills in and checks the registry timeouts.

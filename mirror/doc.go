@@ -11,8 +11,9 @@
 // ImageReport. Server turns registry push notifications into jobs, and
 // Serve runs it until shutdown and returns a ServeResult. Each job has its
 // file: options.go; mirror.go (the Mirror and its counters); plan.go;
-// run.go, build.go and session.go (attempts, converted images, layers kept
-// for a run); record.go; report.go; events.go, queue.go, server.go and
+// run.go, build.go, flight.go and session.go (attempts, converted images,
+// shared layer conversions, layers kept for a run); record.go; claim.go;
+// quarantine.go; report.go; events.go, queue.go, server.go and
 // serve.go (notifications); config.go, security.go and tags.go (the
 // config, secrets, tag selection); retry.go.
 //
@@ -110,14 +111,89 @@
 // the others; Run returns a Report of converted,
 // skipped and failed images with reasons and timings.
 //
+// # Conversion claims
+//
+// Records make a layer converted once across runs; claims make it
+// converted once across mirror processes started together (the shards of
+// an Indexed Job, or a serve and a scheduled run). Before converting a
+// layer that has no record, a mirror reads the layer's claim, tagged
+// ClaimTag(record tag) ("claim-" and the record tag's hex) in the records
+// repository: an OCI manifest with artifactType
+// application/vnd.lazybase.conversion-claim.v1, the empty config and
+// annotations naming the holder (host, process id, a random suffix, the
+// shard) and when the claim expires (RFC 3339).
+//
+//   - No claim, or an expired or released one (or its own): the mirror
+//     writes its claim (one manifest PUT), expiring claim_ttl from now,
+//     waits a settle time (claim_ttl/200, between 250 ms and 1 s) and reads
+//     it back. Registries have no conditional tag write, so two mirrors
+//     that found the claim free both write it and the last write wins;
+//     reading back after the settle time tells each which one won, as long
+//     as the later of the two writes lands within the settle time of the
+//     earlier. The winner looks for the record once more, converts the
+//     layer, renews its claim every claim_ttl/3 while it converts, writes
+//     the record and then releases the claim (rewrites it with
+//     dev.lazybase.claim.released "true").
+//   - A fresh claim of another mirror: it waits, polling the record every
+//     claim_ttl/30 (between 50 ms and 2 s), and takes the layer from the
+//     record as soon as it appears; if the claim expires or is released
+//     without a record (the holder was killed, or its conversion failed),
+//     it claims the layer itself (a takeover) and converts it.
+//
+// Failure modes: a mirror killed mid-way stops renewing, and its layers
+// are taken over claim_ttl after its last renewal at the latest (a
+// restarted process has a new holder name and waits for its old claims
+// too). A registry that cannot be read or written for claims, or two
+// writes further apart than the settle time, cost a second conversion,
+// never a wrong result: conversion is deterministic and records are
+// idempotent, so claims are an economy, not a lock correctness depends
+// on. Expiry is judged by each mirror's clock: keep claim_ttl far above
+// the clock skew. Claims are off with claim_ttl "0s", without a record
+// key, and with force. Report.Layers counts ClaimWaits, ClaimRecords and
+// ClaimTakeovers. Tested with two mirror processes started together over
+// images sharing layers (unit tests with go-containerregistry's registry,
+// e2e with distribution's): each unique layer read from the source and
+// converted once.
+//
 // Within one Run, a layer shared by several images is converted once and
 // kept in a temporary file until the run ends; MirrorImage (one image, as
 // serve uses it) releases its files when the image is done, and images of
 // different calls share layers through their records. Concurrent requests
-// for the same layer in one process wait for a single conversion.
+// for the same layer in one process wait for a single conversion, which
+// runs detached from the image that started it (its source read under its
+// own context) and is cancelled only when no image waits for it any more:
+// an image that fails, and so cancels its own work, never fails another
+// image sharing its layers.
 //
 // Shard splits the images between workers by the FNV-1a hash of the source
 // reference.
+//
+// # Quarantine
+//
+// An image that fails the same way on quarantine_after consecutive runs
+// (default 2) is known bad: reported with status "quarantined"
+// (StatusQuarantined, Report.Quarantined) instead of "failed", and from
+// then on not fetched (its source manifest, destination manifest and
+// failure record are read, no blob) until its source digest changes. An
+// up-to-date image costs no failure record request. "The same way" is the same source manifest digest and
+// the same reason; a failure before the source manifest was read (a
+// registry down) or of an interrupted run is never a verdict. The state
+// is a failure record per source reference in the records repository,
+// tagged FailureTag(source) ("fail-" and the hex sha256 of
+// "lazybase-failure/v1\n" + source + "\n"): an OCI manifest with
+// artifactType application/vnd.lazybase.failure-record.v1, the empty
+// config, and annotations naming the source, its digest, the reason, the
+// count of consecutive failed runs, when the first of them failed and an
+// HMAC-SHA256 of these under the record key (a record without a valid MAC
+// is ignored). A conversion rewrites the record with a count of 0. (An
+// image skipped as up to date does not clear its record: if its tag moves
+// to a broken digest, back, and to the same broken digest again, the
+// failures count as consecutive.) No disk
+// is needed, so it works for an Indexed Job without a volume. Quarantine
+// needs the record key; quarantine_after = 0 or force turn it off.
+// Report.OK, and so the exit status of 'lazybase mirror', count only new
+// failures: a run whose only failures are known bad exits 0. mirror serve
+// counts both in lazybase_mirror_images_total by status.
 //
 // # Notifications
 //
@@ -130,7 +206,10 @@
 // never logged. no_auth turns this off, and Serve accepts it on a
 // loopback listener only. /healthz and /metrics are open. Every event's
 // repository and tag are checked against distribution's reference grammar
-// before the sources' filters see them; a request is bounded in size
+// before the sources' filters see them; a pushed tag must pass the same
+// filters as a scheduled run's (globs and tag_regex when the event
+// arrives, newest N against the repository's current tags when its job
+// runs: a tag outside the newest N is skipped, saying so); a request is bounded in size
 // (MaxEventBody) and in push events (max_events); jobs wait in a bounded
 // queue with a share per source repository, served in turn. When Serve's
 // context ends the queue is drained for a grace period (WithGracePeriod,

@@ -10,7 +10,6 @@ import (
 	"github.com/containerd/log"
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
-	"golang.org/x/sync/singleflight"
 
 	"github.com/lazybase/lazybase/convert"
 	"github.com/lazybase/lazybase/internal/imageio"
@@ -33,7 +32,8 @@ type Mirror struct {
 	sessions map[*session]bool
 	closed   convert.Stats // counters of closed sessions' converters
 
-	layerSF singleflight.Group // by record key, across sessions
+	flightMu sync.Mutex
+	flights  map[string]*layerFlight // by record key, across sessions
 
 	listMu sync.Mutex
 	lists  map[string]prefetch.Source
@@ -41,8 +41,19 @@ type Mirror struct {
 	converted, fromRecords, recordFailures atomic.Int64
 	// recordsRejected counts records found without a valid MAC.
 	recordsRejected atomic.Int64
+	// holder names this process in conversion claims; claimWaits counts
+	// layers found claimed by another process, claimRecords those of them
+	// taken from the record it wrote, claimTakeovers expired claims taken
+	// over.
+	holder                                   string
+	claimWaits, claimRecords, claimTakeovers atomic.Int64
+	emptyMu                                  sync.Mutex
+	emptyUp                                  bool // the empty blob is in the records repository
 
 	onImageMu sync.Mutex // serializes WithImageDone calls
+
+	sweepOnce sync.Once
+	swept     atomic.Int64 // leftovers of killed runs removed
 }
 
 // New returns a Mirror for cfg (as ParseConfig returns it).
@@ -97,6 +108,8 @@ func New(cfg *Config, opts ...Option) (*Mirror, error) {
 		listRT:   imageio.PolicyTransport(rt, cfg.PlainHTTP),
 		format:   FormatAnnotation(f, cfg.Level, cfg.ChunkSize),
 		sessions: map[*session]bool{},
+		flights:  map[string]*layerFlight{},
+		holder:   newHolder(o.shard),
 		lists:    map[string]prefetch.Source{},
 	}
 	ref, err := client.ParseRef(cfg.RecordsRepository + ":probe")

@@ -52,7 +52,7 @@ func WithShard(s Shard) Option {
 }
 
 // WithForce converts images even when the destination already holds their
-// conversion, and ignores conversion records.
+// conversion, and ignores conversion records, claims and quarantine.
 func WithForce(b bool) Option { return func(o *options) error { o.force = b; return nil } }
 
 // WithImageDone registers a function called when an image is done. Calls

@@ -140,8 +140,9 @@ func (m *Mirror) created(ctx context.Context, s string) (time.Time, error) {
 
 // JobFor returns the job for a pushed image: repository is the path without
 // the registry; host, when not empty, is matched against the sources'
-// registries first. The tag must pass the source's filters (newest N is not
-// applied to pushes). A repository or tag outside the reference grammar
+// registries first. The tag must pass the source's globs and regex;
+// newest N needs the repository's tags and is applied when the job runs
+// (MirrorImage, see newestOK). A repository or tag outside the reference grammar
 // (PushEvent.Check) names no job.
 func (m *Mirror) JobFor(host, repository, tag string) (Job, bool) {
 	if (PushEvent{Repository: repository, Tag: tag}).Check() != "" {
@@ -196,4 +197,38 @@ func (m *Mirror) jobForSource(source, tag string) (Job, bool) {
 		return m.job(s, repoPath, tag), true
 	}
 	return Job{}, false
+}
+
+// newestOK reports whether a job's tag is among the newest N tags of its
+// source as a scheduled run selects them (the repository's current tags,
+// the source's filters and order), so a pushed image passes the same
+// filters as a planned one. Sources without newest take every matching
+// tag without a request.
+func (m *Mirror) newestOK(ctx context.Context, j Job) (bool, error) {
+	s := j.src
+	if s == nil || s.Newest == 0 {
+		return true, nil
+	}
+	ref, err := m.client.ParseRef(s.Repository)
+	if err != nil || ref.IsLayout() {
+		return false, fmt.Errorf("source %s: not a registry repository: %v", s.Repository, err)
+	}
+	repo := ref.Registry.Context()
+	tags, err := remote.List(repo, m.remoteOptions(ctx)...)
+	if err != nil {
+		return false, fmt.Errorf("source %s: listing tags: %w", s.Repository, err)
+	}
+	if m.writesIntoSource() {
+		tags = dropSuffixed(tags, m.cfg.TagSuffix)
+	}
+	selected, err := s.SelectTags(tags, func(tag string) (time.Time, error) { return m.created(ctx, repo.Tag(tag).String()) })
+	if err != nil {
+		return false, fmt.Errorf("source %s: %w", s.Repository, err)
+	}
+	for _, t := range selected {
+		if t == j.Tag {
+			return true, nil
+		}
+	}
+	return false, nil
 }

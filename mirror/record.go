@@ -125,6 +125,13 @@ func recordImage(key []byte, layer v1.Layer, desc v1.Descriptor, src v1.Hash, fo
 // lookupRecord reads the record key and returns the converted layer it
 // names, or nil when there is no usable record.
 func (m *Mirror) lookupRecord(ctx context.Context, key string, src v1.Hash, prefetch string) (convert.ConvertedLayer, error) {
+	return m.lookupRecordCounting(ctx, key, src, prefetch, true)
+}
+
+// lookupRecordCounting is lookupRecord; count false leaves a record
+// without a valid MAC uncounted and unlogged (a second look at a record
+// already rejected once).
+func (m *Mirror) lookupRecordCounting(ctx context.Context, key string, src v1.Hash, prefetch string, count bool) (convert.ConvertedLayer, error) {
 	ref, err := m.client.ParseRef(m.cfg.RecordsRepository + ":" + key)
 	if err != nil {
 		return nil, err
@@ -157,6 +164,9 @@ func (m *Mirror) lookupRecord(ctx context.Context, key string, src v1.Hash, pref
 	desc := man.Layers[0]
 	want := RecordMAC(m.o.recordKey, src, m.format, prefetch, diffID, desc)
 	if !hmac.Equal([]byte(a[AnnotationRecordMAC]), []byte(want)) {
+		if !count {
+			return nil, nil
+		}
 		m.recordsRejected.Add(1)
 		log.G(ctx).WithField("record", key).WithField("layer", src).Warn("conversion record has no valid MAC (written without this record key, or forged); converting again and rewriting it")
 		return nil, nil

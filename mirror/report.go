@@ -12,6 +12,10 @@ const (
 	StatusConverted = "converted"
 	StatusSkipped   = "skipped"
 	StatusFailed    = "failed"
+	// StatusQuarantined is a known-bad image: it failed the same way
+	// (same source digest, same reason) on quarantine_after consecutive
+	// runs; it is not tried again until its source digest changes.
+	StatusQuarantined = "quarantined"
 )
 
 // ImageReport is what happened to one image.
@@ -24,7 +28,9 @@ type ImageReport struct {
 	Destination string `json:"destination"`
 	// Digest is the digest the destination tag points to.
 	Digest string `json:"digest,omitempty"`
-	// Status is "converted", "skipped" or "failed".
+	// Status is "converted", "skipped", "failed" (a new failure) or
+	// "quarantined" (known bad, see StatusQuarantined; Attempts is 0 when
+	// it was not tried).
 	Status string `json:"status"`
 	// Reason says why an image was skipped or failed.
 	Reason string `json:"reason,omitempty"`
@@ -44,13 +50,16 @@ type ImageReport struct {
 
 // Report is the outcome of a run.
 type Report struct {
-	Started   time.Time     `json:"started"`
-	Seconds   float64       `json:"seconds"`
-	Shard     string        `json:"shard,omitempty"`
-	Converted int           `json:"converted"`
-	Skipped   int           `json:"skipped"`
-	Failed    int           `json:"failed"`
-	Images    []ImageReport `json:"images"`
+	Started   time.Time `json:"started"`
+	Seconds   float64   `json:"seconds"`
+	Shard     string    `json:"shard,omitempty"`
+	Converted int       `json:"converted"`
+	Skipped   int       `json:"skipped"`
+	Failed    int       `json:"failed"`
+	// Quarantined counts known-bad images (StatusQuarantined): they do
+	// not make the run fail.
+	Quarantined int           `json:"quarantined"`
+	Images      []ImageReport `json:"images"`
 	// Errors lists failures that are not about one image (a repository
 	// whose tags could not be listed).
 	Errors []string `json:"errors,omitempty"`
@@ -58,6 +67,9 @@ type Report struct {
 	Layers LayerCounts `json:"layers"`
 	// Retries is how many HTTP requests were retried.
 	Retries int64 `json:"retries"`
+	// Swept is how many temporary directories of killed runs were removed
+	// from temp_dir at start.
+	Swept int64 `json:"swept"`
 }
 
 // LayerCounts counts layer work.
@@ -72,9 +84,17 @@ type LayerCounts struct {
 	// RecordsRejected is how many records were found without a valid MAC
 	// (their layers were converted again and the records rewritten).
 	RecordsRejected int64 `json:"recordsRejected"`
+	// ClaimWaits is how many layers were found claimed by another mirror
+	// process (see claim_ttl); ClaimRecords how many of them were then
+	// taken from the record that process wrote, and ClaimTakeovers how
+	// many expired claims this process took over.
+	ClaimWaits     int64 `json:"claimWaits"`
+	ClaimRecords   int64 `json:"claimRecords"`
+	ClaimTakeovers int64 `json:"claimTakeovers"`
 }
 
-// OK reports whether nothing failed.
+// OK reports whether nothing failed anew: quarantined (known-bad) images
+// do not count.
 func (r *Report) OK() bool { return r.Failed == 0 && len(r.Errors) == 0 }
 
 // Err returns nil when the run went OK, else an error counting the failed
@@ -83,14 +103,14 @@ func (r *Report) Err() error {
 	if r.OK() {
 		return nil
 	}
-	return fmt.Errorf("%d image(s) failed, %d other error(s)", r.Failed, len(r.Errors))
+	return fmt.Errorf("%d image(s) failed, %d other error(s) (%d known bad, quarantined)", r.Failed, len(r.Errors), r.Quarantined)
 }
 
 // Summary is the one-line account of a run: images by status, time,
 // layer work and HTTP retries.
 func (r *Report) Summary() string {
-	return fmt.Sprintf("%d converted, %d skipped, %d failed in %.1fs (%d layers converted, %d from records, %d HTTP retries)",
-		r.Converted, r.Skipped, r.Failed, r.Seconds, r.Layers.Converted, r.Layers.FromRecords, r.Retries)
+	return fmt.Sprintf("%d converted, %d skipped, %d failed, %d quarantined in %.1fs (%d layers converted, %d from records, %d HTTP retries)",
+		r.Converted, r.Skipped, r.Failed, r.Quarantined, r.Seconds, r.Layers.Converted, r.Layers.FromRecords, r.Retries)
 }
 
 // Summary is the one-line account of an image, starting with its status.
@@ -98,7 +118,12 @@ func (r ImageReport) Summary() string {
 	switch r.Status {
 	case StatusFailed:
 		return fmt.Sprintf("failed    %s -> %s after %d attempt(s) in %.1fs: %s", r.Source, r.Destination, r.Attempts, r.Seconds, r.Reason)
+	case StatusQuarantined:
+		return fmt.Sprintf("quarantined %s -> %s after %d attempt(s) in %.1fs: %s", r.Source, r.Destination, r.Attempts, r.Seconds, r.Reason)
 	case StatusSkipped:
+		if r.Digest == "" {
+			return fmt.Sprintf("skipped   %s -> %s: %s", r.Source, r.Destination, r.Reason)
+		}
 		return fmt.Sprintf("skipped   %s -> %s (up to date, %s) in %.2fs", r.Source, r.Destination, r.Digest, r.Seconds)
 	}
 	return fmt.Sprintf("converted %s -> %s %s in %.1fs: layers %d converted, %d from records, %d shared; %s",
@@ -113,6 +138,8 @@ func (r *Report) add(ir ImageReport) {
 		r.Skipped++
 	case StatusFailed:
 		r.Failed++
+	case StatusQuarantined:
+		r.Quarantined++
 	}
 	r.Images = append(r.Images, ir)
 }

@@ -31,16 +31,20 @@ func TestReportSummaryAndErrCountFailures(t *testing.T) {
 	rep.add(ImageReport{Status: StatusConverted})
 	rep.add(ImageReport{Status: StatusSkipped})
 	rep.add(ImageReport{Status: StatusSkipped})
-	if got, want := rep.Summary(), "1 converted, 2 skipped, 0 failed in 12.3s (5 layers converted, 7 from records, 2 HTTP retries)"; got != want {
+	if got, want := rep.Summary(), "1 converted, 2 skipped, 0 failed, 0 quarantined in 12.3s (5 layers converted, 7 from records, 2 HTTP retries)"; got != want {
 		t.Errorf("got  %q\nwant %q", got, want)
 	}
 	if err := rep.Err(); err != nil {
 		t.Errorf("a run without failures: %v", err)
 	}
+	rep.add(ImageReport{Status: StatusQuarantined})
+	if err := rep.Err(); err != nil {
+		t.Errorf("a run whose only failure is known bad: %v", err)
+	}
 	rep.add(ImageReport{Status: StatusFailed})
 	rep.Errors = append(rep.Errors, "source r.example.com/x: listing tags: 404")
 	err := rep.Err()
-	if err == nil || err.Error() != "1 image(s) failed, 1 other error(s)" {
+	if err == nil || err.Error() != "1 image(s) failed, 1 other error(s) (1 known bad, quarantined)" {
 		t.Errorf("err = %v", err)
 	}
 	if !strings.HasPrefix(rep.Summary(), "1 converted, 2 skipped, 1 failed") {

@@ -3,6 +3,7 @@ package mirror
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/containerd/log"
+	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
@@ -25,6 +27,7 @@ import (
 // error is the context's, when it ended the run early.
 func (m *Mirror) Run(ctx context.Context) (*Report, error) {
 	start := time.Now()
+	m.sweep(ctx)
 	rep := &Report{Started: start.UTC()}
 	if m.o.shard.Count > 1 {
 		rep.Shard = m.o.shard.String()
@@ -66,13 +69,18 @@ feed:
 		rep.add(r)
 	}
 	rep.Seconds = time.Since(start).Seconds()
-	rep.Layers = LayerCounts{Converted: m.converted.Load(), FromRecords: m.fromRecords.Load(), RecordWriteFailures: m.recordFailures.Load(), RecordsRejected: m.recordsRejected.Load()}
+	rep.Layers = LayerCounts{Converted: m.converted.Load(), FromRecords: m.fromRecords.Load(), RecordWriteFailures: m.recordFailures.Load(), RecordsRejected: m.recordsRejected.Load(),
+		ClaimWaits: m.claimWaits.Load(), ClaimRecords: m.claimRecords.Load(), ClaimTakeovers: m.claimTakeovers.Load()}
 	rep.Retries = m.rt.Retries()
+	rep.Swept = m.swept.Load()
 	return rep, ctx.Err()
 }
 
 type imageStats struct {
-	sess                           *session
+	sess *session
+	// repo is the source repository, from which a shared layer is read
+	// detached from this image (nil: read through the image).
+	repo                           *name.Repository
 	converted, fromRecords, shared atomic.Int64
 	bytes                          atomic.Int64
 }
@@ -81,22 +89,55 @@ type imageStats struct {
 // reports what happened. Its converted layers are released when it
 // returns; layers it shares with other images are found through their
 // conversion records.
+//
+// A job whose source keeps only the newest N tags is first checked against
+// the repository's current tags, as a scheduled run selects them: a pushed
+// tag that is not among them is skipped, saying so.
 func (m *Mirror) MirrorImage(ctx context.Context, j Job) ImageReport {
+	if ok, err := m.newestOK(ctx, j); err != nil || !ok {
+		r := ImageReport{Source: j.Source, Destination: j.Destination, Status: StatusSkipped}
+		if err != nil {
+			r.Status, r.Reason = StatusFailed, "checking the source's newest filter: "+err.Error()
+		} else {
+			r.Reason = fmt.Sprintf("not among the newest %d tags of %s", j.src.Newest, j.src.Repository)
+		}
+		return m.done(r)
+	}
 	sess := m.newSession()
 	defer sess.close()
 	return m.mirrorImage(ctx, sess, j)
 }
 
 func (m *Mirror) mirrorImage(ctx context.Context, sess *session, j Job) ImageReport {
+	ctx = log.WithLogger(ctx, log.G(ctx).WithField("image", j.Source))
+	q := &imageFailures{}
+	r := m.tryImage(ctx, sess, j, q)
+	if m.quarantineEnabled() && r.Status != StatusSkipped && r.Status != StatusQuarantined {
+		r = m.noteOutcome(ctx, q.get(ctx, m, j.Source), r)
+	}
+	return m.done(r)
+}
+
+// done passes an image's report to WithImageDone's function.
+func (m *Mirror) done(r ImageReport) ImageReport {
+	if m.o.onImage != nil {
+		m.onImageMu.Lock()
+		m.o.onImage(r)
+		m.onImageMu.Unlock()
+	}
+	return r
+}
+
+// tryImage mirrors one image with up to image_attempts attempts.
+func (m *Mirror) tryImage(ctx context.Context, sess *session, j Job, q *imageFailures) ImageReport {
 	start := time.Now()
 	r := ImageReport{Source: j.Source, Destination: j.Destination}
-	ctx = log.WithLogger(ctx, log.G(ctx).WithField("image", j.Source))
 	initial, maxWait, _ := m.cfg.durations()
 	wait := 4 * initial
 	for attempt := 1; ; attempt++ {
 		r.Attempts = attempt
-		st := &imageStats{sess: sess}
-		status, src, dgst, err := m.attempt(ctx, j, st)
+		st := &imageStats{sess: sess, repo: m.sourceRepo(j)}
+		status, src, dgst, err := m.attempt(ctx, j, st, q)
 		r.SourceDigest, r.Digest, r.Status = src, dgst, status
 		r.LayersConverted, r.LayersFromRecords, r.LayersShared = int(st.converted.Load()), int(st.fromRecords.Load()), int(st.shared.Load())
 		r.Bytes = st.bytes.Load()
@@ -104,6 +145,12 @@ func (m *Mirror) mirrorImage(ctx context.Context, sess *session, j Job) ImageRep
 			if status == StatusSkipped {
 				r.Reason = "the destination already holds the conversion of " + src
 			}
+			break
+		}
+		var qe *quarantinedError
+		if errors.As(err, &qe) {
+			// Known bad and unchanged: not tried (only manifests read).
+			r.Status, r.Reason, r.Attempts = StatusQuarantined, qe.f.describe(), 0
 			break
 		}
 		r.Status, r.Reason = StatusFailed, err.Error()
@@ -118,15 +165,21 @@ func (m *Mirror) mirrorImage(ctx context.Context, sess *session, j Job) ImageRep
 		wait = min(2*wait, maxWait)
 	}
 	r.Seconds = time.Since(start).Seconds()
-	if m.o.onImage != nil {
-		m.onImageMu.Lock()
-		m.o.onImage(r)
-		m.onImageMu.Unlock()
-	}
 	return r
 }
 
-func (m *Mirror) attempt(ctx context.Context, j Job, st *imageStats) (status, srcDigest, digest string, err error) {
+// sourceRepo returns the repository of a job's source, nil when it is not
+// a registry repository.
+func (m *Mirror) sourceRepo(j Job) *name.Repository {
+	ref, err := m.client.ParseRef(j.Source)
+	if err != nil || ref.IsLayout() {
+		return nil
+	}
+	repo := ref.Registry.Context()
+	return &repo
+}
+
+func (m *Mirror) attempt(ctx context.Context, j Job, st *imageStats, q *imageFailures) (status, srcDigest, digest string, err error) {
 	list, err := m.prefetchList(j)
 	if err != nil {
 		return "", "", "", err
@@ -140,6 +193,9 @@ func (m *Mirror) attempt(ctx context.Context, j Job, st *imageStats) (status, sr
 	}
 	if !m.o.force {
 		req.UpToDate = m.upToDate
+		if m.quarantineEnabled() {
+			req.UpToDate = m.upToDateOrQuarantined(j, q)
+		}
 	}
 	rep, err := job.Run(ctx, req)
 	switch {
@@ -191,10 +247,12 @@ func (m *Mirror) layer(ctx context.Context, src v1.Layer, desc v1.Descriptor, di
 		st.shared.Add(1)
 		return l, nil
 	}
-	var mine bool
-	v, err, _ := m.layerSF.Do(key, func() (any, error) {
-		mine = true
-		p, err := m.produce(ctx, sess, key, src, desc, diffID, files, st)
+	p, mine, err := m.join(ctx, key, func(fctx context.Context) (*produced, error) {
+		l, err := m.detach(fctx, st.repo, src, desc)
+		if err != nil {
+			return nil, err
+		}
+		p, err := m.produce(fctx, sess, key, l, desc, diffID, files, st)
 		if err == nil {
 			// Before the flight ends: a caller of this session arriving
 			// just after it must find the layer here, not start another.
@@ -205,7 +263,6 @@ func (m *Mirror) layer(ctx context.Context, src v1.Layer, desc v1.Descriptor, di
 	if err != nil {
 		return nil, err
 	}
-	p := v.(*produced)
 	if !mine {
 		if p.owner != nil && p.owner != sess {
 			// Converted by another session, whose files go away when
@@ -240,6 +297,20 @@ func (m *Mirror) produce(ctx context.Context, sess *session, key string, src v1.
 			st.fromRecords.Add(1)
 			return &produced{l: l}, nil
 		}
+	}
+	if m.claimsEnabled() {
+		l, release, err := m.claimLayer(ctx, key, desc.Digest, fp)
+		if err != nil {
+			return nil, err
+		}
+		if l != nil {
+			m.fromRecords.Add(1)
+			st.fromRecords.Add(1)
+			return &produced{l: l}, nil
+		}
+		// Released once the record is written (or the conversion
+		// failed), so a waiting process takes the record or over.
+		defer release()
 	}
 	conv, err := sess.converter(files)
 	if err != nil {
@@ -361,4 +432,20 @@ func (m *Mirror) prefetchList(j Job) (prefetch.Source, error) {
 		return l, nil
 	}
 	return nil, nil
+}
+
+// sweep removes, once per Mirror, what killed runs left in temp_dir: the
+// converters' temporary directories (converted layers, spooled tars) that
+// no live process holds.
+func (m *Mirror) sweep(ctx context.Context) {
+	m.sweepOnce.Do(func() {
+		removed, err := convert.SweepTempDir(ctx, m.cfg.TempDir)
+		if err != nil {
+			log.G(ctx).WithError(err).Warn("sweeping leftovers of earlier runs")
+		}
+		if len(removed) > 0 {
+			log.G(ctx).WithField("removed", len(removed)).Info("removed temporary files of killed runs")
+		}
+		m.swept.Add(int64(len(removed)))
+	})
 }

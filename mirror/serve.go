@@ -6,9 +6,12 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"path/filepath"
 	"time"
 
 	"github.com/containerd/log"
+
+	"github.com/lazybase/lazybase/internal/tmpsweep"
 )
 
 // ServeResult is what a Serve call did.
@@ -59,6 +62,11 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) (ServeResult, error
 	if s.o.noAuth && !IsLoopback(ln.Addr().String()) {
 		ln.Close()
 		return res, errNoAuthNotLoopback(ln.Addr().String())
+	}
+	s.m.sweep(ctx)
+	if s.o.stateFile != "" {
+		// A state file write interrupted by a kill leaves its temporary.
+		_, _ = tmpsweep.Sweep(ctx, filepath.Dir(s.o.stateFile), ".mirror-state-*", tmpsweep.MinAge)
 	}
 	n, err := s.LoadState(ctx)
 	if err != nil {

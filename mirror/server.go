@@ -213,7 +213,7 @@ func NewServer(m *Mirror, opts ...ServerOption) (*Server, error) {
 		}),
 		images: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "lazybase_mirror_images_total",
-			Help: "Images mirrored, by status (converted, skipped, failed, interrupted).",
+			Help: "Images mirrored, by status (converted, skipped, failed (new failures), quarantined (known bad), interrupted).",
 		}, []string{"status"}),
 		seconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "lazybase_mirror_image_duration_seconds",

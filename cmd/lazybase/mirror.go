@@ -37,7 +37,15 @@ records repository), so later runs and other workers reuse them.
 
 --shard I/N mirrors only the images whose source reference hashes to shard I
 of N; run N of them (a Kubernetes Indexed Job passes $(JOB_COMPLETION_INDEX))
-to split the work. The exit status is non-zero when any image failed.
+to split the work. Shards started together claim each layer before
+converting it (claim_ttl), so a layer shared across shards is converted once.
+
+An image that fails the same way on quarantine_after consecutive runs
+(default 2) is quarantined: reported as known bad and not tried again until
+its source digest changes. The exit status is non-zero when an image failed
+anew (or a source could not be listed); known-bad images alone exit 0. The
+JSON report counts them apart ("failed", "quarantined"), as does mirror
+serve's lazybase_mirror_images_total{status="quarantined"}.
 See the mirror package documentation for the config keys and their defaults.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -49,7 +57,7 @@ See the mirror package documentation for the config keys and their defaults.`,
 	f.StringVar(&o.shard, "shard", "", "mirror only shard I of N (I/N, 0 <= I < N)")
 	f.StringVar(&o.report, "report", "", "write the JSON report to this file")
 	f.BoolVar(&o.asJSON, "json", false, "print the JSON report on stdout")
-	f.BoolVar(&o.force, "force", false, "convert again even when the destination is up to date, and ignore conversion records")
+	f.BoolVar(&o.force, "force", false, "convert again even when the destination is up to date, and ignore conversion records, claims and quarantine")
 	f.BoolVar(&o.dryRun, "dry-run", false, "list the images this shard would mirror (JSON on stdout) and stop")
 	_ = cmd.MarkFlagRequired("config")
 	cmd.AddCommand(newMirrorServeCmd())

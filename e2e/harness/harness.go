@@ -116,7 +116,7 @@ func (s *Stack) env() []string {
 		}
 		env = append(env, kv)
 	}
-	return append(env, "PATH="+s.bins.dir+":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+	return s.withExtraEnv(append(env, "PATH="+s.bins.dir+":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"))
 }
 
 func (s *Stack) spawn(name, bin string, args ...string) (*process, error) {

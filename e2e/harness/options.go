@@ -47,7 +47,20 @@ type options struct {
 	bandwidth    int64
 	rtt          time.Duration
 	namespace    string
-	mirror       *mirrorOpt // WithRegistryMirror
+	// registryUser and registryPassword turn on the registry's htpasswd
+	// auth (WithRegistryAuth).
+	registryUser     string
+	registryPassword string
+	// registryToken puts a token server in front of them
+	// (WithRegistryTokenAuth).
+	registryToken bool
+	// env is added to every daemon's and tool's environment (WithEnv).
+	env []string
+	// lazybaseTOMLFunc writes the lazybase daemon's config once the
+	// registry runs (WithLazybaseConfigFunc).
+	lazybaseTOMLFunc func(*Registry) string
+	// mirror makes the registry a mirror of a host (WithRegistryMirror).
+	mirror *mirrorOpt
 }
 
 // Option configures a Stack.
@@ -155,6 +168,9 @@ func makeOptions(opts ...Option) (*options, error) {
 	}
 	if o.buildkitLazy && o.buildkitOCI != "" {
 		return nil, fmt.Errorf("buildkit: WithBuildkitLazy uses the containerd worker, WithBuildkitOCI the OCI worker: choose one")
+	}
+	if o.lazybaseTOML != "" && o.lazybaseTOMLFunc != nil {
+		return nil, fmt.Errorf("lazybase config: WithLazybaseConfig and WithLazybaseConfigFunc: choose one")
 	}
 	if o.buildkitLazy && o.lazy == NoLazySnapshotter {
 		return nil, fmt.Errorf("buildkit on the lazy snapshotter needs WithLazySnapshotter")

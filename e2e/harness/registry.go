@@ -21,7 +21,12 @@ type Registry struct {
 	// buildkitd fetch.
 	Proxy *shaper.Proxy
 
-	proc *process
+	// User and Password are the credentials the registry requires
+	// (WithRegistryAuth); both empty when it runs without auth.
+	User, Password string
+
+	token *tokenServer // WithRegistryTokenAuth
+	proc  *process
 }
 
 // Host returns host:port of the shaping proxy: image references that the
@@ -77,6 +82,11 @@ storage:
 http:
   addr: %s
 `, storage, addr)
+	auth, token, err := s.registryAuthConfig()
+	if err != nil {
+		return nil, err
+	}
+	cfg += auth
 	cfgPath := s.path("registry.yml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		return nil, err
@@ -92,6 +102,9 @@ http:
 			return err
 		}
 		resp.Body.Close()
+		if s.opts.registryUser != "" && resp.StatusCode == http.StatusUnauthorized {
+			return nil
+		}
 		if resp.StatusCode != http.StatusOK {
 			return fmt.Errorf("GET /v2/: %s", resp.Status)
 		}
@@ -100,6 +113,11 @@ http:
 	if err != nil {
 		return nil, err
 	}
+	if token != nil {
+		// Clients reach the registry through the token server's front.
+		token.serveFront(addr)
+		addr = token.addr
+	}
 	proxy, err := shaper.New("http://"+addr, shaper.WithBandwidth(s.opts.bandwidth), shaper.WithRTT(s.opts.rtt))
 	if err != nil {
 		return nil, err
@@ -107,5 +125,5 @@ http:
 	if err := proxy.Start(); err != nil {
 		return nil, err
 	}
-	return &Registry{Direct: addr, Proxy: proxy, proc: p}, nil
+	return &Registry{Direct: addr, Proxy: proxy, User: s.opts.registryUser, Password: s.opts.registryPassword, token: token, proc: p}, nil
 }

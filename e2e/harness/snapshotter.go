@@ -83,6 +83,9 @@ const LazybaseConfigEnv = "LAZYBASE_SNAPSHOTTER_CONFIG"
 // configuration names one.
 func (s *Stack) lazybaseConfig() (string, error) {
 	text := s.opts.lazybaseTOML
+	if f := s.opts.lazybaseTOMLFunc; f != nil {
+		text = f(s.Registry)
+	}
 	if text == "" {
 		if p := os.Getenv(LazybaseConfigEnv); p != "" {
 			b, err := os.ReadFile(p)
