@@ -109,7 +109,8 @@ func (s *containerdStores) close() error {
 // auth.credential_helpers) and the guard.*_timeout bounds on each phase of
 // a request.
 func newGuardRegistry(ctx context.Context, cfg Config) exportguard.Registry {
-	return newHostsRegistry(cfg.hostsWith(ctx, dockerCredentials(ctx, cfg.Auth), guardClients(cfg.Guard.Timeouts())))
+	creds := dockerCredentials(ctx, cfg.Auth)
+	return newHostsRegistry(cfg.hostsWith(ctx, creds, guardClients(cfg.Guard.Timeouts())), creds)
 }
 
 // newGuardTrigger builds the export guard over stores and reg as cfg's

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -21,6 +22,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/platforms"
 	"github.com/containerd/stargz-snapshotter/fs/source"
+	"github.com/containerd/stargz-snapshotter/service/resolver"
 	dref "github.com/distribution/reference"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -41,18 +43,20 @@ const maxManifestBytes = 8 << 20
 // credentials come with each host's client and authorizer. Every byte is
 // verified by the guard (blobs) or here (manifests) against its digest.
 type hostsRegistry struct {
-	hosts    source.RegistryHosts
-	platform platforms.MatchComparer
+	resolveHosts source.RegistryHosts
+	creds        resolver.Credential // nil: anonymous
+	platform     platforms.MatchComparer
 
-	mu        sync.Mutex
-	resolvers map[string]cachedResolver // by repository (host/path)
+	mu    sync.Mutex
+	hosts map[string]cachedHosts // by repository (host/path)
 }
 
 var _ exportguard.Registry = (*hostsRegistry)(nil)
 
-// newHostsRegistry returns the guard's Registry over hosts.
-func newHostsRegistry(hosts source.RegistryHosts) *hostsRegistry {
-	return &hostsRegistry{hosts: hosts, platform: platforms.Default(), resolvers: map[string]cachedResolver{}}
+// newHostsRegistry returns the guard's Registry over hosts, authenticating
+// with creds.
+func newHostsRegistry(hosts source.RegistryHosts, creds resolver.Credential) *hostsRegistry {
+	return &hostsRegistry{resolveHosts: hosts, creds: creds, platform: platforms.Default(), hosts: map[string]cachedHosts{}}
 }
 
 // guardClients are the export guard's: no retries of their own (the guard
@@ -130,39 +134,51 @@ func parseRef(ref string) (reference.Spec, error) {
 	return spec, nil
 }
 
-// hostsTTL is how long the guard keeps the hosts (and their clients and
-// authorizers) of one repository before it resolves them again, so that
-// an edited hosts.toml or docker config takes effect without a restart.
+// hostsTTL is how long the guard keeps the hosts (and their clients) of
+// one repository before it resolves them again, so that an edited
+// hosts.toml takes effect without a restart.
 const hostsTTL = time.Minute
 
-// cachedResolver is a resolver of one repository and when it was made.
-type cachedResolver struct {
-	res  remotes.Resolver
-	made time.Time
+// cachedHosts are the hosts of one repository and when they were made.
+type cachedHosts struct {
+	hosts []docker.RegistryHost
+	made  time.Time
 }
 
-// resolver returns the resolver of spec's repository over its hosts, made
-// at most hostsTTL ago: within that time, its hosts' clients keep their
-// connections and their authorizers their tokens from one request to the
-// next. A failure to resolve the hosts is not kept.
+// resolver returns a resolver of spec's repository over its hosts, made
+// at most hostsTTL ago, whose clients keep their connections from one
+// request to the next. Each resolver gets authorizers of its own, which
+// read the credentials again (a changed password or credential helper
+// answer takes effect at the next request, a wrong one fails it). A
+// failure to resolve the hosts is not kept.
 func (r *hostsRegistry) resolver(spec reference.Spec) (remotes.Resolver, error) {
 	r.mu.Lock()
-	c, ok := r.resolvers[spec.Locator]
+	c, ok := r.hosts[spec.Locator]
 	r.mu.Unlock()
-	if ok && time.Since(c.made) < hostsTTL {
-		return c.res, nil
+	if !ok || time.Since(c.made) >= hostsTTL {
+		hosts, err := r.resolveHosts(spec)
+		if err != nil {
+			return nil, fmt.Errorf("registry hosts of %s: %w", spec.Locator, err)
+		}
+		c = cachedHosts{hosts: hosts, made: time.Now()}
+		r.mu.Lock()
+		r.hosts[spec.Locator] = c
+		r.mu.Unlock()
 	}
-	hosts, err := r.hosts(spec)
-	if err != nil {
-		return nil, fmt.Errorf("registry hosts of %s: %w", spec.Locator, err)
+	hosts := slices.Clone(c.hosts)
+	for i := range hosts {
+		opts := []docker.AuthorizerOpt{docker.WithAuthClient(hosts[i].Client)}
+		if r.creds != nil {
+			opts = append(opts, docker.WithAuthCreds(func(host string) (string, string, error) { return r.creds(host, spec) }))
+		}
+		if len(hosts[i].Header) > 0 {
+			opts = append(opts, docker.WithAuthHeader(hosts[i].Header))
+		}
+		hosts[i].Authorizer = docker.NewDockerAuthorizer(opts...)
 	}
-	res := docker.NewResolver(docker.ResolverOptions{
+	return docker.NewResolver(docker.ResolverOptions{
 		Hosts: func(string) ([]docker.RegistryHost, error) { return hosts, nil },
-	})
-	r.mu.Lock()
-	r.resolvers[spec.Locator] = cachedResolver{res: res, made: time.Now()}
-	r.mu.Unlock()
-	return res, nil
+	}), nil
 }
 
 // FetchRange implements exportguard.Fetcher: the blob from the first host

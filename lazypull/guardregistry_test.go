@@ -275,7 +275,8 @@ func TestGuardRegistryFallsThrough(t *testing.T) {
 
 // TestGuardRegistryCredentials: the mirror that demands credentials gets
 // those of the daemon's docker config for its host; without them the
-// fetch fails at once (permanently).
+// fetch fails at once (permanently); they are read again for every
+// request, so a wrong password written later fails the next one.
 func TestGuardRegistryCredentials(t *testing.T) {
 	for _, form := range mirrorForms {
 		t.Run(form.name, func(t *testing.T) {
@@ -317,6 +318,20 @@ func TestGuardRegistryCredentials(t *testing.T) {
 			}
 			if !sent {
 				t.Errorf("the mirror never got the credentials of its host (got %q)", e.authorizations())
+			}
+
+			// The credentials are read again: a wrong password now fails
+			// the manifest read and the blob fetch, naming the mirror.
+			wrong := base64.StdEncoding.EncodeToString([]byte("builder:wrong"))
+			conf = `{"auths": {"` + e.proxy.host + `": {"auth": "` + wrong + `"}}}`
+			if err := os.WriteFile(filepath.Join(dir, "config.json"), []byte(conf), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := reg.ImageLayers(ctx, e.ref); err == nil || !strings.Contains(err.Error(), e.proxy.host) || !strings.Contains(err.Error(), "401") {
+				t.Errorf("ImageLayers with a wrong password: %v, want a 401 naming %s", err, e.proxy.host)
+			}
+			if _, err := reg.FetchRange(ctx, e.ref, desc, 0); err == nil || !exportguard.IsPermanent(err) {
+				t.Errorf("FetchRange with a wrong password: %v, want a permanent error", err)
 			}
 		})
 	}
