@@ -29,8 +29,10 @@
 // given images are materialized, starting delayed ones and retrying failed
 // ones; it wakes on state changes, it does not poll. BarrierHandler serves
 // it as a stream of BarrierEvents and RequestBarrier is its client, over
-// the unix socket the lazybase daemon serves both on. Remote is the
-// Registry a Trigger reads blobs, sizes and manifests from.
+// the unix socket the lazybase daemon serves both on. A Trigger reads
+// blobs, sizes and manifests from a Registry: Remote goes to the registry
+// each image names; the lazybase daemon gives it one over its [registry]
+// hosts (mirrors first) instead.
 //
 // A blob already in a namespace's content store when a Trigger is told
 // about its layer (committed before the daemon restarted) is taken from

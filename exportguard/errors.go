@@ -34,6 +34,13 @@ func Permanent(err error) error {
 	return &permanentError{err: err}
 }
 
+// IsPermanent reports whether err, or an error it wraps, was marked by
+// Permanent.
+func IsPermanent(err error) bool {
+	var p *permanentError
+	return errors.As(err, &p)
+}
+
 // retryable reports whether another attempt may succeed after err.
 func retryable(err error) bool {
 	var p *permanentError

@@ -110,7 +110,9 @@ type Config struct {
 	Policy []PolicyRule `toml:"policy"`
 }
 
-// RegistryConfig configures how registries are reached.
+// RegistryConfig configures how registries are reached, by everything in
+// the daemon that reaches one: the lazy filesystem and the export guard
+// (blob transfers, blob sizes, the barrier's manifest reads).
 type RegistryConfig struct {
 	// ConfigPath lists containerd hosts.toml directories (the layout of
 	// /etc/containerd/certs.d: one directory per host holding hosts.toml

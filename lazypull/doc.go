@@ -28,7 +28,10 @@
 //     guard (its Trigger, barrier, local blobs and Unpacker); lazypull
 //     maps each policy Mode onto an exportguard.When, hands every lazy
 //     mount to the Trigger with the containerd namespace of its Prepare,
-//     connects it to containerd ([guard]), serves its status and barrier
+//     connects it to containerd ([guard]) and to the registries through
+//     the same [registry] hosts and [auth] credentials as the lazy
+//     filesystem (mirrors or hosts.toml, tried in order; guardregistry.go),
+//     serves its status and barrier
 //     routes on the status socket, lets the lazy filesystem read the blobs
 //     it committed, and tells an Unpacker ([local]) about mounts so that
 //     the snapshotter hands out overlayfs mounts of unpacked layers;

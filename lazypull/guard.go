@@ -14,10 +14,7 @@ import (
 	"github.com/containerd/containerd/v2/core/leases"
 	leasesproxy "github.com/containerd/containerd/v2/core/leases/proxy"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
-	"github.com/containerd/containerd/v2/pkg/reference"
 	"github.com/containerd/log"
-	"github.com/containerd/stargz-snapshotter/service/resolver"
-	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/opencontainers/go-digest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -106,14 +103,14 @@ func (s *containerdStores) close() error {
 }
 
 // newGuardRegistry is the export guard's access to the registries: the
-// daemon's registry credentials (auth.docker_config and
-// auth.credential_helpers), plain HTTP for loopback registries only, and
-// the guard.*_timeout bounds on each phase of a request.
-func newGuardRegistry(ctx context.Context, cfg Config) *exportguard.Remote {
-	return &exportguard.Remote{
-		Keychain: credentialKeychain{dockerCredentials(ctx, cfg.Auth)},
-		Timeouts: cfg.Guard.Timeouts(),
-	}
+// hosts of the daemon's [registry] section (mirrors or config_path
+// hosts.toml directories), tried in order as the lazy filesystem tries
+// them, with the daemon's registry credentials (auth.docker_config and
+// auth.credential_helpers) and the guard.*_timeout bounds on each phase of
+// a request.
+func newGuardRegistry(ctx context.Context, cfg Config) exportguard.Registry {
+	creds := dockerCredentials(ctx, cfg.Auth)
+	return newHostsRegistry(cfg.hostsWith(ctx, creds, guardClients(cfg.Guard.Timeouts())), creds)
 }
 
 // newGuardTrigger builds the export guard over stores and reg as cfg's
@@ -244,23 +241,4 @@ func (d *Daemon) barrierHandler() http.Handler {
 		})
 	}
 	return d.guard.BarrierHandler()
-}
-
-// credentialKeychain is an authn.Keychain over the daemon's registry
-// credentials (auth.docker_config and auth.credential_helpers), so the
-// guard authenticates as the lazy filesystem does.
-type credentialKeychain struct{ creds resolver.Credential }
-
-func (k credentialKeychain) Resolve(r authn.Resource) (authn.Authenticator, error) {
-	user, secret, err := k.creds(r.RegistryStr(), reference.Spec{})
-	if err != nil {
-		return nil, err
-	}
-	switch {
-	case user == "" && secret == "":
-		return authn.Anonymous, nil
-	case user == "":
-		return &authn.Bearer{Token: secret}, nil
-	}
-	return &authn.Basic{Username: user, Password: secret}, nil
 }

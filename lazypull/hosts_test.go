@@ -81,7 +81,7 @@ func TestHostsFromMirrors(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			hs, err := hostsFromMirrors(mirrors, 7*time.Second, anonymous, src)(spec)
+			hs, err := hostsFromMirrors(mirrors, anonymous, lazyClients(7*time.Second, src))(spec)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -124,7 +124,7 @@ func TestHostsFromMirrorsReadsThroughMirror(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hosts := hostsFromMirrors(map[string][]Mirror{"registry.invalid": {{Host: e.proxy.host}}}, 10*time.Second, anonymous, exportguard.NewBlobSource())
+	hosts := hostsFromMirrors(map[string][]Mirror{"registry.invalid": {{Host: e.proxy.host}}}, anonymous, lazyClients(10*time.Second, exportguard.NewBlobSource()))
 	r := remote.NewResolver(config.BlobConfig{ChunkSize: 50000, FetchTimeoutSec: 10}, nil)
 	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: e.layer, Size: int64(len(e.data))}
 	blob, err := r.Resolve(context.Background(), hosts, spec, desc, cache.NewMemoryCache())
@@ -174,7 +174,7 @@ func TestHostsFromDirsBlobTransportOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hs, err := hostsFromDirs(context.Background(), []string{dir}, 9*time.Second, anonymous, src)(spec)
+	hs, err := hostsFromDirs(context.Background(), []string{dir}, anonymous, lazyClients(9*time.Second, src))(spec)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -181,7 +181,7 @@ func (e *sourceEnv) hosts(t *testing.T, src *exportguard.BlobSource) (reference.
 	if err != nil {
 		t.Fatal(err)
 	}
-	hs, err := hostsFromMirrors(nil, 10*time.Second, anonymous, src)(spec)
+	hs, err := hostsFromMirrors(nil, anonymous, lazyClients(10*time.Second, src))(spec)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -240,7 +240,7 @@ func TestUpstreamFetcherReadsCommittedBlob(t *testing.T) {
 	e := newSourceEnv(t, 2_000_000)
 	reg := prometheus.NewRegistry()
 	g, src := e.trigger(t, time.Hour, reg)
-	hosts := hostsFromMirrors(nil, 10*time.Second, anonymous, src)
+	hosts := hostsFromMirrors(nil, anonymous, lazyClients(10*time.Second, src))
 	spec, _ := e.hosts(t, src)
 
 	ctx := namespaces.WithNamespace(context.Background(), "builder")

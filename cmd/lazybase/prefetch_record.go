@@ -10,12 +10,14 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/lazybase/lazybase/internal/containerrun"
+	"github.com/lazybase/lazybase/lazypull"
 	"github.com/lazybase/lazybase/prefetch"
 )
 
 type recordOptions struct {
 	image, address, namespace, snapshotter string
 	accessDir, out, merge                  string
+	registryConfig                         string
 	timeout                                time.Duration
 	resolve, plainHTTP, insecure           bool
 	args                                   []string
@@ -46,7 +48,14 @@ docker: -v /host/src:/src:ro or --mount type=bind,src=/host/src,dst=/src,ro.
 Both paths must be absolute and the source must exist. Files read through a
 bind mount are not in the image and never enter the profile. --workdir sets
 the command's working directory, --env KEY=VALUE its environment (KEY alone
-passes this process's value of KEY).`
+passes this process's value of KEY).
+
+--registry-config names the lazy snapshotter's configuration file: the pull
+then reaches registries through its [registry] section (mirrors, or
+config_path hosts.toml directories) and [auth] credentials, as the
+snapshotter does, so an image named by a host that only a mirror serves is
+pulled from the mirror. --resolve still reads the manifest from the image's
+own registry: use --resolve=false for such images.`
 
 func newPrefetchRecordCmd() *cobra.Command {
 	var o recordOptions
@@ -76,6 +85,7 @@ func newPrefetchRecordCmd() *cobra.Command {
 	f.DurationVar(&o.timeout, "timeout", 10*time.Minute, "stop the command after this long")
 	f.BoolVar(&o.resolve, "resolve", true, "read the image's manifest to learn the source layers and layer sizes")
 	f.BoolVar(&o.plainHTTP, "plain-http", false, "allow plain HTTP to registries that are not on a loopback address")
+	f.StringVar(&o.registryConfig, "registry-config", "", "the lazy snapshotter's configuration file, whose [registry] and [auth] the pull uses")
 	f.BoolVar(&o.insecure, "insecure", false, "with --resolve: skip TLS certificate verification")
 	f.StringArrayVarP(&o.flags.Volumes, "volume", "v", nil, "bind-mount a host path: SRC:DST[:ro|rw] (repeatable)")
 	f.StringArrayVar(&o.flags.Mounts, "mount", nil, "bind-mount a host path: type=bind,src=SRC,dst=DST[,ro|readonly] (repeatable)")
@@ -105,14 +115,23 @@ func runPrefetchRecord(cmd *cobra.Command, o recordOptions) error {
 	// Records carry their time; a second back covers the daemon's clock
 	// granularity without reaching a run that ended before this one.
 	start := time.Now().Add(-time.Second)
-	runErr := containerrun.Run(ctx, o.image, o.args,
+	runOpts := []containerrun.Option{
 		containerrun.WithAddress(o.address),
 		containerrun.WithNamespace(o.namespace),
 		containerrun.WithSnapshotter(o.snapshotter),
 		containerrun.WithPlainHTTP(o.plainHTTP),
 		containerrun.WithTimeout(o.timeout),
 		containerrun.WithOutput(cmd.OutOrStdout(), cmd.ErrOrStderr()),
-		containerrun.WithSpec(spec))
+		containerrun.WithSpec(spec),
+	}
+	if o.registryConfig != "" {
+		cfg, err := lazypull.LoadConfig(o.registryConfig)
+		if err != nil {
+			return fmt.Errorf("--registry-config: %w", err)
+		}
+		runOpts = append(runOpts, containerrun.WithHosts(cfg.RegistryHosts(ctx)))
+	}
+	runErr := containerrun.Run(ctx, o.image, o.args, runOpts...)
 	var exitErr *containerrun.ExitError
 	if runErr != nil && !errors.As(runErr, &exitErr) {
 		return runErr

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -77,5 +78,31 @@ func TestPrefetchRecordMountFlags(t *testing.T) {
 	_, _, err := runCLI(ctx, t, append(base, "-v", dir+":/src:ro", "--mount", "type=bind,src="+dir+",dst=/d", "-w", "/src", "-e", "A=b", "--", "true")...)
 	if err == nil || strings.Contains(err.Error(), "--") {
 		t.Errorf("good flags: err %v, want a containerd error", err)
+	}
+}
+
+// TestPrefetchRecordRegistryConfig: --registry-config is read before
+// containerd is dialled; a file that is missing or that the snapshotter
+// would refuse fails naming the flag.
+func TestPrefetchRecordRegistryConfig(t *testing.T) {
+	isolate(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "bad.toml")
+	if err := os.WriteFile(bad, []byte("[registry]\nconfig_path = [\"relative/dir\"]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ name, path string }{
+		{"missing", filepath.Join(dir, "none.toml")},
+		{"invalid", bad},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, _, err := runCLI(ctx, t, "prefetch", "record", "--image", "unresolvable.invalid/x:y",
+				"--containerd", filepath.Join(dir, "none.sock"), "--registry-config", tc.path,
+				"--access-dir", dir, "-o", filepath.Join(dir, "p.json"), "--timeout", "5s", "--", "true")
+			if err == nil || !strings.Contains(err.Error(), "--registry-config") {
+				t.Errorf("err %v, want it to name --registry-config", err)
+			}
+		})
 	}
 }

@@ -106,7 +106,7 @@ func (s *Stack) buildkitConfig(root, sock string) (string, string) {
   http = true
 [registry.%q]
   http = true
-`, root, sock, s.path("buildkit-otel.sock"), workers, s.Registry.Host(), s.Registry.Direct)
+%s`, root, sock, s.path("buildkit-otel.sock"), workers, s.Registry.Host(), s.Registry.Direct, s.buildkitMirrorTOML())
 	return cfg, snapshotter
 }
 

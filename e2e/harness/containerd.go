@@ -60,6 +60,7 @@ func (s *Stack) containerdConfig() string {
 	fmt.Fprintf(&b, "[grpc]\n  address = %s\n\n[ttrpc]\n  address = %s\n\n[debug]\n  level = \"info\"\n\n[metrics]\n  address = \"\"\n\n",
 		q(s.path("containerd.sock")), q(s.path("containerd.sock.ttrpc")))
 	fmt.Fprintf(&b, "[plugins.\"io.containerd.internal.v1.opt\"]\n  path = %s\n\n", q(s.path("containerd", "opt")))
+	b.WriteString(s.containerdMirrorTOML())
 	platform := "linux/" + runtime.GOARCH
 	fmt.Fprintf(&b, "[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  platform = %q\n  snapshotter = \"overlayfs\"\n\n", platform)
 	if s.Snapshotter != nil {

@@ -79,6 +79,9 @@ func (s *Stack) start(ctx context.Context) error {
 	if s.Registry, err = s.startRegistry(ctx); err != nil {
 		return fmt.Errorf("registry: %w", err)
 	}
+	if err := s.writeHostsDir(); err != nil {
+		return fmt.Errorf("registry mirror: %w", err)
+	}
 	if s.opts.lazy != NoLazySnapshotter {
 		if s.Snapshotter, err = s.startSnapshotter(ctx); err != nil {
 			return fmt.Errorf("lazy snapshotter: %w", err)

@@ -59,6 +59,8 @@ type options struct {
 	// lazybaseTOMLFunc writes the lazybase daemon's config once the
 	// registry runs (WithLazybaseConfigFunc).
 	lazybaseTOMLFunc func(*Registry) string
+	// mirror makes the registry a mirror of a host (WithRegistryMirror).
+	mirror *mirrorOpt
 }
 
 // Option configures a Stack.

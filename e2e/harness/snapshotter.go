@@ -99,6 +99,7 @@ func (s *Stack) lazybaseConfig() (string, error) {
 	if err := toml.Unmarshal([]byte(text), &cfg); err != nil {
 		return "", fmt.Errorf("lazybase config: %w", err)
 	}
+	s.lazybaseMirror(cfg)
 	guard, _ := cfg["guard"].(map[string]any)
 	if guard == nil {
 		guard = map[string]any{}

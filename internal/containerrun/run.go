@@ -36,6 +36,7 @@ type Option func(*options) error
 type options struct {
 	address, namespace, snapshotter string
 	plainHTTP                       bool
+	hosts                           docker.RegistryHosts
 	timeout                         time.Duration
 	stdout, stderr                  io.Writer
 	spec                            Spec
@@ -80,6 +81,13 @@ func WithSnapshotter(s string) Option {
 // only registries on loopback addresses are reached over plain HTTP.
 func WithPlainHTTP(b bool) Option {
 	return func(o *options) error { o.plainHTTP = b; return nil }
+}
+
+// WithHosts makes the pull reach registries through hosts (mirrors,
+// hosts.toml settings, credentials), as the lazy snapshotter does, instead
+// of each image's own registry; WithPlainHTTP has no effect then.
+func WithHosts(hosts docker.RegistryHosts) Option {
+	return func(o *options) error { o.hosts = hosts; return nil }
 }
 
 // WithTimeout bounds the command's run (default 10 minutes); the command
@@ -150,7 +158,11 @@ func pull(ctx context.Context, c *containerd.Client, image string, o options) (c
 	if o.plainHTTP {
 		plain = docker.MatchAllHosts
 	}
-	resolver := docker.NewResolver(docker.ResolverOptions{Hosts: docker.ConfigureDefaultRegistries(docker.WithPlainHTTP(plain))})
+	hosts := o.hosts
+	if hosts == nil {
+		hosts = docker.ConfigureDefaultRegistries(docker.WithPlainHTTP(plain))
+	}
+	resolver := docker.NewResolver(docker.ResolverOptions{Hosts: hosts})
 	img, err := c.Pull(ctx, image,
 		containerd.WithResolver(resolver),
 		containerd.WithPullUnpack,
