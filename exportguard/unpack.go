@@ -200,8 +200,46 @@ func (u *Unpacker) Committed(layer digest.Digest) {
 	}
 	u.mu.Unlock()
 	for _, mp := range mps {
-		u.try(mp)
+		if !u.try(mp) {
+			continue
+		}
+		// The blob was just committed, yet could not be opened (the
+		// connection to containerd being re-established, say): try again
+		// a few times, off the Trigger's goroutine.
+		u.mu.Lock()
+		if u.closed {
+			u.mu.Unlock()
+			return
+		}
+		u.wg.Add(1)
+		u.mu.Unlock()
+		go func() {
+			defer u.wg.Done()
+			u.retryCommitted(mp, layer)
+		}()
 	}
+}
+
+// retryCommitted retries the unpack of the mount at mp, whose blob layer
+// was committed but could not be opened, with backoff for about six
+// seconds; then it says so, and the next mount or commit tries again.
+func (u *Unpacker) retryCommitted(mp string, layer digest.Digest) {
+	delay := 100 * time.Millisecond
+	for range 6 {
+		t := time.NewTimer(delay)
+		select {
+		case <-u.ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		if !u.try(mp) {
+			return
+		}
+		delay *= 2
+	}
+	log.G(u.ctx).WithFields(log.Fields{"layer": layer, "mountpoint": mp}).
+		Warn("local unpack: the committed blob could not be opened; the layer stays on its lazy mount until it is mounted or committed again")
 }
 
 // pendingLocked returns the mount at mp when it still needs an unpack.
@@ -216,13 +254,14 @@ func (u *Unpacker) pendingLocked(mp string) (UnpackMount, bool) {
 }
 
 // try starts the unpack of the layer at mp if it needs one and its blob is
-// at hand.
-func (u *Unpacker) try(mp string) {
+// at hand. It reports whether the layer still needs an unpack that could
+// not start because its blob could not be opened.
+func (u *Unpacker) try(mp string) (blobMissing bool) {
 	u.mu.Lock()
 	m, ok := u.pendingLocked(mp)
 	u.mu.Unlock()
 	if !ok {
-		return
+		return false
 	}
 	if dir, ok := completedLocal(mp, m.Layer); ok {
 		u.mu.Lock()
@@ -231,17 +270,17 @@ func (u *Unpacker) try(mp string) {
 			u.m.localized.Set(float64(len(u.done)))
 		}
 		u.mu.Unlock()
-		return
+		return false
 	}
 	ra, ok := u.open(u.ctx, m.Layer)
 	if !ok {
-		return
+		return true
 	}
 	u.mu.Lock()
 	if cur, ok := u.pendingLocked(mp); !ok || cur != m {
 		u.mu.Unlock()
 		ra.Close()
-		return
+		return false
 	}
 	ctx, cancel := context.WithCancel(u.ctx)
 	run := &unpackRun{cancel: cancel}
@@ -254,6 +293,7 @@ func (u *Unpacker) try(mp string) {
 		defer ra.Close()
 		u.unpack(ctx, run, mp, m, ra)
 	}()
+	return false
 }
 
 // unpackRun is one unpack under way; an unmount cancels it.

@@ -306,3 +306,24 @@ func TestUnpackerRemountDuringUnpack(t *testing.T) {
 		t.Errorf("blob opened %d times, a second time while the first unpack ran: %v", n, early)
 	}
 }
+
+// TestUnpackerRetriesBlobNotReadableAtCommit: a commit notification whose
+// blob cannot be opened yet (the content store lagging the commit, or
+// containerd's connection coming back) is retried, so the layer is still
+// unpacked without another mount or commit.
+func TestUnpackerRetriesBlobNotReadableAtCommit(t *testing.T) {
+	blob, layer := estargzBlob(t)
+	shelf := &blobShelf{blobs: map[digest.Digest][]byte{}, asked: make(chan digest.Digest, 64)}
+	u, results := newTestUnpacker(t, shelf.open, prometheus.NewRegistry())
+	mp := snapshotMount(t, "9")
+
+	u.Mounted(mp, UnpackMount{Image: "r.example/img:1", Layer: layer})
+	await(t, shelf.asked, "blob lookup after the mount")
+	u.Committed(layer) // not readable yet
+	await(t, shelf.asked, "blob lookup at the commit")
+	shelf.put(layer, blob)
+	r := await(t, results, "unpack after the retried lookup")
+	if r.Err != nil || r.Mountpoint != mp || r.Dir == "" {
+		t.Fatalf("unpack result %+v", r)
+	}
+}

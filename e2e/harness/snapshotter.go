@@ -2,6 +2,7 @@ package harness
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"os"
@@ -157,9 +158,35 @@ func (s *Stack) RestartSnapshotter(ctx context.Context) error {
 	// containerd's connection to the stopped daemon may sit in backoff
 	// for a few seconds more; wait until containerd reaches it again.
 	// (StartSnapshotter does not wait.)
-	return waitFor(ctx, sn.proc, 30*time.Second, "containerd to reach the restarted snapshotter", func() error {
+	if err := waitFor(ctx, sn.proc, 30*time.Second, "containerd to reach the restarted snapshotter", func() error {
 		_, err := s.Containerd.Ctr(ctx, "snapshots", "--snapshotter", LazySnapshotterName, "ls")
 		return err
+	}); err != nil {
+		return err
+	}
+	if sn.Kind != Lazybase {
+		return nil
+	}
+	// The lazybase daemon listens first and restores the previous
+	// daemon's lazy mounts in the background: wait until it is done, as
+	// the upstream daemon is when it starts listening.
+	return waitFor(ctx, sn.proc, 2*time.Minute, "the restarted snapshotter to restore its lazy mounts", func() error {
+		out, _, err := s.Lazybase(ctx, "snapshotter", "status", "--json", "--status-socket", sn.StatusSocket())
+		if err != nil {
+			return err
+		}
+		var st struct {
+			Restore *struct {
+				Pending int `json:"pending"`
+			} `json:"restore"`
+		}
+		if err := json.Unmarshal([]byte(out), &st); err != nil {
+			return fmt.Errorf("status: %w", err)
+		}
+		if st.Restore != nil && st.Restore.Pending > 0 {
+			return fmt.Errorf("%d lazy mounts not restored yet", st.Restore.Pending)
+		}
+		return nil
 	})
 }
 
