@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -18,6 +19,7 @@ import (
 	"github.com/sirupsen/logrus"
 	logtest "github.com/sirupsen/logrus/hooks/test"
 
+	"github.com/lazybase/lazybase/internal/eventually"
 	"github.com/lazybase/lazybase/internal/testimage"
 	"github.com/lazybase/lazybase/internal/toccheck"
 )
@@ -151,9 +153,13 @@ func TestHostileTOCsFallBack(t *testing.T) {
 	// checking store and it reads back.
 	td.stop(t)
 	td2 := startDaemon(t, root, func(c *Config) { c.BackgroundFetch.Enable = false })
-	if n := fuseMountsUnder(t, root); n != 1 {
-		t.Fatalf("%d FUSE mounts after restart, want the healthy one restored", n)
-	}
+	// The daemon listens first and restores in the background.
+	eventually.Require(t, 30*time.Second, "the healthy layer restored", func() error {
+		if n := fuseMountsUnder(t, root); n != 1 {
+			return fmt.Errorf("%d FUSE mounts after restart, want the healthy one restored", n)
+		}
+		return nil
+	})
 	mounts, err = td2.sn.View(ctx, "view-restored", "chain-healthy")
 	if err != nil {
 		t.Fatal(err)
