@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/lazybase/lazybase/e2e/harness"
+	"github.com/lazybase/lazybase/exportguard"
 	"github.com/lazybase/lazybase/internal/eventually"
 	"github.com/lazybase/lazybase/lazypull"
 )
@@ -146,7 +147,8 @@ mode = "export-base"
 		return nil
 	})
 	if err != nil {
-		t.Fatalf("local unpack of every layer of %s: %v\n%s", localRef, err, s.Logs(40))
+		t.Fatalf("local unpack of every layer of %s: %v\nstatus:\n%s\nthe snapshotter on its guard and unpacks:\n%s",
+			localRef, err, statusLines(ctx, statusPath), s.Snapshotter.LogLines("export guard", "unpack", "lazybase-local", "layer mounted lazily", "unmount"))
 	}
 	unpacked := time.Since(pullStart)
 	t.Logf("lazy pull, guard and local unpack of %s: %s", localRef, unpacked.Round(time.Millisecond))
@@ -180,4 +182,24 @@ func median(ds []time.Duration) time.Duration {
 	s := slices.Clone(ds)
 	slices.Sort(s)
 	return s[len(s)/2]
+}
+
+// statusLines prints the daemon's status of every layer, a line each.
+func statusLines(ctx context.Context, statusPath string) string {
+	st, err := lazypull.FetchStatus(ctx, statusPath)
+	if err != nil {
+		return err.Error()
+	}
+	var b strings.Builder
+	for _, l := range st.Layers {
+		fmt.Fprintf(&b, "  %s %s mode=%s mountpoint=%s local=%q\n", l.Image, l.Layer, l.Mode, l.Mountpoint, l.LocalDir)
+	}
+	gst, err := exportguard.FetchStatus(ctx, statusPath)
+	if err != nil {
+		return b.String() + err.Error()
+	}
+	for _, l := range gst.Layers {
+		fmt.Fprintf(&b, "  guard %s %s %s state=%s err=%q\n", l.Namespace, l.Image, l.Layer, l.State, l.Error)
+	}
+	return b.String()
 }
