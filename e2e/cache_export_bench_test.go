@@ -19,7 +19,7 @@ import (
 )
 
 // cacheBenchRoundsEnv sets how many measured rounds TestCacheExportParallel
-// makes (default 3, at least 3).
+// makes (default 5, at least 3).
 const cacheBenchRoundsEnv = "LAZYBASE_CACHE_BENCH_ROUNDS"
 
 // stampCopy is the step TestCacheExportParallel adds to the Dockerfile of
@@ -168,7 +168,7 @@ func TestCacheExportParallel(t *testing.T) {
 		bandwidth = 125_000_000 // 1 Gbit/s
 		rtt       = 20 * time.Millisecond
 	)
-	rounds := 3
+	rounds := 5
 	if v := os.Getenv(cacheBenchRoundsEnv); v != "" {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 3 {
