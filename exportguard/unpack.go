@@ -38,7 +38,8 @@ type BlobOpener func(ctx context.Context, layer digest.Digest) (ra content.Reade
 type UnpackMount struct {
 	Image string
 	Layer digest.Digest
-	// Skip keeps the layer from being unpacked (lazy-only images).
+	// Skip keeps the layer from being unpacked (lazy-only images) unless
+	// another image wants it (Want).
 	Skip bool
 }
 
@@ -73,6 +74,7 @@ type Unpacker struct {
 
 	mu       sync.Mutex
 	mounts   map[string]UnpackMount // by mountpoint
+	wanted   map[digest.Digest]bool // layers an image wants unpacked (Want)
 	done     map[string]string      // mountpoint -> unpacked directory
 	inflight map[string]*unpackRun  // mountpoint -> the unpack under way
 	failed   map[string]bool
@@ -140,7 +142,7 @@ func NewUnpacker(ctx context.Context, open BlobOpener, opts ...UnpackOption) (*U
 		sem:    make(chan struct{}, o.parallelism),
 		ctx:    ctx,
 		cancel: cancel,
-		mounts: map[string]UnpackMount{}, done: map[string]string{},
+		mounts: map[string]UnpackMount{}, wanted: map[digest.Digest]bool{}, done: map[string]string{},
 		inflight: map[string]*unpackRun{}, failed: map[string]bool{},
 	}, nil
 }
@@ -165,13 +167,51 @@ func (u *Unpacker) Mounted(mountpoint string, m UnpackMount) {
 	}()
 }
 
+// Want tells the Unpacker that an image that is not lazy-only uses layer:
+// its mounts are unpacked even when they were mounted for a lazy-only
+// image (Skip). containerd keeps one snapshot per chain for all its
+// namespaces, so the mount a namespace's image uses may be the one another
+// namespace's image made; its content is the same verified blob.
+func (u *Unpacker) Want(layer digest.Digest) {
+	u.mu.Lock()
+	if u.closed || u.wanted[layer] {
+		u.mu.Unlock()
+		return
+	}
+	u.wanted[layer] = true
+	var mps []string
+	for mp, m := range u.mounts {
+		if m.Layer == layer && m.Skip {
+			mps = append(mps, mp)
+		}
+	}
+	u.wg.Add(len(mps))
+	u.mu.Unlock()
+	for _, mp := range mps {
+		go func() {
+			defer u.wg.Done()
+			u.try(mp)
+		}()
+	}
+}
+
 // Unmounted tells the Unpacker that nothing is mounted at mountpoint any
 // more: an unpack under way stops, and mounts are no longer rewritten for
 // it.
 func (u *Unpacker) Unmounted(mountpoint string) {
 	u.mu.Lock()
+	defer u.mu.Unlock()
+	m, ok := u.mounts[mountpoint]
 	u.forgetLocked(mountpoint)
-	u.mu.Unlock()
+	if !ok {
+		return
+	}
+	for _, o := range u.mounts {
+		if o.Layer == m.Layer {
+			return
+		}
+	}
+	delete(u.wanted, m.Layer) // its last mount
 }
 
 // forgetLocked forgets the mount at mp. An unpack under way is cancelled
@@ -245,7 +285,7 @@ func (u *Unpacker) retryCommitted(mp string, layer digest.Digest) {
 // pendingLocked returns the mount at mp when it still needs an unpack.
 func (u *Unpacker) pendingLocked(mp string) (UnpackMount, bool) {
 	m, ok := u.mounts[mp]
-	if !ok || m.Skip || u.closed {
+	if !ok || (m.Skip && !u.wanted[m.Layer]) || u.closed {
 		return m, false
 	}
 	_, done := u.done[mp]
