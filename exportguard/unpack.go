@@ -282,23 +282,27 @@ func (u *Unpacker) retryCommitted(mp string, layer digest.Digest) {
 		Warn("local unpack: the committed blob could not be opened; the layer stays on its lazy mount until it is mounted or committed again")
 }
 
-// pendingLocked returns the mount at mp when it still needs an unpack.
-func (u *Unpacker) pendingLocked(mp string) (UnpackMount, bool) {
+// pendingLocked returns the mount at mp when it has no unpacked directory
+// yet and no unpack under way; skip says that it is not to be unpacked
+// (Skip, and no image wants its layer).
+func (u *Unpacker) pendingLocked(mp string) (m UnpackMount, pending, skip bool) {
 	m, ok := u.mounts[mp]
-	if !ok || (m.Skip && !u.wanted[m.Layer]) || u.closed {
-		return m, false
+	if !ok || u.closed {
+		return m, false, false
 	}
 	_, done := u.done[mp]
 	_, running := u.inflight[mp]
-	return m, !done && !running && !u.failed[mp]
+	return m, !done && !running && !u.failed[mp], m.Skip && !u.wanted[m.Layer]
 }
 
 // try starts the unpack of the layer at mp if it needs one and its blob is
 // at hand. It reports whether the layer still needs an unpack that could
-// not start because its blob could not be opened.
+// not start because its blob could not be opened. A complete unpacked
+// directory already there (a previous daemon's) is taken as it is, even
+// for a mount not to be unpacked: its content is the layer's.
 func (u *Unpacker) try(mp string) (blobMissing bool) {
 	u.mu.Lock()
-	m, ok := u.pendingLocked(mp)
+	m, ok, skip := u.pendingLocked(mp)
 	u.mu.Unlock()
 	if !ok {
 		return false
@@ -312,12 +316,15 @@ func (u *Unpacker) try(mp string) (blobMissing bool) {
 		u.mu.Unlock()
 		return false
 	}
+	if skip {
+		return false
+	}
 	ra, ok := u.open(u.ctx, m.Layer)
 	if !ok {
 		return true
 	}
 	u.mu.Lock()
-	if cur, ok := u.pendingLocked(mp); !ok || cur != m {
+	if cur, ok, skip := u.pendingLocked(mp); !ok || skip || cur != m {
 		u.mu.Unlock()
 		ra.Close()
 		return false

@@ -370,3 +370,37 @@ func TestUnpackerWantUnpacksSharedLazyOnlyMount(t *testing.T) {
 		t.Fatalf("LocalDir %q for a lazy-only mount", dir)
 	}
 }
+
+// TestUnpackerAdoptsCompletedDirOfSkippedMount: after a restart, a mount
+// made for a lazy-only image whose layer an export-base image in another
+// namespace had unpacked keeps its complete unpacked directory, without
+// looking up the blob.
+func TestUnpackerAdoptsCompletedDirOfSkippedMount(t *testing.T) {
+	blob, layer := estargzBlob(t)
+	shelf := &blobShelf{blobs: map[digest.Digest][]byte{layer: blob}, asked: make(chan digest.Digest, 8)}
+	mp := snapshotMount(t, "9")
+	ra, ok := shelf.open(context.Background(), layer)
+	if !ok {
+		t.Fatal("test blob not at hand")
+	}
+	want, err := unpackLocal(context.Background(), filepath.Dir(mp), layer, ra)
+	ra.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-shelf.asked // the lookup above
+
+	u, _ := newTestUnpacker(t, shelf.open, prometheus.NewRegistry())
+	u.Mounted(mp, UnpackMount{Image: "r.example/lazy:1", Layer: layer, Skip: true})
+	eventually.Require(t, 10*time.Second, "the completed directory adopted", func() error {
+		if got := u.LocalDir(mp); got != want {
+			return fmt.Errorf("LocalDir %q, want %q", got, want)
+		}
+		return nil
+	})
+	select {
+	case d := <-shelf.asked:
+		t.Fatalf("blob %s looked up for a lazy-only mount with a complete unpacked directory", d)
+	default:
+	}
+}
