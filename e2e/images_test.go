@@ -237,14 +237,16 @@ func layerSizes(t testing.TB, img v1.Image) map[string]int64 {
 	return out
 }
 
-// convertedWith converts img to eStargz with opts, now (no cache).
+// convertedWith converts img to eStargz with opts, now (no cache). The
+// result's layers live in the converter's spool, closed when the test
+// ends.
 func convertedWith(ctx context.Context, t testing.TB, img v1.Image, opts ...convert.Option) v1.Image {
 	t.Helper()
 	c, err := convert.New(opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
+	t.Cleanup(func() { c.Close() })
 	start := time.Now()
 	res, err := c.Image(ctx, img)
 	if err != nil {
