@@ -81,11 +81,15 @@ mode = "export-base"
 	t.Setenv("LAZYBASE_SNAPSHOTTER_CONFIG", cfg)
 	s := harness.Start(ctx, t, harness.WithLazySnapshotter(harness.Lazybase))
 	_, golang := publishAll(ctx, t, s)
-	// The local variant has layers of its own (another chunk size): with
-	// the same layers, containerd would hand its namespace the lazy-only
-	// image's snapshots (one per chain for every namespace), and the
-	// shared-chain part below would unpack those too.
-	localImg := convertedWith(ctx, t, golang.gzip, convert.WithChunkSize(2*convert.DefaultChunkSize))
+	// The local variant has layers of its own (another gzip level: every
+	// layer's bytes differ): with a layer in common, containerd would hand
+	// its namespace the lazy-only image's snapshot of that layer (one per
+	// chain for every namespace), and the daemon would unpack that one
+	// too, as the shared-chain part below proves.
+	localImg := convertedWith(ctx, t, golang.gzip, convert.WithCompressionLevel(convert.DefaultGzipLevel-1))
+	if shared := sharedLayers(layerDigests(t, localImg), layerDigests(t, golang.estargz)); len(shared) > 0 {
+		t.Fatalf("the local variant shares layers %v with %s", shared, repoGolang)
+	}
 	publish(ctx, t, s, repoLocal, tagEStargz, localImg)
 	publish(ctx, t, s, repoShared, tagEStargz, golang.estargz)
 	gzipRef, lazyRef := s.Registry.Ref(repoGolang, tagGzip), s.Registry.Ref(repoGolang, tagEStargz)
@@ -272,4 +276,15 @@ func statusLines(ctx context.Context, statusPath string) string {
 		fmt.Fprintf(&b, "  guard %s %s %s state=%s err=%q\n", l.Namespace, l.Image, l.Layer, l.State, l.Error)
 	}
 	return b.String()
+}
+
+// sharedLayers returns the digests in both a and b.
+func sharedLayers(a, b []string) []string {
+	var out []string
+	for _, d := range a {
+		if slices.Contains(b, d) {
+			out = append(out, d)
+		}
+	}
+	return out
 }
