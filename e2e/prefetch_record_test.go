@@ -157,3 +157,67 @@ func tarNames(open func() (io.ReadCloser, error)) ([]string, error) {
 		names = append(names, trimSlash(h.Name))
 	}
 }
+
+// TestPrefetchRecordMirrored records a profile of an image named by a host
+// that does not resolve, mirrored to the harness registry: with
+// --registry-config naming a configuration whose [registry.mirrors] has
+// the mirror, the pull and the --resolve manifest read both go to the
+// mirror, and the profile is tied to the eStargz image and the gzip image
+// it was converted from.
+func TestPrefetchRecordMirrored(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	access := filepath.Join(dir, "access")
+	s := harness.Start(ctx, t,
+		harness.WithLazySnapshotter(harness.Lazybase),
+		harness.WithLazybaseConfig("access_record_dir = \""+access+"\"\n"),
+		harness.WithRegistryMirror(unresolvableHost, harness.MirrorsTable),
+	)
+	_, golang := publishAll(ctx, t, s)
+	ref := unresolvableHost + "/" + repoGolang + ":" + tagEStargz
+	cfg := filepath.Join(dir, "registry.toml")
+	toml := "[registry.mirrors]\n\"" + unresolvableHost + "\" = [{ host = \"" + s.Registry.Host() + "\" }]\n"
+	if err := os.WriteFile(cfg, []byte(toml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	root, err := harness.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "lazybase")
+	build := exec.CommandContext(ctx, "go", "build", "-o", bin, "./cmd/lazybase")
+	build.Dir = root
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	profile := filepath.Join(dir, "profile.json")
+	out, err := exec.CommandContext(ctx, bin, "prefetch", "record", "--image", ref, "--registry-config", cfg,
+		"--containerd", s.Containerd.Address, "--namespace", s.Containerd.Namespace,
+		"--snapshotter", harness.LazySnapshotterName, "--access-dir", access, "-o", profile,
+		"--", "go", "version").CombinedOutput()
+	if err != nil {
+		t.Fatalf("prefetch record --registry-config: %v\n%s", err, out)
+	}
+	p, err := prefetch.LoadProfile(profile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	esgz, err := golang.estargz.Digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, err := golang.gzip.Digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Image != ref || p.Digest != esgz.String() || p.SourceDigest != src.String() {
+		t.Errorf("profile of %s at %s from %s, want %s at %s from %s", p.Image, p.Digest, p.SourceDigest, ref, esgz, src)
+	}
+	for _, l := range p.Layers {
+		if l.SourceDigest == "" || l.Size == 0 {
+			t.Errorf("layer %s not resolved: source %q, size %d", l.Digest, l.SourceDigest, l.Size)
+		}
+	}
+}

@@ -24,11 +24,14 @@ import (
 	"github.com/containerd/stargz-snapshotter/fs/source"
 	"github.com/containerd/stargz-snapshotter/service/resolver"
 	dref "github.com/distribution/reference"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/lazybase/lazybase/exportguard"
 	"github.com/lazybase/lazybase/internal/imageio"
+	"github.com/lazybase/lazybase/prefetch"
 )
 
 // maxManifestBytes bounds a manifest or index the guard reads.
@@ -96,6 +99,50 @@ func (c *Config) RegistryHosts(ctx context.Context) docker.RegistryHosts {
 		spec := reference.Spec{Locator: host}
 		return hosts(spec)
 	}
+}
+
+// ManifestSource returns a reader of manifests and indexes over the
+// registry hosts of c's [registry] section with the [auth] credentials,
+// as RegistryHosts reaches them, for `lazybase prefetch` to resolve a
+// profile against its image: an image named by a host that only a mirror
+// serves is read from the mirror. Every manifest is checked against its
+// digest.
+func (c *Config) ManifestSource(ctx context.Context) prefetch.ManifestSource {
+	creds := dockerCredentials(ctx, c.Auth)
+	return newHostsRegistry(c.hostsWith(ctx, creds, guardClients(c.Guard.Timeouts())), creds)
+}
+
+var _ prefetch.ManifestSource = (*hostsRegistry)(nil)
+
+// Manifest implements prefetch.ManifestSource: the manifest or index ref
+// names, from the first host that resolves it, verified against its
+// digest.
+func (r *hostsRegistry) Manifest(ctx context.Context, ref string) (prefetch.RawManifest, error) {
+	spec, err := parseRef(ref)
+	if err != nil {
+		return prefetch.RawManifest{}, err
+	}
+	res, err := r.resolver(spec)
+	if err != nil {
+		return prefetch.RawManifest{}, err
+	}
+	name, desc, err := res.Resolve(ctx, spec.String())
+	if err != nil {
+		return prefetch.RawManifest{}, fmt.Errorf("resolving %s: %w", spec, err)
+	}
+	f, err := res.Fetcher(ctx, name)
+	if err != nil {
+		return prefetch.RawManifest{}, fmt.Errorf("reading manifest of %s: %w", spec, err)
+	}
+	b, err := fetchVerified(ctx, f, desc)
+	if err != nil {
+		return prefetch.RawManifest{}, fmt.Errorf("reading manifest of %s: %w", spec, err)
+	}
+	h, err := v1.NewHash(desc.Digest.String())
+	if err != nil {
+		return prefetch.RawManifest{}, fmt.Errorf("manifest of %s: %w", spec, err)
+	}
+	return prefetch.RawManifest{MediaType: types.MediaType(desc.MediaType), Digest: h, Body: b}, nil
 }
 
 // blobSizeKey is the context key of the size of the blob a request

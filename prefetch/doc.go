@@ -15,7 +15,10 @@
 //
 // Profiles are built from the lazy snapshotter's access records
 // (ReadAccessRecords, FromRecords, CollectDir), folded over many runs with
-// Merge, tied to the image they were converted from with Resolve, and
+// Merge, tied to the image they were converted from with Resolve (or
+// ResolveImage, which reads the image's manifests through the
+// ManifestSource its caller passes: this package holds no registry
+// client), and
 // checked against the image being converted with ForImage. A converting
 // caller passes what it loaded through For, which drops a profile of
 // another image; a mirror finds an image's profile in a directory with

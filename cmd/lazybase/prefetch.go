@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -13,11 +12,11 @@ import (
 	"time"
 
 	"github.com/containerd/log"
-	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/spf13/cobra"
 
 	"github.com/lazybase/lazybase/internal/imageio"
 	"github.com/lazybase/lazybase/internal/progress"
+	"github.com/lazybase/lazybase/lazypull"
 	"github.com/lazybase/lazybase/prefetch"
 )
 
@@ -38,6 +37,7 @@ type collectOptions struct {
 	rules                   prefetch.Rules
 	resolve                 bool
 	plainHTTP, insecure     bool
+	registryConfig          string
 }
 
 func newPrefetchCollectCmd() *cobra.Command {
@@ -57,7 +57,11 @@ not count a run twice. The profile is written atomically.
 The snapshotter records the layers it serves: converted layers. --resolve reads
 the image's manifest from its registry and adds, from the annotations lazybase
 convert wrote, the layers and manifest each was converted from and the layer
-sizes, so that lazybase convert --prefetch of the source image uses the profile.`,
+sizes, so that lazybase convert --prefetch of the source image uses the profile.
+With --registry-config (the lazy snapshotter's configuration file) the
+manifest is read through its [registry] section (mirrors, or config_path
+hosts.toml directories) and [auth] credentials, as the snapshotter reads
+layers: an image named by a host that only a mirror serves resolves.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return runPrefetchCollect(cmd, o)
@@ -74,8 +78,9 @@ sizes, so that lazybase convert --prefetch of the source image uses the profile.
 	f.Int64Var(&o.rules.LayerBytes, "layer-bytes", 0, "prefetch at most this many bytes per layer (0: no limit)")
 	f.Int64Var(&o.rules.ImageBytes, "image-bytes", 0, "prefetch at most this many bytes per image (0: no limit)")
 	f.BoolVar(&o.resolve, "resolve", false, "read the image's manifest to learn the source layers and layer sizes")
-	f.BoolVar(&o.plainHTTP, "plain-http", false, "with --resolve: allow plain HTTP to registries that are not on a loopback address")
-	f.BoolVar(&o.insecure, "insecure", false, "with --resolve: skip TLS certificate verification")
+	f.BoolVar(&o.plainHTTP, "plain-http", false, "with --resolve, without --registry-config: allow plain HTTP to registries that are not on a loopback address")
+	f.BoolVar(&o.insecure, "insecure", false, "with --resolve, without --registry-config: skip TLS certificate verification")
+	f.StringVar(&o.registryConfig, "registry-config", "", "with --resolve: the lazy snapshotter's configuration file, whose [registry] and [auth] the manifest read uses")
 	_ = cmd.MarkFlagRequired("from")
 	_ = cmd.MarkFlagRequired("output")
 	return cmd
@@ -133,61 +138,44 @@ func runPrefetchCollect(cmd *cobra.Command, o collectOptions) error {
 }
 
 // resolveProfile adds to p what the manifest of its image tells about its
-// layers; for an index, what the manifest holding its layers tells.
+// layers (prefetch.ResolveImage). With a registry configuration the
+// manifest is read as the lazy snapshotter reaches registries ([registry]
+// mirrors or hosts.toml, [auth]); without, from the image's own registry.
 func resolveProfile(ctx context.Context, p *prefetch.Profile, o collectOptions) error {
-	if p.Image == "" {
-		return errors.New("--resolve: the access records name no image")
-	}
-	client, err := imageio.New(imageio.WithPlainHTTP(o.plainHTTP), imageio.WithInsecure(o.insecure), imageio.WithUserAgent("lazybase/"+version))
-	if err != nil {
-		return err
-	}
-	ref, err := client.ParseRef(p.Image)
-	if err != nil {
-		return fmt.Errorf("--resolve: %w", err)
-	}
-	src, err := client.Open(ctx, ref)
-	if err != nil {
-		return fmt.Errorf("--resolve: %w", err)
-	}
-	var n int
-	resolve := func(d v1.Hash, img v1.Image) error {
-		m, err := img.Manifest()
+	var src prefetch.ManifestSource
+	if o.registryConfig != "" {
+		cfg, err := lazypull.LoadConfig(o.registryConfig)
 		if err != nil {
-			return fmt.Errorf("--resolve: manifest %s: %w", d, err)
+			return fmt.Errorf("--registry-config: %w", err)
 		}
-		n += p.Resolve(d, m)
-		return nil
-	}
-	if src.Image != nil {
-		if err := resolve(src.Descriptor.Digest, src.Image); err != nil {
+		src = cfg.ManifestSource(ctx)
+	} else {
+		client, err := imageio.New(imageio.WithPlainHTTP(o.plainHTTP), imageio.WithInsecure(o.insecure), imageio.WithUserAgent("lazybase/"+version))
+		if err != nil {
 			return err
 		}
-	} else {
-		im, err := src.Index.IndexManifest()
-		if err != nil {
-			return fmt.Errorf("--resolve: index %s: %w", src.Descriptor.Digest, err)
-		}
-		for _, d := range im.Manifests {
-			if !d.MediaType.IsImage() {
-				continue
-			}
-			img, err := src.Index.Image(d.Digest)
-			if err != nil {
-				return fmt.Errorf("--resolve: manifest %s: %w", d.Digest, err)
-			}
-			if err := resolve(d.Digest, img); err != nil {
-				return err
-			}
-		}
+		src = clientManifests{client}
 	}
-	if n == 0 {
-		return fmt.Errorf("--resolve: %s holds none of the %d recorded layers", p.Image, len(p.Layers))
-	}
-	if n < len(p.Layers) {
-		log.G(ctx).WithField("image", p.Image).Warnf("--resolve: %d of %d recorded layers are not in the image", len(p.Layers)-n, len(p.Layers))
+	if err := prefetch.ResolveImage(ctx, p, src); err != nil {
+		return fmt.Errorf("--resolve: %w", err)
 	}
 	return nil
+}
+
+// clientManifests is a prefetch.ManifestSource reading from each image's
+// own registry.
+type clientManifests struct{ c *imageio.Client }
+
+func (s clientManifests) Manifest(ctx context.Context, ref string) (prefetch.RawManifest, error) {
+	r, err := s.c.ParseRef(ref)
+	if err != nil {
+		return prefetch.RawManifest{}, err
+	}
+	desc, b, err := s.c.Manifest(ctx, r)
+	if err != nil {
+		return prefetch.RawManifest{}, err
+	}
+	return prefetch.RawManifest{MediaType: desc.MediaType, Digest: desc.Digest, Body: b}, nil
 }
 
 func writeFileAtomic(file string, b []byte) error {

@@ -54,8 +54,7 @@ passes this process's value of KEY).
 then reaches registries through its [registry] section (mirrors, or
 config_path hosts.toml directories) and [auth] credentials, as the
 snapshotter does, so an image named by a host that only a mirror serves is
-pulled from the mirror. --resolve still reads the manifest from the image's
-own registry: use --resolve=false for such images.`
+pulled from the mirror, and --resolve reads its manifest there too.`
 
 func newPrefetchRecordCmd() *cobra.Command {
 	var o recordOptions
@@ -85,8 +84,8 @@ func newPrefetchRecordCmd() *cobra.Command {
 	f.DurationVar(&o.timeout, "timeout", 10*time.Minute, "stop the command after this long")
 	f.BoolVar(&o.resolve, "resolve", true, "read the image's manifest to learn the source layers and layer sizes")
 	f.BoolVar(&o.plainHTTP, "plain-http", false, "allow plain HTTP to registries that are not on a loopback address")
-	f.StringVar(&o.registryConfig, "registry-config", "", "the lazy snapshotter's configuration file, whose [registry] and [auth] the pull uses")
-	f.BoolVar(&o.insecure, "insecure", false, "with --resolve: skip TLS certificate verification")
+	f.StringVar(&o.registryConfig, "registry-config", "", "the lazy snapshotter's configuration file, whose [registry] and [auth] the pull and --resolve use")
+	f.BoolVar(&o.insecure, "insecure", false, "with --resolve, without --registry-config: skip TLS certificate verification")
 	f.StringArrayVarP(&o.flags.Volumes, "volume", "v", nil, "bind-mount a host path: SRC:DST[:ro|rw] (repeatable)")
 	f.StringArrayVar(&o.flags.Mounts, "mount", nil, "bind-mount a host path: type=bind,src=SRC,dst=DST[,ro|readonly] (repeatable)")
 	f.StringVarP(&o.flags.Workdir, "workdir", "w", "", "working directory of the command inside the container (absolute)")
@@ -167,7 +166,7 @@ func writeRecordedProfile(ctx context.Context, o recordOptions, base *prefetch.P
 		return err
 	}
 	if o.resolve {
-		if err := resolveProfile(ctx, p, collectOptions{plainHTTP: o.plainHTTP, insecure: o.insecure}); err != nil {
+		if err := resolveProfile(ctx, p, collectOptions{plainHTTP: o.plainHTTP, insecure: o.insecure, registryConfig: o.registryConfig}); err != nil {
 			return err
 		}
 	}

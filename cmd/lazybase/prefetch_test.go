@@ -355,3 +355,56 @@ func TestPrefetchRecordedOnConvertedImage(t *testing.T) {
 		t.Errorf("collect --resolve of foreign layers: %v", err)
 	}
 }
+
+// TestPrefetchResolveThroughRegistryConfig: collect --resolve with
+// --registry-config reads the manifest of an image named by a host that
+// does not resolve from the mirror the snapshotter's [registry.mirrors]
+// names; without the configuration the same profile does not resolve.
+func TestPrefetchResolveThroughRegistryConfig(t *testing.T) {
+	isolate(t)
+	ctx := context.Background()
+	reg := testimage.NewRegistry(t)
+	base := testimage.GzipLayer(testimage.MustTar(testimage.Files("etc/os-release", "ID=test\n", "bin/sh", "sh")))
+	img, err := testimage.Image(testimage.LinuxAMD64, base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := reg.Host + "/mirrored/app:v1"
+	testimage.PushRef(t, src, img)
+	stdout, stderr, err := runCLI(ctx, t, "convert", "--json", src, reg.Host+"/mirrored/app:lazy")
+	if err != nil {
+		t.Fatalf("convert: %v\n%s", err, stderr)
+	}
+	conv := parseReport(t, stdout)
+	l := conv.Images[0].Layers[0]
+
+	const unresolvable = "unresolvable.invalid"
+	dir, profile := t.TempDir(), filepath.Join(t.TempDir(), "app.json")
+	writeAccessRecords(t, dir, unresolvable+"/mirrored/app:lazy", l.Digest, "/bin/sh", 2)
+	cfg := filepath.Join(t.TempDir(), "snapshotter.toml")
+	toml := "[registry.mirrors]\n\"" + unresolvable + "\" = [{ host = \"" + reg.Host + "\" }]\n"
+	if err := os.WriteFile(cfg, []byte(toml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, stderr, err := runCLI(ctx, t, "prefetch", "collect", "--from", dir, "--resolve", "--registry-config", cfg, "-o", profile); err != nil {
+		t.Fatalf("collect --resolve --registry-config: %v\n%s", err, stderr)
+	}
+	p, err := prefetch.LoadProfile(profile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.Digest != conv.Images[0].Digest || p.SourceDigest != conv.Images[0].SourceDigest ||
+		p.Layers[0].SourceDigest != l.SourceDigest || p.Layers[0].Size != l.UncompressedSize {
+		t.Errorf("profile %s from %s, layer %+v; converted %s from %s, layer %+v",
+			p.Digest, p.SourceDigest, p.Layers[0], conv.Images[0].Digest, conv.Images[0].SourceDigest, l)
+	}
+
+	_, _, err = runCLI(ctx, t, "prefetch", "collect", "--from", dir, "--resolve", "-o", filepath.Join(t.TempDir(), "x.json"))
+	if err == nil || !strings.Contains(err.Error(), unresolvable) {
+		t.Errorf("collect --resolve without the configuration: %v, want an error naming %s", err, unresolvable)
+	}
+	_, _, err = runCLI(ctx, t, "prefetch", "collect", "--from", dir, "--resolve", "--registry-config", filepath.Join(dir, "none.toml"), "-o", filepath.Join(t.TempDir(), "x.json"))
+	if err == nil || !strings.Contains(err.Error(), "--registry-config") {
+		t.Errorf("collect --resolve with a missing configuration: %v", err)
+	}
+}

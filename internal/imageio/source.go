@@ -151,3 +151,16 @@ func listManifests(ds []v1.Descriptor) string {
 	}
 	return strings.Join(parts, ", ")
 }
+
+// Manifest returns the manifest or index ref names in its registry, as
+// the registry sent it, with its descriptor. A layout reference is refused.
+func (c *Client) Manifest(ctx context.Context, ref Ref) (v1.Descriptor, []byte, error) {
+	if ref.IsLayout() {
+		return v1.Descriptor{}, nil, fmt.Errorf("reading %s: not a registry reference", ref)
+	}
+	desc, err := remote.Get(ref.Registry, c.remoteOptions(remote.WithContext(ctx))...)
+	if err != nil {
+		return v1.Descriptor{}, nil, fmt.Errorf("reading %s: %w", ref, classify(err))
+	}
+	return desc.Descriptor, desc.Manifest, nil
+}
