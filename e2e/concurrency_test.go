@@ -33,6 +33,9 @@ const (
 	concExportBound = 3 * time.Minute
 )
 
+// concBandwidth is the shaping proxy's bandwidth in the build phase.
+const concBandwidth = 8 << 20
+
 // concMessage is what the program of concurrent build i prints.
 func concMessage(i int) string { return fmt.Sprintf("hello from concurrent build %d", i) }
 
@@ -80,7 +83,13 @@ func TestConcurrentBuilds(t *testing.T) {
 	commons := make([][]string, concBuilds)
 	for i := range commons {
 		work := multiStageContext(t, s, tagEStargz)
-		main := strings.Replace(helloMain, "hello from the lazybase e2e build", concMessage(i), 1)
+		// buildctl gives every session the same shared key, so BuildKit
+		// syncs each build's "context" into one cached copy and skips
+		// files whose size and mtime match what it holds: sources
+		// written in the same instant need different sizes, or a build
+		// may compile another one's main.go.
+		main := strings.Replace(helloMain, "hello from the lazybase e2e build", concMessage(i), 1) +
+			"// " + strings.Repeat("x", i) + "\n"
 		if err := os.WriteFile(filepath.Join(work, "main.go"), []byte(main), 0o644); err != nil {
 			t.Fatal(err)
 		}
@@ -111,9 +120,21 @@ func TestConcurrentBuilds(t *testing.T) {
 			return err
 		}
 	}
+	// A slow link keeps the guard's first transfer of each final base
+	// layer running while the other namespace mounts it: the namespaces
+	// meet on the same blob, which the status sampler shows; once they
+	// have met on every layer, the link is fast again.
+	p.SetBandwidth(concBandwidth)
+	stopSampling := sampleOverlap(ctx, s, harness.BuildkitNamespace, otherNS, debianLayers, func() { p.SetBandwidth(0) })
 	start := time.Now()
 	concurrently(ctx, t, s, "build", concBuildBound, jobs)
 	record(t, "concurrent-builds", time.Since(start))
+	p.SetBandwidth(0)
+	overlap := stopSampling()
+	t.Logf("final base layers both namespaces waited for at once: %d of %d", len(overlap), len(debianLayers))
+	if len(overlap) == 0 {
+		t.Errorf("no final base layer was pending in both namespaces at once: the test did not make them meet")
+	}
 	start = time.Now()
 	want := map[string][]string{harness.BuildkitNamespace: bases, otherNS: debianLayers}
 	var states map[string]map[string]exportguard.LayerStatus
@@ -311,6 +332,47 @@ func concurrently(ctx context.Context, t *testing.T, s *harness.Stack, phase str
 	}
 }
 
+// sampleOverlap polls the guard's status until the returned function is
+// called, which returns the layers that were pending (scheduled or
+// materializing) in namespaces a and b at the same time. It calls met
+// once every layer of want was.
+func sampleOverlap(ctx context.Context, s *harness.Stack, a, b string, want []string, met func()) func() map[string]bool {
+	stop, done := make(chan struct{}), make(chan struct{})
+	overlap := map[string]bool{}
+	pending := func(l exportguard.LayerStatus) bool {
+		return l.State == exportguard.StateScheduled || l.State == exportguard.StateMaterializing
+	}
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			if states, err := guardStatesByNS(ctx, s); err == nil {
+				for d, l := range states[a] {
+					if pending(l) && pending(states[b][d]) && !overlap[d] {
+						overlap[d] = true
+						if all(want, overlap) {
+							met()
+						}
+					}
+				}
+			}
+			select {
+			case <-stop:
+				return
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	return func() map[string]bool {
+		close(stop)
+		<-done
+		return overlap
+	}
+}
+
 // guardStatesByNS returns the guard's state of each layer by namespace.
 func guardStatesByNS(ctx context.Context, s *harness.Stack) (map[string]map[string]exportguard.LayerStatus, error) {
 	st, err := exportguard.FetchStatus(ctx, s.Snapshotter.StatusSocket())
@@ -350,6 +412,16 @@ func rangedCovered(events []shaper.Event, phase, dgst string) int64 {
 	}
 	b := shaper.Summarize(ranged).Blob(dgst)
 	return b.Covered()
+}
+
+// all reports whether every element of list is in set.
+func all(list []string, set map[string]bool) bool {
+	for _, x := range list {
+		if !set[x] {
+			return false
+		}
+	}
+	return true
 }
 
 func nonEmptyLines(s string) []string {
