@@ -45,8 +45,11 @@ func concMessage(i int) string { return fmt.Sprintf("hello from concurrent build
 // its own source, start at the same time, and with them a lazy `ctr images
 // pull` and `ctr run` of the final base in a second containerd namespace
 // (the stack's default one, "e2e"; the harness runs one buildkitd, whose
-// worker has the namespace "buildkit"). Then the guard must hold every
-// base layer in both namespaces, and the builds push, again all at once.
+// worker has the namespace "buildkit"), over a slow link until the
+// guard's status shows the final base's layers pending in both namespaces
+// at once, so that the namespaces meet on the same blobs. Then the guard
+// must hold every base layer in both namespaces, and the builds push,
+// again all at once.
 //
 // It asserts: every phase ends within its bound (no lock-up); each base
 // blob crossed the network whole once (one guard transfer, counted as
