@@ -3,10 +3,17 @@
 package e2e
 
 import (
+	"archive/tar"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
+	"fmt"
+	"io"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -75,10 +82,13 @@ func cacheBlobs(ctx context.Context, t *testing.T, ref string) map[string]bool {
 // bases lazily mounted and guarded (`lazybase guard` after the cold
 // build), then exports its build cache in the four forms users run:
 // type=registry mode=min, type=registry mode=max, type=inline (with an
-// image push) and type=local; and once with several exporters at once (two
-// image pushes and a type=oci tarball, plus a mode=max registry cache).
-// No export may fetch a byte of a blob from the registry the bases live
-// in. Then, per form, a fresh stack (new containerd, buildkitd and
+// image push) and type=local; and once with several exporters at once (image
+// pushes to two registry processes, a type=oci and a type=docker tarball,
+// plus a mode=max registry cache), as hosted builders run `--push` and
+// `--load` together. No export may fetch a byte of a blob from the
+// registry the bases live in. The pushed images must hold every layer in
+// both registries, and the docker tarball must load into containerd (`ctr
+// images import`) and run the built program. Then, per form, a fresh stack (new containerd, buildkitd and
 // snapshotter roots) builds the same Dockerfile importing that cache:
 // every RUN step must be CACHED, and a type=oci export of the result must
 // succeed (the cache holds every layer a fresh builder needs).
@@ -89,6 +99,7 @@ func TestCacheExportLazyBases(t *testing.T) {
 		harness.WithLazySnapshotter(harness.Lazybase),
 		harness.WithBuildkitLazy(),
 		harness.WithLazybaseConfig(guardConfig("export-base", "lazy")),
+		harness.WithSecondRegistry(),
 	)
 	debian, golang := publishAll(ctx, t, s)
 	work := cacheExportContext(t, s, tagEStargz)
@@ -134,6 +145,7 @@ func TestCacheExportLazyBases(t *testing.T) {
 	}
 	cacheDir := t.TempDir()
 	ociTar := filepath.Join(t.TempDir(), "multi.oci.tar")
+	dockerTar := filepath.Join(t.TempDir(), "multi.docker.tar")
 	type form struct {
 		name    string
 		export  []string // buildctl flags of the export build
@@ -166,8 +178,9 @@ func TestCacheExportLazyBases(t *testing.T) {
 			name: "several-exporters",
 			export: []string{
 				"--output", "type=image,name=" + reg("e2e/multi-a", "latest") + ",push=true,registry.insecure=true",
-				"--output", "type=image,name=" + reg("e2e/multi-b", "latest") + ",push=true,registry.insecure=true",
+				"--output", "type=image,name=" + s.Registry2.DirectRef("e2e/multi-b", "latest") + ",push=true,registry.insecure=true",
 				"--output", "type=oci,dest=" + ociTar,
+				"--output", "type=docker,dest=" + dockerTar + ",name=" + loadedName,
 				"--export-cache", "type=registry,ref=" + reg("e2e/cache", "multi") + ",mode=max,registry.insecure=true",
 			},
 		},
@@ -198,19 +211,32 @@ func TestCacheExportLazyBases(t *testing.T) {
 		t.Logf("%s export: %s, %d blob bytes fetched from the registry", f.name, time.Since(start).Round(time.Millisecond), st.BlobBytes())
 	}
 	p.SetPhase("")
-	for _, repo := range []string{"e2e/multi-a", "e2e/multi-b"} {
-		img, err := remote.Image(mustRef(t, reg(repo, "latest")), remote.WithContext(ctx))
+	// Both registries hold the whole image, every layer blob readable: the
+	// second one had none of the base layers, so the push uploaded them.
+	var pushedLayers []string
+	for _, ref := range []string{reg("e2e/multi-a", "latest"), s.Registry2.DirectRef("e2e/multi-b", "latest")} {
+		img, err := remote.Image(mustRef(t, ref), remote.WithContext(ctx))
 		if err != nil {
-			t.Errorf("several exporters: pushed image %s: %v", repo, err)
+			t.Errorf("several exporters: pushed image %s: %v", ref, err)
 			continue
 		}
-		if pushed := layerDigests(t, img); len(pushed) != len(layerDigests(t, debian.estargz))+2 {
-			t.Errorf("several exporters: %s has %d layers, want the final base's and two more", repo, len(pushed))
+		layers := layerDigests(t, img)
+		if len(layers) != len(layerDigests(t, debian.estargz))+2 {
+			t.Errorf("several exporters: %s has %d layers, want the final base's and two more", ref, len(layers))
+		}
+		if pushedLayers == nil {
+			pushedLayers = layers
+		} else if !slices.Equal(layers, pushedLayers) {
+			t.Errorf("several exporters: %s has layers %v, the first push %v", ref, layers, pushedLayers)
+		}
+		if err := readLayers(ctx, img); err != nil {
+			t.Errorf("several exporters: pushed image %s: %v", ref, err)
 		}
 	}
 	if fi, err := os.Stat(ociTar); err != nil || fi.Size() == 0 {
 		t.Errorf("several exporters: OCI tarball %s: %v", ociTar, err)
 	}
+	checkDockerTarball(ctx, t, s, dockerTar, pushedLayers)
 	// The registry caches name the base layers of the stages they cover:
 	// mode=min the final stage's, mode=max every stage's.
 	for tag, want := range map[string][]string{
@@ -271,4 +297,124 @@ func TestCacheExportLazyBases(t *testing.T) {
 			t.Logf("%s import: %d blob bytes fetched from the registry", f.name, p.StatsFor(phase).BlobBytes())
 		})
 	}
+}
+
+// loadedName is the image name the type=docker exporter writes into its
+// tarball, as `docker buildx build --load -t NAME` does.
+const loadedName = "lazybase.test/e2e/loaded:latest"
+
+// readLayers reads every layer blob of img in full from its registry,
+// which verifies each against its digest.
+func readLayers(ctx context.Context, img v1.Image) error {
+	layers, err := img.Layers()
+	if err != nil {
+		return err
+	}
+	for _, l := range layers {
+		d, err := l.Digest()
+		if err != nil {
+			return err
+		}
+		rc, err := l.Compressed()
+		if err != nil {
+			return fmt.Errorf("layer %s: %w", d, err)
+		}
+		_, err = io.Copy(io.Discard, rc)
+		if cerr := rc.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return fmt.Errorf("reading layer %s: %w", d, err)
+		}
+	}
+	return nil
+}
+
+// checkDockerTarball checks a type=docker export as `docker load` reads it:
+// manifest.json names loadedName, a config whose digest matches its file
+// and whose diff_ids count the layers, and layer files whose digests match
+// their names and, in order, wantLayers (the pushed image's); then it
+// imports the tarball into the Stack's containerd (unpacked with overlayfs)
+// and runs the built program from it.
+func checkDockerTarball(ctx context.Context, t *testing.T, s *harness.Stack, path string, wantLayers []string) {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Errorf("docker tarball: %v", err)
+		return
+	}
+	defer f.Close()
+	files := map[string]string{} // name: sha256 digest of its content
+	var manifest []byte
+	tr := tar.NewReader(f)
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Errorf("docker tarball %s: %v", path, err)
+			return
+		}
+		if h.Typeflag != tar.TypeReg {
+			continue
+		}
+		if h.Name == "manifest.json" {
+			if manifest, err = io.ReadAll(tr); err != nil {
+				t.Errorf("docker tarball %s: manifest.json: %v", path, err)
+				return
+			}
+			continue
+		}
+		hash := sha256.New()
+		if _, err := io.Copy(hash, tr); err != nil {
+			t.Errorf("docker tarball %s: %s: %v", path, h.Name, err)
+			return
+		}
+		files[h.Name] = "sha256:" + hex.EncodeToString(hash.Sum(nil))
+	}
+	var entries []struct {
+		Config   string
+		RepoTags []string
+		Layers   []string
+	}
+	if err := json.Unmarshal(manifest, &entries); err != nil || len(entries) != 1 {
+		t.Errorf("docker tarball %s: manifest.json (%v): want one image, got %s", path, err, manifest)
+		return
+	}
+	e := entries[0]
+	if !slices.Contains(e.RepoTags, loadedName) {
+		t.Errorf("docker tarball: RepoTags %v, want %s", e.RepoTags, loadedName)
+	}
+	named := func(file string) (string, bool) {
+		d, ok := files[file]
+		return d, ok && d == "sha256:"+strings.TrimPrefix(file, "blobs/sha256/")
+	}
+	if _, ok := named(e.Config); !ok {
+		t.Errorf("docker tarball: config %s missing or not matching its digest", e.Config)
+	}
+	var layers []string
+	for _, l := range e.Layers {
+		d, ok := named(l)
+		if !ok {
+			t.Errorf("docker tarball: layer %s missing or not matching its digest", l)
+		}
+		layers = append(layers, d)
+	}
+	if !slices.Equal(layers, wantLayers) {
+		t.Errorf("docker tarball: layers %v, the pushed image's %v", layers, wantLayers)
+	}
+	if t.Failed() {
+		return
+	}
+	if out, err := s.Containerd.Ctr(ctx, "images", "import", path); err != nil {
+		t.Errorf("ctr images import of the docker tarball: %v\n%s", err, out)
+		return
+	}
+	out, err := s.Containerd.Run(ctx, loadedName, "", "loaded-hello", "/usr/local/bin/hello")
+	if err != nil || strings.TrimSpace(out) != "hello from the lazybase e2e build" {
+		t.Errorf("running the program loaded from the docker tarball: %q, %v; want the hello line", out, err)
+		return
+	}
+	t.Logf("docker tarball: %s with %d layers, the pushed image's; imported into containerd, its program runs", loadedName, len(layers))
 }

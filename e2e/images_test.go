@@ -236,3 +236,22 @@ func layerSizes(t testing.TB, img v1.Image) map[string]int64 {
 	}
 	return out
 }
+
+// convertedWith converts img to eStargz with opts, now (no cache). The
+// result's layers live in the converter's spool, closed when the test
+// ends.
+func convertedWith(ctx context.Context, t testing.TB, img v1.Image, opts ...convert.Option) v1.Image {
+	t.Helper()
+	c, err := convert.New(opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	start := time.Now()
+	res, err := c.Image(ctx, img)
+	if err != nil {
+		t.Fatalf("converting with %d options: %v", len(opts), err)
+	}
+	t.Logf("convert (%d options): %s", len(opts), time.Since(start).Round(time.Millisecond))
+	return res.Image
+}

@@ -14,6 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/lazybase/lazybase/convert"
 	"github.com/lazybase/lazybase/e2e/harness"
 	"github.com/lazybase/lazybase/exportguard"
 	"github.com/lazybase/lazybase/internal/eventually"
@@ -58,6 +59,7 @@ func TestLazypullGoBuildLocalReads(t *testing.T) {
 	defer cancel()
 	cfgDir := t.TempDir()
 	const repoLocal, localNS = "ref/golang-local", "lzlocal"
+	const repoShared, sharedNS = "ref/golang-shared", "lzshared"
 	cfg := filepath.Join(cfgDir, "lazybase.toml")
 	body := fmt.Sprintf(`[background_fetch]
 enable = false
@@ -69,14 +71,27 @@ mode = "lazy-only"
 [[policy]]
 match = "*/%s:*"
 mode = "export-base"
-`, repoGolang, repoLocal)
+[[policy]]
+match = "*/%s:*"
+mode = "export-base"
+`, repoGolang, repoLocal, repoShared)
 	if err := os.WriteFile(cfg, []byte(body), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	t.Setenv("LAZYBASE_SNAPSHOTTER_CONFIG", cfg)
 	s := harness.Start(ctx, t, harness.WithLazySnapshotter(harness.Lazybase))
 	_, golang := publishAll(ctx, t, s)
-	publish(ctx, t, s, repoLocal, tagEStargz, golang.estargz)
+	// The local variant has layers of its own (another gzip level: every
+	// layer's bytes differ): with a layer in common, containerd would hand
+	// its namespace the lazy-only image's snapshot of that layer (one per
+	// chain for every namespace), and the daemon would unpack that one
+	// too, as the shared-chain part below proves.
+	localImg := convertedWith(ctx, t, golang.gzip, convert.WithCompressionLevel(convert.DefaultGzipLevel-1))
+	if shared := sharedLayers(layerDigests(t, localImg), layerDigests(t, golang.estargz)); len(shared) > 0 {
+		t.Fatalf("the local variant shares layers %v with %s", shared, repoGolang)
+	}
+	publish(ctx, t, s, repoLocal, tagEStargz, localImg)
+	publish(ctx, t, s, repoShared, tagEStargz, golang.estargz)
 	gzipRef, lazyRef := s.Registry.Ref(repoGolang, tagGzip), s.Registry.Ref(repoGolang, tagEStargz)
 	localRef := s.Registry.Ref(repoLocal, tagEStargz)
 	if err := s.Containerd.Pull(ctx, gzipRef, ""); err != nil {
@@ -126,7 +141,7 @@ mode = "export-base"
 		t.Fatal(err)
 	}
 	statusPath := s.Snapshotter.Address + ".status"
-	wantLayers := len(layerDigests(t, golang.estargz))
+	wantLayers := len(layerDigests(t, localImg))
 	err := eventually.Wait(ctx, 5*time.Minute, func() error {
 		st, err := lazypull.FetchStatus(ctx, statusPath)
 		if err != nil {
@@ -175,6 +190,65 @@ mode = "export-base"
 		fuse.Round(time.Millisecond), float64(fuse)/float64(overlay), verdict(float64(fuse) <= 1.10*float64(overlay)),
 		local.Round(time.Millisecond), float64(local)/float64(overlay), verdict(float64(local) <= 1.10*float64(overlay)),
 		fuseFirst.Round(time.Millisecond), unpacked.Round(time.Millisecond))
+
+	sharedChain(ctx, t, s, s.Registry.Ref(repoShared, tagEStargz), lazyRef, sharedNS, layerDigests(t, golang.estargz), step)
+}
+
+// sharedChain pulls ref, an export-base image with the same layers as the
+// lazy-only image lazyRef already mounted in another namespace, into
+// namespace ns. containerd keeps one snapshot per chain for every
+// namespace, so ns uses lazyRef's mounts: the daemon drops the duplicate
+// mounts the pull made, guards the blobs in ns, and unpacks the shared
+// mounts locally because an image that is not lazy-only uses them.
+func sharedChain(ctx context.Context, t *testing.T, s *harness.Stack, ref, lazyRef, ns string, layers []string,
+	step func(name, ns, ref, snapshotter string, dropCaches bool) time.Duration) {
+	t.Helper()
+	statusPath := s.Snapshotter.StatusSocket()
+	before, err := s.Snapshotter.FUSEMounts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Containerd.CtrNS(ctx, ns, "images", "pull", "--plain-http", "--snapshotter", harness.LazySnapshotterName, ref); err != nil {
+		t.Fatal(err)
+	}
+	after, err := s.Snapshotter.FUSEMounts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(after) != len(before) {
+		t.Errorf("FUSE mounts: %d before pulling %s into namespace %s, %d after; want no duplicate of the shared chain's mounts", len(before), ref, ns, len(after))
+	}
+	err = eventually.Wait(ctx, 3*time.Minute, func() error {
+		gst, err := exportguard.FetchStatus(ctx, statusPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		materialized := 0
+		for _, l := range gst.Layers {
+			if l.Namespace == ns && l.State == exportguard.StateMaterialized {
+				materialized++
+			}
+		}
+		st, err := lazypull.FetchStatus(ctx, statusPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		local := 0
+		for _, l := range st.Layers {
+			if strings.HasPrefix(l.Image, lazyRef) && slices.Contains(layers, l.Layer) && l.LocalDir != "" {
+				local++
+			}
+		}
+		if materialized != len(layers) || local != len(layers) {
+			return fmt.Errorf("%d of %d blobs materialized in %s, %d of %d shared mounts unpacked locally", materialized, len(layers), ns, local, len(layers))
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("shared chain: %v\nstatus:\n%s\nthe snapshotter on its guard and unpacks:\n%s",
+			err, statusLines(ctx, statusPath), s.Snapshotter.LogLines("export guard", "unpack", "duplicate", "layer mounted lazily"))
+	}
+	step("lazybase shared chain", ns, ref, harness.LazySnapshotterName, false)
 }
 
 // median returns the median of ds (the upper one of an even count).
@@ -202,4 +276,15 @@ func statusLines(ctx context.Context, statusPath string) string {
 		fmt.Fprintf(&b, "  guard %s %s %s state=%s err=%q\n", l.Namespace, l.Image, l.Layer, l.State, l.Error)
 	}
 	return b.String()
+}
+
+// sharedLayers returns the digests in both a and b.
+func sharedLayers(a, b []string) []string {
+	var out []string
+	for _, d := range a {
+		if slices.Contains(b, d) {
+			out = append(out, d)
+		}
+	}
+	return out
 }

@@ -172,23 +172,8 @@ func TestPrefetchProof(t *testing.T) {
 	t.Logf("profile: %d layers, %d files, %d bytes", len(p.Layers), profFiles, profBytes)
 
 	// 2. Convert the gzip image with the profile and without, now.
-	conv := func(opts ...convert.Option) v1.Image {
-		t.Helper()
-		c, err := convert.New(opts...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		start := time.Now()
-		res, err := c.Image(ctx, golang.gzip)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Logf("convert (%d options): %s", len(opts), time.Since(start).Round(time.Millisecond))
-		return res.Image
-	}
-	profiled := conv(convert.WithPrefetch(p))
-	plain := conv()
+	profiled := convertedWith(ctx, t, golang.gzip, convert.WithPrefetch(p))
+	plain := convertedWith(ctx, t, golang.gzip)
 
 	// 3. Measure each on a fresh stack, in rounds that alternate the
 	// order; the build's compile is CPU-bound on a shared machine, so the

@@ -38,7 +38,8 @@ type BlobOpener func(ctx context.Context, layer digest.Digest) (ra content.Reade
 type UnpackMount struct {
 	Image string
 	Layer digest.Digest
-	// Skip keeps the layer from being unpacked (lazy-only images).
+	// Skip keeps the layer from being unpacked (lazy-only images) unless
+	// another image wants it (Want).
 	Skip bool
 }
 
@@ -73,6 +74,7 @@ type Unpacker struct {
 
 	mu       sync.Mutex
 	mounts   map[string]UnpackMount // by mountpoint
+	wanted   map[digest.Digest]bool // layers an image wants unpacked (Want)
 	done     map[string]string      // mountpoint -> unpacked directory
 	inflight map[string]*unpackRun  // mountpoint -> the unpack under way
 	failed   map[string]bool
@@ -140,7 +142,7 @@ func NewUnpacker(ctx context.Context, open BlobOpener, opts ...UnpackOption) (*U
 		sem:    make(chan struct{}, o.parallelism),
 		ctx:    ctx,
 		cancel: cancel,
-		mounts: map[string]UnpackMount{}, done: map[string]string{},
+		mounts: map[string]UnpackMount{}, wanted: map[digest.Digest]bool{}, done: map[string]string{},
 		inflight: map[string]*unpackRun{}, failed: map[string]bool{},
 	}, nil
 }
@@ -165,13 +167,51 @@ func (u *Unpacker) Mounted(mountpoint string, m UnpackMount) {
 	}()
 }
 
+// Want tells the Unpacker that an image that is not lazy-only uses layer:
+// its mounts are unpacked even when they were mounted for a lazy-only
+// image (Skip). containerd keeps one snapshot per chain for all its
+// namespaces, so the mount a namespace's image uses may be the one another
+// namespace's image made; its content is the same verified blob.
+func (u *Unpacker) Want(layer digest.Digest) {
+	u.mu.Lock()
+	if u.closed || u.wanted[layer] {
+		u.mu.Unlock()
+		return
+	}
+	u.wanted[layer] = true
+	var mps []string
+	for mp, m := range u.mounts {
+		if m.Layer == layer && m.Skip {
+			mps = append(mps, mp)
+		}
+	}
+	u.wg.Add(len(mps))
+	u.mu.Unlock()
+	for _, mp := range mps {
+		go func() {
+			defer u.wg.Done()
+			u.try(mp)
+		}()
+	}
+}
+
 // Unmounted tells the Unpacker that nothing is mounted at mountpoint any
 // more: an unpack under way stops, and mounts are no longer rewritten for
 // it.
 func (u *Unpacker) Unmounted(mountpoint string) {
 	u.mu.Lock()
+	defer u.mu.Unlock()
+	m, ok := u.mounts[mountpoint]
 	u.forgetLocked(mountpoint)
-	u.mu.Unlock()
+	if !ok {
+		return
+	}
+	for _, o := range u.mounts {
+		if o.Layer == m.Layer {
+			return
+		}
+	}
+	delete(u.wanted, m.Layer) // its last mount
 }
 
 // forgetLocked forgets the mount at mp. An unpack under way is cancelled
@@ -242,23 +282,27 @@ func (u *Unpacker) retryCommitted(mp string, layer digest.Digest) {
 		Warn("local unpack: the committed blob could not be opened; the layer stays on its lazy mount until it is mounted or committed again")
 }
 
-// pendingLocked returns the mount at mp when it still needs an unpack.
-func (u *Unpacker) pendingLocked(mp string) (UnpackMount, bool) {
+// pendingLocked returns the mount at mp when it has no unpacked directory
+// yet and no unpack under way; skip says that it is not to be unpacked
+// (Skip, and no image wants its layer).
+func (u *Unpacker) pendingLocked(mp string) (m UnpackMount, pending, skip bool) {
 	m, ok := u.mounts[mp]
-	if !ok || m.Skip || u.closed {
-		return m, false
+	if !ok || u.closed {
+		return m, false, false
 	}
 	_, done := u.done[mp]
 	_, running := u.inflight[mp]
-	return m, !done && !running && !u.failed[mp]
+	return m, !done && !running && !u.failed[mp], m.Skip && !u.wanted[m.Layer]
 }
 
 // try starts the unpack of the layer at mp if it needs one and its blob is
 // at hand. It reports whether the layer still needs an unpack that could
-// not start because its blob could not be opened.
+// not start because its blob could not be opened. A complete unpacked
+// directory already there (a previous daemon's) is taken as it is, even
+// for a mount not to be unpacked: its content is the layer's.
 func (u *Unpacker) try(mp string) (blobMissing bool) {
 	u.mu.Lock()
-	m, ok := u.pendingLocked(mp)
+	m, ok, skip := u.pendingLocked(mp)
 	u.mu.Unlock()
 	if !ok {
 		return false
@@ -272,12 +316,15 @@ func (u *Unpacker) try(mp string) (blobMissing bool) {
 		u.mu.Unlock()
 		return false
 	}
+	if skip {
+		return false
+	}
 	ra, ok := u.open(u.ctx, m.Layer)
 	if !ok {
 		return true
 	}
 	u.mu.Lock()
-	if cur, ok := u.pendingLocked(mp); !ok || cur != m {
+	if cur, ok, skip := u.pendingLocked(mp); !ok || skip || cur != m {
 		u.mu.Unlock()
 		ra.Close()
 		return false

@@ -327,3 +327,80 @@ func TestUnpackerRetriesBlobNotReadableAtCommit(t *testing.T) {
 		t.Fatalf("unpack result %+v", r)
 	}
 }
+
+// TestUnpackerWantUnpacksSharedLazyOnlyMount: containerd keeps one
+// snapshot per chain for all namespaces, so an export-base image in one
+// namespace can use the mount a lazy-only image made in another. The
+// mount is skipped until an image that wants its layer unpacked says so.
+func TestUnpackerWantUnpacksSharedLazyOnlyMount(t *testing.T) {
+	blob, layer := estargzBlob(t)
+	shelf := &blobShelf{blobs: map[digest.Digest][]byte{}, asked: make(chan digest.Digest, 8)}
+	u, results := newTestUnpacker(t, shelf.open, prometheus.NewRegistry())
+	mp := snapshotMount(t, "3")
+
+	u.Mounted(mp, UnpackMount{Image: "r.example/lazy:1", Layer: layer, Skip: true})
+	shelf.put(layer, blob)
+	u.Committed(layer)
+	select {
+	case r := <-results:
+		t.Fatalf("a lazy-only mount was unpacked before any image wanted it: %+v", r)
+	case d := <-shelf.asked:
+		t.Fatalf("the blob of a lazy-only mount was looked up (%s) before any image wanted it", d)
+	default:
+	}
+
+	u.Want(layer)
+	r := await(t, results, "unpack after Want")
+	if r.Err != nil || r.Mountpoint != mp || u.LocalDir(mp) == "" {
+		t.Fatalf("unpack result %+v, LocalDir %q", r, u.LocalDir(mp))
+	}
+
+	// Once its last mount is gone the layer is no longer wanted: a new
+	// lazy-only mount of it is left alone.
+	u.Unmounted(mp)
+	mp2 := snapshotMount(t, "4")
+	u.Mounted(mp2, UnpackMount{Image: "r.example/lazy:1", Layer: layer, Skip: true})
+	u.Committed(layer)
+	select {
+	case r := <-results:
+		t.Fatalf("a lazy-only mount was unpacked after the image that wanted its layer was gone: %+v", r)
+	default:
+	}
+	if dir := u.LocalDir(mp2); dir != "" {
+		t.Fatalf("LocalDir %q for a lazy-only mount", dir)
+	}
+}
+
+// TestUnpackerAdoptsCompletedDirOfSkippedMount: after a restart, a mount
+// made for a lazy-only image whose layer an export-base image in another
+// namespace had unpacked keeps its complete unpacked directory, without
+// looking up the blob.
+func TestUnpackerAdoptsCompletedDirOfSkippedMount(t *testing.T) {
+	blob, layer := estargzBlob(t)
+	shelf := &blobShelf{blobs: map[digest.Digest][]byte{layer: blob}, asked: make(chan digest.Digest, 8)}
+	mp := snapshotMount(t, "9")
+	ra, ok := shelf.open(context.Background(), layer)
+	if !ok {
+		t.Fatal("test blob not at hand")
+	}
+	want, err := unpackLocal(context.Background(), filepath.Dir(mp), layer, ra)
+	ra.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-shelf.asked // the lookup above
+
+	u, _ := newTestUnpacker(t, shelf.open, prometheus.NewRegistry())
+	u.Mounted(mp, UnpackMount{Image: "r.example/lazy:1", Layer: layer, Skip: true})
+	eventually.Require(t, 10*time.Second, "the completed directory adopted", func() error {
+		if got := u.LocalDir(mp); got != want {
+			return fmt.Errorf("LocalDir %q, want %q", got, want)
+		}
+		return nil
+	})
+	select {
+	case d := <-shelf.asked:
+		t.Fatalf("blob %s looked up for a lazy-only mount with a complete unpacked directory", d)
+	default:
+	}
+}

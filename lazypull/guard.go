@@ -230,6 +230,11 @@ func (d *Daemon) guardMounted(ctx context.Context, plan preparePlan) {
 		return // eager: not lazily mounted, nothing to guard
 	}
 	d.guard.Mounted(ctx, exportguard.MountEvent{Namespace: ns, Ref: plan.Ref, Layer: dgst, Mode: string(plan.Decision.Mode), When: when})
+	// The layer's mount may be one a lazy-only image made in another
+	// namespace (containerd shares a chain's snapshot across namespaces).
+	if d.local != nil && when != exportguard.WhenNever {
+		d.local.Want(dgst)
+	}
 }
 
 // barrierHandler serves exportguard.BarrierPath: the guard's barrier, or

@@ -75,10 +75,39 @@ func (s *policySnapshotter) Prepare(ctx context.Context, key, parent string, opt
 	mounts = s.localMounts(mounts)
 	// The upstream snapshotter answers a successful remote mount with
 	// "already exists": the layer's committed snapshot is there.
-	if plan.Remote && errdefs.IsAlreadyExists(err) && s.lazy != nil {
-		s.lazy(ctx, plan)
+	if plan.Remote && errdefs.IsAlreadyExists(err) {
+		s.dropDuplicate(ctx, key, l)
+		if s.lazy != nil {
+			s.lazy(ctx, plan)
+		}
 	}
 	return mounts, err
+}
+
+// dropDuplicate removes the active snapshot key the upstream snapshotter
+// mounted lazily but could not commit because a snapshot of the same
+// chain is there already: the upstream snapshotter names committed remote
+// snapshots by the chain alone, so a second containerd namespace pulling
+// the same layers gets "already exists" and shares the first namespace's
+// snapshot, and containerd's garbage collector would remove the duplicate
+// some time later. Removing it now, with its directory and FUSE mount
+// (Cleanup: the upstream snapshotter removes asynchronously), spares the
+// mount and any work started on it.
+func (s *policySnapshotter) dropDuplicate(ctx context.Context, key string, l *log.Entry) {
+	info, err := s.Snapshotter.Stat(ctx, key)
+	if err != nil || info.Kind != snapshots.KindActive {
+		return // committed under its chain: the usual case
+	}
+	l = l.WithField("key", key)
+	if err := s.Snapshotter.Remove(ctx, key); err != nil {
+		l.WithError(err).Warn("removing the duplicate lazy mount of a layer another namespace mounted first; containerd's garbage collector removes it later")
+		return
+	}
+	if err := s.Cleanup(ctx); err != nil {
+		l.WithError(err).Warn("unmounting the duplicate lazy mount of a layer another namespace mounted first; containerd's next cleanup does")
+		return
+	}
+	l.Info("layer shared with the snapshot another namespace mounted first; duplicate lazy mount removed")
 }
 
 // View is the upstream View with unpacked lazy layers in place of their

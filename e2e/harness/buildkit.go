@@ -106,7 +106,7 @@ func (s *Stack) buildkitConfig(root, sock string) (string, string) {
   http = true
 [registry.%q]
   http = true
-%s`, root, sock, s.path("buildkit-otel.sock"), workers, s.Registry.Host(), s.Registry.Direct, s.buildkitMirrorTOML())
+%s%s`, root, sock, s.path("buildkit-otel.sock"), workers, s.Registry.Host(), s.Registry.Direct, s.buildkitRegistry2TOML(), s.buildkitMirrorTOML())
 	return cfg, snapshotter
 }
 
@@ -132,4 +132,14 @@ func (b *Buildkit) BuildctlProgress(ctx context.Context, args ...string) (stdout
 		return out.String(), errb.String(), fmt.Errorf("buildctl %s: %w: %s", strings.Join(args, " "), err, tail)
 	}
 	return out.String(), errb.String(), nil
+}
+
+// buildkitRegistry2TOML is buildkitd's [registry."host"] tables for the
+// second registry (WithSecondRegistry): plain HTTP, at its proxy and
+// directly; empty without it.
+func (s *Stack) buildkitRegistry2TOML() string {
+	if s.Registry2 == nil {
+		return ""
+	}
+	return fmt.Sprintf("[registry.%q]\n  http = true\n[registry.%q]\n  http = true\n", s.Registry2.Host(), s.Registry2.Direct)
 }

@@ -71,3 +71,52 @@ func TestBuildkitConfigWorkers(t *testing.T) {
 		t.Error("the containerd and OCI workers together were accepted")
 	}
 }
+
+// TestBuildkitConfigRegistries: buildkitd reaches the Stack's registry, and
+// the second one when WithSecondRegistry runs it, over plain HTTP, at the
+// proxy and directly; a duplicate host would make the TOML invalid.
+func TestBuildkitConfigRegistries(t *testing.T) {
+	p1, err := shaper.New("http://127.0.0.1:1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p2, err := shaper.New("http://127.0.0.1:3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p1.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer p1.Close()
+	if err := p2.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer p2.Close()
+	for _, second := range []bool{false, true} {
+		s := &Stack{Dir: "/tmp/lzb-e2e-x", opts: &options{}, bins: &binaries{},
+			Registry:   &Registry{Direct: "127.0.0.1:2", Proxy: p1},
+			Containerd: &Containerd{Address: "/tmp/lzb-e2e-x/containerd.sock"}}
+		want := []string{p1.Addr(), "127.0.0.1:2"}
+		if second {
+			s.Registry2 = &Registry{Direct: "127.0.0.1:4", Proxy: p2}
+			want = append(want, p2.Addr(), "127.0.0.1:4")
+		}
+		text, _ := s.buildkitConfig("/tmp/lzb-e2e-x/buildkit", "/tmp/lzb-e2e-x/buildkitd.sock")
+		var cfg struct {
+			Registry map[string]struct {
+				HTTP bool `toml:"http"`
+			} `toml:"registry"`
+		}
+		if err := toml.Unmarshal([]byte(text), &cfg); err != nil {
+			t.Fatalf("second=%v: config does not parse: %v\n%s", second, err, text)
+		}
+		if len(cfg.Registry) != len(want) {
+			t.Errorf("second=%v: %d registry tables, want %d:\n%s", second, len(cfg.Registry), len(want), text)
+		}
+		for _, h := range want {
+			if !cfg.Registry[h].HTTP {
+				t.Errorf("second=%v: registry %s not plain HTTP:\n%s", second, h, text)
+			}
+		}
+	}
+}

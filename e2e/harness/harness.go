@@ -18,7 +18,11 @@ type Stack struct {
 	// Dir is the temporary directory everything lives under.
 	Dir string
 
-	Registry    *Registry
+	Registry *Registry
+	// Registry2 is a second registry process with its own storage and
+	// shaping proxy (WithSecondRegistry), a push target apart from
+	// Registry; nil without that option.
+	Registry2   *Registry
 	Containerd  *Containerd
 	Snapshotter *Snapshotter // nil without WithLazySnapshotter
 	Buildkit    *Buildkit    // nil without WithBuildkit
@@ -76,8 +80,13 @@ func Start(ctx context.Context, t testing.TB, opts ...Option) *Stack {
 func (s *Stack) start(ctx context.Context) error {
 	begin := time.Now()
 	var err error
-	if s.Registry, err = s.startRegistry(ctx); err != nil {
+	if s.Registry, err = s.startRegistry(ctx, "registry"); err != nil {
 		return fmt.Errorf("registry: %w", err)
+	}
+	if s.opts.secondRegistry {
+		if s.Registry2, err = s.startRegistry(ctx, "registry2"); err != nil {
+			return fmt.Errorf("second registry: %w", err)
+		}
 	}
 	if err := s.writeHostsDir(); err != nil {
 		return fmt.Errorf("registry mirror: %w", err)
@@ -174,9 +183,12 @@ func (s *Stack) teardown() {
 	if s.Snapshotter != nil {
 		stop(s.Snapshotter.proc, 30*time.Second)
 	}
-	if s.Registry != nil {
-		stop(s.Registry.proc, 10*time.Second)
-		if err := s.Registry.Proxy.Close(); err != nil {
+	for _, r := range []*Registry{s.Registry, s.Registry2} {
+		if r == nil {
+			continue
+		}
+		stop(r.proc, 10*time.Second)
+		if err := r.Proxy.Close(); err != nil {
 			errs = append(errs, err)
 		}
 	}

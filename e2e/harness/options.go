@@ -61,6 +61,8 @@ type options struct {
 	lazybaseTOMLFunc func(*Registry) string
 	// mirror makes the registry a mirror of a host (WithRegistryMirror).
 	mirror *mirrorOpt
+	// secondRegistry starts Stack.Registry2 (WithSecondRegistry).
+	secondRegistry bool
 }
 
 // Option configures a Stack.
@@ -155,6 +157,17 @@ func WithBandwidth(bytesPerSecond int64) Option {
 func WithRTT(d time.Duration) Option {
 	return func(o *options) error {
 		o.rtt = d
+		return nil
+	}
+}
+
+// WithSecondRegistry starts a second registry process, Stack.Registry2,
+// with its own storage and shaping proxy (the same bandwidth and RTT) and
+// no auth: a second push target, as builds that push to two registries
+// need. buildkitd reaches it over plain HTTP.
+func WithSecondRegistry() Option {
+	return func(o *options) error {
+		o.secondRegistry = true
 		return nil
 	}
 }

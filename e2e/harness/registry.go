@@ -59,13 +59,17 @@ func freePort() (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
-func (s *Stack) startRegistry(ctx context.Context) (*Registry, error) {
+// startRegistry starts the Stack's registry: its process under name
+// ("registry", or "registry2" for WithSecondRegistry), storage and config
+// under the Stack's directory, behind a shaping proxy. The second registry
+// is a plain push target: it runs without auth.
+func (s *Stack) startRegistry(ctx context.Context, name string) (*Registry, error) {
 	port, err := freePort()
 	if err != nil {
 		return nil, err
 	}
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	storage := s.path("registry")
+	storage := s.path(name)
 	if err := os.MkdirAll(storage, 0o700); err != nil {
 		return nil, err
 	}
@@ -82,16 +86,20 @@ storage:
 http:
   addr: %s
 `, storage, addr)
-	auth, token, err := s.registryAuthConfig()
-	if err != nil {
-		return nil, err
+	second := name != "registry"
+	var token *tokenServer
+	if !second {
+		var auth string
+		if auth, token, err = s.registryAuthConfig(); err != nil {
+			return nil, err
+		}
+		cfg += auth
 	}
-	cfg += auth
-	cfgPath := s.path("registry.yml")
+	cfgPath := s.path(name + ".yml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		return nil, err
 	}
-	p, err := s.spawn("registry", s.bins.dockerRegistry, "serve", cfgPath)
+	p, err := s.spawn(name, s.bins.dockerRegistry, "serve", cfgPath)
 	if err != nil {
 		return nil, err
 	}
@@ -102,7 +110,7 @@ http:
 			return err
 		}
 		resp.Body.Close()
-		if s.opts.registryUser != "" && resp.StatusCode == http.StatusUnauthorized {
+		if !second && s.opts.registryUser != "" && resp.StatusCode == http.StatusUnauthorized {
 			return nil
 		}
 		if resp.StatusCode != http.StatusOK {
@@ -124,6 +132,9 @@ http:
 	}
 	if err := proxy.Start(); err != nil {
 		return nil, err
+	}
+	if second {
+		return &Registry{Direct: addr, Proxy: proxy, proc: p}, nil
 	}
 	return &Registry{Direct: addr, Proxy: proxy, User: s.opts.registryUser, Password: s.opts.registryPassword, token: token, proc: p}, nil
 }
