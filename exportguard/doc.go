@@ -23,7 +23,11 @@
 // A Trigger drives one Guard per containerd namespace from mount events
 // (Trigger.Mounted): each MountEvent says When its blob is materialized,
 // at once (WhenNow), after a delay (WhenDelayed, WithDelay) or never
-// (WhenNever); Promote ends a delay early. It keeps a typed State per layer
+// (WhenNever); Promote ends a delay early. The namespaces share
+// containerd's content store, so a blob crosses the network once for all
+// of them: a namespace whose layer another namespace's Guard is fetching
+// waits for that transfer, then commits the blob from the shared store.
+// The Trigger keeps a typed State per layer
 // (Status, served as JSON by StatusHandler) and tells subscribers when a
 // blob is committed (OnCommit). Trigger.Barrier waits until the layers of
 // given images are materialized, starting delayed ones and retrying failed

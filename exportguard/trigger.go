@@ -84,7 +84,10 @@ type Trigger struct {
 	mu     sync.Mutex
 	guards map[string]*Guard   // by namespace
 	layers map[layerKey]*layer // by namespace and digest
-	closed bool
+	// transfers holds, by digest, a channel closed when the namespace
+	// that claimed the blob (claim) is done with it.
+	transfers map[digest.Digest]chan struct{}
+	closed    bool
 	// changed is closed, and replaced, whenever a layer's state changes
 	// and when the Trigger closes: barriers wait on it.
 	changed  chan struct{}
@@ -186,9 +189,10 @@ func NewTrigger(stores Stores, reg Registry, opts ...TriggerOption) (*Trigger, e
 	t := &Trigger{
 		stores: stores, reg: reg, o: o,
 		ctx: ctx, cancel: cancel,
-		guards:  map[string]*Guard{},
-		layers:  map[layerKey]*layer{},
-		changed: make(chan struct{}),
+		guards:    map[string]*Guard{},
+		layers:    map[layerKey]*layer{},
+		transfers: map[digest.Digest]chan struct{}{},
+		changed:   make(chan struct{}),
 		promotions: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "lazybase", Subsystem: "guard", Name: "promotions_total",
 			Help: "Layers of lazy images materialized before guard.delay ended because the lazy filesystem started fetching their blob in earnest.",
@@ -354,14 +358,26 @@ func (t *Trigger) materialize(l *layer) {
 		fail(err)
 		return
 	}
+	// containerd's namespaces share one content store: a blob another
+	// namespace's Guard is fetching is waited for, then committed in this
+	// namespace from the shared store, with no second transfer.
+	release, err := t.claim(ctx, l.digest)
+	if err != nil {
+		fail(err)
+		return
+	}
+	defer release()
 	// A blob the content store holds already (the guard committed it
 	// before the daemon restarted) is taken as it is: its size comes from
-	// the store, and the registry is not asked anything.
+	// the store, and the registry is not asked anything; nor is it for a
+	// blob another namespace materialized.
 	var size int64
 	info, err := guard.store.Info(ctx, l.digest)
 	inStore := err == nil
 	if inStore {
 		size = info.Size
+	} else if s, ok := t.materializedSize(l.digest); ok {
+		size = s
 	} else if size, err = t.reg.BlobSize(ctx, ref, l.digest); err != nil {
 		fail(fmt.Errorf("size of layer %s: %w", l.digest, err))
 		return
@@ -377,6 +393,46 @@ func (t *Trigger) materialize(l *layer) {
 	}
 	t.set(l, func(l *layer) { l.state, l.present, l.err = StateMaterialized, true, "" })
 	lg.WithFields(log.Fields{"size": size, "duration": time.Since(start)}).Info("export guard: blob materialized")
+}
+
+// claim returns once no other namespace's transfer of blob dgst runs,
+// and makes the caller's the one that runs; release ends it. It fails
+// only when ctx ends.
+func (t *Trigger) claim(ctx context.Context, dgst digest.Digest) (release func(), err error) {
+	for {
+		t.mu.Lock()
+		busy, ok := t.transfers[dgst]
+		if !ok {
+			done := make(chan struct{})
+			t.transfers[dgst] = done
+			t.mu.Unlock()
+			return func() {
+				t.mu.Lock()
+				delete(t.transfers, dgst)
+				t.mu.Unlock()
+				close(done)
+			}, nil
+		}
+		t.mu.Unlock()
+		select {
+		case <-busy:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// materializedSize returns the size of blob dgst when a namespace holds
+// it materialized.
+func (t *Trigger) materializedSize(dgst digest.Digest) (int64, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for k, l := range t.layers {
+		if k.digest == dgst && l.present && l.size > 0 {
+			return l.size, true
+		}
+	}
+	return 0, false
 }
 
 // inStore reports whether the blob of l is in the content store of its

@@ -259,6 +259,70 @@ func TestTriggerMaterializesWhenNowAtOnce(t *testing.T) {
 	}
 }
 
+// TestTriggerOneTransferAcrossNamespaces: the same layers mounted in two
+// namespaces at once cross the network once. The second namespace waits
+// for the first one's transfers and then commits each blob from
+// containerd's content store, which the namespaces share, with its own
+// labels; no ingest and no lease is left in either.
+func TestTriggerOneTransferAcrossNamespaces(t *testing.T) {
+	e := newTriggerEnv(t)
+	hold := make(chan struct{})
+	e.hold.Store(hold)
+	g := e.trigger(t, 0)
+	e.mountAll(g, "buildkit", WhenNow)
+	eventually.Require(t, 20*time.Second, "the first namespace's transfers at the registry", func() error {
+		for _, d := range e.layers {
+			if n := e.blobGETs(d); n != 1 {
+				return fmt.Errorf("layer %s: %d GETs", d, n)
+			}
+		}
+		return nil
+	})
+	e.mountAll(g, "other", WhenNow)
+	for _, d := range e.layers {
+		waitState(t, g, "other", d, StateMaterializing)
+	}
+	// A second transfer would reach the registry within milliseconds.
+	err := eventually.Wait(context.Background(), 500*time.Millisecond, func() error {
+		for _, d := range e.layers {
+			if n := e.blobGETs(d); n > 1 {
+				return nil
+			}
+		}
+		return errors.New("one GET per layer")
+	})
+	if err == nil {
+		t.Errorf("the second namespace fetched a blob while the first one's transfer ran")
+	}
+	close(hold)
+	for _, ns := range []string{"buildkit", "other"} {
+		ctx := namespaces.WithNamespace(context.Background(), ns)
+		for _, d := range e.layers {
+			if st := waitState(t, g, ns, d, StateMaterialized); !st.Materialized || st.Size != e.size {
+				t.Errorf("namespace %s layer %s: status %+v", ns, d, st)
+			}
+			info, err := e.stores.store.Info(ctx, d)
+			if err != nil {
+				t.Fatalf("namespace %s: blob %s not in its content store: %v", ns, d, err)
+			}
+			if info.Labels[LabelRef] != e.ref {
+				t.Errorf("namespace %s: blob %s labels %v, want %s=%s", ns, d, info.Labels, LabelRef, e.ref)
+			}
+		}
+		if sts, err := e.stores.store.ListStatuses(ctx); err != nil || len(sts) != 0 {
+			t.Errorf("namespace %s: ingests left: %+v (%v)", ns, sts, err)
+		}
+		if ls, err := e.stores.leases.List(ctx); err != nil || len(ls) != 0 {
+			t.Errorf("namespace %s: leases left: %+v (%v)", ns, ls, err)
+		}
+	}
+	for _, d := range e.layers {
+		if n := e.blobGETs(d); n != 1 {
+			t.Errorf("layer %s: %d blob GETs for two namespaces, want 1", d, n)
+		}
+	}
+}
+
 // TestTriggerWhenNeverSkips: a layer mounted WhenNever is recorded as
 // skipped at once and never fetched; Close waits for every transfer the
 // Trigger started, so none can land after the check.
