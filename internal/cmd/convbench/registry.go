@@ -1,0 +1,108 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	stdlog "log"
+	"net/http/httptest"
+	"net/url"
+	"os/exec"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/registry"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/lazybase/lazybase/internal/refimage"
+)
+
+// targetRegistrySpeedup is issue 16's target for 'lazybase convert'
+// registry to registry, verification included, against estargz.Build.
+const targetRegistrySpeedup = 8.0
+
+// registryJob measures one registry-to-registry conversion of img: a fresh
+// in-process registry (go-containerregistry's, the one the unit tests use)
+// is given the source image, then a child process converts it to another
+// repository of the same registry with convert/job, as 'lazybase convert
+// SRC DST' does: pull, convert, verify, push, tag. Each run has its own
+// registry, so no run finds the blobs of an earlier one already there.
+func registryJob(ctx context.Context, self string, img *refimage.Image, profile string, stderr io.Writer) (*jobResult, error) {
+	srv := httptest.NewServer(registry.New(registry.Logger(stdlog.New(io.Discard, "", 0))))
+	defer srv.Close()
+	u, err := url.Parse(srv.URL)
+	if err != nil {
+		return nil, err
+	}
+	src := fmt.Sprintf("%s/bench/%s:source", u.Host, img.Kind)
+	dst := fmt.Sprintf("%s/bench/%s-estargz:converted", u.Host, img.Kind)
+	ref, err := name.ParseReference(src, name.Insecure)
+	if err != nil {
+		return nil, err
+	}
+	if err := remote.Write(ref, img.Image, remote.WithContext(ctx)); err != nil {
+		return nil, fmt.Errorf("pushing the source image to %s: %w", src, err)
+	}
+	var out bytes.Buffer
+	args := []string{"-child-job", src, "-child-dst", dst}
+	if profile != "" {
+		args = append(args, "-cpuprofile", profile)
+	}
+	cmd := exec.CommandContext(ctx, self, args...)
+	cmd.Stdout = &out
+	cmd.Stderr = stderr
+	if err := cmd.Run(); err != nil {
+		return nil, fmt.Errorf("lazybase convert %s %s (child process): %w", src, dst, err)
+	}
+	var res jobResult
+	if err := json.Unmarshal(out.Bytes(), &res); err != nil {
+		return nil, fmt.Errorf("lazybase convert: reading child report %q: %w", out.String(), err)
+	}
+	return &res, nil
+}
+
+// reportRegistry prints the registry-to-registry figures beside the
+// library's and returns how many targets were missed.
+func reportRegistry(w io.Writer, c *config, ms []*measurement) int {
+	var have []*measurement
+	for _, m := range ms {
+		if m.job != nil {
+			have = append(have, m)
+		}
+	}
+	if len(have) == 0 {
+		return 0
+	}
+	fmt.Fprintf(w, "\nregistry to registry: 'lazybase convert SRC DST' (convert/job: pull, convert, verify, push, tag) between two repositories of an in-process registry, median of %d interleaved run(s), each in a child process with a fresh registry\n", c.runs)
+	fmt.Fprintf(w, "%-12s | %8s %7s | %8s %7s %7s %9s | %8s %8s\n",
+		"image", "base s", "MB/s", "r2r s", "conv s", "push s", "MB/s", "library", "r2r")
+	misses := 0
+	for _, m := range have {
+		j := m.job
+		fmt.Fprintf(w, "%-12s | %8.2f %7.1f | %8.2f %7.2f %7.2f %9.1f | %7.2fx %7.2fx\n",
+			m.name, m.baseSeconds, mb(m.input)/m.baseSeconds,
+			j.Seconds, j.ConvertSeconds, j.WriteSeconds, mb(m.input)/j.Seconds,
+			m.baseSeconds/m.lazySeconds, m.baseSeconds/j.Seconds)
+	}
+	for _, m := range have {
+		fmt.Fprintf(w, "  %-12s runs: registry to registry %s s\n", m.name, secs(m.jobRunTimes))
+		if len(m.jobDigests) > 1 {
+			fmt.Fprintf(w, "  %-12s !!! registry to registry produced %d different digests over %d runs (not deterministic)\n", m.name, len(m.jobDigests), len(m.jobRunTimes))
+		}
+		if !m.jobDigests[m.lazyDigest] {
+			fmt.Fprintf(w, "  %-12s !!! registry to registry pushed %s, the library made %s\n", m.name, m.job.Digest, m.lazyDigest)
+			misses++
+		}
+	}
+	fmt.Fprintf(w, "\ntarget (issue 16): 'lazybase convert' registry to registry >= %.0fx the baseline\n", targetRegistrySpeedup)
+	for _, m := range have {
+		speed := m.baseSeconds / m.job.Seconds
+		v := verdict(speed >= targetRegistrySpeedup)
+		if v != "PASS" {
+			misses++
+		}
+		fmt.Fprintf(w, "  %-12s registry to registry %6.2fx %-4s\n", m.name, speed, v)
+	}
+	return misses
+}
