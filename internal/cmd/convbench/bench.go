@@ -159,7 +159,7 @@ func measure(ctx context.Context, c *config, self string, img *refimage.Image, s
 		if profile != "" {
 			profile = c.cpuProfile + "." + string(img.Kind) + ".registry"
 		}
-		jr, err := registryJob(ctx, self, img, profile, stderr)
+		jr, err := registryJob(ctx, self, c.registryBin, img, profile, stderr)
 		if err != nil {
 			return nil, err
 		}

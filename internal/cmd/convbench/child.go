@@ -89,6 +89,8 @@ type jobResult struct {
 	ConvertSeconds float64 `json:"convertSeconds"`
 	WriteSeconds   float64 `json:"writeSeconds"`
 	OutputBytes    int64   `json:"outputBytes"`
+	// Streamed is how many layers were uploaded while they were written.
+	Streamed int `json:"streamed"`
 }
 
 // runChildJob converts the registry image src to the registry tag dst with
@@ -117,5 +119,6 @@ func runChildJob(ctx context.Context, src, dst, profile string, w io.Writer) err
 		ConvertSeconds: rep.Totals.ConvertSeconds,
 		WriteSeconds:   rep.Totals.WriteSeconds,
 		OutputBytes:    rep.Totals.OutputBytes,
+		Streamed:       rep.Totals.Streamed,
 	})
 }

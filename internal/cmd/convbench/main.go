@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"os/signal"
 	"strings"
 	"syscall"
@@ -27,6 +28,7 @@ type config struct {
 	childJob     string
 	childDst     string
 	registry     bool
+	registryBin  string
 }
 
 func main() {
@@ -53,6 +55,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	fs.StringVar(&c.mirror, "mirror", "", "Debian mirror for building reference images (default: apt's)")
 	fs.BoolVar(&c.refimages, "refimages", false, "only build the reference images into the cache and print where they are")
 	fs.BoolVar(&c.registry, "registry", true, "also measure 'lazybase convert' registry to registry (convert/job against an in-process registry)")
+	fs.StringVar(&c.registryBin, "registry-bin", "docker-registry", "the distribution registry binary the registry-to-registry figure runs against (looked up in PATH); empty, or not found: go-containerregistry's in-process registry")
 	fs.StringVar(&c.cpuProfile, "cpuprofile", "", "write a CPU profile of the last lazybase run of each image to FILE.<image>")
 	// Hidden: the child process that runs one lazybase conversion.
 	fs.StringVar(&c.childDir, "child-convert", "", "")
@@ -80,6 +83,14 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	}
 	if c.runs < 1 || c.baselineRuns < 1 {
 		return nil, fmt.Errorf("-runs and -baseline-runs must be at least 1")
+	}
+	if c.registryBin != "" {
+		if p, err := exec.LookPath(c.registryBin); err == nil {
+			c.registryBin = p
+		} else {
+			fmt.Fprintf(stderr, "convbench: %s not found (%v): measuring registry to registry against the in-process registry\n", c.registryBin, err)
+			c.registryBin = ""
+		}
 	}
 	for _, s := range strings.Split(*images, ",") {
 		if s = strings.TrimSpace(s); s != "" {

@@ -7,7 +7,12 @@ import (
 	"fmt"
 	"io"
 	stdlog "log"
+	"net"
+	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"time"
 	"net/url"
 	"os/exec"
 
@@ -15,6 +20,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/registry"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
+	"github.com/lazybase/lazybase/internal/eventually"
 	"github.com/lazybase/lazybase/internal/refimage"
 )
 
@@ -23,20 +29,20 @@ import (
 const targetRegistrySpeedup = 8.0
 
 // registryJob measures one registry-to-registry conversion of img: a fresh
-// in-process registry (go-containerregistry's, the one the unit tests use)
-// is given the source image, then a child process converts it to another
-// repository of the same registry with convert/job, as 'lazybase convert
-// SRC DST' does: pull, convert, verify, push, tag. Each run has its own
-// registry, so no run finds the blobs of an earlier one already there.
-func registryJob(ctx context.Context, self string, img *refimage.Image, profile string, stderr io.Writer) (*jobResult, error) {
-	srv := httptest.NewServer(registry.New(registry.Logger(stdlog.New(io.Discard, "", 0))))
-	defer srv.Close()
-	u, err := url.Parse(srv.URL)
+// registry (bin, the distribution registry the e2e tests run, or
+// go-containerregistry's in-process one when bin is empty) is given the
+// source image, then a child process converts it to another repository of
+// the same registry with convert/job, as 'lazybase convert SRC DST' does:
+// pull, convert, verify, push, tag. Each run has its own registry, so no
+// run finds the blobs of an earlier one already there.
+func registryJob(ctx context.Context, self, bin string, img *refimage.Image, profile string, stderr io.Writer) (*jobResult, error) {
+	host, stop, err := startRegistry(ctx, bin)
 	if err != nil {
 		return nil, err
 	}
-	src := fmt.Sprintf("%s/bench/%s:source", u.Host, img.Kind)
-	dst := fmt.Sprintf("%s/bench/%s-estargz:converted", u.Host, img.Kind)
+	defer stop()
+	src := fmt.Sprintf("%s/bench/%s:source", host, img.Kind)
+	dst := fmt.Sprintf("%s/bench/%s-estargz:converted", host, img.Kind)
 	ref, err := name.ParseReference(src, name.Insecure)
 	if err != nil {
 		return nil, err
@@ -74,7 +80,7 @@ func reportRegistry(w io.Writer, c *config, ms []*measurement) int {
 	if len(have) == 0 {
 		return 0
 	}
-	fmt.Fprintf(w, "\nregistry to registry: 'lazybase convert SRC DST' (convert/job: pull, convert, verify, push, tag) between two repositories of an in-process registry, median of %d interleaved run(s), each in a child process with a fresh registry\n", c.runs)
+	fmt.Fprintf(w, "\nregistry to registry: 'lazybase convert SRC DST' (convert/job: pull, convert, verify, push, tag) between two repositories of %s, median of %d interleaved run(s), each in a child process with a fresh registry\n", registryName(c.registryBin), c.runs)
 	fmt.Fprintf(w, "%-12s | %8s %7s | %8s %7s %7s %9s | %8s %8s\n",
 		"image", "base s", "MB/s", "r2r s", "conv s", "push s", "MB/s", "library", "r2r")
 	misses := 0
@@ -86,7 +92,7 @@ func reportRegistry(w io.Writer, c *config, ms []*measurement) int {
 			m.baseSeconds/m.lazySeconds, m.baseSeconds/j.Seconds)
 	}
 	for _, m := range have {
-		fmt.Fprintf(w, "  %-12s runs: registry to registry %s s\n", m.name, secs(m.jobRunTimes))
+		fmt.Fprintf(w, "  %-12s runs: registry to registry %s s; %d layer(s) streamed to the destination while converted\n", m.name, secs(m.jobRunTimes), m.job.Streamed)
 		if len(m.jobDigests) > 1 {
 			fmt.Fprintf(w, "  %-12s !!! registry to registry produced %d different digests over %d runs (not deterministic)\n", m.name, len(m.jobDigests), len(m.jobRunTimes))
 		}
@@ -105,4 +111,81 @@ func reportRegistry(w io.Writer, c *config, ms []*measurement) int {
 		fmt.Fprintf(w, "  %-12s registry to registry %6.2fx %-4s\n", m.name, speed, v)
 	}
 	return misses
+}
+
+// startRegistry starts an empty registry and returns its host:port and the
+// function that stops it and removes its storage. bin is the distribution
+// registry's binary, or empty for go-containerregistry's in-process one.
+func startRegistry(ctx context.Context, bin string) (string, func(), error) {
+	if bin == "" {
+		srv := httptest.NewServer(registry.New(registry.Logger(stdlog.New(io.Discard, "", 0))))
+		u, err := url.Parse(srv.URL)
+		if err != nil {
+			srv.Close()
+			return "", nil, err
+		}
+		return u.Host, srv.Close, nil
+	}
+	dir, err := os.MkdirTemp("", "convbench-registry-")
+	if err != nil {
+		return "", nil, err
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		os.RemoveAll(dir)
+		return "", nil, err
+	}
+	addr := l.Addr().String()
+	l.Close()
+	cfg := fmt.Sprintf("version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: %s\n",
+		filepath.Join(dir, "storage"), addr)
+	cfgPath := filepath.Join(dir, "config.yml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		os.RemoveAll(dir)
+		return "", nil, err
+	}
+	cmd := exec.Command(bin, "serve", cfgPath)
+	var logs bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		os.RemoveAll(dir)
+		return "", nil, fmt.Errorf("starting %s: %w", bin, err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	stop := func() {
+		cmd.Process.Kill()
+		<-exited
+		os.RemoveAll(dir)
+	}
+	client := &http.Client{Timeout: time.Second}
+	err = eventually.Wait(ctx, 30*time.Second, func() error {
+		select {
+		case <-exited:
+			return fmt.Errorf("exited: %s", logs.String())
+		default:
+		}
+		resp, err := client.Get("http://" + addr + "/v2/")
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("GET /v2/: %s", resp.Status)
+		}
+		return nil
+	})
+	if err != nil {
+		stop()
+		return "", nil, fmt.Errorf("registry %s on %s: %w", bin, addr, err)
+	}
+	return addr, stop, nil
+}
+
+// registryName says which registry the figures were measured against.
+func registryName(bin string) string {
+	if bin == "" {
+		return "go-containerregistry's in-process registry"
+	}
+	return "the distribution registry (" + bin + ", filesystem storage)"
 }
