@@ -138,8 +138,10 @@ func (l *rawLayer) Digest() (v1.Hash, error) {
 	h, _, err := v1.SHA256(bytes.NewReader(l.b))
 	return h, err
 }
-func (l *rawLayer) DiffID() (v1.Hash, error)             { return v1.Hash{}, fmt.Errorf("unknown") }
-func (l *rawLayer) Compressed() (io.ReadCloser, error)   { return io.NopCloser(bytes.NewReader(l.b)), nil }
+func (l *rawLayer) DiffID() (v1.Hash, error) { return v1.Hash{}, fmt.Errorf("unknown") }
+func (l *rawLayer) Compressed() (io.ReadCloser, error) {
+	return io.NopCloser(bytes.NewReader(l.b)), nil
+}
 func (l *rawLayer) Uncompressed() (io.ReadCloser, error) { return nil, fmt.Errorf("unknown") }
 func (l *rawLayer) Size() (int64, error)                 { return int64(len(l.b)), nil }
 func (l *rawLayer) MediaType() (types.MediaType, error)  { return l.mt, nil }
