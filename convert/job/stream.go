@@ -30,48 +30,60 @@ type streamer struct {
 
 // streamed is one layer blob being streamed.
 type streamed struct {
-	s      *streamer
-	up     *imageio.BlobUpload // nil when not started, or once committed or dropped
-	w      *imageio.BlobUpload // the converter's side: set once by Start
-	source v1.Hash
-	desc   v1.Descriptor // set when the layer was converted
-	ok     bool          // converted and fully sent
+	s       *streamer
+	up      *imageio.BlobUpload // nil when not started, or once committed or dropped
+	w       *imageio.BlobUpload // the converter's side: set by its first Write
+	started bool                // the converter wrote
+	source  v1.Hash
+	desc    v1.Descriptor // set when the layer was converted
+	ok      bool          // converted and fully sent
 }
 
 var _ convert.BlobTee = (*streamer)(nil)
 
-// Start starts the upload of the layer rebuilt from source.
+// Start registers the layer rebuilt from source; its upload starts with
+// the first bytes the converter writes (a layer spooled for a prefetch
+// list writes nothing for a while, and an idle upload could be cut).
 func (s *streamer) Start(_ context.Context, source v1.Descriptor) convert.BlobTeeWriter {
-	st := &streamed{s: s, source: source.Digest}
+	return &streamed{s: s, source: source.Digest}
+}
+
+// Write sends p on, starting the upload on the first call (the converter
+// calls it from one goroutine).
+func (st *streamed) Write(p []byte) (int, error) {
+	if !st.started {
+		st.started = true
+		st.w = st.s.startUpload(st)
+	}
+	if st.w == nil {
+		return len(p), nil
+	}
+	return st.w.Write(p)
+}
+
+// startUpload opens the upload of st, or returns nil when it cannot.
+func (s *streamer) startUpload(st *streamed) *imageio.BlobUpload {
 	s.mu.Lock()
 	closed := s.closed
 	s.mu.Unlock()
 	if closed {
-		return st
+		return nil
 	}
 	up, err := s.client.StartBlobUpload(s.ctx, s.dst)
 	if err != nil {
-		log.G(s.ctx).WithError(err).WithField("layer", source.Digest.String()).
+		log.G(s.ctx).WithError(err).WithField("layer", st.source.String()).
 			Debug("cannot stream the converted layer; it is pushed once converted")
-		return st
+		return nil
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
 		up.Abort(s.ctx)
-		return st
+		return nil
 	}
-	st.up, st.w = up, up
+	st.up = up
 	s.uploads = append(s.uploads, st)
-	return st
-}
-
-// Write sends p on (the converter calls it from one goroutine).
-func (st *streamed) Write(p []byte) (int, error) {
-	if st.w == nil {
-		return len(p), nil
-	}
-	return st.w.Write(p)
+	return up
 }
 
 // End finishes the upload of a converted layer (the registry then holds
