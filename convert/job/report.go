@@ -63,8 +63,9 @@ type Totals struct {
 	OutputBytes            int64 `json:"outputBytes"`
 	SourceUncompressedSize int64 `json:"sourceUncompressedBytes"`
 	// Streamed is how many converted layers were uploaded to the
-	// destination registry while they were written, not after.
-	Streamed       int     `json:"streamed"`
+	// destination registry while they were written, not after. Not part
+	// of the JSON report (its schema is fixed).
+	Streamed       int     `json:"-"`
 	ConvertSeconds float64 `json:"convertSeconds"`
 	WriteSeconds   float64 `json:"writeSeconds"`
 	Seconds        float64 `json:"seconds"`
