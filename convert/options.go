@@ -1,8 +1,10 @@
 package convert
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"runtime"
 
@@ -74,6 +76,7 @@ type options struct {
 	platforms []v1.Platform
 	progress  func(Event)
 	tempDir   string
+	tee       BlobTee
 
 	spoolBytes   int64
 	spoolEntries int
@@ -180,6 +183,31 @@ func WithPlatforms(p ...v1.Platform) Option {
 		o.platforms = append(o.platforms, p...)
 		return nil
 	}
+}
+
+// BlobTee receives a copy of each layer blob a Converter builds, while it
+// is written: Start is called when a source layer's rebuild starts (not
+// for a layer kept as it is), and what it returns gets the output bytes in
+// order, then End once, with the converted layer's descriptor or with the
+// error that failed the layer. The copy cannot change or fail the
+// conversion: errors of the writer are ignored, and the Converter's own
+// blob is written as without a tee. A slow writer slows the conversion.
+type BlobTee interface {
+	Start(ctx context.Context, source v1.Descriptor) BlobTeeWriter
+}
+
+// BlobTeeWriter is the copy of one layer blob a BlobTee receives.
+type BlobTeeWriter interface {
+	io.Writer
+	// End tells that the blob is complete and is desc (err nil), or that
+	// the layer failed with err.
+	End(desc v1.Descriptor, err error)
+}
+
+// WithBlobTee sends a copy of each rebuilt layer blob to t as it is
+// written, e.g. to upload it while it is produced.
+func WithBlobTee(t BlobTee) Option {
+	return func(o *options) error { o.tee = t; return nil }
 }
 
 // WithProgress registers a function that receives progress events. It is

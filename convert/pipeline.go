@@ -213,7 +213,7 @@ func (c *Converter) reuseLayer(ctx context.Context, blob *sourceReader, out *os.
 }
 
 // rebuildLayer converts a layer, reading and decompressing its blob once.
-func (c *Converter) rebuildLayer(ctx context.Context, blob *sourceReader, comp compression, out *os.File, srcAnn map[string]string, diffID v1.Hash, res *LayerResult) (*Layer, error) {
+func (c *Converter) rebuildLayer(ctx context.Context, blob *sourceReader, comp compression, out *os.File, srcAnn map[string]string, diffID v1.Hash, res *LayerResult) (l *Layer, retErr error) {
 	codec, err := c.codec()
 	if err != nil {
 		return nil, err
@@ -244,7 +244,26 @@ func (c *Converter) rebuildLayer(ctx context.Context, blob *sourceReader, comp c
 	srcDiff := &hashingReader{r: u, h: sha256.New()}
 
 	odig := sha256.New()
-	ow := bufio.NewWriterSize(io.MultiWriter(out, odig), 1<<20)
+	var sink io.Writer = io.MultiWriter(out, odig)
+	if c.opts.tee != nil {
+		tw := c.opts.tee.Start(ctx, res.Source)
+		var done bool
+		end := func(d v1.Descriptor, err error) {
+			if !done {
+				done = true
+				tw.End(d, err)
+			}
+		}
+		defer func() {
+			if retErr != nil {
+				end(v1.Descriptor{}, retErr)
+			} else {
+				end(l.desc, nil)
+			}
+		}()
+		sink = io.MultiWriter(out, odig, ignoreErrors{tw})
+	}
+	ow := bufio.NewWriterSize(sink, 1<<20)
 	w := newLayerWriter(ctx, ow, codec, c.pool, c.opts.chunkSize, 2*c.opts.workers+2)
 
 	var files []string
@@ -825,6 +844,15 @@ func (c *Converter) spoolEntries(ctx context.Context, u io.Reader, w *layerWrite
 		}
 	}
 	return nil
+}
+
+// ignoreErrors writes to w and reports success whatever w says: a
+// BlobTee's copy never fails a conversion.
+type ignoreErrors struct{ w io.Writer }
+
+func (i ignoreErrors) Write(p []byte) (int, error) {
+	i.w.Write(p)
+	return len(p), nil
 }
 
 // emptyReader is an empty reader.

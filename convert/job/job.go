@@ -86,6 +86,9 @@ type job struct {
 	// its prefetch source.
 	conv  *convert.Converter
 	bound *boundPrefetch
+	// stream uploads the layers the job's converter rebuilds while they
+	// are written (registry destinations only).
+	stream *streamer
 }
 
 // Run runs the request and reports what it converted and wrote. On error
@@ -140,8 +143,13 @@ func newJob(req Request) (*job, error) {
 		return nil, j.overwriteError()
 	}
 	if req.Layer == nil {
+		opts := j.converterOptions()
+		if !j.dst.IsLayout() {
+			j.stream = &streamer{client: j.client, dst: j.dst}
+			opts = append(opts, convert.WithBlobTee(j.stream))
+		}
 		// Before any I/O: bad converter options fail the job at once.
-		if j.conv, err = convert.New(j.converterOptions()...); err != nil {
+		if j.conv, err = convert.New(opts...); err != nil {
 			return nil, err
 		}
 	}
@@ -153,7 +161,15 @@ func (j *job) overwriteError() error {
 }
 
 // run opens the source, converts it and writes the destination.
-func (j *job) run(ctx context.Context) error {
+func (j *job) run(ctx context.Context) (retErr error) {
+	if j.stream != nil {
+		j.stream.ctx = ctx
+		defer func() {
+			if retErr != nil {
+				j.stream.abort(ctx)
+			}
+		}()
+	}
 	source, err := j.client.Open(ctx, j.src)
 	if err != nil {
 		return err
@@ -221,6 +237,10 @@ func (j *job) write(ctx context.Context, out imageio.Artifact, platform *v1.Plat
 		opts = append(opts, imageio.WithWriteProgress(j.req.WriteProgress))
 	}
 	start := time.Now()
+	if j.stream != nil {
+		// The blobs streamed while converting; Write finds them there.
+		j.rep.Totals.Streamed = j.stream.commit(ctx)
+	}
 	desc, err := j.client.Write(ctx, j.dst, out, platform, opts...)
 	j.rep.Totals.WriteSeconds = time.Since(start).Seconds()
 	if err != nil {

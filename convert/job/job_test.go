@@ -307,16 +307,18 @@ func TestRunCorruptBlobLeavesDestination(t *testing.T) {
 	}
 }
 
-// TestRunCancelLeavesDestination cancels a job while it reads source blobs
-// and while it uploads converted ones: the error is context.Canceled, the
-// Writing hook ran only in the second case, and no tag is written.
+// TestRunCancelLeavesDestination cancels a job while it reads source blobs,
+// while it streams converted layers to the destination as they are written,
+// and while it writes the destination (committing blobs, pushing the
+// manifest): the error is context.Canceled, the Writing hook ran only in
+// the last case, and no tag is written.
 func TestRunCancelLeavesDestination(t *testing.T) {
 	isolate(t)
 	img, err := testimage.SeedImage(6, testimage.LinuxAMD64)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, when := range []string{"reading", "uploading"} {
+	for _, when := range []string{"reading", "streaming", "uploading"} {
 		t.Run(when, func(t *testing.T) {
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
@@ -327,8 +329,9 @@ func TestRunCancelLeavesDestination(t *testing.T) {
 				select {
 				case <-armed:
 					read := r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/sha256:")
-					upload := r.Method != http.MethodGet && r.Method != http.MethodHead && strings.Contains(r.URL.Path, "/blobs/uploads")
-					if (when == "reading" && read) || (when == "uploading" && upload) {
+					stream := r.Method == http.MethodPatch && strings.Contains(r.URL.Path, "/blobs/uploads")
+					upload := r.Method == http.MethodPut
+					if (when == "reading" && read) || (when == "streaming" && stream) || (when == "uploading" && upload) {
 						once.Do(cancel)
 					}
 				default:

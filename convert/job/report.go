@@ -56,15 +56,19 @@ type LayerReport struct {
 
 // Totals sum a job's layers, counting each distinct source layer once.
 type Totals struct {
-	Images                 int     `json:"images"`
-	Layers                 int     `json:"layers"`
-	Reused                 int     `json:"reused"`
-	SourceBytes            int64   `json:"sourceBytes"`
-	OutputBytes            int64   `json:"outputBytes"`
-	SourceUncompressedSize int64   `json:"sourceUncompressedBytes"`
-	ConvertSeconds         float64 `json:"convertSeconds"`
-	WriteSeconds           float64 `json:"writeSeconds"`
-	Seconds                float64 `json:"seconds"`
+	Images                 int   `json:"images"`
+	Layers                 int   `json:"layers"`
+	Reused                 int   `json:"reused"`
+	SourceBytes            int64 `json:"sourceBytes"`
+	OutputBytes            int64 `json:"outputBytes"`
+	SourceUncompressedSize int64 `json:"sourceUncompressedBytes"`
+	// Streamed is how many converted layers were uploaded to the
+	// destination registry while they were written, not after. Not part
+	// of the JSON report (its schema is fixed).
+	Streamed       int     `json:"-"`
+	ConvertSeconds float64 `json:"convertSeconds"`
+	WriteSeconds   float64 `json:"writeSeconds"`
+	Seconds        float64 `json:"seconds"`
 	// MBPerSecond is uncompressed source MB (10^6 bytes) per second of
 	// conversion.
 	MBPerSecond float64 `json:"mbPerSecond"`

@@ -19,4 +19,8 @@
 // manifest is written first, then the tag (registry) or index.json (layout,
 // replaced atomically), so a failed or interrupted write leaves the
 // destination's name pointing where it did.
+//
+// StartBlobUpload streams a blob to a registry while it is produced (one
+// PATCH fed as the producer writes); the blob exists only once Commit names
+// its digest, which the registry checks against the bytes it received.
 package imageio

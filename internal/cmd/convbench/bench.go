@@ -45,6 +45,12 @@ type measurement struct {
 	lazyDigests  map[string]bool
 	lazyRunTimes []float64
 	baseRunTimes []float64
+	lazyDigest   string // of the median lazybase run
+
+	// The registry-to-registry conversion (convert/job), when measured.
+	job         *jobResult // the median run
+	jobRunTimes []float64
+	jobDigests  map[string]bool
 }
 
 type layerFigure struct {
@@ -105,27 +111,32 @@ func measure(ctx context.Context, c *config, self string, img *refimage.Image, s
 		m.sourceSize += l.Size
 	}
 
-	var baseRuns [][]layerFigure
-	for i := 0; i < c.baselineRuns; i++ {
-		fmt.Fprintf(stderr, "convbench: %s: baseline estargz.Build run %d/%d\n", m.name, i+1, c.baselineRuns)
-		figs, secs, err := baseline(ctx, img.Dir, man.Layers)
-		if err != nil {
-			return nil, err
+	// Rounds are interleaved (baseline, library, registry to registry) so
+	// that a change in the machine's load touches every side alike.
+	var (
+		baseRuns [][]layerFigure
+		lazyRuns []*childResult
+		jobRuns  []*jobResult
+	)
+	m.jobDigests = map[string]bool{}
+	rounds := max(c.runs, c.baselineRuns)
+	for round := 0; round < rounds; round++ {
+		if round < c.baselineRuns {
+			fmt.Fprintf(stderr, "convbench: %s: baseline estargz.Build run %d/%d\n", m.name, round+1, c.baselineRuns)
+			figs, secs, err := baseline(ctx, img.Dir, man.Layers)
+			if err != nil {
+				return nil, err
+			}
+			m.baseRunTimes = append(m.baseRunTimes, secs)
+			baseRuns = append(baseRuns, figs)
 		}
-		m.baseRunTimes = append(m.baseRunTimes, secs)
-		baseRuns = append(baseRuns, figs)
-	}
-	i := medianIndex(m.baseRunTimes)
-	m.baseSeconds, m.baseLayers = m.baseRunTimes[i], baseRuns[i]
-	for _, f := range m.baseLayers {
-		m.baseOutput += f.output
-	}
-
-	var lazyRuns []*childResult
-	for i := 0; i < c.runs; i++ {
-		fmt.Fprintf(stderr, "convbench: %s: lazybase run %d/%d\n", m.name, i+1, c.runs)
+		if round >= c.runs {
+			continue
+		}
+		last := round == c.runs-1
+		fmt.Fprintf(stderr, "convbench: %s: lazybase run %d/%d\n", m.name, round+1, c.runs)
 		profile := ""
-		if c.cpuProfile != "" && i == c.runs-1 {
+		if c.cpuProfile != "" && last {
 			profile = c.cpuProfile + "." + string(img.Kind)
 		}
 		res, rss, err := lazybase(ctx, self, img, profile, stderr)
@@ -141,10 +152,32 @@ func measure(ctx context.Context, c *config, self string, img *refimage.Image, s
 			m.lazyRSS = rss
 		}
 		lazyRuns = append(lazyRuns, res)
+		if !c.registry {
+			continue
+		}
+		fmt.Fprintf(stderr, "convbench: %s: lazybase convert registry to registry run %d/%d\n", m.name, round+1, c.runs)
+		if profile != "" {
+			profile = c.cpuProfile + "." + string(img.Kind) + ".registry"
+		}
+		jr, err := registryJob(ctx, self, c.registryBin, img, profile, stderr)
+		if err != nil {
+			return nil, err
+		}
+		m.jobRunTimes = append(m.jobRunTimes, jr.Seconds)
+		m.jobDigests[jr.Digest] = true
+		jobRuns = append(jobRuns, jr)
+	}
+	i := medianIndex(m.baseRunTimes)
+	m.baseSeconds, m.baseLayers = m.baseRunTimes[i], baseRuns[i]
+	for _, f := range m.baseLayers {
+		m.baseOutput += f.output
+	}
+	if len(jobRuns) > 0 {
+		m.job = jobRuns[medianIndex(m.jobRunTimes)]
 	}
 	i = medianIndex(m.lazyRunTimes)
 	best := lazyRuns[i]
-	m.lazySeconds = best.Seconds
+	m.lazySeconds, m.lazyDigest = best.Seconds, best.Digest
 	for j, size := range best.OutputSizes {
 		f := layerFigure{output: size}
 		if j < len(best.LayerSeconds) {
@@ -331,6 +364,7 @@ func report(w io.Writer, c *config, ms []*measurement) {
 		fmt.Fprintf(w, "  %-12s speed %6.2fx %-4s  size %6.1f%% %-4s  peak RSS %6.0f MiB %-4s\n",
 			m.name, speed, vSpeed, 100*size, vSize, float64(m.lazyRSS)/(1<<20), vRSS)
 	}
+	misses += reportRegistry(w, c, ms)
 	if misses > 0 {
 		fmt.Fprintf(w, "\n!!!!!!!! %d TARGET(S) MISSED — see MISS above !!!!!!!!\n", misses)
 	} else {

@@ -19,7 +19,7 @@ import (
 
 // TestMain lets the test binary play the child process convbench re-executes.
 func TestMain(m *testing.M) {
-	if len(os.Args) > 1 && os.Args[1] == "-child-convert" {
+	if len(os.Args) > 1 && strings.HasPrefix(os.Args[1], "-child-") {
 		if err := run(context.Background(), os.Args[1:], os.Stdout, os.Stderr); err != nil {
 			os.Stderr.WriteString(err.Error() + "\n")
 			os.Exit(1)
@@ -68,7 +68,7 @@ func TestMeasureSmallImage(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := &config{runs: 2, baselineRuns: 1}
+	cfg := &config{runs: 2, baselineRuns: 1, registry: true}
 	var progress bytes.Buffer
 	m, err := measure(context.Background(), cfg, self, ref, &progress)
 	if err != nil {
@@ -104,9 +104,16 @@ func TestMeasureSmallImage(t *testing.T) {
 	if len(m.lazyDigests) != 1 || len(m.lazyRunTimes) != 2 {
 		t.Errorf("lazybase runs %v gave digests %v", m.lazyRunTimes, m.lazyDigests)
 	}
+	if m.job == nil || len(m.jobRunTimes) != 2 || m.job.Seconds <= 0 || m.job.OutputBytes != m.lazyOutput {
+		t.Errorf("registry to registry runs %v, median %+v, want 2 runs of %d output bytes", m.jobRunTimes, m.job, m.lazyOutput)
+	}
+	// The job pushes exactly what the library makes.
+	if len(m.jobDigests) != 1 || !m.jobDigests[m.lazyDigest] {
+		t.Errorf("registry to registry pushed %v, the library made %s", m.jobDigests, m.lazyDigest)
+	}
 	var out bytes.Buffer
 	report(&out, cfg, []*measurement{m})
-	for _, want := range []string{"seed-like", "speed", "size", "peak RSS", "targets (issue 2)"} {
+	for _, want := range []string{"seed-like", "speed", "size", "peak RSS", "targets (issue 2)", "registry to registry", "target (issue 16)"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("report lacks %q:\n%s", want, out.String())
 		}

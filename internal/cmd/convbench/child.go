@@ -13,6 +13,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 
 	"github.com/lazybase/lazybase/convert"
+	"github.com/lazybase/lazybase/convert/job"
 )
 
 // childResult is what a child process reports about one lazybase conversion.
@@ -76,4 +77,48 @@ func runChild(ctx context.Context, dir, digest, profile string, w io.Writer) err
 		out.SourceUncompressed += l.SourceUncompressedSize
 	}
 	return json.NewEncoder(w).Encode(out)
+}
+
+// jobResult is what a child process reports about one registry-to-registry
+// conversion (convert/job, as 'lazybase convert' runs it).
+type jobResult struct {
+	Seconds float64 `json:"seconds"`
+	// Digest is the manifest digest the destination tag points to.
+	Digest string `json:"digest"`
+	// ConvertSeconds and WriteSeconds are the job's own split.
+	ConvertSeconds float64 `json:"convertSeconds"`
+	WriteSeconds   float64 `json:"writeSeconds"`
+	OutputBytes    int64   `json:"outputBytes"`
+	// Streamed is how many layers were uploaded while they were written.
+	Streamed int `json:"streamed"`
+}
+
+// runChildJob converts the registry image src to the registry tag dst with
+// convert/job as 'lazybase convert SRC DST' does (default client: loopback
+// registries over plain HTTP) and writes a jobResult as JSON to w.
+func runChildJob(ctx context.Context, src, dst, profile string, w io.Writer) error {
+	if profile != "" {
+		f, err := os.Create(profile)
+		if err != nil {
+			return fmt.Errorf("child: %w", err)
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return fmt.Errorf("child: cpu profile: %w", err)
+		}
+		defer pprof.StopCPUProfile()
+	}
+	start := time.Now()
+	rep, err := job.Run(ctx, job.Request{Source: src, Destination: dst})
+	if err != nil {
+		return fmt.Errorf("child: converting %s to %s: %w", src, dst, err)
+	}
+	return json.NewEncoder(w).Encode(jobResult{
+		Seconds:        time.Since(start).Seconds(),
+		Digest:         rep.Digest,
+		ConvertSeconds: rep.Totals.ConvertSeconds,
+		WriteSeconds:   rep.Totals.WriteSeconds,
+		OutputBytes:    rep.Totals.OutputBytes,
+		Streamed:       rep.Totals.Streamed,
+	})
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"os/signal"
 	"strings"
 	"syscall"
@@ -24,6 +25,10 @@ type config struct {
 	cpuProfile   string
 	childDir     string
 	childDigest  string
+	childJob     string
+	childDst     string
+	registry     bool
+	registryBin  string
 }
 
 func main() {
@@ -49,10 +54,14 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	fs.StringVar(&c.cacheDir, "cache", "", "reference image cache directory (default: refimage's)")
 	fs.StringVar(&c.mirror, "mirror", "", "Debian mirror for building reference images (default: apt's)")
 	fs.BoolVar(&c.refimages, "refimages", false, "only build the reference images into the cache and print where they are")
+	fs.BoolVar(&c.registry, "registry", true, "also measure 'lazybase convert' registry to registry (convert/job against an in-process registry)")
+	fs.StringVar(&c.registryBin, "registry-bin", "docker-registry", "the distribution registry binary the registry-to-registry figure runs against (looked up in PATH); empty, or not found: go-containerregistry's in-process registry")
 	fs.StringVar(&c.cpuProfile, "cpuprofile", "", "write a CPU profile of the last lazybase run of each image to FILE.<image>")
 	// Hidden: the child process that runs one lazybase conversion.
 	fs.StringVar(&c.childDir, "child-convert", "", "")
 	fs.StringVar(&c.childDigest, "child-digest", "", "")
+	fs.StringVar(&c.childJob, "child-job", "", "")
+	fs.StringVar(&c.childDst, "child-dst", "", "")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "usage: convbench [flags]\n\n")
 		fs.VisitAll(func(f *flag.Flag) {
@@ -75,12 +84,20 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	if c.runs < 1 || c.baselineRuns < 1 {
 		return nil, fmt.Errorf("-runs and -baseline-runs must be at least 1")
 	}
+	if c.registryBin != "" {
+		if p, err := exec.LookPath(c.registryBin); err == nil {
+			c.registryBin = p
+		} else {
+			fmt.Fprintf(stderr, "convbench: %s not found (%v): measuring registry to registry against the in-process registry\n", c.registryBin, err)
+			c.registryBin = ""
+		}
+	}
 	for _, s := range strings.Split(*images, ",") {
 		if s = strings.TrimSpace(s); s != "" {
 			c.images = append(c.images, s)
 		}
 	}
-	if len(c.images) == 0 && c.childDir == "" {
+	if len(c.images) == 0 && c.childDir == "" && c.childJob == "" {
 		return nil, fmt.Errorf("no images to measure")
 	}
 	return c, nil
@@ -94,6 +111,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	log.L.Logger.SetOutput(stderr)
 	if c.childDir != "" {
 		return runChild(ctx, c.childDir, c.childDigest, c.cpuProfile, stdout)
+	}
+	if c.childJob != "" {
+		return runChildJob(ctx, c.childJob, c.childDst, c.cpuProfile, stdout)
 	}
 	return runBench(ctx, c, stdout, stderr)
 }
