@@ -18,8 +18,10 @@ import (
 
 // tocCheckOption makes the upstream filesystem check every eStargz TOC
 // before its metadata reader sees it.
-func tocCheckOption(opts ...toccheck.Option) stargzfs.Option {
-	return stargzfs.WithMetadataStore(tocCheckingStore(memorymetadata.NewReader, tocCheck{opts: opts}))
+// The clones the store makes for background fetches stop their walk
+// when bg declines the layer (bgfetch.go); bg may be nil.
+func tocCheckOption(bg *backgroundFetch, opts ...toccheck.Option) stargzfs.Option {
+	return stargzfs.WithMetadataStore(tocCheckingStore(memorymetadata.NewReader, tocCheck{opts: opts, background: bg}))
 }
 
 // tocCheck is how a checking store checks a TOC: the limits, and a hook
@@ -28,6 +30,9 @@ func tocCheckOption(opts ...toccheck.Option) stargzfs.Option {
 type tocCheck struct {
 	opts    []toccheck.Option
 	onCheck func()
+	// background, when set, decides whether the walk of a clone (a
+	// layer's background fetch) goes on.
+	background *backgroundFetch
 }
 
 // tocCheckingStore wraps the metadata store inner: before inner reads a
@@ -127,9 +132,11 @@ type checkedReader struct {
 }
 
 // Clone clones the reader over sr after checking sr's TOC. stargz clones a
-// layer's reader for its prefetch and background fetch, over the same
-// blob: when sr holds the very footer and TOC bytes that passed the check,
-// they are compared, not decoded and validated again.
+// layer's reader for its background fetch only (its prefetch walks the
+// reader itself), over the same blob; the clone's walk stops when the
+// background fetch is declined (backgroundReader). When sr holds the very
+// footer and TOC bytes that passed the check, they are compared, not
+// decoded and validated again.
 func (r *checkedReader) Clone(sr *io.SectionReader) (metadata.Reader, error) {
 	var cached *spanReaderAt
 	if sameTOC(sr, r.size, r.checked) {
@@ -145,7 +152,11 @@ func (r *checkedReader) Clone(sr *io.SectionReader) (metadata.Reader, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &checkedReader{Reader: c, mopts: r.mopts, check: r.check, checked: cached.checked, size: cached.size}, nil
+	cr := &checkedReader{Reader: c, mopts: r.mopts, check: r.check, checked: cached.checked, size: cached.size}
+	if r.check.background != nil {
+		return &backgroundReader{checkedReader: cr, bg: r.check.background}, nil
+	}
+	return cr, nil
 }
 
 // spanReaderAt serves reads that fall inside the blob ranges the check
