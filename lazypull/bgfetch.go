@@ -1,10 +1,14 @@
 package lazypull
 
 import (
+	"io"
 	"os"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/containerd/log"
+	"github.com/containerd/stargz-snapshotter/metadata"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/lazybase/lazybase/exportguard"
@@ -20,7 +24,10 @@ import (
 // (exportguard.BlobSource); decompressing the rest of the layer as well,
 // while the build has the CPU, is work the build does not need. Layers
 // of lazy-only images, which the guard skips, keep their background
-// fetch; so does every layer when guard.enable is false.
+// fetch; so does every layer when guard.enable is false. A background
+// fetch that runs pauses its decompression while reads of the build
+// decompress (demandFile, backgroundFile): stargz's own pause covers its
+// blob reads only.
 //
 // stargz has no per-layer switch for its background fetch, but it walks
 // the layer through a clone of the layer's metadata reader, the only
@@ -35,6 +42,13 @@ import (
 // upstream filesystem mounts it, so the mount's labels decide until the
 // guard has been told about the layer.
 type backgroundFetch struct {
+	// demand counts the reads of layer files (FUSE reads and prefetch)
+	// that are decompressing from a blob now; lastDemand is when the
+	// count last fell to zero (UnixNano). The background fetch of any
+	// layer waits until none has run for demandQuiet.
+	demand     atomic.Int64
+	lastDemand atomic.Int64
+
 	mu     sync.Mutex
 	mounts map[string]bgMount // by mountpoint
 	// holds is the export guard's exportguard.Trigger.Holds; nil without
@@ -151,7 +165,8 @@ func guardedMode(m Mode) bool {
 }
 
 // backgroundReader is the metadata reader of a layer's background fetch:
-// its walk (ForeachChild) ends once decline says so.
+// its walk (ForeachChild) ends once decline says so, and its file reads
+// pause while the build's are pending (backgroundFile).
 type backgroundReader struct {
 	*checkedReader
 	bg *backgroundFetch
@@ -179,4 +194,77 @@ func (b *backgroundFetch) logDecline(toc, layer digest.Digest) {
 	if first {
 		log.L.WithField("layer", layer).Info("background fetch declined: the export guard holds this layer's blob; reads are served from it on demand")
 	}
+}
+
+// OpenFileWithPreReader opens a file for the background fetch: its reads
+// wait while reads of the build are pending.
+func (r *backgroundReader) OpenFileWithPreReader(id uint32, preRead func(id uint32, chunkOffset, chunkSize int64, chunkDigest string, r io.Reader) error) (metadata.File, error) {
+	f, err := r.checkedReader.OpenFileWithPreReader(id, preRead)
+	if err != nil {
+		return nil, err
+	}
+	return &backgroundFile{File: f, bg: r.bg}, nil
+}
+
+// OpenFile is OpenFileWithPreReader without a pre-reader.
+func (r *backgroundReader) OpenFile(id uint32) (metadata.File, error) {
+	f, err := r.checkedReader.OpenFile(id)
+	if err != nil {
+		return nil, err
+	}
+	return &backgroundFile{File: f, bg: r.bg}, nil
+}
+
+// Timing of the background fetch's pauses for the build's reads.
+const (
+	// demandQuiet is how long no read of the build must have run before
+	// the background fetch decompresses again.
+	demandQuiet = 100 * time.Millisecond
+	// demandPoll is how often a paused background fetch looks again.
+	demandPoll = 10 * time.Millisecond
+)
+
+// backgroundFile is a file of a layer's background fetch: each read,
+// which decompresses from the blob, first waits while reads of the build
+// (demandFile) are pending and for demandQuiet after them.
+type backgroundFile struct {
+	metadata.File
+	bg *backgroundFetch
+}
+
+func (f *backgroundFile) ReadAt(p []byte, off int64) (int, error) {
+	f.bg.yield()
+	return f.File.ReadAt(p, off)
+}
+
+// yield returns once no demand read has run for demandQuiet.
+func (b *backgroundFetch) yield() {
+	for {
+		if b.demand.Load() > 0 {
+			time.Sleep(demandPoll)
+			continue
+		}
+		quiet := time.Since(time.Unix(0, b.lastDemand.Load()))
+		if quiet >= demandQuiet {
+			return
+		}
+		time.Sleep(demandQuiet - quiet)
+	}
+}
+
+// demandFile is a file read on demand (a FUSE read or the prefetch): its
+// reads are counted while they run, so that background fetches pause.
+type demandFile struct {
+	metadata.File
+	bg *backgroundFetch
+}
+
+func (f *demandFile) ReadAt(p []byte, off int64) (int, error) {
+	f.bg.demand.Add(1)
+	defer func() {
+		if f.bg.demand.Add(-1) == 0 {
+			f.bg.lastDemand.Store(time.Now().UnixNano())
+		}
+	}()
+	return f.File.ReadAt(p, off)
 }

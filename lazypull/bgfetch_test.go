@@ -5,6 +5,7 @@ import (
 	"io"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/containerd/containerd/v2/pkg/snapshotters"
 	"github.com/containerd/stargz-snapshotter/cache"
@@ -145,6 +146,38 @@ func TestBackgroundReaderStopsStargzWalk(t *testing.T) {
 		}
 		return len(mc.Membuf)
 	}
+	// The layer's own reader counts its reads as the build's; the clone
+	// of its background fetch yields to them.
+	t.Run("file readers", func(t *testing.T) {
+		bg := newBackgroundFetch()
+		store := tocCheckingStore(memorymetadata.NewReader, tocCheck{background: bg})
+		r, err := store(io.NewSectionReader(bytes.NewReader(l.Blob), 0, int64(len(l.Blob))), storeOpts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := r.Clone(io.NewSectionReader(bytes.NewReader(l.Blob), 0, int64(len(l.Blob))))
+		if err != nil {
+			t.Fatal(err)
+		}
+		etc, _, err := r.GetChild(r.RootID(), "etc")
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, _, err := r.GetChild(etc, "os-release")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if f, err := r.OpenFile(id); err != nil {
+			t.Fatal(err)
+		} else if _, ok := f.(*demandFile); !ok {
+			t.Errorf("the layer's reader opened a %T, want a *demandFile", f)
+		}
+		if f, err := c.OpenFileWithPreReader(id, nil); err != nil {
+			t.Fatal(err)
+		} else if _, ok := f.(*backgroundFile); !ok {
+			t.Errorf("the background fetch's clone opened a %T, want a *backgroundFile", f)
+		}
+	})
 	all := cached(t, ModeLazy, nil) // no guard
 	if all < 3 {
 		t.Fatalf("background caching without a guard wrote %d entries, want every file", all)
@@ -164,5 +197,54 @@ func TestBackgroundReaderStopsStargzWalk(t *testing.T) {
 	late := func(digest.Digest) (bool, bool) { return asked.Add(1) > 2, true }
 	if n := cached(t, ModeLazyOnly, late); n >= all {
 		t.Errorf("layer handed to the guard during the walk: %d cache entries, want fewer than %d", n, all)
+	}
+}
+
+// TestBackgroundFetchYieldsToDemand: a background fetch's reads wait while
+// a read of the build is pending, and go on demandQuiet after it.
+func TestBackgroundFetchYieldsToDemand(t *testing.T) {
+	tb, err := testimage.Tar(testimage.Entries(3, testimage.WithoutLargeFiles()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := testimage.EStargz(tb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bg := newBackgroundFetch() // no guard: nothing declined
+	store := tocCheckingStore(memorymetadata.NewReader, tocCheck{background: bg})
+	r, err := store(io.NewSectionReader(bytes.NewReader(l.Blob), 0, int64(len(l.Blob))), storeOpts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vr, err := reader.NewReader(r, cache.NewMemoryCache(), digest.FromBytes(l.Blob))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vr.Close()
+
+	bg.demand.Add(1) // a read of the build is pending
+	done := make(chan error, 1)
+	go func() {
+		done <- vr.Cache(reader.WithReader(io.NewSectionReader(bytes.NewReader(l.Blob), 0, int64(len(l.Blob)))))
+	}()
+	select {
+	case err := <-done:
+		t.Fatalf("background caching ended (%v) while a read of the build was pending", err)
+	case <-time.After(500 * time.Millisecond):
+	}
+	ended := time.Now()
+	bg.lastDemand.Store(ended.UnixNano())
+	bg.demand.Add(-1)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d := time.Since(ended); d < demandQuiet {
+			t.Errorf("background caching went on %s after the read, before demandQuiet (%s)", d, demandQuiet)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("background caching still paused 10s after the read ended")
 	}
 }

@@ -196,8 +196,9 @@ type BackgroundFetchConfig struct {
 	// With guard.enable, layers whose blob the export guard holds, is
 	// fetching or will fetch (every mode but lazy-only) are not: the
 	// guard's transfer brings the whole blob, and reads are served from
-	// it on demand; lazy-only layers keep their background fetch.
-	// Default true.
+	// it on demand; lazy-only layers keep their background fetch. A
+	// background fetch pauses while reads of the build decompress from a
+	// blob, and for 100ms after. Default true.
 	Enable bool `toml:"enable"`
 
 	// MaxConcurrency is the number of layers fetched in the background at

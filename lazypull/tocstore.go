@@ -59,7 +59,7 @@ func tocCheckingStore(inner metadata.Store, c tocCheck) metadata.Store {
 		if err != nil {
 			return nil, err
 		}
-		return &checkedReader{Reader: r, mopts: mopts, check: c, checked: cached.checked, size: cached.size}, nil
+		return &checkedReader{Reader: r, mopts: mopts, check: c, checked: cached.checked, size: cached.size, demand: c.background}, nil
 	}
 }
 
@@ -129,6 +129,28 @@ type checkedReader struct {
 	// the check, kept so that a Clone over the same bytes skips the check.
 	checked []toccheck.Span
 	size    int64
+	// demand, set on the reader of a layer (not on its clones), counts
+	// its file reads as the build's, which background fetches yield to.
+	demand *backgroundFetch
+}
+
+// OpenFile opens a file; with demand set, its reads are counted.
+func (r *checkedReader) OpenFile(id uint32) (metadata.File, error) {
+	f, err := r.Reader.OpenFile(id)
+	if err != nil || r.demand == nil {
+		return f, err
+	}
+	return &demandFile{File: f, bg: r.demand}, nil
+}
+
+// OpenFileWithPreReader opens a file; with demand set, its reads are
+// counted.
+func (r *checkedReader) OpenFileWithPreReader(id uint32, preRead func(id uint32, chunkOffset, chunkSize int64, chunkDigest string, r io.Reader) error) (metadata.File, error) {
+	f, err := r.Reader.OpenFileWithPreReader(id, preRead)
+	if err != nil || r.demand == nil {
+		return f, err
+	}
+	return &demandFile{File: f, bg: r.demand}, nil
 }
 
 // Clone clones the reader over sr after checking sr's TOC. stargz clones a
