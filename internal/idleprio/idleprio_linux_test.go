@@ -154,3 +154,66 @@ func TestLowerLowersOnlyItsThread(t *testing.T) {
 		}
 	}
 }
+
+// TestPoolRunsAtIdlePriority: Do runs its function on a lowered thread and
+// leaves the caller's alone; after Close, the pool's threads are gone and
+// Do runs the function on the caller's goroutine.
+func TestPoolRunsAtIdlePriority(t *testing.T) {
+	base, err := probeLocked()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if base.policy == schedIdle {
+		t.Skip("the test runs at SCHED_IDLE already: nothing to compare with")
+	}
+	var lowerErr error
+	p := NewPool(2, func(err error) { lowerErr = err })
+	tids := map[int]bool{}
+	for range 8 {
+		var in prio
+		var err error
+		p.Do(func() { in, err = probe(unix.Gettid()) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		if in.nice != Nice || in.policy != schedIdle || in.ioClass != ioprioClassIdle {
+			t.Errorf("Do ran on thread %d at %+v, want nice %d, SCHED_IDLE, idle I/O", in.tid, in, Nice)
+		}
+		tids[in.tid] = true
+	}
+	if lowerErr != nil {
+		t.Errorf("Lower in the pool: %v", lowerErr)
+	}
+	if len(tids) > 2 {
+		t.Errorf("a pool of 2 ran on %d threads", len(tids))
+	}
+	if caller, err := probeLocked(); err != nil {
+		t.Fatal(err)
+	} else if caller.nice != base.nice || caller.policy != base.policy {
+		t.Errorf("the caller's thread after Do: %+v, want %+v", caller, base)
+	}
+	p.Close()
+	for tid := range tids {
+		if tid == os.Getpid() {
+			continue // the main thread is parked for good instead
+		}
+		eventually.Require(t, 10*time.Second, "the pool's threads to exit", func() error {
+			if _, err := os.Stat(fmt.Sprintf("/proc/self/task/%d", tid)); !errors.Is(err, os.ErrNotExist) {
+				return fmt.Errorf("thread %d still there (%v)", tid, err)
+			}
+			return nil
+		})
+	}
+	var after prio
+	p.Do(func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		after, err = probe(unix.Gettid())
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after.nice != base.nice || after.policy != base.policy {
+		t.Errorf("Do after Close ran at %+v, want the caller's %+v", after, base)
+	}
+}
