@@ -47,6 +47,9 @@ type benchPhases struct {
 	export      time.Duration // start of "exporting to image" to the end
 	exportFrom  time.Time     // wall clock of the export's start
 	exportSteps string        // the export's steps and their durations
+	// snapCPU is the CPU time the lazybase daemon used during the build
+	// and push (utime+stime); 0 in variants without it.
+	snapCPU time.Duration
 }
 
 // benchVariant is one of the three set-ups.
@@ -175,8 +178,8 @@ mode = %q
 	for _, v := range variants {
 		med[v.key] = medianPhases(results[v.key])
 		m := med[v.key]
-		t.Logf("BENCH (%s) %s: median of %d: total %s, first RUN at %s, build %s, export %s",
-			v.key, v.what, len(results[v.key]), r(m.total), r(m.firstRun), r(m.build), r(m.export))
+		t.Logf("BENCH (%s) %s: median of %d: total %s, first RUN at %s, build %s, export %s, snapshotter CPU %s",
+			v.key, v.what, len(results[v.key]), r(m.total), r(m.firstRun), r(m.build), r(m.export), r(m.snapCPU))
 		record(t, "exportbench-"+v.key+"-total", m.total)
 		record(t, "exportbench-"+v.key+"-export", m.export)
 	}
@@ -216,11 +219,24 @@ func benchOnce(ctx context.Context, t *testing.T, v benchVariant) (benchPhases, 
 	p := s.Registry.Proxy
 	mark := p.Mark()
 	p.SetPhase("bench")
+	snapCPU := func() time.Duration { return 0 }
+	if s.Snapshotter != nil {
+		pid := s.Snapshotter.Pid()
+		snapCPU = func() time.Duration {
+			d, err := harness.ProcessCPU(pid)
+			if err != nil {
+				t.Fatalf("(%s) snapshotter CPU: %v", v.key, err)
+			}
+			return d
+		}
+	}
+	cpuBefore := snapCPU()
 	start := time.Now()
 	_, progress, err := s.Buildkit.BuildctlProgress(ctx, "build", "--progress=rawjson",
 		"--frontend", "dockerfile.v0", "--local", "context="+work, "--local", "dockerfile="+work,
 		"--output", "type=image,name="+out+",push=true,registry.insecure=true")
 	end := time.Now()
+	cpuAfter := snapCPU()
 	p.SetPhase("")
 	if err != nil {
 		t.Fatalf("(%s) build and push: %v\n%s", v.key, err, s.Logs(30))
@@ -229,7 +245,8 @@ func benchOnce(ctx context.Context, t *testing.T, v benchVariant) (benchPhases, 
 	if err != nil {
 		t.Fatalf("(%s) progress: %v", v.key, err)
 	}
-	t.Logf("(%s) total %s: first RUN at %s, build %s, export %s (%s)", v.key, r(ph.total), r(ph.firstRun), r(ph.build), r(ph.export), ph.exportSteps)
+	ph.snapCPU = cpuAfter - cpuBefore
+	t.Logf("(%s) total %s: first RUN at %s, build %s, export %s (%s); snapshotter CPU %s", v.key, r(ph.total), r(ph.firstRun), r(ph.build), r(ph.export), ph.exportSteps, r(ph.snapCPU))
 
 	// What crossed the shaped link, per base layer, and during the export.
 	events := p.Events()[mark:]
@@ -459,6 +476,7 @@ func medianPhases(runs []benchPhases) benchPhases {
 		firstRun: pick(func(p benchPhases) time.Duration { return p.firstRun }),
 		build:    pick(func(p benchPhases) time.Duration { return p.build }),
 		export:   pick(func(p benchPhases) time.Duration { return p.export }),
+		snapCPU:  pick(func(p benchPhases) time.Duration { return p.snapCPU }),
 	}
 }
 

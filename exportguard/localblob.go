@@ -82,3 +82,26 @@ func (t *Trigger) Promote(dgst digest.Digest) {
 			Info("export guard: the lazy filesystem is fetching this blob; materializing it now so that one transfer serves both")
 	}
 }
+
+// Holds reports whether the Trigger holds blob dgst, or will: a layer of
+// that digest in some namespace is waiting for its delay, being
+// materialized, or materialized. known is false when no namespace has
+// told the Trigger about the digest; a skipped (WhenNever) or failed layer
+// is known and not held. A lazy filesystem need not decompress a held
+// layer whole into its cache: its reads are served on demand from the
+// blob the Trigger commits (LocalBlob).
+func (t *Trigger) Holds(dgst digest.Digest) (held, known bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for k, l := range t.layers {
+		if k.digest != dgst {
+			continue
+		}
+		known = true
+		switch l.state {
+		case StateScheduled, StateMaterializing, StateMaterialized:
+			return true, true
+		}
+	}
+	return false, known
+}

@@ -466,3 +466,37 @@ func TestStateTerminal(t *testing.T) {
 		}
 	}
 }
+
+// TestTriggerHolds: Holds tells a blob the Trigger holds or will hold
+// (scheduled, materializing, materialized) from one it skips, gave up on,
+// or never heard of, whichever namespace mounted it.
+func TestTriggerHolds(t *testing.T) {
+	e := newTriggerEnv(t)
+	g := e.trigger(t, time.Hour)
+	delayed, skipped, other := e.layers[0], e.layers[1], digest.FromString("never mounted")
+	missing := digest.FromString("not in the registry")
+	check := func(what string, dgst digest.Digest, wantHeld, wantKnown bool) {
+		t.Helper()
+		if held, known := g.Holds(dgst); held != wantHeld || known != wantKnown {
+			t.Errorf("%s: Holds = (%v, %v), want (%v, %v)", what, held, known, wantHeld, wantKnown)
+		}
+	}
+	check("before any mount", delayed, false, false)
+
+	g.Mounted(context.Background(), MountEvent{Namespace: "default", Ref: e.ref, Layer: delayed, Mode: "lazy", When: WhenDelayed})
+	check("scheduled", delayed, true, true)
+	g.Mounted(context.Background(), MountEvent{Namespace: "default", Ref: e.ref, Layer: skipped, Mode: "lazy-only", When: WhenNever})
+	check("skipped", skipped, false, true)
+	check("never mounted", other, false, false)
+
+	// The same blob mounted for a guarded image in another namespace is
+	// held.
+	g.Mounted(context.Background(), MountEvent{Namespace: "buildkit", Ref: e.ref, Layer: skipped, Mode: "export-base", When: WhenNow})
+	check("skipped in one namespace, materializing in another", skipped, true, true)
+	waitState(t, g, "buildkit", skipped, StateMaterialized)
+	check("materialized", skipped, true, true)
+
+	g.Mounted(context.Background(), MountEvent{Namespace: "default", Ref: e.ref, Layer: missing, Mode: "export-base", When: WhenNow})
+	waitState(t, g, "default", missing, StateFailed)
+	check("failed", missing, false, true)
+}

@@ -192,7 +192,14 @@ type PrefetchConfig struct {
 // BackgroundFetchConfig configures fetching whole layers after mount.
 type BackgroundFetchConfig struct {
 	// Enable fetches the rest of every mounted layer in the background
-	// (key "background_fetch.enable"). Default true.
+	// and decompresses it into the cache (key "background_fetch.enable").
+	// With guard.enable, layers whose blob the export guard holds, is
+	// fetching or will fetch (every mode but lazy-only) are not: the
+	// guard's transfer brings the whole blob, and reads are served from
+	// it on demand; lazy-only layers keep their background fetch. A
+	// background fetch decompresses at idle CPU and I/O priority and
+	// pauses while reads of the build decompress from a blob, and for
+	// 100ms after. Default true.
 	Enable bool `toml:"enable"`
 
 	// MaxConcurrency is the number of layers fetched in the background at

@@ -386,7 +386,7 @@ entry_timeout = "3s"
 	if err != nil {
 		t.Fatal(err)
 	}
-	sc, opts, err := cfg.upstream(t.Context(), exportguard.NewBlobSource())
+	sc, opts, err := cfg.upstream(t.Context(), exportguard.NewBlobSource(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -429,7 +429,7 @@ func TestUpstreamFUSETracing(t *testing.T) {
 		if err := cfg.Validate(); err != nil {
 			t.Fatal(err)
 		}
-		sc, _, err := cfg.upstream(t.Context(), exportguard.NewBlobSource())
+		sc, _, err := cfg.upstream(t.Context(), exportguard.NewBlobSource(), nil)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -95,7 +95,10 @@ func NewDaemon(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 	// The registry hosts of the lazy filesystem read blobs through it;
 	// the export guard, set up below, serves them from its local copies.
 	blobs := exportguard.NewBlobSource()
-	sc, opts, err := cfg.upstream(ctx, blobs)
+	// The guard, once attached, tells which layers' background fetch is
+	// declined.
+	bg := newBackgroundFetch()
+	sc, opts, err := cfg.upstream(ctx, blobs, bg)
 	if err != nil {
 		return nil, err
 	}
@@ -104,6 +107,7 @@ func NewDaemon(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 		return nil, fmt.Errorf("lazy filesystem at %s: %w", cfg.Root, err)
 	}
 	tfs := newTrackingFS(ufs, m)
+	tfs.bg = bg
 	var access *accessRecording
 	if cfg.AccessRecordDir != "" {
 		// Before the snapshotter restores mounts, so that their accesses
@@ -345,6 +349,7 @@ func (d *Daemon) Close() error {
 		if err := d.base.Close(); err != nil && d.err == nil {
 			d.err = fmt.Errorf("closing snapshotter: %w", err)
 		}
+		d.fs.bg.close()
 		if err := unmountLeftovers(ctx, filepath.Join(d.cfg.Root, "snapshotter", "snapshots")); err != nil && d.err == nil {
 			d.err = err
 		}

@@ -20,6 +20,10 @@ type trackingFS struct {
 	// starts, until the daemon listens (restore.go).
 	restore *restorer
 
+	// bg, when set, is told about each mount before the upstream
+	// filesystem mounts it (its background fetch starts during Mount).
+	bg *backgroundFetch
+
 	mu      sync.Mutex
 	mounts  map[string]mountRecord
 	watcher mountWatcher // told about mounts and unmounts, under mu
@@ -84,7 +88,9 @@ func (t *trackingFS) Mount(ctx context.Context, mountpoint string, labels map[st
 func (t *trackingFS) mount(ctx context.Context, mountpoint string, labels map[string]string, restoring bool) error {
 	ctx = layerLogger(ctx, labels)
 	start := time.Now()
+	t.bg.mounted(mountpoint, labels)
 	if err := t.fs.Mount(ctx, mountpoint, labels); err != nil {
+		t.bg.unmounted(mountpoint)
 		t.m.lazyMounts.WithLabelValues("failed").Inc()
 		if restoring {
 			return err // the restorer logs it
@@ -137,6 +143,7 @@ func (t *trackingFS) Unmount(ctx context.Context, mountpoint string) error {
 		t.watcher.unmounted(mountpoint)
 	}
 	t.mu.Unlock()
+	t.bg.unmounted(mountpoint)
 	err := t.fs.Unmount(ctx, mountpoint)
 	if ok {
 		l := log.G(ctx).WithFields(log.Fields{"image": rec.image, "layer": rec.layer, "mountpoint": mountpoint})

@@ -146,6 +146,9 @@ func (d *Daemon) startGuard(ctx context.Context, psn *policySnapshotter) error {
 		return err
 	}
 	d.guard = g
+	// No background fetch decompresses the layers whose blob the guard
+	// holds (bgfetch.go).
+	d.fs.bg.attach(g.Holds)
 	psn.lazy = d.guardMounted
 	psn.hideRemote = true
 	if d.cfg.Local.Enable {
@@ -196,6 +199,7 @@ func (d *Daemon) closeGuard() error {
 		err = cerr
 	}
 	d.blobs.Detach()
+	d.fs.bg.attach(nil)
 	if cerr := d.stores.close(); cerr != nil && err == nil {
 		err = cerr
 	}

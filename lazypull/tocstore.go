@@ -18,8 +18,10 @@ import (
 
 // tocCheckOption makes the upstream filesystem check every eStargz TOC
 // before its metadata reader sees it.
-func tocCheckOption(opts ...toccheck.Option) stargzfs.Option {
-	return stargzfs.WithMetadataStore(tocCheckingStore(memorymetadata.NewReader, tocCheck{opts: opts}))
+// The clones the store makes for background fetches stop their walk
+// when bg declines the layer (bgfetch.go); bg may be nil.
+func tocCheckOption(bg *backgroundFetch, opts ...toccheck.Option) stargzfs.Option {
+	return stargzfs.WithMetadataStore(tocCheckingStore(memorymetadata.NewReader, tocCheck{opts: opts, background: bg}))
 }
 
 // tocCheck is how a checking store checks a TOC: the limits, and a hook
@@ -28,6 +30,9 @@ func tocCheckOption(opts ...toccheck.Option) stargzfs.Option {
 type tocCheck struct {
 	opts    []toccheck.Option
 	onCheck func()
+	// background, when set, decides whether the walk of a clone (a
+	// layer's background fetch) goes on.
+	background *backgroundFetch
 }
 
 // tocCheckingStore wraps the metadata store inner: before inner reads a
@@ -54,7 +59,7 @@ func tocCheckingStore(inner metadata.Store, c tocCheck) metadata.Store {
 		if err != nil {
 			return nil, err
 		}
-		return &checkedReader{Reader: r, mopts: mopts, check: c, checked: cached.checked, size: cached.size}, nil
+		return &checkedReader{Reader: r, mopts: mopts, check: c, checked: cached.checked, size: cached.size, demand: c.background}, nil
 	}
 }
 
@@ -124,12 +129,36 @@ type checkedReader struct {
 	// the check, kept so that a Clone over the same bytes skips the check.
 	checked []toccheck.Span
 	size    int64
+	// demand, set on the reader of a layer (not on its clones), counts
+	// its file reads as the build's, which background fetches yield to.
+	demand *backgroundFetch
+}
+
+// OpenFile opens a file; with demand set, its reads are counted.
+func (r *checkedReader) OpenFile(id uint32) (metadata.File, error) {
+	f, err := r.Reader.OpenFile(id)
+	if err != nil || r.demand == nil {
+		return f, err
+	}
+	return &demandFile{File: f, bg: r.demand}, nil
+}
+
+// OpenFileWithPreReader opens a file; with demand set, its reads are
+// counted.
+func (r *checkedReader) OpenFileWithPreReader(id uint32, preRead func(id uint32, chunkOffset, chunkSize int64, chunkDigest string, r io.Reader) error) (metadata.File, error) {
+	f, err := r.Reader.OpenFileWithPreReader(id, preRead)
+	if err != nil || r.demand == nil {
+		return f, err
+	}
+	return &demandFile{File: f, bg: r.demand}, nil
 }
 
 // Clone clones the reader over sr after checking sr's TOC. stargz clones a
-// layer's reader for its prefetch and background fetch, over the same
-// blob: when sr holds the very footer and TOC bytes that passed the check,
-// they are compared, not decoded and validated again.
+// layer's reader for its background fetch only (its prefetch walks the
+// reader itself), over the same blob; the clone's walk stops when the
+// background fetch is declined (backgroundReader). When sr holds the very
+// footer and TOC bytes that passed the check, they are compared, not
+// decoded and validated again.
 func (r *checkedReader) Clone(sr *io.SectionReader) (metadata.Reader, error) {
 	var cached *spanReaderAt
 	if sameTOC(sr, r.size, r.checked) {
@@ -145,7 +174,11 @@ func (r *checkedReader) Clone(sr *io.SectionReader) (metadata.Reader, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &checkedReader{Reader: c, mopts: r.mopts, check: r.check, checked: cached.checked, size: cached.size}, nil
+	cr := &checkedReader{Reader: c, mopts: r.mopts, check: r.check, checked: cached.checked, size: cached.size}
+	if r.check.background != nil {
+		return &backgroundReader{checkedReader: cr, bg: r.check.background}, nil
+	}
+	return cr, nil
 }
 
 // spanReaderAt serves reads that fall inside the blob ranges the check

@@ -18,8 +18,10 @@ import (
 // options. It is the one place where lazybase keys meet upstream ones. It
 // starts from stargz's own defaults (stargzDefaults) and sets only the
 // fields below; TestUpstreamDefaults lists them, each with its reason.
-// The registry hosts read blobs through src, the daemon's blob source.
-func (c *Config) upstream(ctx context.Context, src *exportguard.BlobSource) (service.Config, []service.Option, error) {
+// The registry hosts read blobs through src, the daemon's blob source;
+// bg (nil: none) declines the background fetch of the layers the export
+// guard holds.
+func (c *Config) upstream(ctx context.Context, src *exportguard.BlobSource, bg *backgroundFetch) (service.Config, []service.Option, error) {
 	secs := func(d Duration) int64 { return int64(d.D() / time.Second) }
 	cacheType := func(v string) string {
 		if v == "memory" {
@@ -77,8 +79,10 @@ func (c *Config) upstream(ctx context.Context, src *exportguard.BlobSource) (ser
 	hosts := c.registryHosts(ctx, dockerCredentials(ctx, c.Auth), src)
 	return sc, []service.Option{
 		service.WithCustomRegistryHosts(hosts),
-		// Every TOC is checked before stargz reads it (tocstore.go).
-		service.WithFilesystemOptions(tocCheckOption()),
+		// Every TOC is checked before stargz reads it (tocstore.go), and
+		// the background fetch of a layer the guard holds is declined
+		// (bgfetch.go).
+		service.WithFilesystemOptions(tocCheckOption(bg)),
 	}, nil
 }
 

@@ -173,7 +173,7 @@ entry_timeout = "3s"
 		name string
 		cfg  Config
 	}{{"default", defaultCfg}, {"changed", changed}} {
-		sc, _, err := tc.cfg.upstream(t.Context(), exportguard.NewBlobSource())
+		sc, _, err := tc.cfg.upstream(t.Context(), exportguard.NewBlobSource(), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -266,7 +266,7 @@ func TestUpstreamPassthroughBuffer(t *testing.T) {
 	for _, pt := range []bool{true, false} {
 		cfg := DefaultConfig()
 		cfg.FUSE.Passthrough = pt
-		sc, _, err := cfg.upstream(t.Context(), exportguard.NewBlobSource())
+		sc, _, err := cfg.upstream(t.Context(), exportguard.NewBlobSource(), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
