@@ -50,10 +50,7 @@
 // KeepLocal and RestoreLocal carry an unpacked directory across a stop of
 // the daemon, whose snapshotter removes the snapshot directories.
 // Trigger.Holds tells the lazy filesystem which blobs it need not
-// decompress whole in the background. A Guard's transfers and an
-// Unpacker's unpacks are work beside the build: each runs on a thread of
-// its own at idle CPU and I/O priority (nice 19, SCHED_IDLE, idle I/O
-// class), which ends with it.
+// decompress whole in the background.
 //
 // Every blob a Guard commits carries LabelRef and LabelVerified, plus
 // containerd's distribution source label; Committed and CommittedFilters

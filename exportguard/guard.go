@@ -16,8 +16,6 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
-
-	"github.com/lazybase/lazybase/internal/idleprio"
 )
 
 // Labels the Guard sets on the blobs it commits.
@@ -255,16 +253,9 @@ func (g *Guard) leave(dgst digest.Digest, f *flight) {
 
 // run runs flight f, after prev (an abandoned flight of the same digest, or
 // nil) has stopped.
-//
-// It runs at idle CPU and I/O priority (idleprio.Lower): the transfer is
-// work beside the build, and the goroutine, started for it alone, takes
-// the lowered thread with it when it ends.
 func (g *Guard) run(ctx context.Context, ref string, desc ocispec.Descriptor, f, prev *flight) {
 	defer g.wg.Done()
 	defer f.cancel()
-	if err := idleprio.Lower(); err != nil {
-		log.G(ctx).WithError(err).WithField("digest", desc.Digest).Debug("exportguard: transfer runs at normal priority")
-	}
 	var err error
 	if prev != nil {
 		select {

@@ -20,8 +20,6 @@ import (
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus"
-
-	"github.com/lazybase/lazybase/internal/idleprio"
 )
 
 // Names next to a lazily mounted layer's mountpoint (".../N/fs") in its
@@ -340,11 +338,6 @@ func (u *Unpacker) try(mp string) (blobMissing bool) {
 		defer u.wg.Done()
 		defer cancel()
 		defer ra.Close()
-		// Work beside the build: at idle CPU and I/O priority, on a
-		// thread that ends with this goroutine.
-		if err := idleprio.Lower(); err != nil {
-			log.G(ctx).WithError(err).WithField("layer", m.Layer).Debug("local unpack runs at normal priority")
-		}
 		u.unpack(ctx, run, mp, m, ra)
 	}()
 	return false

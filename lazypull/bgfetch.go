@@ -3,7 +3,6 @@ package lazypull
 import (
 	"io"
 	"os"
-	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -13,7 +12,6 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/lazybase/lazybase/exportguard"
-	"github.com/lazybase/lazybase/internal/idleprio"
 )
 
 // backgroundFetch decides, layer by layer, whether stargz's background
@@ -29,7 +27,7 @@ import (
 // fetch; so does every layer when guard.enable is false. A background
 // fetch that runs pauses its decompression while reads of the build
 // decompress (demandFile, backgroundFile): stargz's own pause covers its
-// blob reads only; and it decompresses at idle CPU and I/O priority.
+// blob reads only.
 //
 // stargz has no per-layer switch for its background fetch, but it walks
 // the layer through a clone of the layer's metadata reader, the only
@@ -50,10 +48,6 @@ type backgroundFetch struct {
 	// layer waits until none has run for demandQuiet.
 	demand     atomic.Int64
 	lastDemand atomic.Int64
-
-	// idle runs the background fetch's reads, which decompress, at idle
-	// CPU and I/O priority.
-	idle *idleprio.Pool
 
 	mu     sync.Mutex
 	mounts map[string]bgMount // by mountpoint
@@ -76,18 +70,6 @@ type bgMount struct {
 func newBackgroundFetch() *backgroundFetch {
 	return &backgroundFetch{
 		mounts: map[string]bgMount{}, logged: map[digest.Digest]bool{},
-		// As many as stargz runs at once per layer.
-		idle: idleprio.NewPool(runtime.GOMAXPROCS(0), func(err error) {
-			log.L.WithError(err).Debug("background fetch runs at normal priority")
-		}),
-	}
-}
-
-// close ends the goroutines that run background reads at idle priority;
-// reads after it run on their callers' goroutines.
-func (b *backgroundFetch) close() {
-	if b != nil {
-		b.idle.Close()
 	}
 }
 
@@ -246,8 +228,7 @@ const (
 
 // backgroundFile is a file of a layer's background fetch: each read,
 // which decompresses from the blob, first waits while reads of the build
-// (demandFile) are pending and for demandQuiet after them, and then runs
-// at idle CPU and I/O priority (backgroundFetch.idle).
+// (demandFile) are pending and for demandQuiet after them.
 type backgroundFile struct {
 	metadata.File
 	bg *backgroundFetch
@@ -255,8 +236,7 @@ type backgroundFile struct {
 
 func (f *backgroundFile) ReadAt(p []byte, off int64) (n int, err error) {
 	f.bg.yield()
-	f.bg.idle.Do(func() { n, err = f.File.ReadAt(p, off) })
-	return n, err
+	return f.File.ReadAt(p, off)
 }
 
 // yield returns once no demand read has run for demandQuiet.

@@ -64,7 +64,6 @@ func TestBackgroundFetchMounts(t *testing.T) {
 		return map[string]string{tocDigestLabel: toc.String(), snapshotters.TargetLayerDigestLabel: layer.String(), ModeLabel: string(mode)}
 	}
 	bg := newBackgroundFetch()
-	t.Cleanup(bg.close)
 	bg.attach(guardSays{}.holds) // the guard has been told nothing yet
 	if _, ok := bg.decline(toc); ok {
 		t.Error("declined a TOC nothing mounted")
@@ -94,7 +93,6 @@ func TestBackgroundFetchMounts(t *testing.T) {
 		"no layer digest": {tocDigestLabel: toc.String()},
 	} {
 		bg := newBackgroundFetch()
-		t.Cleanup(bg.close)
 		bg.attach(guardSays{}.holds)
 		bg.mounted("/mnt/x", l)
 		if _, ok := bg.decline(toc); ok {
@@ -130,7 +128,6 @@ func TestBackgroundReaderStopsStargzWalk(t *testing.T) {
 	cached := func(t *testing.T, mode Mode, holds func(digest.Digest) (bool, bool)) int {
 		t.Helper()
 		bg := newBackgroundFetch()
-		t.Cleanup(bg.close)
 		bg.attach(holds)
 		bg.mounted("/mnt/layer", labels(mode))
 		store := tocCheckingStore(memorymetadata.NewReader, tocCheck{background: bg})
@@ -153,7 +150,6 @@ func TestBackgroundReaderStopsStargzWalk(t *testing.T) {
 	// of its background fetch yields to them.
 	t.Run("file readers", func(t *testing.T) {
 		bg := newBackgroundFetch()
-		t.Cleanup(bg.close)
 		store := tocCheckingStore(memorymetadata.NewReader, tocCheck{background: bg})
 		r, err := store(io.NewSectionReader(bytes.NewReader(l.Blob), 0, int64(len(l.Blob))), storeOpts...)
 		if err != nil {
@@ -216,7 +212,6 @@ func TestBackgroundFetchYieldsToDemand(t *testing.T) {
 		t.Fatal(err)
 	}
 	bg := newBackgroundFetch() // no guard: nothing declined
-	t.Cleanup(bg.close)
 	store := tocCheckingStore(memorymetadata.NewReader, tocCheck{background: bg})
 	r, err := store(io.NewSectionReader(bytes.NewReader(l.Blob), 0, int64(len(l.Blob))), storeOpts...)
 	if err != nil {

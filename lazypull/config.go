@@ -197,9 +197,8 @@ type BackgroundFetchConfig struct {
 	// fetching or will fetch (every mode but lazy-only) are not: the
 	// guard's transfer brings the whole blob, and reads are served from
 	// it on demand; lazy-only layers keep their background fetch. A
-	// background fetch decompresses at idle CPU and I/O priority and
-	// pauses while reads of the build decompress from a blob, and for
-	// 100ms after. Default true.
+	// background fetch pauses while reads of the build decompress from a
+	// blob, and for 100ms after. Default true.
 	Enable bool `toml:"enable"`
 
 	// MaxConcurrency is the number of layers fetched in the background at

@@ -349,7 +349,6 @@ func (d *Daemon) Close() error {
 		if err := d.base.Close(); err != nil && d.err == nil {
 			d.err = fmt.Errorf("closing snapshotter: %w", err)
 		}
-		d.fs.bg.close()
 		if err := unmountLeftovers(ctx, filepath.Join(d.cfg.Root, "snapshotter", "snapshots")); err != nil && d.err == nil {
 			d.err = err
 		}
