@@ -13,10 +13,8 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/lazybase/lazybase/convert"
 	"github.com/lazybase/lazybase/internal/testimage"
@@ -55,29 +53,6 @@ func (r *countingRegistry) count(method string) int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.n[method]
-}
-
-// blobAt returns the blob dgst of repo at host, or nil when it is not there.
-func blobAt(t *testing.T, host, repo string, dgst v1.Hash) []byte {
-	t.Helper()
-	ref, err := name.NewDigest(host+"/"+repo+"@"+dgst.String(), name.Insecure)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := remote.Layer(ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rc, err := l.Compressed()
-	if err != nil {
-		return nil
-	}
-	defer rc.Close()
-	b, err := io.ReadAll(rc)
-	if err != nil {
-		return nil
-	}
-	return b
 }
 
 // TestRunStreamsLayersByteIdentical converts registry to registry: every
@@ -133,7 +108,7 @@ func TestRunStreamsLayersByteIdentical(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := blobAt(t, dst.host, "s/app", h); !bytes.Equal(got, want) {
+		if got := testimage.BlobAt(t, dst.host, "s/app", h); !bytes.Equal(got, want) {
 			t.Errorf("layer %s: registry holds %d bytes that differ from the layout's %d", h, len(got), len(want))
 		}
 	}
@@ -177,7 +152,7 @@ func TestRunCorruptLayerStreamsNothing(t *testing.T) {
 			}
 			for _, l := range good.Images[0].Layers {
 				h, _ := v1.NewHash(l.Digest)
-				if blobAt(t, dst.host, "s/app", h) != nil {
+				if testimage.BlobAt(t, dst.host, "s/app", h) != nil {
 					t.Errorf("converted layer %s is in the destination after a failed conversion", h)
 				}
 			}

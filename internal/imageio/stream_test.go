@@ -4,39 +4,14 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"io"
 	"net/http"
 	"strings"
 	"testing"
 
-	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
-)
 
-// blobIn returns the blob dgst of host's repository repo, or nil when the
-// registry does not hold it.
-func blobIn(t *testing.T, host, repo string, dgst v1.Hash) []byte {
-	t.Helper()
-	ref, err := name.NewDigest(host+"/"+repo+"@"+dgst.String(), name.Insecure)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := remote.Layer(ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rc, err := l.Compressed()
-	if err != nil {
-		return nil
-	}
-	defer rc.Close()
-	b, err := io.ReadAll(rc)
-	if err != nil {
-		return nil
-	}
-	return b
-}
+	"github.com/lazybase/lazybase/internal/testimage"
+)
 
 // TestBlobUpload streams blobs in pieces to a registry: a committed one is
 // there byte for byte under its digest; an aborted one, one committed with
@@ -80,13 +55,13 @@ func TestBlobUpload(t *testing.T) {
 	if err := u.Finish(); err != nil {
 		t.Fatal(err)
 	}
-	if got := blobIn(t, host, "stream/app", goodDigest); got != nil {
+	if got := testimage.BlobAt(t, host, "stream/app", goodDigest); got != nil {
 		t.Fatal("blob present before Commit")
 	}
 	if err := u.Commit(ctx, goodDigest, int64(len(good))); err != nil {
 		t.Fatal(err)
 	}
-	if got := blobIn(t, host, "stream/app", goodDigest); !bytes.Equal(got, good) {
+	if got := testimage.BlobAt(t, host, "stream/app", goodDigest); !bytes.Equal(got, good) {
 		t.Fatalf("committed blob: %d bytes, want the %d streamed", len(got), len(good))
 	}
 	if patches != 1 {
@@ -103,7 +78,7 @@ func TestBlobUpload(t *testing.T) {
 	if err := u.Commit(ctx, abortedDigest, int64(len(aborted))); err == nil {
 		t.Error("Commit after Abort succeeded")
 	}
-	if blobIn(t, host, "stream/app", abortedDigest) != nil {
+	if testimage.BlobAt(t, host, "stream/app", abortedDigest) != nil {
 		t.Error("aborted blob is in the registry")
 	}
 
@@ -128,7 +103,7 @@ func TestBlobUpload(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), d.String()) {
 				t.Fatalf("Commit: %v, want an error naming %s (%q)", err, d, tc.want)
 			}
-			if blobIn(t, host, "stream/app", h) != nil {
+			if testimage.BlobAt(t, host, "stream/app", h) != nil {
 				t.Error("refused blob is in the registry under its own digest")
 			}
 		})

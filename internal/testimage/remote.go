@@ -2,6 +2,7 @@ package testimage
 
 import (
 	"errors"
+	"io"
 	"net/http"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -54,4 +55,28 @@ func TagExists(t TB, ref string) bool {
 		t.Fatalf("HEAD %s: %v", ref, err)
 	}
 	return false
+}
+
+// BlobAt returns the blob dgst of repository repo at host, or nil when
+// the registry does not hold it.
+func BlobAt(t TB, host, repo string, dgst v1.Hash) []byte {
+	t.Helper()
+	ref, err := name.NewDigest(host+"/"+repo+"@"+dgst.String(), name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := remote.Layer(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc, err := l.Compressed()
+	if err != nil {
+		return nil
+	}
+	defer rc.Close()
+	b, err := io.ReadAll(rc)
+	if err != nil {
+		return nil
+	}
+	return b
 }
