@@ -255,3 +255,26 @@ func convertedWith(ctx context.Context, t testing.TB, img v1.Image, opts ...conv
 	t.Logf("convert (%d options): %s", len(opts), time.Since(start).Round(time.Millisecond))
 	return res.Image
 }
+
+// requirePushedOnBase reads the image pushed as ref and checks that its
+// layers are base's, in order, and one more (the build's own).
+func requirePushedOnBase(ctx context.Context, t testing.TB, ref string, base []string) {
+	t.Helper()
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := remote.Image(r, remote.WithContext(ctx))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pushed := layerDigests(t, img)
+	if len(pushed) != len(base)+1 {
+		t.Fatalf("pushed image has layers %v, want the %d base layers and one more", pushed, len(base))
+	}
+	for i, d := range base {
+		if pushed[i] != d {
+			t.Errorf("pushed layer %d is %s, want the lazy base's %s", i, pushed[i], d)
+		}
+	}
+}

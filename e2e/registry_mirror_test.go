@@ -11,9 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
-
 	"github.com/lazybase/lazybase/e2e/harness"
 	"github.com/lazybase/lazybase/exportguard"
 	"github.com/lazybase/lazybase/internal/eventually"
@@ -171,21 +168,5 @@ mode = "lazy-only"
 		}
 	}
 
-	ref, err := name.ParseReference(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	img, err := remote.Image(ref, remote.WithContext(ctx))
-	if err != nil {
-		t.Fatal(err)
-	}
-	pushed := layerDigests(t, img)
-	if len(pushed) != len(debianLayers)+1 {
-		t.Fatalf("pushed image has layers %v, want the %d base layers and one more", pushed, len(debianLayers))
-	}
-	for i, d := range debianLayers {
-		if pushed[i] != d {
-			t.Errorf("pushed layer %d is %s, want the lazy base's %s", i, pushed[i], d)
-		}
-	}
+	requirePushedOnBase(ctx, t, out, debianLayers)
 }
