@@ -5,7 +5,7 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -X main.version=$(VERSION)
 CACHE    ?= $(CURDIR)/.cache
 
-.PHONY: all build test bench demo lint e2e fuzz clean deploy-test soak
+.PHONY: all build test bench demo lint e2e fuzz clean deploy-test soak figures
 
 all: build
 
@@ -31,6 +31,14 @@ demo:
 # (BENCHFLAGS: -runs N -baseline-runs M -images debian,golang).
 bench:
 	LAZYBASE_CACHE=$(CACHE) $(GO) run ./internal/cmd/convbench $(BENCHFLAGS)
+
+# figures: regenerate the README's benchmark figures (between its
+# <!-- figures:NAME:begin/end --> markers) from the JSON the e2e benchmarks
+# wrote to BENCH_OUT ($$LAZYBASE_BENCH_OUT, else $$LAZYBASE_CACHE/bench, else
+# $(CACHE)/bench: where the benchmarks write by default).
+BENCH_OUT ?= $(or $(LAZYBASE_BENCH_OUT),$(if $(LAZYBASE_CACHE),$(LAZYBASE_CACHE)/bench),$(CACHE)/bench)
+figures:
+	$(GO) run ./internal/cmd/figures -in $(BENCH_OUT) -readme README.md
 
 # refimages: build the debian-like and golang-like reference images into
 # $(CACHE)/refimages (the first build needs root and debootstrap).
