@@ -7,20 +7,17 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"regexp"
+	"strings"
 	"testing"
 
 	"github.com/lazybase/lazybase/e2e/harness"
+	"github.com/lazybase/lazybase/internal/benchfig"
 )
 
 // benchOutEnv names the directory benchmarks write their figures to as
 // JSON (default: bench/ under $LAZYBASE_CACHE, else .cache/bench in the
 // checkout). `make figures` reads it to regenerate the README's figures.
 const benchOutEnv = "LAZYBASE_BENCH_OUT"
-
-// figureName is what writeFigures accepts as a name: it becomes a file
-// name and the README's marker (<!-- figures:NAME:begin -->).
-var figureName = regexp.MustCompile(`^[a-z0-9][a-z0-9-]*$`)
 
 // benchOutDir returns the directory benchmark figures go to.
 func benchOutDir() (string, error) {
@@ -42,7 +39,7 @@ func benchOutDir() (string, error) {
 // written.
 func writeFigures(t testing.TB, name string, v any) string {
 	t.Helper()
-	if !figureName.MatchString(name) {
+	if !benchfig.ValidName(name) {
 		t.Fatalf("figures name %q: want lower-case letters, digits and dashes", name)
 	}
 	dir, err := benchOutDir()
@@ -116,5 +113,45 @@ func TestWriteFigures(t *testing.T) {
 	}
 	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
 		t.Errorf("%s holds %d entries, want only demo-figures.json", dir, len(ents))
+	}
+}
+
+// TestExportBenchTargets checks the targets TestExportBench prints from
+// its medians: only those whose variants ran, each bound as the issue
+// sets it.
+func TestExportBenchTargets(t *testing.T) {
+	med := map[string]benchfig.Run{
+		"a":      {TotalSeconds: 20, ExportSeconds: 1},
+		"b":      {TotalSeconds: 15},
+		"c":      {TotalSeconds: 12, ExportSeconds: 1.2, FetchedBytes: 150},
+		"c-lazy": {TotalSeconds: 15},
+		"w":      {TotalSeconds: 11},
+	}
+	got := map[string]string{}
+	for _, tg := range exportBenchTargets(med, 140) {
+		got[tg.Name] = fmt.Sprintf("%.3f<=%.3f %s", tg.Value, tg.Limit, tg.Verdict())
+	}
+	want := map[string]string{
+		"(c)/(a)":                              "0.600<=0.600 PASS",
+		"(c)/(b)":                              "0.800<=0.800 PASS",
+		"(c-lazy)/(a)":                         "0.750<=0.700 MISS",
+		"(c)/(w)":                              "1.091<=1.100 PASS",
+		"export (c)/(a)":                       "1.200<=1.000 MISS",
+		"bytes fetched by (c) / eStargz bases": "150.000<=140.000 MISS",
+	}
+	if len(got) != len(want) {
+		t.Errorf("targets %v, want %v", got, want)
+	}
+	for k, v := range want {
+		if got[k] != v {
+			t.Errorf("target %s: %q, want %q", k, got[k], v)
+		}
+	}
+	delete(med, "w")
+	delete(med, "b")
+	for _, tg := range exportBenchTargets(med, 140) {
+		if strings.Contains(tg.Name, "(w)") || strings.Contains(tg.Name, "(b)") {
+			t.Errorf("target %s without its variant", tg.Name)
+		}
 	}
 }

@@ -10,6 +10,10 @@ import (
 // appears in the README's markers.
 var namePattern = regexp.MustCompile(`^[a-z0-9][a-z0-9-]*$`)
 
+// ValidName reports whether name can name figures: lower-case letters,
+// digits and dashes, as in a file name and the README's markers.
+func ValidName(name string) bool { return namePattern.MatchString(name) }
+
 // Markers returns the begin and end markers of the figures called name.
 func Markers(name string) (begin, end string) {
 	return "<!-- figures:" + name + ":begin -->", "<!-- figures:" + name + ":end -->"
