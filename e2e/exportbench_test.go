@@ -118,7 +118,7 @@ type benchVariant struct {
 // the pushed images carry their base's layers and the same program, (c)
 // fetches no final-base blob byte during its export and no blob twice,
 // and (w) fetches no base layer byte. It writes everything as
-// exportbench.json (writeFigures) for `make figures`.
+// exportbench.json (writeFigures) for `make figures`, after each link.
 //
 // A round of the five variants takes about 2.5 minutes at 1 Gbit/s and
 // 3.5 at 100 Mbit/s on an idle 2-core machine.
@@ -259,6 +259,10 @@ mode = %q
 		}
 		t.Logf("BENCH %s: %d rounds in %s", l.name, runs, time.Since(linkStart).Round(time.Second))
 		fig.Links = append(fig.Links, fl)
+		// After each link, so that a run stopped during the next one
+		// keeps the tables it finished.
+		fig.Date, fig.LoadEnd = time.Now().UTC(), loadAvg(t)
+		writeFigures(t, benchfig.ExportBenchName, fig)
 	}
 	var first string
 	for _, v := range variants {
@@ -268,8 +272,6 @@ mode = %q
 			t.Errorf("the pushed programs differ: (%s) %d bytes, (%s) %d", first, len(programs[first]), v.key, len(programs[v.key]))
 		}
 	}
-	fig.Date, fig.LoadEnd = time.Now().UTC(), loadAvg(t)
-	writeFigures(t, benchfig.ExportBenchName, fig)
 }
 
 // exportBenchTargets returns the issue's targets on the medians of one
