@@ -120,8 +120,11 @@ type benchVariant struct {
 // and (w) fetches no base layer byte. It writes everything as
 // exportbench.json (writeFigures) for `make figures`, after each link.
 //
-// A round of the five variants takes about 2.5 minutes at 1 Gbit/s and
-// 3.5 at 100 Mbit/s on an idle 2-core machine.
+// A round of the five variants took 1m47s–2m05s at 100 Mbit/s with load
+// averages of 0.2–3 on 2 cores, 3 minutes at 1 Gbit/s with 8, and 5–9
+// minutes at either with 15–20 (the warm-up of (w) and each stack's
+// set-up and teardown included): the six rounds of `make e2e` add about
+// 12–15 minutes on an idle machine, 25–45 on a loaded one.
 //
 //	LAZYBASE_BENCH_RUNS=1 LAZYBASE_BENCH_LINKS=1g LAZYBASE_BENCH_VARIANTS=a,c go test -tags e2e -run 'TestExportBench$' -v ./e2e/
 func TestExportBench(t *testing.T) {
