@@ -12,6 +12,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/lazybase/lazybase/exportguard"
+	"github.com/lazybase/lazybase/internal/cpuacct"
 )
 
 // backgroundFetch decides, layer by layer, whether stargz's background
@@ -236,6 +237,9 @@ type backgroundFile struct {
 
 func (f *backgroundFile) ReadAt(p []byte, off int64) (n int, err error) {
 	f.bg.yield()
+	// One unit of the CPU account: fetching and decompressing the read.
+	span := cpuacct.Default.Start(cpuacct.BackgroundFetch)
+	defer span.End()
 	return f.File.ReadAt(p, off)
 }
 
@@ -268,5 +272,8 @@ func (f *demandFile) ReadAt(p []byte, off int64) (int, error) {
 			f.bg.lastDemand.Store(time.Now().UnixNano())
 		}
 	}()
+	// One unit of the CPU account: fetching and decompressing the read.
+	span := cpuacct.Default.Start(cpuacct.OnDemand)
+	defer span.End()
 	return f.File.ReadAt(p, off)
 }

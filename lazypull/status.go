@@ -11,6 +11,8 @@ import (
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
+
+	"github.com/lazybase/lazybase/internal/cpuacct"
 )
 
 // Upstream filesystem metrics Status reads, per mountpoint.
@@ -27,7 +29,14 @@ type Status struct {
 	// one, says how many are left and which failed (registry down); nil
 	// once every one is mounted.
 	Restore *RestoreStatus `json:"restore,omitempty"`
+	// Account is the daemon's CPU and I/O account since it started: CPU
+	// seconds, measured units, registry bytes and bytes written, by
+	// activity (lazybase_snapshotter_cpu_seconds_total and its kin).
+	Account *Account `json:"account,omitempty"`
 }
+
+// Account is the daemon's CPU and I/O account (see Status.Account).
+type Account = cpuacct.Snapshot
 
 // LayerStatus is one lazily mounted layer.
 type LayerStatus struct {
@@ -58,7 +67,8 @@ func (d *Daemon) Status(ctx context.Context) (*Status, error) {
 	if err != nil {
 		return nil, err
 	}
-	st := &Status{Layers: []LayerStatus{}}
+	acct := cpuacct.Default.Snapshot()
+	st := &Status{Layers: []LayerStatus{}, Account: &acct}
 	if rs := d.fs.restore.status(); rs.Pending > 0 {
 		st.Restore = &rs
 	}
