@@ -14,6 +14,16 @@
 // to other goroutines (HTTP/2 and TLS read loops, gRPC streams, the
 // garbage collector's background workers) is not in its span.
 //
+// Where the snapshotter measures (one span per unit): each read-and-write
+// of a guard transfer's copy loop; a whole local unpack; each read of a
+// file of stargz's background fetch and each on-demand read of a layer
+// file (fetching and decompressing chunks; stargz verifies each chunk's
+// sha256 and writes it to its cache after the read returns, outside the
+// span); the TOC check of a mount; the sha256 of each manifest the
+// guard's registry reads. The guard hands each blob to containerd's
+// content store over gRPC and containerd computes its digest: that
+// hashing is containerd's CPU, not the snapshotter's.
+//
 // Spans nest: a span started inside another one on the same goroutine
 // charges its time to its own activity only, and the outer span resumes
 // when it ends, so a transfer loop can split out its hashing.
