@@ -105,8 +105,6 @@ func (c *accountCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.fetched, prometheus.CounterValue, float64(v), act)
 	}
 	for act, v := range s.DiskWrittenBytes {
-		if act == cpuacct.Guard.String() || act == cpuacct.LocalUnpack.String() {
-			ch <- prometheus.MustNewConstMetric(c.wrote, prometheus.CounterValue, float64(v), act)
-		}
+		ch <- prometheus.MustNewConstMetric(c.wrote, prometheus.CounterValue, float64(v), act)
 	}
 }

@@ -202,9 +202,11 @@ func printAccount(out io.Writer, a *lazypull.Account) {
 	for _, act := range acts {
 		n := act.String()
 		cpu = append(cpu, fmt.Sprintf("%s %.2f", n, a.CPUSeconds[n]))
-		fetched = append(fetched, fmt.Sprintf("%s %s", n, sizeOrUnknown(a.RegistryBytes[n])))
-		if act == cpuacct.Guard || act == cpuacct.LocalUnpack {
-			written = append(written, fmt.Sprintf("%s %s", n, sizeOrUnknown(a.DiskWrittenBytes[n])))
+		if b, ok := a.RegistryBytes[n]; ok {
+			fetched = append(fetched, fmt.Sprintf("%s %s", n, sizeOrUnknown(b)))
+		}
+		if b, ok := a.DiskWrittenBytes[n]; ok {
+			written = append(written, fmt.Sprintf("%s %s", n, sizeOrUnknown(b)))
 		}
 	}
 	cpu = append(cpu, fmt.Sprintf("%s %.2f", cpuacct.Other, a.CPUSeconds[cpuacct.Other]))

@@ -74,6 +74,13 @@ func Activities() []Activity {
 	return out
 }
 
+// fetches and writes tell which activities fetch from registries and
+// which write to disk, in the byte counts Snapshot reports.
+var (
+	fetches = [numActivities]bool{Guard: true, BackgroundFetch: true, OnDemand: true, TOC: true}
+	writes  = [numActivities]bool{Guard: true, LocalUnpack: true}
+)
+
 // Account sums CPU time and bytes per activity. Its methods are safe for
 // concurrent use; the zero value is not usable, use New.
 type Account struct {
@@ -212,8 +219,9 @@ type Snapshot struct {
 	CPUSeconds map[string]float64 `json:"cpu_seconds"`
 	// Units counts the measured units per activity.
 	Units map[string]int64 `json:"units"`
-	// RegistryBytes are the bytes fetched from registries per activity,
-	// plus "other" for bytes fetched outside any span.
+	// RegistryBytes are the bytes fetched from registries per activity
+	// that fetches (guard, background_fetch, on_demand, toc), plus "other"
+	// for bytes fetched outside any span.
 	RegistryBytes map[string]int64 `json:"registry_bytes"`
 	// DiskWrittenBytes are the bytes written to disk per activity, where
 	// known (guard: into containerd's ingest; local_unpack: the layer's
@@ -235,8 +243,12 @@ func (a *Account) Snapshot() Snapshot {
 		accounted += d
 		s.CPUSeconds[act.String()] = d.Seconds()
 		s.Units[act.String()] = a.units[act].Load()
-		s.RegistryBytes[act.String()] = a.fetched[act].Load()
-		s.DiskWrittenBytes[act.String()] = a.written[act].Load()
+		if fetches[act] {
+			s.RegistryBytes[act.String()] = a.fetched[act].Load()
+		}
+		if writes[act] {
+			s.DiskWrittenBytes[act.String()] = a.written[act].Load()
+		}
 	}
 	s.RegistryBytes[OtherBytes] = a.fetched[numActivities].Load()
 	s.ProcessCPUSeconds = -1
