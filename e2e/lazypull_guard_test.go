@@ -193,8 +193,13 @@ mode = "lazy-only"
 // checkAccount checks the lazybase daemon's CPU and I/O account after a
 // lazy build whose guard materialized the blobs guarded (digest to size):
 // the guard's CPU and the bytes of those blobs are charged to it, the
-// guard's registry verified the manifests it read (hashing), and the
-// accounted CPU is within the daemon's process CPU as /proc tells it.
+// mounts' TOC checks and the build's reads are there, and the accounted
+// CPU is within the daemon's process CPU as /proc tells it. Hashing is
+// not required: containerd hashes the blobs the guard streams into its
+// content store, on its side, and the guard's registry reads no manifest
+// when the snapshot labels name the layers (the account's hashing stays
+// near 0 in the daemon; stargz's chunk verification runs after each
+// on-demand read, in fuse_and_other).
 func checkAccount(ctx context.Context, t *testing.T, s *harness.Stack, guarded map[string]int64) {
 	t.Helper()
 	a, err := s.Snapshotter.Account(ctx)
@@ -217,11 +222,14 @@ func checkAccount(ctx context.Context, t *testing.T, s *harness.Stack, guarded m
 	if a.CPUSeconds["guard"] <= 0 || a.Units["guard"] == 0 {
 		t.Errorf("account: no guard CPU (%v s in %d units)", a.CPUSeconds["guard"], a.Units["guard"])
 	}
-	if a.CPUSeconds["hashing"] <= 0 || a.Units["hashing"] == 0 {
-		t.Errorf("account: no hashing CPU (%v s in %d units)", a.CPUSeconds["hashing"], a.Units["hashing"])
+	if _, ok := a.CPUSeconds["hashing"]; !ok {
+		t.Errorf("account: no hashing entry in %v", a.CPUSeconds)
 	}
-	if a.Units["toc"] == 0 || a.Units["on_demand"] == 0 {
-		t.Errorf("account: no TOC check or on-demand read in units %v", a.Units)
+	if a.Units["toc"] == 0 || a.Units["on_demand"] == 0 || a.CPUSeconds["on_demand"] <= 0 {
+		t.Errorf("account: no TOC check or on-demand read: units %v, cpu %v", a.Units, a.CPUSeconds)
+	}
+	if a.RegistryBytes["on_demand"] == 0 || a.RegistryBytes["toc"] == 0 {
+		t.Errorf("account: no registry bytes for the TOC checks or the build's reads: %v", a.RegistryBytes)
 	}
 	// /proc counts in ticks of 10 ms, rounded down.
 	if acc := a.AccountedCPU(); acc > proc+20*time.Millisecond {
