@@ -211,7 +211,7 @@ func printAccount(out io.Writer, a *lazypull.Account) {
 	}
 	cpu = append(cpu, fmt.Sprintf("%s %.2f", cpuacct.Other, a.CPUSeconds[cpuacct.Other]))
 	fetched = append(fetched, fmt.Sprintf("%s %s", cpuacct.OtherBytes, sizeOrUnknown(a.RegistryBytes[cpuacct.OtherBytes])))
-	fmt.Fprintf(out, "cpu seconds (process %.2f): %s\n", a.ProcessCPUSeconds, strings.Join(cpu, ", "))
+	fmt.Fprintf(out, "cpu seconds (process %.2f, of which Go GC %.2f): %s\n", a.ProcessCPUSeconds, a.GoGCCPUSeconds, strings.Join(cpu, ", "))
 	fmt.Fprintf(out, "registry bytes: %s\n", strings.Join(fetched, ", "))
 	fmt.Fprintf(out, "disk bytes written: %s\n", strings.Join(written, ", "))
 }

@@ -17,6 +17,7 @@ import (
 // registry bytes and bytes written by activity since the daemon started.
 type Account struct {
 	ProcessCPUSeconds float64            `json:"process_cpu_seconds"`
+	GoGCCPUSeconds    float64            `json:"go_gc_cpu_seconds"`
 	CPUSeconds        map[string]float64 `json:"cpu_seconds"`
 	Units             map[string]int64   `json:"units"`
 	RegistryBytes     map[string]int64   `json:"registry_bytes"`
@@ -54,7 +55,7 @@ func (a *Account) String() string {
 	if b := a.RegistryBytes["other"]; b > 0 {
 		parts = append(parts, fmt.Sprintf("other fetches %.1fMB", float64(b)/1e6))
 	}
-	return fmt.Sprintf("process %.2fs: %s", a.ProcessCPUSeconds, strings.Join(parts, ", "))
+	return fmt.Sprintf("process %.2fs (Go GC %.2fs): %s", a.ProcessCPUSeconds, a.GoGCCPUSeconds, strings.Join(parts, ", "))
 }
 
 // Account returns the lazybase daemon's CPU and I/O account, from GET

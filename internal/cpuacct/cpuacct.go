@@ -2,6 +2,7 @@ package cpuacct
 
 import (
 	"runtime"
+	"runtime/metrics"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -217,6 +218,11 @@ type Snapshot struct {
 	// down: it leads the truth by at most the CPU time of the spans in
 	// flight (a local unpack is one span).
 	CPUSeconds map[string]float64 `json:"cpu_seconds"`
+	// GoGCCPUSeconds is the Go runtime's estimate of the CPU time its
+	// garbage collector has used (runtime/metrics
+	// /cpu/classes/gc/total:cpu-seconds), -1 when unknown: most of it is
+	// in fuse_and_other, the assists that units make in their spans.
+	GoGCCPUSeconds float64 `json:"go_gc_cpu_seconds"`
 	// Units counts the measured units per activity.
 	Units map[string]int64 `json:"units"`
 	// RegistryBytes are the bytes fetched from registries per activity
@@ -251,6 +257,7 @@ func (a *Account) Snapshot() Snapshot {
 		}
 	}
 	s.RegistryBytes[OtherBytes] = a.fetched[numActivities].Load()
+	s.GoGCCPUSeconds = goGCCPU()
 	s.ProcessCPUSeconds = -1
 	s.CPUSeconds[Other] = 0
 	if p, err := ProcessCPU(); err == nil {
@@ -275,6 +282,20 @@ func (a *Account) otherSince(d time.Duration) time.Duration {
 			return d
 		}
 	}
+}
+
+// gcMetric is the runtime metric of the garbage collector's CPU time.
+const gcMetric = "/cpu/classes/gc/total:cpu-seconds"
+
+// goGCCPU returns the runtime's estimate of the garbage collector's CPU
+// time in seconds, -1 when the runtime does not have it.
+func goGCCPU() float64 {
+	sample := []metrics.Sample{{Name: gcMetric}}
+	metrics.Read(sample)
+	if sample[0].Value.Kind() != metrics.KindFloat64 {
+		return -1
+	}
+	return sample[0].Value.Float64()
 }
 
 // threadCPU returns the calling thread's CPU clock in nanoseconds.

@@ -156,6 +156,9 @@ func TestConcurrentUnits(t *testing.T) {
 	if s.ProcessCPUSeconds < s.CPUSeconds["on_demand"] {
 		t.Errorf("process CPU %.3fs below the accounted %.3fs", s.ProcessCPUSeconds, s.CPUSeconds["on_demand"])
 	}
+	if s.GoGCCPUSeconds < 0 || s.GoGCCPUSeconds > s.ProcessCPUSeconds {
+		t.Errorf("Go GC CPU %.3fs, process %.3fs", s.GoGCCPUSeconds, s.ProcessCPUSeconds)
+	}
 	if s.CPUSeconds[Other] < 0 {
 		t.Errorf("%s is negative: %v", Other, s.CPUSeconds[Other])
 	}

@@ -39,7 +39,8 @@
 // attributes, xattrs, opens, reads from the cache), the Go runtime
 // (scheduler, garbage collector), gRPC and logging. It is named so
 // because the upstream filesystem has no hook to measure FUSE serving
-// apart.
+// apart. Snapshot adds the Go runtime's estimate of its garbage
+// collector's CPU time, most of which is in fuse_and_other.
 //
 // Default is the process's account, which lazypull's metrics and status
 // report; tests make accounts of their own with New.
