@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/containerd/log"
@@ -28,6 +29,16 @@ import (
 // min_change) and folds it in like a builder's profile, so that what the
 // builders published against an older conversion is carried forward.
 const AnnotationMergedProfile = "dev.lazybase.prefetch.merged"
+
+// AnnotationMergedFrom lists, comma-separated, the digests of the
+// published profiles a merged profile folds in (omitted when longer than
+// maxMergedFrom), so that they are not counted again while they remain
+// referrers of the same conversion.
+const AnnotationMergedFrom = "dev.lazybase.prefetch.merged.from"
+
+// maxMergedFrom bounds AnnotationMergedFrom, within
+// prefetch.MaxArtifactManifestBytes.
+const maxMergedFrom = 32 << 10
 
 // Defaults of the [profiles] table.
 const (
@@ -170,7 +181,9 @@ type profilePlan struct {
 	// the published profiles alone, which the mirror publishes with
 	// the conversion.
 	merged, carry *prefetch.Profile
-	rep           ProfileReport
+	// folded are the digests of the published profiles carry folds in.
+	folded []string
+	rep    ProfileReport
 }
 
 // PrefetchFiles makes the plan the job's prefetch source.
@@ -282,12 +295,7 @@ func (m *Mirror) mergeProfiles(ctx context.Context, dest imageio.Ref, static *pr
 				}
 				seen[p.Digest] = true
 				pp.rep.Found++
-				if p.Annotations[AnnotationMergedProfile] == "true" {
-					if current == nil || p.Created.After(current.Created) {
-						cp := p
-						current = &cp
-					}
-				} else {
+				if p.Annotations[AnnotationMergedProfile] != "true" {
 					p.Profile.Resolve(c.digest, c.manifest)
 				}
 				p.Profile = p.Profile.BySource(true)
@@ -302,6 +310,27 @@ func (m *Mirror) mergeProfiles(ctx context.Context, dest imageio.Ref, static *pr
 		}
 		return bytes.Compare([]byte(a.Digest.String()), []byte(b.Digest.String()))
 	})
+	// What a merged profile of the mirror folded in already (a
+	// re-conversion that gave the same digest has them as referrers
+	// still) is not counted twice; the current conversion's profile is
+	// the newest merged one no other folded in.
+	folded := map[string]bool{}
+	for _, p := range pubs {
+		if p.Annotations[AnnotationMergedProfile] == "true" {
+			for _, d := range strings.Split(p.Annotations[AnnotationMergedFrom], ",") {
+				folded[d] = true
+			}
+		}
+	}
+	pubs = slices.DeleteFunc(pubs, func(p prefetch.Published) bool { return folded[p.Digest.String()] })
+	pp.folded = nil
+	for _, p := range pubs {
+		pp.folded = append(pp.folded, p.Digest.String())
+		if current == nil && p.Annotations[AnnotationMergedProfile] == "true" {
+			cp := p
+			current = &cp
+		}
+	}
 	w := m.cfg.Profiles.weighting(time.Now())
 	merged, used, err := prefetch.MergeWeighted(staticBySource, pubs, w)
 	if err != nil {
@@ -421,7 +450,7 @@ func (m *Mirror) platformManifests(ctx context.Context, ref imageio.Ref) ([]plat
 // referrer of every platform manifest of the conversion digest in dest's
 // repository, marked with AnnotationMergedProfile. It returns the
 // artifact's digest.
-func (m *Mirror) publishMerged(ctx context.Context, dest string, digest string, p *prefetch.Profile) (string, error) {
+func (m *Mirror) publishMerged(ctx context.Context, dest string, digest string, p *prefetch.Profile, folded []string) (string, error) {
 	ref, err := m.client.ParseRef(dest)
 	if err != nil {
 		return "", err
@@ -449,7 +478,11 @@ func (m *Mirror) publishMerged(ctx context.Context, dest string, digest string, 
 	var published string
 	for _, c := range children {
 		subject := v1.Descriptor{MediaType: c.desc.MediaType, Digest: c.desc.Digest, Size: c.desc.Size}
-		img, err := profileArtifact(p, subject, created, map[string]string{AnnotationMergedProfile: "true"})
+		ann := map[string]string{AnnotationMergedProfile: "true"}
+		if from := strings.Join(folded, ","); from != "" && len(from) <= maxMergedFrom {
+			ann[AnnotationMergedFrom] = from
+		}
+		img, err := profileArtifact(p, subject, created, ann)
 		if err != nil {
 			return "", err
 		}

@@ -265,10 +265,22 @@ func TestMirrorClosedPrefetchLoop(t *testing.T) {
 				t.Errorf("third run made %d PUT/POST/PATCH requests, want 0", puts)
 			}
 
+			// A forced conversion with the same profile gives the same
+			// digest; its merged profile folds the first in, so the
+			// builder's run is not counted twice.
+			rep, err := newMirror(t, c, WithForce(true)).Run(context.Background())
+			if err != nil || !rep.OK() || rep.Images[0].Digest != desc2.Digest.String() || rep.Images[0].Profiles.Published == r2.Profiles.Published {
+				t.Fatalf("forced run: %v %+v", err, rep)
+			}
+			r3 = runLoop(t, c)
+			if r3.Status != StatusSkipped || r3.Profiles.Found != 2 || r3.Profiles.Used != 1 {
+				t.Fatalf("run after the forced one: %+v %+v", r3, r3.Profiles)
+			}
+
 			// 4: a small change (500 of 20980 bytes): kept.
 			publish(t, r2.Destination, desc2, builderProfile(r2.Destination, layer2, "app/f3", "app/f1", "etc/small"))
 			r4 := runLoop(t, c)
-			if r4.Status != StatusSkipped || r4.Profiles.Reconverted || r4.Profiles.Change <= 0 || r4.Profiles.Change >= 0.1 || r4.Profiles.Found != 2 {
+			if r4.Status != StatusSkipped || r4.Profiles.Reconverted || r4.Profiles.Change <= 0 || r4.Profiles.Change >= 0.1 || r4.Profiles.Found != 3 || r4.Profiles.Used != 2 {
 				t.Fatalf("fourth run: %+v %+v", r4, r4.Profiles)
 			}
 			t.Logf("fourth run: %s", r4.Summary())
@@ -335,5 +347,42 @@ func TestMirrorProfilesOff(t *testing.T) {
 	r2 := runLoop(t, c)
 	if r2.Status != StatusSkipped || r2.Profiles != nil {
 		t.Fatalf("second run: %+v", r2)
+	}
+}
+
+func TestProfilesConfig(t *testing.T) {
+	const base = "destination = 'r.example/m'\n[[source]]\nrepository = 'r.example/a'\n"
+	c, err := ParseConfig([]byte(base))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := c.Profiles
+	if !*p.FromRegistry || *p.MinChange != DefaultProfileMinChange || p.MaxAge != "720h0m0s" || p.HalfLife != "168h0m0s" || p.MaxArtifacts != prefetch.MaxArtifactsPerImage {
+		t.Errorf("defaults: %+v", p)
+	}
+	c, err = ParseConfig([]byte(base + "[profiles]\nfrom_registry = false\nmin_change = 0\nmax_age = '0s'\nhalf_life = '1h'\nmax_artifacts = 3\nmin_fraction = 0.5\nlayer_bytes = 10\nimage_bytes = 20\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := c.Profiles; *p.FromRegistry || *p.MinChange != 0 || p.MaxArtifacts != 3 || p.LayerBytes != 10 || p.ImageBytes != 20 {
+		t.Errorf("set: %+v", p)
+	}
+	if w := c.Profiles.weighting(time.Unix(0, 0)); w.MaxAge != 0 || w.HalfLife != time.Hour || w.MinFraction != 0.5 {
+		t.Errorf("weighting %+v", w)
+	}
+	for _, tc := range []struct{ doc, key string }{
+		{"min_change = 1.5", "profiles.min_change"},
+		{"min_change = -0.1", "profiles.min_change"},
+		{"min_fraction = 2.0", "profiles.min_fraction"},
+		{"max_age = 'soon'", "profiles.max_age"},
+		{"half_life = '-1h'", "profiles.half_life"},
+		{"max_artifacts = 65", "profiles.max_artifacts"},
+		{"max_artifacts = -1", "profiles.max_artifacts"},
+		{"layer_bytes = -1", "profiles.layer_bytes"},
+		{"unknown = 1", "profiles.unknown"},
+	} {
+		if _, err := ParseConfig([]byte(base + "[profiles]\n" + tc.doc + "\n")); err == nil || !strings.Contains(err.Error(), tc.key) {
+			t.Errorf("%s: err = %v, want one naming %s", tc.doc, err, tc.key)
+		}
 	}
 }
