@@ -24,7 +24,9 @@ import (
 )
 
 // AnnotationMergedProfile marks the profile the mirror converted an image
-// with, which it publishes as a referrer of the conversion (value "true"):
+// with, which it publishes as a referrer of every platform manifest of the
+// conversion (value: the conversion's digest, index or image, so that the
+// copies of one merge count once):
 // the next run reads it as the current conversion's selection (for
 // min_change) and folds it in like a builder's profile, so that what the
 // builders published against an older conversion is carried forward.
@@ -148,8 +150,10 @@ func (m *Mirror) profilesEnabled() bool { return *m.cfg.Profiles.FromRegistry }
 // ProfileReport is what the closed prefetch loop did for one image.
 type ProfileReport struct {
 	// Found is how many valid published profiles were read from the
-	// current conversion's referrers (the mirror's own merged one
-	// among them); Skipped how many bad ones were skipped.
+	// current conversion's referrers, the mirror's own merged one
+	// among them (its copies on other platforms, and what a merged one
+	// folds in already, not counted); Skipped how many bad ones were
+	// skipped.
 	Found   int `json:"found"`
 	Skipped int `json:"skipped"`
 	// Used is how many published profiles were merged (Found less the
@@ -294,8 +298,7 @@ func (m *Mirror) mergeProfiles(ctx context.Context, dest imageio.Ref, static *pr
 					continue
 				}
 				seen[p.Digest] = true
-				pp.rep.Found++
-				if p.Annotations[AnnotationMergedProfile] != "true" {
+				if p.Annotations[AnnotationMergedProfile] == "" {
 					p.Profile.Resolve(c.digest, c.manifest)
 				}
 				p.Profile = p.Profile.BySource(true)
@@ -315,18 +318,32 @@ func (m *Mirror) mergeProfiles(ctx context.Context, dest imageio.Ref, static *pr
 	// still) is not counted twice; the current conversion's profile is
 	// the newest merged one no other folded in.
 	folded := map[string]bool{}
+	merges := map[string]bool{}
 	for _, p := range pubs {
-		if p.Annotations[AnnotationMergedProfile] == "true" {
+		if p.Annotations[AnnotationMergedProfile] != "" {
 			for _, d := range strings.Split(p.Annotations[AnnotationMergedFrom], ",") {
 				folded[d] = true
 			}
 		}
 	}
-	pubs = slices.DeleteFunc(pubs, func(p prefetch.Published) bool { return folded[p.Digest.String()] })
+	pubs = slices.DeleteFunc(pubs, func(p prefetch.Published) bool {
+		if folded[p.Digest.String()] {
+			return true
+		}
+		// One copy of a merge published on several platforms.
+		if v := p.Annotations[AnnotationMergedProfile]; v != "" {
+			if merges[v] {
+				return true
+			}
+			merges[v] = true
+		}
+		return false
+	})
+	pp.rep.Found = len(pubs)
 	pp.folded = nil
 	for _, p := range pubs {
 		pp.folded = append(pp.folded, p.Digest.String())
-		if current == nil && p.Annotations[AnnotationMergedProfile] == "true" {
+		if current == nil && p.Annotations[AnnotationMergedProfile] != "" {
 			cp := p
 			current = &cp
 		}
@@ -352,6 +369,12 @@ func (m *Mirror) mergeProfiles(ctx context.Context, dest imageio.Ref, static *pr
 	was, _, err := prefetch.MergeWeighted(staticBySource, cur, prefetch.Weighting{Now: w.Now, MinFraction: w.MinFraction})
 	if err != nil {
 		return nil, fmt.Errorf("merging the current conversion's profile: %w", err)
+	}
+	if used == 0 && static != nil {
+		// Nothing published: the static profile as it is (Merge would
+		// put a hand-made one in rank order).
+		cp := *static
+		merged = &cp
 	}
 	m.fillBudgets(merged)
 	m.fillBudgets(was)
@@ -478,7 +501,7 @@ func (m *Mirror) publishMerged(ctx context.Context, dest string, digest string, 
 	var published string
 	for _, c := range children {
 		subject := v1.Descriptor{MediaType: c.desc.MediaType, Digest: c.desc.Digest, Size: c.desc.Size}
-		ann := map[string]string{AnnotationMergedProfile: "true"}
+		ann := map[string]string{AnnotationMergedProfile: digest}
 		if from := strings.Join(folded, ","); from != "" && len(from) <= maxMergedFrom {
 			ann[AnnotationMergedFrom] = from
 		}
