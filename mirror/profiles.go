@@ -235,8 +235,9 @@ func (m *Mirror) withProfiles(j Job, pp *profilePlan, inner job.UpToDateFunc) jo
 		sp, _ := static.(*prefetch.Profile)
 		current, err := m.mergeProfiles(ctx, dest, sp, pp)
 		if err != nil {
-			// The registry could not tell: keep what is there.
-			log.G(ctx).WithError(err).Warn("reading published prefetch profiles failed; converting without them")
+			// The registry could not tell: an up-to-date image is kept,
+			// a new conversion is made with the static profile alone.
+			log.G(ctx).WithError(err).Warn("reading published prefetch profiles failed; deciding without them")
 			pp.rep.Reason = "published profiles unavailable: " + err.Error()
 			if sp != nil {
 				pp.src = sp
@@ -248,8 +249,8 @@ func (m *Mirror) withProfiles(j Job, pp *profilePlan, inner job.UpToDateFunc) jo
 		}
 		pp.rep.Files, pp.rep.Bytes = pp.merged.SelectedBytes()
 		pp.rep.Change = prefetch.Change(current, pp.merged)
-		min := *m.cfg.Profiles.MinChange
-		changed := pp.rep.Change > 0 && pp.rep.Change >= min
+		minChange := *m.cfg.Profiles.MinChange
+		changed := pp.rep.Change > 0 && pp.rep.Change >= minChange
 		switch {
 		case !ok && inner != nil && dgst != "":
 			pp.rep.Reason = "new conversion (source or format changed)"
@@ -257,10 +258,10 @@ func (m *Mirror) withProfiles(j Job, pp *profilePlan, inner job.UpToDateFunc) jo
 			pp.rep.Reason = "new conversion"
 		case changed:
 			pp.rep.Reconverted = true
-			pp.rep.Reason = fmt.Sprintf("re-converted: the merged profile changed %.1f%% of the selected bytes (min_change %.1f%%)", 100*pp.rep.Change, 100*min)
+			pp.rep.Reason = fmt.Sprintf("re-converted: the merged profile changed %.1f%% of the selected bytes (min_change %.1f%%)", 100*pp.rep.Change, 100*minChange)
 			return dgst, false, nil
 		default:
-			pp.rep.Reason = fmt.Sprintf("kept: the merged profile changed %.1f%% of the selected bytes (min_change %.1f%%)", 100*pp.rep.Change, 100*min)
+			pp.rep.Reason = fmt.Sprintf("kept: the merged profile changed %.1f%% of the selected bytes (min_change %.1f%%)", 100*pp.rep.Change, 100*minChange)
 		}
 		return dgst, ok, nil
 	}
