@@ -416,6 +416,10 @@ func MergeWeighted(static *Profile, pubs []Published, w Weighting) (*Profile, in
 		}
 		p.Rules = Rules{}
 		p.Image, p.Digest, p.SourceDigest = "", "", ""
+		if p.Validate() != nil {
+			// One bad profile never spoils the merge of the others.
+			continue
+		}
 		profiles = append(profiles, p)
 		used++
 	}
