@@ -26,8 +26,8 @@ import (
 // metawalkVariant is one lazybase daemon configuration the walk runs on:
 // fuse holds keys of the daemon's [fuse] table ("" keeps the defaults).
 type metawalkVariant struct {
-	name string
-	fuse map[string]any
+	name, key string // key names its timings
+	fuse      map[string]any
 }
 
 // TestMetadataWalkBench measures a metadata walk (an lstat of every entry,
@@ -50,9 +50,9 @@ type metawalkVariant struct {
 //
 // Background fetch is off, so that the lazy walks compete with nothing the
 // overlayfs walks do not. Each round walks overlayfs, then the lazy image
-// under every variant of the daemon's FUSE settings (the defaults, and the
-// 1 s attribute and entry timeouts lazybase used before, for comparison),
-// interleaved; the figures are medians of the rounds. Where the kernel has
+// under every variant of the daemon's FUSE settings (the defaults; layers
+// left read-write; and lazybase's settings before, 1 s attribute and entry
+// timeouts and read-write layers, for comparison), interleaved; the figures are medians of the rounds. Where the kernel has
 // the fuse tracepoint (tracefs), the FUSE requests of each lazy walk are
 // counted by opcode, with the time the kernel waited for their answers.
 func TestMetadataWalkBench(t *testing.T) {
@@ -81,8 +81,9 @@ mode = "lazy-only"
 	}
 
 	variants := []metawalkVariant{
-		{name: "defaults"},
-		{name: "timeouts 1s", fuse: map[string]any{"attr_timeout": "1s", "entry_timeout": "1s"}},
+		{name: "defaults", key: "defaults"},
+		{name: "read-write", key: "rw", fuse: map[string]any{"read_only": false}},
+		{name: "before (timeouts 1s, read-write)", key: "before", fuse: map[string]any{"attr_timeout": "1s", "entry_timeout": "1s", "read_only": false}},
 	}
 	var entries int
 	tr, err := startFUSETrace(t)
@@ -90,7 +91,7 @@ mode = "lazy-only"
 		t.Logf("no FUSE request counts: %v", err)
 	}
 
-	// pause lets the 1 s kernel cache timeouts of the old defaults expire
+	// pause lets the 1 s kernel cache timeouts of the old settings expire
 	// between a cold walk and the next phase.
 	const pause = 2 * time.Second
 	n := 0
@@ -215,7 +216,7 @@ mode = "lazy-only"
 		var parts []string
 		for _, ph := range phases {
 			m := median(took[side][ph])
-			record(t, "metawalk-lazybase-"+strings.ReplaceAll(v.name+" "+ph, " ", "-"), m)
+			record(t, "metawalk-lazybase-"+v.key+"-"+strings.ReplaceAll(ph, " ", "-"), m)
 			ratio := float64(m) / float64(overlay[ph])
 			part := fmt.Sprintf("%s %s against %s (%.2fx", ph, m.Round(time.Millisecond), overlay[ph].Round(time.Millisecond), ratio)
 			if ph == "cold walk" && v.fuse == nil {

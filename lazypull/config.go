@@ -253,6 +253,14 @@ type FUSEConfig struct {
 	// RUN step) looks every name up again through FUSE. Names that do not
 	// exist are not cached: stargz sets no negative-entry timeout.
 	EntryTimeout Duration `toml:"entry_timeout"`
+
+	// ReadOnly remounts each lazily mounted layer read-only (key
+	// "fuse.read_only"). stargz mounts layers read-write, and on a
+	// read-write FUSE file system the kernel asks for a directory's or
+	// file's attributes again after every read of it (its access time
+	// may have changed), whatever AttrTimeout says. Nothing ever writes
+	// to a layer. Default true.
+	ReadOnly bool `toml:"read_only"`
 }
 
 // GuardConfig configures the export guard. The policy decides per image
@@ -403,6 +411,7 @@ func DefaultConfig() Config {
 			Passthrough:  passthroughSupported(),
 			AttrTimeout:  Duration(time.Hour),
 			EntryTimeout: Duration(time.Hour),
+			ReadOnly:     true,
 		},
 		Guard: GuardConfig{
 			Enable:            true,
