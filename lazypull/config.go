@@ -241,12 +241,26 @@ type FUSEConfig struct {
 	Passthrough bool `toml:"passthrough"`
 
 	// AttrTimeout is how long the kernel caches attributes (key
-	// "fuse.attr_timeout"). Whole seconds, at least 1s. Default "1s".
+	// "fuse.attr_timeout"). Whole seconds, at least 1s. Default "1h":
+	// a layer is immutable, so the kernel need not ask again; with stargz's
+	// own 1s, every build step that stats a file more than a second after
+	// the last one costs a FUSE request for it.
 	AttrTimeout Duration `toml:"attr_timeout"`
 
 	// EntryTimeout is how long the kernel caches name lookups (key
-	// "fuse.entry_timeout"). Whole seconds, at least 1s. Default "1s".
+	// "fuse.entry_timeout"). Whole seconds, at least 1s. Default "1h",
+	// for the reason AttrTimeout gives: with 1s, each new container (each
+	// RUN step) looks every name up again through FUSE. Names that do not
+	// exist are not cached: stargz sets no negative-entry timeout.
 	EntryTimeout Duration `toml:"entry_timeout"`
+
+	// ReadOnly remounts each lazily mounted layer read-only (key
+	// "fuse.read_only"). stargz mounts layers read-write, and on a
+	// read-write FUSE file system the kernel asks for a directory's or
+	// file's attributes again after every read of it (its access time
+	// may have changed), whatever AttrTimeout says. Nothing ever writes
+	// to a layer. Default true.
+	ReadOnly bool `toml:"read_only"`
 }
 
 // GuardConfig configures the export guard. The policy decides per image
@@ -395,8 +409,9 @@ func DefaultConfig() Config {
 		},
 		FUSE: FUSEConfig{
 			Passthrough:  passthroughSupported(),
-			AttrTimeout:  Duration(time.Second),
-			EntryTimeout: Duration(time.Second),
+			AttrTimeout:  Duration(time.Hour),
+			EntryTimeout: Duration(time.Hour),
+			ReadOnly:     true,
 		},
 		Guard: GuardConfig{
 			Enable:            true,

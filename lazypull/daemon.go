@@ -108,6 +108,7 @@ func NewDaemon(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 	}
 	tfs := newTrackingFS(ufs, m)
 	tfs.bg = bg
+	tfs.readOnly = cfg.FUSE.ReadOnly
 	var access *accessRecording
 	if cfg.AccessRecordDir != "" {
 		// Before the snapshotter restores mounts, so that their accesses
