@@ -33,6 +33,9 @@ type Timeline struct {
 	Title  string
 	Origin time.Time // time 0 of the axis; the earliest span start when zero
 	Lanes  []Lane
+	// Notes are lines of text printed under the axis (figures too short
+	// to see on it).
+	Notes []string
 }
 
 // Layout of the SVG, in pixels.
@@ -184,6 +187,15 @@ func (tl Timeline) WriteSVG(w io.Writer) error {
 		}
 		for k, s := range spans {
 			x0, x1 := x(s.Start), x(s.End)
+			// The next span on the same row bounds a label drawn
+			// after this one.
+			room := float64(tlLabelWidth + tlPlotWidth + tlRight)
+			for m := k + 1; m < len(spans); m++ {
+				if idx[m] == idx[k] {
+					room = x(spans[m].Start)
+					break
+				}
+			}
 			wd := math.Max(x1-x0, 1)
 			ry := y + float64(idx[k])*(tlRowHeight+tlRowGap)
 			tip := fmt.Sprintf("%s: %s s – %s s (%s s)", s.Label, num(s.Start.Sub(origin).Seconds()), num(s.End.Sub(origin).Seconds()), num(s.End.Sub(s.Start).Seconds()))
@@ -192,7 +204,7 @@ func (tl Timeline) WriteSVG(w io.Writer) error {
 			if label := s.Label; label != "" && float64(len(label))*tlCharWidth+6 <= wd {
 				fmt.Fprintf(&body, `<text class="span-label" x="%s" y="%s" font-size="%d" fill="#fff">%s</text>`+"\n",
 					num(x0+3), num(ry+tlRowHeight-5), tlFontSize, html.EscapeString(label))
-			} else if label != "" && x1+3+float64(len(label))*tlCharWidth <= tlLabelWidth+tlPlotWidth+tlRight {
+			} else if label != "" && x1+3+float64(len(label))*tlCharWidth+3 <= room {
 				fmt.Fprintf(&body, `<text class="span-label" x="%s" y="%s" font-size="%d" fill="#333">%s</text>`+"\n",
 					num(x1+3), num(ry+tlRowHeight-5), tlFontSize, html.EscapeString(label))
 			}
@@ -215,8 +227,15 @@ func (tl Timeline) WriteSVG(w io.Writer) error {
 	fmt.Fprintf(&body, `<text class="unit" x="%d" y="%s" font-size="%d" text-anchor="middle">seconds since the build started</text></g>`+"\n",
 		tlLabelWidth+tlPlotWidth/2, num(lanesEnd+32), tlFontSize)
 
+	for i, n := range tl.Notes {
+		fmt.Fprintf(&body, `<text class="note" x="6" y="%s" font-size="%d">%s</text>`+"\n",
+			num(lanesEnd+tlAxis+float64(i+1)*(tlFontSize+5)), tlFontSize, html.EscapeString(n))
+	}
 	width := tlLabelWidth + tlPlotWidth + tlRight
-	height := lanesEnd + tlAxis
+	height := lanesEnd + tlAxis + float64(len(tl.Notes))*(tlFontSize+5)
+	if len(tl.Notes) > 0 {
+		height += 8
+	}
 	var out bytes.Buffer
 	fmt.Fprintf(&out, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%s" viewBox="0 0 %d %s" font-family="sans-serif">`+"\n",
 		width, num(height), width, num(height))

@@ -89,6 +89,7 @@ func TestTimelineSVG(t *testing.T) {
 			{Name: "background fetch", Spans: nil},
 			{Name: "guard transfer", Spans: []Span{{Label: "sha256:abc", Start: at(0.3), End: at(4.0)}}},
 		},
+		Notes: []string{"export 1.4 s", "first RUN at 1.3 s"},
 	}
 	var a, b bytes.Buffer
 	if err := tl.WriteSVG(&a); err != nil {
@@ -154,6 +155,13 @@ func TestTimelineSVG(t *testing.T) {
 	}
 	if len(byClass(els, "unit")) != 1 {
 		t.Error("no axis unit")
+	}
+	notes := byClass(els, "note")
+	if len(notes) != 2 || notes[0].Text != "export 1.4 s" || attrFloat(t, notes[1], "y") <= attrFloat(t, notes[0], "y") {
+		t.Errorf("notes %+v, want two lines in order", notes)
+	}
+	if h := attrFloat(t, els[0], "height"); h < attrFloat(t, notes[1], "y") {
+		t.Errorf("svg height %v cuts the last note at y %v", h, attrFloat(t, notes[1], "y"))
 	}
 }
 
