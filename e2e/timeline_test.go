@@ -95,7 +95,7 @@ mode = "lazy-only"
 	}
 	tl := buildTimeline(steps, lazy, guard, p.Events()[mark:], exported, start, end)
 	tl.Title = fmt.Sprintf("Build and push of the multi-stage Go build, lazybase with the export guard, 1 Gbit/s, 20 ms RTT: %.1f s", end.Sub(start).Seconds())
-	tl.Notes = timelineNotes(tl, start, end)
+	tl.Notes = append(timelineNotes(tl, start, end), tl.Notes...)
 	for _, n := range tl.Notes {
 		t.Logf("TIMELINE %s", n)
 	}
@@ -179,7 +179,8 @@ const (
 // buildTimeline puts one build's events on lanes: the build ran from start
 // to end; steps are buildctl's, lazy and guard the daemon's status after
 // the build, events the shaping proxy's record of the build; exported
-// holds the layer digests of the exported base.
+// holds the layer digests of the exported base. Its one note says what
+// crossed the link.
 func buildTimeline(steps []harness.BuildStep, lazy *lazypull.Status, guard *exportguard.Status, events []shaper.Event, exported map[string]bool, start, end time.Time) harness.Timeline {
 	lanes := map[string][]harness.Span{}
 	clip := func(t time.Time) time.Time {
@@ -256,17 +257,37 @@ func buildTimeline(steps []harness.BuildStep, lazy *lazypull.Status, guard *expo
 	}
 	lanes[laneLinkBase] = linkBusy(base, clip)
 	lanes[laneLinkRest] = linkBusy(rest, clip)
+	b, r := blobTraffic(base), blobTraffic(rest)
+	note := fmt.Sprintf("On the link: exported base %.1f MB in %d GETs; builder base %.1f MB in %d GETs.", float64(b.bytes)/1e6, b.gets, float64(r.bytes)/1e6, r.gets)
 
-	tl := harness.Timeline{Origin: start}
+	tl := harness.Timeline{Origin: start, Notes: []string{note}}
 	for _, name := range []string{lanePull, laneOther, laneRun, laneBgFetch, laneGuard, laneLinkBase, laneLinkRest, laneExport} {
 		tl.Lanes = append(tl.Lanes, harness.Lane{Name: name, Spans: lanes[name]})
 	}
 	return tl
 }
 
+// traffic is what a set of blob GETs sent.
+type traffic struct {
+	bytes int64
+	gets  int
+}
+
+// blobTraffic counts the blob GETs among events and their body bytes.
+func blobTraffic(events []shaper.Event) traffic {
+	var t traffic
+	for _, e := range events {
+		if e.Kind == shaper.KindBlob && e.Method == "GET" {
+			t.bytes += e.Bytes
+			t.gets++
+		}
+	}
+	return t
+}
+
 // timelineNotes sums up the timeline tl of a build that ran from start to
 // end in a few lines: when the first RUN started, how long the RUN steps,
-// the export and the background work took, and what crossed the link.
+// the export and the background work took.
 func timelineNotes(tl harness.Timeline, start, end time.Time) []string {
 	spans := map[string][]harness.Span{}
 	for _, l := range tl.Lanes {
@@ -287,7 +308,7 @@ func timelineNotes(tl harness.Timeline, start, end time.Time) []string {
 	}
 	var notes []string
 	if first, last, _ := sum(laneRun); !first.IsZero() {
-		notes = append(notes, fmt.Sprintf("Pull: first RUN started %s after the build began; RUN steps ran %s (to %s).", sec(first.Sub(start)), sec(last.Sub(first)), sec(last.Sub(start))))
+		notes = append(notes, fmt.Sprintf("First RUN started %s after the build began; RUN steps ran %s (to %s).", sec(first.Sub(start)), sec(last.Sub(first)), sec(last.Sub(start))))
 	}
 	if first, last, _ := sum(laneExport); !first.IsZero() {
 		notes = append(notes, fmt.Sprintf("Export (layers, manifest, push): %s, from %s to the end at %s.", sec(last.Sub(first)), sec(first.Sub(start)), sec(end.Sub(start))))
