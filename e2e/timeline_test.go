@@ -19,8 +19,9 @@ import (
 	"github.com/lazybase/lazybase/lazypull"
 )
 
-// timelineOutEnv names a directory benchmarks write their figures to; a new
-// temporary directory (kept, its path logged) when unset.
+// timelineOutEnv names the directory benchmarks write their figures to;
+// when unset, bench/ under $LAZYBASE_CACHE, else .cache/bench in the
+// checkout (where the other benchmarks write their figures).
 const timelineOutEnv = "LAZYBASE_BENCH_OUT"
 
 // timelineFiguresEnv, set to 1, makes the figure benchmarks also write their
@@ -38,7 +39,7 @@ const timelineFiguresEnv = "LAZYBASE_WRITE_FIGURES"
 // have something is empty: the RUN step, the guard's transfer of every
 // layer of the exported base, the export.
 //
-// The SVG goes to $LAZYBASE_BENCH_OUT (or a new temporary directory), and
+// The SVG goes to $LAZYBASE_BENCH_OUT (else bench/ under the cache), and
 // with LAZYBASE_WRITE_FIGURES=1 also to docs/figures/build-timeline.svg.
 func TestBuildTimeline(t *testing.T) {
 	const (
@@ -74,7 +75,7 @@ mode = "lazy-only"
 	if err != nil {
 		t.Fatalf("build and push: %v\n%s", err, s.Logs(30))
 	}
-	t.Logf("build and push took %s", r(end.Sub(start)))
+	t.Logf("build and push took %s", end.Sub(start).Round(time.Millisecond))
 
 	steps, err := harness.ParseBuildSteps(progress)
 	if err != nil {
@@ -139,12 +140,15 @@ mode = "lazy-only"
 	if err := tl.WriteSVG(&svg); err != nil {
 		t.Fatal(err)
 	}
+	root, err := harness.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
 	dir := os.Getenv(timelineOutEnv)
 	if dir == "" {
-		if dir, err = os.MkdirTemp("", "lazybase-bench-"); err != nil {
-			t.Fatal(err)
-		}
-	} else if err := os.MkdirAll(dir, 0o755); err != nil {
+		dir = filepath.Join(harness.CacheDir(root), "bench")
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	path := filepath.Join(dir, "build-timeline.svg")
@@ -153,7 +157,7 @@ mode = "lazy-only"
 	}
 	t.Logf("FIGURE build timeline: %s", path)
 	if os.Getenv(timelineFiguresEnv) == "1" {
-		doc := filepath.Join("..", "docs", "figures", "build-timeline.svg")
+		doc := filepath.Join(root, "docs", "figures", "build-timeline.svg")
 		if err := os.MkdirAll(filepath.Dir(doc), 0o755); err != nil {
 			t.Fatal(err)
 		}
