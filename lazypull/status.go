@@ -58,6 +58,9 @@ type LayerStatus struct {
 	// until then; mounts handed out afterwards use it instead of the lazy
 	// mount.
 	LocalDir string `json:"local_dir,omitempty"`
+	// BackgroundFetch tells when the layer's background fetch ran; absent
+	// when none started.
+	BackgroundFetch *BackgroundFetchStatus `json:"background_fetch,omitempty"`
 }
 
 // Status returns the daemon's lazily mounted layers, sorted by image and
@@ -76,7 +79,8 @@ func (d *Daemon) Status(ctx context.Context) (*Status, error) {
 		ls := LayerStatus{
 			Mountpoint: mp, Image: rec.image, Layer: rec.layer, Mode: rec.mode, MountedAt: rec.mountedAt,
 			Size: -1, FetchedBytes: -1, PrefetchBytes: -1, FetchedPercent: -1,
-			LocalDir: d.local.LocalDir(mp),
+			LocalDir:        d.local.LocalDir(mp),
+			BackgroundFetch: d.fs.bg.fetchStatus(mp),
 		}
 		if s, ok := perMount[mp]; ok {
 			ls.Size, ls.FetchedBytes, ls.PrefetchBytes = s[0], s[1], s[2]

@@ -7,6 +7,7 @@ import (
 	"io"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/containerd/log"
 	stargzfs "github.com/containerd/stargz-snapshotter/fs"
@@ -183,6 +184,7 @@ func (r *checkedReader) Clone(sr *io.SectionReader) (metadata.Reader, error) {
 	}
 	cr := &checkedReader{Reader: c, mopts: r.mopts, check: r.check, checked: cached.checked, size: cached.size}
 	if r.check.background != nil {
+		r.check.background.times.started(c.TOCDigest(), time.Now())
 		return &backgroundReader{checkedReader: cr, bg: r.check.background}, nil
 	}
 	return cr, nil
