@@ -104,7 +104,10 @@ func New() *Account {
 	return &Account{running: map[int]*Span{}}
 }
 
-// Default is the process's account.
+// Default is the process's account. It is the one package-level account
+// on purpose: what it measures (thread CPU clocks, getrusage) belongs to the
+// process, so two daemons in one process (tests) share it and read the
+// same figures.
 var Default = New()
 
 // Span is one unit of work being measured; End it on the goroutine that
