@@ -27,6 +27,9 @@ type Status struct {
 	// one, says how many are left and which failed (registry down); nil
 	// once every one is mounted.
 	Restore *RestoreStatus `json:"restore,omitempty"`
+	// Profiles are the images whose prefetch profiles the daemon
+	// publishes ([profile]): records pending and the last publish.
+	Profiles []ProfileStatus `json:"profiles,omitempty"`
 }
 
 // LayerStatus is one lazily mounted layer.
@@ -61,6 +64,9 @@ func (d *Daemon) Status(ctx context.Context) (*Status, error) {
 	st := &Status{Layers: []LayerStatus{}}
 	if rs := d.fs.restore.status(); rs.Pending > 0 {
 		st.Restore = &rs
+	}
+	if d.pub != nil {
+		st.Profiles = d.pub.status()
 	}
 	for mp, rec := range d.fs.snapshot() {
 		ls := LayerStatus{

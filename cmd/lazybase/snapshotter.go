@@ -167,6 +167,16 @@ config's socket) with ".status" appended.`,
 			if err := tw.Flush(); err != nil {
 				return err
 			}
+			for _, p := range st.Profiles {
+				line := fmt.Sprintf("prefetch profile of %s: %d records pending, %d snapshots in use", p.Image, p.PendingRecords, p.InUse)
+				switch p.LastResult {
+				case "ok":
+					line += fmt.Sprintf("; published %s (%d files) to %s at %s", layerShort(p.Artifact), p.Files, p.Host, p.LastAttempt.Format(time.RFC3339))
+				case "failed":
+					line += fmt.Sprintf("; publish to %s failed at %s: %s", p.Host, p.LastAttempt.Format(time.RFC3339), p.LastError)
+				}
+				fmt.Fprintln(out, line)
+			}
 			if r := st.Restore; r != nil {
 				fmt.Fprintf(out, "restoring the previous daemon's lazy mounts: %d left, %d failed\n", r.Pending, len(r.Failed))
 				for _, f := range r.Failed {
