@@ -36,7 +36,7 @@ type Daemon struct {
 	base   snapshots.Snapshotter
 	sn     snapshots.Snapshotter
 	access *accessRecording
-	pub    *profilePublisher // nil when profile.publish is false
+	pub    *profilePublisher     // nil when profile.publish is false
 	guard  *exportguard.Trigger  // nil when guard.enable is false
 	stores *containerdStores     // the guard's containerd connection
 	local  *exportguard.Unpacker // nil when local.enable or guard.enable is false
