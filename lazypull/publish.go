@@ -156,11 +156,13 @@ func (p *profilePublisher) start(ctx context.Context) {
 }
 
 // close stops the publisher and publishes what is pending, as far as
-// profile.min_interval allows, each image bounded by profile.timeout.
+// profile.min_interval allows, within profile.timeout for all images.
 func (p *profilePublisher) close(ctx context.Context) {
 	p.once.Do(func() {
 		close(p.stop)
 		<-p.done
+		ctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout.D())
+		defer cancel()
 		p.publishReady(ctx, true)
 	})
 }
