@@ -125,7 +125,8 @@ type Config struct {
 // converts the image again with them. The records are kept in memory,
 // bounded, whether or not access_record_dir is set. An image is published
 // once no snapshot over its layers is in use (the build is over) and no
-// access was recorded for Delay, and at a clean shutdown; at most once per
+// access was recorded for Delay, and at a clean shutdown (within Timeout
+// or 10s, whichever is shorter, for all images); at most once per
 // MinInterval. A failed publish is logged with the image and host,
 // counted (lazybase_snapshotter_profile_publish_total{result="failed"})
 // and shown by `lazybase snapshotter status`; it never fails or slows a

@@ -32,6 +32,9 @@ const (
 	// maxUseDepth bounds the walk from a snapshot in use to the lazily
 	// mounted image below it.
 	maxUseDepth = 256
+	// maxShutdownPublish bounds the publish at shutdown, all images
+	// together.
+	maxShutdownPublish = 10 * time.Second
 	// publishTick is how often the publisher looks for images to publish.
 	publishTick = time.Second
 )
@@ -156,12 +159,14 @@ func (p *profilePublisher) start(ctx context.Context) {
 }
 
 // close stops the publisher and publishes what is pending, as far as
-// profile.min_interval allows, within profile.timeout for all images.
+// profile.min_interval allows, within profile.timeout or
+// maxShutdownPublish, whichever is shorter, for all images together: a
+// stopping daemon is not held up by a registry that stalls.
 func (p *profilePublisher) close(ctx context.Context) {
 	p.once.Do(func() {
 		close(p.stop)
 		<-p.done
-		ctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout.D())
+		ctx, cancel := context.WithTimeout(ctx, min(p.cfg.Timeout.D(), maxShutdownPublish))
 		defer cancel()
 		p.publishReady(ctx, true)
 	})
