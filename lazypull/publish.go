@@ -28,7 +28,10 @@ import (
 const (
 	// maxPublishImages bounds how many images the publisher keeps records
 	// of at once; records of further images are dropped (and counted).
-	maxPublishImages = 256
+	maxPublishImages = 64
+	// maxPendingRecords bounds the records kept for all images together
+	// (about 250 bytes each); further ones are dropped (and counted).
+	maxPendingRecords = 200000
 	// maxUseDepth bounds the walk from a snapshot in use to the lazily
 	// mounted image below it.
 	maxUseDepth = 256
@@ -116,6 +119,7 @@ type profilePublisher struct {
 	targets map[string]*publishTarget
 	uses    map[string]*snapshotUse
 	dropped int // records of images beyond maxPublishImages
+	pending int // records kept, all images together
 
 	stop chan struct{}
 	done chan struct{}
@@ -190,7 +194,7 @@ func (p *profilePublisher) recordAccess(_ context.Context, rec AccessRecord) err
 	defer p.mu.Unlock()
 	t := p.targets[rec.Image]
 	if t == nil {
-		if len(p.targets) >= maxPublishImages {
+		if len(p.targets) >= maxPublishImages && !p.evictLocked() {
 			p.dropped++
 			return nil
 		}
@@ -198,12 +202,32 @@ func (p *profilePublisher) recordAccess(_ context.Context, rec AccessRecord) err
 		p.targets[rec.Image] = t
 	}
 	t.lastRecord = p.now()
-	if len(t.recs) >= p.cfg.MaxFiles {
+	if len(t.recs) >= p.cfg.MaxFiles || p.pending >= maxPendingRecords {
 		t.dropped++
 		return nil
 	}
 	t.recs = append(t.recs, rec)
+	p.pending++
 	return nil
+}
+
+// evictLocked forgets the image with no pending record whose last
+// publish is the oldest, and reports whether there was one.
+func (p *profilePublisher) evictLocked() bool {
+	var oldest string
+	for img, t := range p.targets {
+		if len(t.recs) > 0 {
+			continue
+		}
+		if oldest == "" || t.st.LastAttempt.Before(p.targets[oldest].st.LastAttempt) {
+			oldest = img
+		}
+	}
+	if oldest == "" {
+		return false
+	}
+	delete(p.targets, oldest)
+	return true
 }
 
 // using tells the publisher that snapshot key, over parent, is in use.
@@ -359,7 +383,9 @@ func (p *profilePublisher) publishImage(ctx context.Context, img string) {
 	t.st.LastResult, t.st.LastError, t.st.Artifact = publishOK, "", res.artifact
 	p.count(publishOK)
 	// The records published are the first len(recs): later ones stay.
-	t.recs = slices.Delete(t.recs, 0, min(len(recs), len(t.recs)))
+	n := min(len(recs), len(t.recs))
+	t.recs = slices.Delete(t.recs, 0, n)
+	p.pending -= n
 	t.dropped = 0
 	l.WithFields(log.Fields{"subject": res.subject, "artifact": res.artifact, "files": res.files}).Info("published the prefetch profile")
 }

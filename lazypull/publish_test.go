@@ -341,6 +341,24 @@ func TestPublisherBoundsRecords(t *testing.T) {
 	if n := len(e.pub.status()); n != maxPublishImages {
 		t.Fatalf("%d images tracked, want the bound %d", n, maxPublishImages)
 	}
+	// Once an image is published, its place goes to the next image.
+	e.pub.publishImage(context.Background(), e.ref)
+	if st := e.status(t, e.ref); st.LastResult != publishOK {
+		t.Fatalf("publish: %+v", st)
+	}
+	if err := e.pub.recordAccess(context.Background(), AccessRecord{Image: "r.example/late:1", Layer: e.layers[0].String(), Path: "x"}); err != nil {
+		t.Fatal(err)
+	}
+	var late bool
+	for _, st := range e.pub.status() {
+		late = late || st.Image == "r.example/late:1"
+		if st.Image == e.ref {
+			t.Fatalf("the published image %s kept its place", e.ref)
+		}
+	}
+	if !late {
+		t.Fatal("no place for a new image after a publish")
+	}
 }
 
 // TestPublisherClosePublishesPending checks the publish at shutdown, and
