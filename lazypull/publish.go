@@ -93,7 +93,7 @@ type snapshotUse struct {
 }
 
 // profilePublisher publishes what the lazy mounts of each image served
-// as a prefetch profile artifact (prefetch.Artifact) referring to the
+// as a prefetch profile artifact (prefetch.BuildArtifact) referring to the
 // image's manifest, in the registry the image came from, reached through
 // the daemon's registry hosts and credentials.
 //
@@ -426,7 +426,7 @@ func (p *profilePublisher) publish(ctx context.Context, img string, recs []Acces
 	}
 	res.subject = raw.Digest.String()
 	subject := v1.Descriptor{MediaType: raw.MediaType, Digest: raw.Digest, Size: int64(len(raw.Body))}
-	art, cut, err := prefetch.Artifact(subject, prof, p.cfg.MaxFiles)
+	art, cut, err := prefetch.BuildArtifact(subject, prof, p.cfg.MaxFiles)
 	if err != nil {
 		return res, fmt.Errorf("profile artifact of %s: %w", img, err)
 	}

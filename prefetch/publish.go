@@ -17,7 +17,7 @@ import (
 // published profile's manifest.
 var emptyJSON = []byte("{}")
 
-// Artifact returns the OCI artifact that publishes p as the profile of the
+// BuildArtifact returns the OCI artifact that publishes p as the profile of the
 // image manifest subject (see artifact.go for the format), ready for a
 // registry client to push by digest to the subject's repository, and the
 // profile it carries: p cut to at most maxFiles files (0: no bound) and so
@@ -27,7 +27,7 @@ var emptyJSON = []byte("{}")
 // size; p must be valid, hold at least one file and carry the time of its
 // latest record (LastRecord), which becomes the manifest's
 // AnnotationCreated. The same arguments always give the same bytes.
-func Artifact(subject v1.Descriptor, p *Profile, maxFiles int) (v1.Image, *Profile, error) {
+func BuildArtifact(subject v1.Descriptor, p *Profile, maxFiles int) (v1.Image, *Profile, error) {
 	if !subject.MediaType.IsImage() {
 		return nil, nil, fmt.Errorf("subject %s: media type %q is not an image manifest", subject.Digest, subject.MediaType)
 	}
@@ -44,7 +44,7 @@ func Artifact(subject v1.Descriptor, p *Profile, maxFiles int) (v1.Image, *Profi
 	if err != nil {
 		return nil, nil, err
 	}
-	if files(cp) == 0 {
+	if fileCount(cp) == 0 {
 		return nil, nil, errors.New("the profile holds no file")
 	}
 	bh, bn, err := v1.SHA256(bytes.NewReader(body))
@@ -85,7 +85,7 @@ func Cut(p *Profile, maxFiles int, maxBytes int) (*Profile, []byte, error) {
 	if err := p.Validate(); err != nil {
 		return nil, nil, err
 	}
-	total := files(p)
+	total := fileCount(p)
 	keep := total
 	if maxFiles > 0 && keep > maxFiles {
 		keep = maxFiles
@@ -124,8 +124,8 @@ func Cut(p *Profile, maxFiles int, maxBytes int) (*Profile, []byte, error) {
 	return try(lo)
 }
 
-// files returns how many files p lists.
-func files(p *Profile) int {
+// fileCount returns how many files p lists.
+func fileCount(p *Profile) int {
 	n := 0
 	for _, l := range p.Layers {
 		n += len(l.Files)

@@ -154,7 +154,7 @@ func TestArtifactBadInputs(t *testing.T) {
 		{"invalid profile", good, badProfile, "count 5"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, _, err := prefetch.Artifact(tc.subject, tc.p, 0)
+			_, _, err := prefetch.BuildArtifact(tc.subject, tc.p, 0)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("err %v, want one containing %q", err, tc.want)
 			}
@@ -184,7 +184,7 @@ func TestArtifactPushesAsReferrer(t *testing.T) {
 			}
 			subject := subjectOf(t, base)
 			p := bigProfile(4)
-			img, cp, err := prefetch.Artifact(subject, p, 3)
+			img, cp, err := prefetch.BuildArtifact(subject, p, 3)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -251,7 +251,7 @@ func TestArtifactPushesAsReferrer(t *testing.T) {
 				t.Fatalf("published profile is for %s at %s", got.Image, got.LastRecord)
 			}
 			// The same profile gives the same artifact.
-			again, _, err := prefetch.Artifact(subject, bigProfile(4), 3)
+			again, _, err := prefetch.BuildArtifact(subject, bigProfile(4), 3)
 			if err != nil {
 				t.Fatal(err)
 			}
