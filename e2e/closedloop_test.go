@@ -48,6 +48,7 @@ enable = false
 [profile]
 publish = true
 delay = "1s"
+idle = "10s"
 min_interval = "0s"
 timeout = "30s"
 `

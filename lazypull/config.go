@@ -125,7 +125,9 @@ type Config struct {
 // converts the image again with them. The records are kept in memory,
 // bounded, whether or not access_record_dir is set. An image is published
 // once no snapshot over its layers is in use (the build is over) and no
-// access was recorded for Delay, and at a clean shutdown (within Timeout
+// access was recorded for Delay, or once no access was recorded for Idle
+// (BuildKit keeps the snapshots of finished steps active), and at a clean
+// shutdown (within Timeout
 // or 10s, whichever is shorter, for all images); at most once per
 // MinInterval. A failed publish is logged with the image and host,
 // counted (lazybase_snapshotter_profile_publish_total{result="failed"})
@@ -139,6 +141,12 @@ type ProfileConfig struct {
 	// layers in use) and without a new access before it is published (key
 	// "profile.delay"). 0 or more. Default "5s".
 	Delay Duration `toml:"delay"`
+
+	// Idle is how long without a new access before an image is published
+	// even while snapshots over its layers are in use: BuildKit keeps the
+	// snapshot of a finished step active until it needs it committed
+	// (key "profile.idle"). At least Delay. Default "60s".
+	Idle Duration `toml:"idle"`
 
 	// MinInterval is the least time between two publishes of one image,
 	// failed ones included (key "profile.min_interval"). 0 or more.
@@ -461,6 +469,7 @@ func DefaultConfig() Config {
 		Profile: ProfileConfig{
 			Publish:     true,
 			Delay:       Duration(5 * time.Second),
+			Idle:        Duration(60 * time.Second),
 			MinInterval: Duration(10 * time.Minute),
 			MaxFiles:    20000,
 			Timeout:     Duration(30 * time.Second),
@@ -664,6 +673,9 @@ func (c *Config) Validate() error {
 
 	if c.Profile.Delay < 0 {
 		bad("profile.delay", "%s: must not be negative", c.Profile.Delay.D())
+	}
+	if c.Profile.Idle < c.Profile.Delay {
+		bad("profile.idle", "%s: want at least profile.delay (%s)", c.Profile.Idle.D(), c.Profile.Delay.D())
 	}
 	if c.Profile.MinInterval < 0 {
 		bad("profile.min_interval", "%s: must not be negative", c.Profile.MinInterval.D())

@@ -135,6 +135,7 @@ func TestParseConfigInvalid(t *testing.T) {
 		{"guard delay syntax", "[guard]\ndelay = \"later\"", "guard.delay"},
 		{"profile delay negative", "[profile]\ndelay = \"-1s\"", "profile.delay"},
 		{"profile min_interval negative", "[profile]\nmin_interval = \"-1m\"", "profile.min_interval"},
+		{"profile idle below delay", "[profile]\ndelay = \"10s\"\nidle = \"5s\"", "profile.idle"},
 		{"profile max_files zero", "[profile]\nmax_files = 0", "profile.max_files"},
 		{"profile max_files huge", "[profile]\nmax_files = 1000001", "profile.max_files"},
 		{"profile timeout zero", "[profile]\ntimeout = \"0s\"", "profile.timeout"},

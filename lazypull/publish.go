@@ -101,7 +101,10 @@ type snapshotUse struct {
 // image's last publish, and tracks the snapshots in use above each image
 // (Prepare and View over its layers, until their Commit or Remove). An
 // image is published once none is in use and no access was recorded for
-// profile.delay, and at most once per profile.min_interval; at Close,
+// profile.delay, or once no access was recorded for profile.idle whatever
+// is in use (BuildKit keeps the snapshot of a finished step active until
+// it needs it committed, so "in use" may last as long as its cache), and
+// at most once per profile.min_interval; at Close,
 // what is pending is published if the interval allows. A publish never
 // blocks a snapshot request, and its failure is logged, counted and
 // shown in Status, nothing more.
@@ -311,8 +314,9 @@ func (p *profilePublisher) resolveUses(ctx context.Context) {
 }
 
 // publishReady publishes each image that has records, no snapshot in use
-// and no record for profile.delay (at shutdown: every image with
-// records), and whose last attempt is profile.min_interval ago.
+// and no record for profile.delay, or no record for profile.idle (at
+// shutdown: every image with records), and whose last attempt is
+// profile.min_interval ago.
 func (p *profilePublisher) publishReady(ctx context.Context, shutdown bool) {
 	p.resolveUses(ctx)
 	now := p.now()
@@ -333,7 +337,9 @@ func (p *profilePublisher) publishReady(ctx context.Context, shutdown bool) {
 			}
 			continue
 		}
-		if !shutdown && (inUse[img] > 0 || now.Sub(t.lastBusy) < p.cfg.Delay.D() || now.Sub(t.lastRecord) < p.cfg.Delay.D()) {
+		unused := inUse[img] == 0 && now.Sub(t.lastBusy) >= p.cfg.Delay.D() && now.Sub(t.lastRecord) >= p.cfg.Delay.D()
+		idle := now.Sub(t.lastRecord) >= p.cfg.Idle.D()
+		if !shutdown && !unused && !idle {
 			continue
 		}
 		ready = append(ready, img)

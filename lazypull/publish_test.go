@@ -220,6 +220,7 @@ func TestPublisherPublishesToTheImagesRegistry(t *testing.T) {
 func TestPublisherWaitsUntilTheImageIsUnused(t *testing.T) {
 	cfg := testProfileConfig()
 	cfg.Delay = Duration(time.Hour)
+	cfg.Idle = Duration(5 * time.Hour)
 	e := newPublishEnv(t, true, cfg)
 	now := time.Now()
 	e.pub.now = func() time.Time { return now }
@@ -252,6 +253,22 @@ func TestPublisherWaitsUntilTheImageIsUnused(t *testing.T) {
 	e.pub.publishReady(ctx, false)
 	if st := e.status(t, e.ref); st.LastResult != publishOK || st.InUse != 0 {
 		t.Fatalf("not published once unused for profile.delay: %+v", st)
+	}
+
+	// A snapshot BuildKit keeps active after its step: published once
+	// nothing was read for profile.idle.
+	e.pub.cfg.MinInterval = 0
+	e.pub.using("run3", "run1")
+	e.record(t, e.ref, "usr/lib/libc.so")
+	now = now.Add(4 * time.Hour)
+	e.pub.publishReady(ctx, false)
+	if st := e.status(t, e.ref); st.PendingRecords != 1 || st.InUse != 1 {
+		t.Fatalf("published while in use before profile.idle: %+v", st)
+	}
+	now = now.Add(2 * time.Hour)
+	e.pub.publishReady(ctx, false)
+	if st := e.status(t, e.ref); st.PendingRecords != 0 || st.LastResult != publishOK || st.InUse != 1 {
+		t.Fatalf("not published after profile.idle without a read: %+v", st)
 	}
 }
 
