@@ -2,6 +2,7 @@ package mirror
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -83,6 +84,8 @@ type imageStats struct {
 	repo                           *name.Repository
 	converted, fromRecords, shared atomic.Int64
 	bytes                          atomic.Int64
+	// profiles is what the closed prefetch loop did (nil when off).
+	profiles *ProfileReport
 }
 
 // MirrorImage mirrors one image, with up to image_attempts attempts, and
@@ -141,6 +144,10 @@ func (m *Mirror) tryImage(ctx context.Context, sess *session, j Job, q *imageFai
 		r.SourceDigest, r.Digest, r.Status = src, dgst, status
 		r.LayersConverted, r.LayersFromRecords, r.LayersShared = int(st.converted.Load()), int(st.fromRecords.Load()), int(st.shared.Load())
 		r.Bytes = st.bytes.Load()
+		if st.profiles != nil {
+			pr := *st.profiles
+			r.Profiles = &pr
+		}
 		if err == nil {
 			if status == StatusSkipped {
 				r.Reason = "the destination already holds the conversion of " + src
@@ -197,6 +204,13 @@ func (m *Mirror) attempt(ctx context.Context, j Job, st *imageStats, q *imageFai
 			req.UpToDate = m.upToDateOrQuarantined(j, q)
 		}
 	}
+	var pp *profilePlan
+	if m.profilesEnabled() {
+		pp = &profilePlan{static: list}
+		req.Prefetch = pp
+		req.UpToDate = m.withProfiles(j, pp, req.UpToDate)
+		st.profiles = &pp.rep
+	}
 	rep, err := job.Run(ctx, req)
 	switch {
 	case err != nil:
@@ -204,12 +218,40 @@ func (m *Mirror) attempt(ctx context.Context, j Job, st *imageStats, q *imageFai
 	case rep.UpToDate:
 		return StatusSkipped, rep.SourceDigest, rep.Digest, nil
 	}
+	if pp != nil && pp.carry != nil && len(pp.carry.Layers) > 0 {
+		// The next run reads it as the conversion's profile and carries
+		// the builders' runs forward to it.
+		d, err := m.publishMerged(ctx, j.Destination, rep.Digest, pp.carry)
+		if err != nil {
+			log.G(ctx).WithError(err).Warn("publishing the merged prefetch profile failed; the next run converts again")
+			pp.rep.Reason += "; publishing the merged profile failed: " + err.Error()
+		}
+		pp.rep.Published = d
+	}
 	return StatusConverted, rep.SourceDigest, rep.Digest, nil
 }
 
 // upToDate reads the destination manifest once and tells whether it is the
 // conversion of src with this mirror's format.
 func (m *Mirror) upToDate(ctx context.Context, dest imageio.Ref, src *imageio.Source) (string, bool, error) {
+	if r, ok := ctx.Value(destReadKey{}).(*destRead); ok && r.ref.String() == dest.String() {
+		// withProfiles read it already.
+		if r.err != nil {
+			if errors.Is(r.err, imageio.ErrNotFound) {
+				return "", false, nil
+			}
+			return "", false, r.err
+		}
+		var man struct {
+			Annotations map[string]string `json:"annotations"`
+		}
+		if err := json.Unmarshal(r.body, &man); err != nil {
+			return "", false, fmt.Errorf("manifest %s of %s: %w", r.desc.Digest, dest, err)
+		}
+		ann := man.Annotations
+		ok := ann[convert.AnnotationSourceManifest] == src.Descriptor.Digest.String() && ann[convert.AnnotationFormat] == m.format
+		return r.desc.Digest.String(), ok, nil
+	}
 	d, err := m.client.Open(ctx, dest)
 	if err != nil {
 		if errors.Is(err, imageio.ErrNotFound) {
