@@ -12,7 +12,8 @@
 // Serve runs it until shutdown and returns a ServeResult. Each job has its
 // file: options.go; mirror.go (the Mirror and its counters); plan.go;
 // run.go, build.go, flight.go and session.go (attempts, converted images,
-// shared layer conversions, layers kept for a run); record.go; claim.go;
+// shared layer conversions, layers kept for a run); profiles.go (the
+// closed prefetch loop); record.go; claim.go;
 // quarantine.go; report.go; events.go, queue.go, server.go and
 // serve.go (notifications); config.go, security.go and tags.go (the
 // config, secrets, tag selection); retry.go.
@@ -25,6 +26,38 @@
 // options is skipped after one manifest request to the destination. (Changing
 // prefetch lists or platforms is not visible in those annotations: run with
 // force to redo images.)
+//
+// # Closed prefetch loop
+//
+// With [profiles] from_registry (the default; see ProfilesConfig), each
+// attempt reads the destination tag's manifest once, for the up-to-date
+// check and for the profiles: for every platform manifest of the current
+// conversion it lists the referrers (the referrers API, or the tag-schema
+// fallback) and reads the published prefetch profiles among them
+// (prefetch.ReadPublished: the newest max_artifacts, bounded and
+// digest-checked; a bad artifact is skipped, logged and counted, never
+// fatal). Builders publish them with the platform manifest of the
+// conversion they mounted as subject (prefetch.ArtifactType). Each is tied
+// to the source layers through the conversion's annotations
+// (prefetch.Profile.Resolve, BySource) and merged, after the profile of
+// prefetch_dir if any, with prefetch.MergeWeighted (max_age, half_life,
+// min_fraction; the budgets layer_bytes and image_bytes where the static
+// rules set none). An image whose destination is up to date is converted
+// again only when the merged profile's selected files differ from those of
+// the current conversion by min_change of the selected bytes or more
+// (prefetch.Change); otherwise nothing is written. The layers go through
+// conversion records as always, keyed by the prefetch fingerprint of their
+// files, so no layer is converted twice for one file list.
+//
+// After converting with published profiles, the mirror publishes their
+// merge (without the static profile) as a referrer of every platform
+// manifest of the new conversion, annotated AnnotationMergedProfile and
+// AnnotationMergedFrom (the artifacts it folds in). The next run reads it
+// as what the current conversion was made with, and folds it in like a
+// builder's profile: runs published against an older conversion are
+// carried forward, never counted twice. A simple prefetch list in
+// prefetch_dir turns the loop off for its images. Each ImageReport says
+// what happened (ProfileReport: found, used, skipped, change, decision).
 //
 // # Conversion records
 //

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/containerd/log"
@@ -23,11 +24,23 @@ import (
 )
 
 // AnnotationMergedProfile marks the profile the mirror converted an image
-// with, which it publishes as a referrer of the conversion (value "true"):
+// with, which it publishes as a referrer of every platform manifest of the
+// conversion (value: the conversion's digest, index or image, so that the
+// copies of one merge count once):
 // the next run reads it as the current conversion's selection (for
 // min_change) and folds it in like a builder's profile, so that what the
 // builders published against an older conversion is carried forward.
 const AnnotationMergedProfile = "dev.lazybase.prefetch.merged"
+
+// AnnotationMergedFrom lists, comma-separated, the digests of the
+// published profiles a merged profile folds in (omitted when longer than
+// maxMergedFrom), so that they are not counted again while they remain
+// referrers of the same conversion.
+const AnnotationMergedFrom = "dev.lazybase.prefetch.merged.from"
+
+// maxMergedFrom bounds AnnotationMergedFrom, within
+// prefetch.MaxArtifactManifestBytes.
+const maxMergedFrom = 32 << 10
 
 // Defaults of the [profiles] table.
 const (
@@ -137,8 +150,10 @@ func (m *Mirror) profilesEnabled() bool { return *m.cfg.Profiles.FromRegistry }
 // ProfileReport is what the closed prefetch loop did for one image.
 type ProfileReport struct {
 	// Found is how many valid published profiles were read from the
-	// current conversion's referrers (the mirror's own merged one
-	// among them); Skipped how many bad ones were skipped.
+	// current conversion's referrers, the mirror's own merged one
+	// among them (its copies on other platforms, and what a merged one
+	// folds in already, not counted); Skipped how many bad ones were
+	// skipped.
 	Found   int `json:"found"`
 	Skipped int `json:"skipped"`
 	// Used is how many published profiles were merged (Found less the
@@ -170,7 +185,9 @@ type profilePlan struct {
 	// the published profiles alone, which the mirror publishes with
 	// the conversion.
 	merged, carry *prefetch.Profile
-	rep           ProfileReport
+	// folded are the digests of the published profiles carry folds in.
+	folded []string
+	rep    ProfileReport
 }
 
 // PrefetchFiles makes the plan the job's prefetch source.
@@ -218,8 +235,9 @@ func (m *Mirror) withProfiles(j Job, pp *profilePlan, inner job.UpToDateFunc) jo
 		sp, _ := static.(*prefetch.Profile)
 		current, err := m.mergeProfiles(ctx, dest, sp, pp)
 		if err != nil {
-			// The registry could not tell: keep what is there.
-			log.G(ctx).WithError(err).Warn("reading published prefetch profiles failed; converting without them")
+			// The registry could not tell: an up-to-date image is kept,
+			// a new conversion is made with the static profile alone.
+			log.G(ctx).WithError(err).Warn("reading published prefetch profiles failed; deciding without them")
 			pp.rep.Reason = "published profiles unavailable: " + err.Error()
 			if sp != nil {
 				pp.src = sp
@@ -231,8 +249,8 @@ func (m *Mirror) withProfiles(j Job, pp *profilePlan, inner job.UpToDateFunc) jo
 		}
 		pp.rep.Files, pp.rep.Bytes = pp.merged.SelectedBytes()
 		pp.rep.Change = prefetch.Change(current, pp.merged)
-		min := *m.cfg.Profiles.MinChange
-		changed := pp.rep.Change > 0 && pp.rep.Change >= min
+		minChange := *m.cfg.Profiles.MinChange
+		changed := pp.rep.Change > 0 && pp.rep.Change >= minChange
 		switch {
 		case !ok && inner != nil && dgst != "":
 			pp.rep.Reason = "new conversion (source or format changed)"
@@ -240,10 +258,10 @@ func (m *Mirror) withProfiles(j Job, pp *profilePlan, inner job.UpToDateFunc) jo
 			pp.rep.Reason = "new conversion"
 		case changed:
 			pp.rep.Reconverted = true
-			pp.rep.Reason = fmt.Sprintf("re-converted: the merged profile changed %.1f%% of the selected bytes (min_change %.1f%%)", 100*pp.rep.Change, 100*min)
+			pp.rep.Reason = fmt.Sprintf("re-converted: the merged profile changed %.1f%% of the selected bytes (min_change %.1f%%)", 100*pp.rep.Change, 100*minChange)
 			return dgst, false, nil
 		default:
-			pp.rep.Reason = fmt.Sprintf("kept: the merged profile changed %.1f%% of the selected bytes (min_change %.1f%%)", 100*pp.rep.Change, 100*min)
+			pp.rep.Reason = fmt.Sprintf("kept: the merged profile changed %.1f%% of the selected bytes (min_change %.1f%%)", 100*pp.rep.Change, 100*minChange)
 		}
 		return dgst, ok, nil
 	}
@@ -281,13 +299,7 @@ func (m *Mirror) mergeProfiles(ctx context.Context, dest imageio.Ref, static *pr
 					continue
 				}
 				seen[p.Digest] = true
-				pp.rep.Found++
-				if p.Annotations[AnnotationMergedProfile] == "true" {
-					if current == nil || p.Created.After(current.Created) {
-						cp := p
-						current = &cp
-					}
-				} else {
+				if p.Annotations[AnnotationMergedProfile] == "" {
 					p.Profile.Resolve(c.digest, c.manifest)
 				}
 				p.Profile = p.Profile.BySource(true)
@@ -302,6 +314,41 @@ func (m *Mirror) mergeProfiles(ctx context.Context, dest imageio.Ref, static *pr
 		}
 		return bytes.Compare([]byte(a.Digest.String()), []byte(b.Digest.String()))
 	})
+	// What a merged profile of the mirror folded in already (a
+	// re-conversion that gave the same digest has them as referrers
+	// still) is not counted twice; the current conversion's profile is
+	// the newest merged one no other folded in.
+	folded := map[string]bool{}
+	merges := map[string]bool{}
+	for _, p := range pubs {
+		if p.Annotations[AnnotationMergedProfile] != "" {
+			for _, d := range strings.Split(p.Annotations[AnnotationMergedFrom], ",") {
+				folded[d] = true
+			}
+		}
+	}
+	pubs = slices.DeleteFunc(pubs, func(p prefetch.Published) bool {
+		if folded[p.Digest.String()] {
+			return true
+		}
+		// One copy of a merge published on several platforms.
+		if v := p.Annotations[AnnotationMergedProfile]; v != "" {
+			if merges[v] {
+				return true
+			}
+			merges[v] = true
+		}
+		return false
+	})
+	pp.rep.Found = len(pubs)
+	pp.folded = nil
+	for _, p := range pubs {
+		pp.folded = append(pp.folded, p.Digest.String())
+		if current == nil && p.Annotations[AnnotationMergedProfile] != "" {
+			cp := p
+			current = &cp
+		}
+	}
 	w := m.cfg.Profiles.weighting(time.Now())
 	merged, used, err := prefetch.MergeWeighted(staticBySource, pubs, w)
 	if err != nil {
@@ -323,6 +370,12 @@ func (m *Mirror) mergeProfiles(ctx context.Context, dest imageio.Ref, static *pr
 	was, _, err := prefetch.MergeWeighted(staticBySource, cur, prefetch.Weighting{Now: w.Now, MinFraction: w.MinFraction})
 	if err != nil {
 		return nil, fmt.Errorf("merging the current conversion's profile: %w", err)
+	}
+	if used == 0 && static != nil {
+		// Nothing published: the static profile as it is (Merge would
+		// put a hand-made one in rank order).
+		cp := *static
+		merged = &cp
 	}
 	m.fillBudgets(merged)
 	m.fillBudgets(was)
@@ -421,7 +474,7 @@ func (m *Mirror) platformManifests(ctx context.Context, ref imageio.Ref) ([]plat
 // referrer of every platform manifest of the conversion digest in dest's
 // repository, marked with AnnotationMergedProfile. It returns the
 // artifact's digest.
-func (m *Mirror) publishMerged(ctx context.Context, dest string, digest string, p *prefetch.Profile) (string, error) {
+func (m *Mirror) publishMerged(ctx context.Context, dest string, digest string, p *prefetch.Profile, folded []string) (string, error) {
 	ref, err := m.client.ParseRef(dest)
 	if err != nil {
 		return "", err
@@ -449,7 +502,11 @@ func (m *Mirror) publishMerged(ctx context.Context, dest string, digest string, 
 	var published string
 	for _, c := range children {
 		subject := v1.Descriptor{MediaType: c.desc.MediaType, Digest: c.desc.Digest, Size: c.desc.Size}
-		img, err := profileArtifact(p, subject, created, map[string]string{AnnotationMergedProfile: "true"})
+		ann := map[string]string{AnnotationMergedProfile: digest}
+		if from := strings.Join(folded, ","); from != "" && len(from) <= maxMergedFrom {
+			ann[AnnotationMergedFrom] = from
+		}
+		img, err := profileArtifact(p, subject, created, ann)
 		if err != nil {
 			return "", err
 		}

@@ -6,6 +6,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -36,6 +38,19 @@ var loopFiles = func() map[string]int {
 // pushLoopImage pushes the closed-loop test image to src as lib/a:1.
 func pushLoopImage(t *testing.T, src *server) {
 	t.Helper()
+	img, err := testimage.Image(testimage.LinuxAMD64, loopLayer(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref, _ := name.ParseReference(src.host + "/lib/a:1")
+	if err := remote.Write(ref, img); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// loopLayer is the layer of loopFiles.
+func loopLayer(t *testing.T) v1.Layer {
+	t.Helper()
 	var entries []string
 	names := make([]string, 0, len(loopFiles))
 	for f := range loopFiles {
@@ -49,14 +64,7 @@ func pushLoopImage(t *testing.T, src *server) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	img, err := testimage.Image(testimage.LinuxAMD64, l)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ref, _ := name.ParseReference(src.host + "/lib/a:1")
-	if err := remote.Write(ref, img); err != nil {
-		t.Fatal(err)
-	}
+	return l
 }
 
 func loopConfig(t *testing.T, src, dst *server, extra string) *Config {
@@ -265,10 +273,22 @@ func TestMirrorClosedPrefetchLoop(t *testing.T) {
 				t.Errorf("third run made %d PUT/POST/PATCH requests, want 0", puts)
 			}
 
+			// A forced conversion with the same profile gives the same
+			// digest; its merged profile folds the first in, so the
+			// builder's run is not counted twice.
+			rep, err := newMirror(t, c, WithForce(true)).Run(context.Background())
+			if err != nil || !rep.OK() || rep.Images[0].Digest != desc2.Digest.String() || rep.Images[0].Profiles.Published == r2.Profiles.Published {
+				t.Fatalf("forced run: %v %+v", err, rep)
+			}
+			r3 = runLoop(t, c)
+			if r3.Status != StatusSkipped || r3.Profiles.Found != 1 || r3.Profiles.Used != 1 {
+				t.Fatalf("run after the forced one: %+v %+v", r3, r3.Profiles)
+			}
+
 			// 4: a small change (500 of 20980 bytes): kept.
 			publish(t, r2.Destination, desc2, builderProfile(r2.Destination, layer2, "app/f3", "app/f1", "etc/small"))
 			r4 := runLoop(t, c)
-			if r4.Status != StatusSkipped || r4.Profiles.Reconverted || r4.Profiles.Change <= 0 || r4.Profiles.Change >= 0.1 || r4.Profiles.Found != 2 {
+			if r4.Status != StatusSkipped || r4.Profiles.Reconverted || r4.Profiles.Change <= 0 || r4.Profiles.Change >= 0.1 || r4.Profiles.Found != 2 || r4.Profiles.Used != 2 {
 				t.Fatalf("fourth run: %+v %+v", r4, r4.Profiles)
 			}
 			t.Logf("fourth run: %s", r4.Summary())
@@ -335,5 +355,168 @@ func TestMirrorProfilesOff(t *testing.T) {
 	r2 := runLoop(t, c)
 	if r2.Status != StatusSkipped || r2.Profiles != nil {
 		t.Fatalf("second run: %+v", r2)
+	}
+}
+
+func TestProfilesConfig(t *testing.T) {
+	const base = "destination = 'r.example/m'\n[[source]]\nrepository = 'r.example/a'\n"
+	c, err := ParseConfig([]byte(base))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := c.Profiles
+	if !*p.FromRegistry || *p.MinChange != DefaultProfileMinChange || p.MaxAge != "720h0m0s" || p.HalfLife != "168h0m0s" || p.MaxArtifacts != prefetch.MaxArtifactsPerImage {
+		t.Errorf("defaults: %+v", p)
+	}
+	c, err = ParseConfig([]byte(base + "[profiles]\nfrom_registry = false\nmin_change = 0\nmax_age = '0s'\nhalf_life = '1h'\nmax_artifacts = 3\nmin_fraction = 0.5\nlayer_bytes = 10\nimage_bytes = 20\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := c.Profiles; *p.FromRegistry || *p.MinChange != 0 || p.MaxArtifacts != 3 || p.LayerBytes != 10 || p.ImageBytes != 20 {
+		t.Errorf("set: %+v", p)
+	}
+	if w := c.Profiles.weighting(time.Unix(0, 0)); w.MaxAge != 0 || w.HalfLife != time.Hour || w.MinFraction != 0.5 {
+		t.Errorf("weighting %+v", w)
+	}
+	for _, tc := range []struct{ doc, key string }{
+		{"min_change = 1.5", "profiles.min_change"},
+		{"min_change = -0.1", "profiles.min_change"},
+		{"min_fraction = 2.0", "profiles.min_fraction"},
+		{"max_age = 'soon'", "profiles.max_age"},
+		{"half_life = '-1h'", "profiles.half_life"},
+		{"max_artifacts = 65", "profiles.max_artifacts"},
+		{"max_artifacts = -1", "profiles.max_artifacts"},
+		{"layer_bytes = -1", "profiles.layer_bytes"},
+		{"unknown = 1", "profiles.unknown"},
+	} {
+		if _, err := ParseConfig([]byte(base + "[profiles]\n" + tc.doc + "\n")); err == nil || !strings.Contains(err.Error(), tc.key) {
+			t.Errorf("%s: err = %v, want one naming %s", tc.doc, err, tc.key)
+		}
+	}
+}
+
+// TestMirrorClosedPrefetchLoopIndex: a profile a builder published for one
+// platform of a multi-platform conversion applies to the source layers
+// every platform shares, and the mirror's merged profile, published on
+// every platform, counts once.
+func TestMirrorClosedPrefetchLoopIndex(t *testing.T) {
+	src, dst := newServer(t), newServer(t)
+	base := loopLayer(t)
+	var imgs []v1.Image
+	for _, p := range []v1.Platform{testimage.LinuxAMD64, testimage.LinuxARM64} {
+		u, err := testimage.EntriesLayer(testimage.Files("app/arch", p.Architecture+"\n"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		img, err := testimage.Image(p, base, u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		imgs = append(imgs, img)
+	}
+	idx, err := testimage.Index(imgs...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref, _ := name.ParseReference(src.host + "/lib/a:1")
+	if err := remote.WriteIndex(ref, idx); err != nil {
+		t.Fatal(err)
+	}
+	c := loopConfig(t, src, dst, "")
+	children := func(ir ImageReport) ([]v1.Image, []v1.Descriptor) {
+		t.Helper()
+		dref, _ := name.ParseReference(ir.Destination)
+		idx, err := remote.Index(dref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		im, err := idx.IndexManifest()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []v1.Image
+		for _, d := range im.Manifests {
+			img, err := idx.Image(d.Digest)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, img)
+		}
+		return out, im.Manifests
+	}
+
+	r1 := runLoop(t, c)
+	imgs1, descs1 := children(r1)
+	if len(imgs1) != 2 {
+		t.Fatalf("first conversion has %d platforms", len(imgs1))
+	}
+	man, err := imgs1[0].Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	publish(t, r1.Destination, descs1[0], builderProfile(r1.Destination, man.Layers[0], "app/f4", "app/f2"))
+
+	r2 := runLoop(t, c)
+	if r2.Status != StatusConverted || !r2.Profiles.Reconverted || r2.Profiles.Found != 1 {
+		t.Fatalf("second run: %+v %+v", r2, r2.Profiles)
+	}
+	imgs2, _ := children(r2)
+	for i, img := range imgs2 {
+		if got, want := prefetched(t, img), []string{"app/f4", "app/f2"}; !slices.Equal(got, want) {
+			t.Errorf("platform %d prefetches %q, want %q", i, got, want)
+		}
+	}
+	r3 := runLoop(t, c)
+	if r3.Status != StatusSkipped || r3.Profiles.Found != 1 || r3.Profiles.Used != 1 || r3.Profiles.Change != 0 {
+		t.Fatalf("third run: %+v %+v", r3, r3.Profiles)
+	}
+}
+
+// TestMirrorProfilesWithStatic: the profile of prefetch_dir is merged with
+// the published ones and its rules win; a simple list there is used alone.
+func TestMirrorProfilesWithStatic(t *testing.T) {
+	src, dst := newServer(t), newServer(t)
+	pushLoopImage(t, src)
+	srcLayer, err := loopLayer(t).Digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	static := &prefetch.Profile{Version: prefetch.ProfileVersion, Kind: prefetch.ProfileKind,
+		Rules:  prefetch.Rules{Exclude: []string{"app/f1"}},
+		Layers: []prefetch.Layer{{Digest: srcLayer.String(), Runs: 1, Files: []prefetch.File{{Path: "app/f0", Size: 10 << 10, Count: 1}}}}}
+	b, err := static.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "lib_a.json"), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c := loopConfig(t, src, dst, fmt.Sprintf("prefetch_dir = %q", dir))
+
+	r1 := runLoop(t, c)
+	img1, desc1, layer1 := destination(t, r1)
+	if got := prefetched(t, img1); !slices.Equal(got, []string{"app/f0"}) {
+		t.Fatalf("first conversion prefetches %q, want the static profile's", got)
+	}
+	publish(t, r1.Destination, desc1, builderProfile(r1.Destination, layer1, "app/f3", "app/f1"))
+	r2 := runLoop(t, c)
+	if r2.Status != StatusConverted || !r2.Profiles.Reconverted {
+		t.Fatalf("second run: %+v %+v", r2, r2.Profiles)
+	}
+	img2, _, _ := destination(t, r2)
+	if got, want := prefetched(t, img2), []string{"app/f0", "app/f3"}; !slices.Equal(got, want) {
+		t.Fatalf("second conversion prefetches %q, want %q (static first, its exclude applied)", got, want)
+	}
+	if r3 := runLoop(t, c); r3.Status != StatusSkipped || r3.Profiles.Change != 0 {
+		t.Fatalf("third run: %+v %+v", r3, r3.Profiles)
+	}
+
+	if err := os.WriteFile(filepath.Join(dir, "lib_a.json"), []byte(`{"version":1,"files":["app/f9"]}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r4 := runLoop(t, c)
+	if r4.Status != StatusSkipped || !strings.Contains(r4.Profiles.Reason, "prefetch list") || r4.Profiles.Found != 0 {
+		t.Fatalf("with a list: %+v %+v", r4, r4.Profiles)
 	}
 }

@@ -221,7 +221,7 @@ func (m *Mirror) attempt(ctx context.Context, j Job, st *imageStats, q *imageFai
 	if pp != nil && pp.carry != nil && len(pp.carry.Layers) > 0 {
 		// The next run reads it as the conversion's profile and carries
 		// the builders' runs forward to it.
-		d, err := m.publishMerged(ctx, j.Destination, rep.Digest, pp.carry)
+		d, err := m.publishMerged(ctx, j.Destination, rep.Digest, pp.carry, pp.folded)
 		if err != nil {
 			log.G(ctx).WithError(err).Warn("publishing the merged prefetch profile failed; the next run converts again")
 			pp.rep.Reason += "; publishing the merged profile failed: " + err.Error()

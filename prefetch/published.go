@@ -175,7 +175,8 @@ func WithMaxArtifacts(n int) ReadOption {
 // media type, which registries that derive artifactType from the config
 // report), newest first by AnnotationCreated (ties by digest), and reads
 // them until it holds the newest MaxArtifactsPerImage (or
-// WithMaxArtifacts) valid ones. Each is checked with ParseArtifact
+// WithMaxArtifacts) valid ones, reading at most four times that many
+// manifests. Each is checked with ParseArtifact
 // (manifest size checked before reading it) and ParseArtifactBlob (blob
 // size checked before reading it). A bad artifact is skipped with a
 // warning naming its digest and returned among the skipped; only a
@@ -374,6 +375,7 @@ const (
 //   - files read in less than w.MinFraction of their layer's merged
 //     runs are dropped.
 //
+// A published profile whose rank sums are too large to weigh is left out.
 // All arithmetic is on integers except the fraction test, which is
 // exact for fractions of runs below 2^53: the same inputs give the same
 // profile. It returns the merged profile and how many published profiles
@@ -414,6 +416,10 @@ func MergeWeighted(static *Profile, pubs []Published, w Weighting) (*Profile, in
 		}
 		p.Rules = Rules{}
 		p.Image, p.Digest, p.SourceDigest = "", "", ""
+		if p.Validate() != nil {
+			// One bad profile never spoils the merge of the others.
+			continue
+		}
 		profiles = append(profiles, p)
 		used++
 	}

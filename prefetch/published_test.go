@@ -228,7 +228,9 @@ func TestReadPublished(t *testing.T) {
 			subjectBody := []byte(`{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.empty.v1+json","size":2,"digest":"` + sha([]byte("{}")).String() + `"},"layers":[]}`)
 			pushPublished(t, repo, []byte("{}"), subjectBody)
 			subject := sha(subjectBody)
-			sub := func(m *v1.Manifest) { m.Subject = &v1.Descriptor{MediaType: types.OCIManifestSchema1, Size: int64(len(subjectBody)), Digest: subject} }
+			sub := func(m *v1.Manifest) {
+				m.Subject = &v1.Descriptor{MediaType: types.OCIManifestSchema1, Size: int64(len(subjectBody)), Digest: subject}
+			}
 			base := time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)
 			var want []v1.Hash
 			for i := range 4 {
