@@ -18,6 +18,7 @@ type metrics struct {
 	fallbacks     *prometheus.CounterVec
 	mounted       prometheus.Gauge
 	mountDuration prometheus.Histogram
+	publishes     *prometheus.CounterVec
 }
 
 func newMetrics() *metrics {
@@ -46,13 +47,19 @@ func newMetrics() *metrics {
 			Buckets: prometheus.ExponentialBuckets(0.005, 2, 14),
 		}),
 	}
-	m.reg.MustRegister(m.decisions, m.lazyMounts, m.fallbacks, m.mounted, m.mountDuration, newAccountCollector(cpuacct.Default))
+	m.publishes = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: ns, Subsystem: sub, Name: "profile_publish_total",
+		Help: "Prefetch profiles published to the registry of their image ([profile]), by result (ok or failed).",
+	}, []string{"result"})
+	m.reg.MustRegister(m.decisions, m.lazyMounts, m.fallbacks, m.mounted, m.mountDuration, m.publishes, newAccountCollector(cpuacct.Default))
 	// Pre-create the series so they read 0 rather than being absent.
 	for _, r := range []string{ReasonPolicy, ReasonNotEStargz, ReasonNoReference, ReasonMountFailed, ReasonInvalidTOC} {
 		m.fallbacks.WithLabelValues(r)
 	}
 	m.lazyMounts.WithLabelValues("ok")
 	m.lazyMounts.WithLabelValues("failed")
+	m.publishes.WithLabelValues(publishOK)
+	m.publishes.WithLabelValues(publishFailed)
 	return m
 }
 

@@ -33,6 +33,9 @@ type Status struct {
 	// seconds, measured units, registry bytes and bytes written, by
 	// activity (lazybase_snapshotter_cpu_seconds_total and its kin).
 	Account *Account `json:"account,omitempty"`
+	// Profiles are the images whose prefetch profiles the daemon
+	// publishes ([profile]): records pending and the last publish.
+	Profiles []ProfileStatus `json:"profiles,omitempty"`
 }
 
 // Account is the daemon's CPU and I/O account (see Status.Account).
@@ -74,6 +77,9 @@ func (d *Daemon) Status(ctx context.Context) (*Status, error) {
 	st := &Status{Layers: []LayerStatus{}, Account: &acct}
 	if rs := d.fs.restore.status(); rs.Pending > 0 {
 		st.Restore = &rs
+	}
+	if d.pub != nil {
+		st.Profiles = d.pub.status()
 	}
 	for mp, rec := range d.fs.snapshot() {
 		ls := LayerStatus{

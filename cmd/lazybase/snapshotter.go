@@ -177,6 +177,7 @@ config's socket) with ".status" appended.`,
 			if a := st.Account; a != nil {
 				printAccount(out, a)
 			}
+			printProfiles(out, st.Profiles)
 			if r := st.Restore; r != nil {
 				fmt.Fprintf(out, "restoring the previous daemon's lazy mounts: %d left, %d failed\n", r.Pending, len(r.Failed))
 				for _, f := range r.Failed {
@@ -238,4 +239,19 @@ func layerShort(d string) string {
 		return d[:19]
 	}
 	return d
+}
+
+// printProfiles prints a line per image whose prefetch profile the daemon
+// publishes: records pending and the last publish.
+func printProfiles(out io.Writer, profiles []lazypull.ProfileStatus) {
+	for _, p := range profiles {
+		line := fmt.Sprintf("prefetch profile of %s: %d records pending, %d snapshots in use", p.Image, p.PendingRecords, p.InUse)
+		switch p.LastResult {
+		case "ok":
+			line += fmt.Sprintf("; published %s (%d files) to %s at %s", layerShort(p.Artifact), p.Files, p.Host, p.LastAttempt.Format(time.RFC3339))
+		case "failed":
+			line += fmt.Sprintf("; publish to %s failed at %s: %s", p.Host, p.LastAttempt.Format(time.RFC3339), p.LastError)
+		}
+		fmt.Fprintln(out, line)
+	}
 }
