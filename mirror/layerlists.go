@@ -67,6 +67,20 @@ type imageLists struct {
 	// (none when absent), and at when they were published.
 	lists map[string][]prefetch.File
 	at    time.Time
+
+	// dest is the destination manifest as read, for the image's first
+	// attempt (which need not read it again).
+	destMu sync.Mutex
+	dest   *destRead
+}
+
+// takeDest returns the destination manifest as read, once.
+func (il *imageLists) takeDest() *destRead {
+	il.destMu.Lock()
+	defer il.destMu.Unlock()
+	r := il.dest
+	il.dest = nil
+	return r
 }
 
 // layerList is the list chosen for a source layer.
@@ -241,7 +255,10 @@ func (m *Mirror) readConversion(ctx context.Context, j Job, il *imageLists) (pub
 	if dest.IsLayout() {
 		return nil, nil, nil
 	}
-	children, err := m.platformManifests(ctx, dest)
+	r := &destRead{ref: dest}
+	r.desc, r.body, r.err = m.client.Manifest(ctx, dest)
+	il.dest = r
+	children, err := m.platformManifests(context.WithValue(ctx, destReadKey{}, r), dest)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -230,9 +230,16 @@ func (m *Mirror) withProfiles(j Job, pp *profilePlan, ll *layerLists, inner job.
 			err  error
 		)
 		if !dest.IsLayout() {
-			// One read of the destination for inner and the profiles.
-			r := &destRead{ref: dest}
-			r.desc, r.body, r.err = m.client.Manifest(ctx, dest)
+			// One read of the destination for inner and the profiles
+			// (planLayerLists read it for the first attempt).
+			var r *destRead
+			if il := ll.images[j.Destination]; il != nil {
+				r = il.takeDest()
+			}
+			if r == nil || r.ref.String() != dest.String() {
+				r = &destRead{ref: dest}
+				r.desc, r.body, r.err = m.client.Manifest(ctx, dest)
+			}
 			ctx = context.WithValue(ctx, destReadKey{}, r)
 		}
 		if inner != nil {
