@@ -145,8 +145,13 @@ func (m *Mirror) planLayerLists(ctx context.Context, jobs []Job) *layerLists {
 		}
 	}
 	w := m.cfg.Profiles.weighting(time.Now())
-	var pieces []prefetch.Published
-	seen := map[string]bool{}
+	// piece is a published profile, or one layer of a merged one, under
+	// the key that makes copies of it count once.
+	type piece struct {
+		key string
+		p   prefetch.Published
+	}
+	var cands []piece
 	for _, r := range reads {
 		if r == nil || r.il.err != nil {
 			continue
@@ -174,12 +179,8 @@ func (m *Mirror) planLayerLists(ctx context.Context, jobs []Job) *layerLists {
 			if w.MaxAge <= 0 || w.Now.Sub(p.Created) <= w.MaxAge {
 				il.used++
 			}
-			if seen[p.Digest.String()] {
-				continue
-			}
-			seen[p.Digest.String()] = true
 			if p.Annotations[AnnotationMergedProfile] == "" {
-				pieces = append(pieces, p)
+				cands = append(cands, piece{key: p.Digest.String(), p: p})
 				for _, l := range p.Profile.Layers {
 					ll.contrib[l.Digest] = appendNew(ll.contrib[l.Digest], p.Digest.String())
 				}
@@ -191,14 +192,9 @@ func (m *Mirror) planLayerLists(ctx context.Context, jobs []Job) *layerLists {
 			for _, l := range p.Profile.Layers {
 				ll.contrib[l.Digest] = appendNew(ll.contrib[l.Digest], p.Digest.String())
 				b, _ := json.Marshal(l)
-				key := l.Digest + "\n" + string(sha256Of(b).Hex)
-				if seen[key] {
-					continue
-				}
-				seen[key] = true
-				piece := p
-				piece.Profile = &prefetch.Profile{Version: prefetch.ProfileVersion, Kind: prefetch.ProfileKind, LastRecord: p.Profile.LastRecord, Layers: []prefetch.Layer{l}}
-				pieces = append(pieces, piece)
+				one := p
+				one.Profile = &prefetch.Profile{Version: prefetch.ProfileVersion, Kind: prefetch.ProfileKind, LastRecord: p.Profile.LastRecord, Layers: []prefetch.Layer{l}}
+				cands = append(cands, piece{key: l.Digest + "\n" + sha256Of(b).Hex, p: one})
 			}
 		}
 		// What the conversion prefetches: its lists as published, else
@@ -222,9 +218,25 @@ func (m *Mirror) planLayerLists(ctx context.Context, jobs []Job) *layerLists {
 			}
 		}
 	}
-	// Newest first, ties by digest, so that the merge is the same
-	// whatever the order of the jobs.
-	sortNewest(pieces)
+	// Newest first, ties by digest, the newest copy of each kept, so
+	// that the merge is the same whatever the order of the jobs.
+	slices.SortStableFunc(cands, func(a, b piece) int {
+		if c := b.p.Created.Compare(a.p.Created); c != 0 {
+			return c
+		}
+		if c := strings.Compare(a.p.Digest.String(), b.p.Digest.String()); c != 0 {
+			return c
+		}
+		return strings.Compare(a.key, b.key)
+	})
+	var pieces []prefetch.Published
+	seen := map[string]bool{}
+	for _, c := range cands {
+		if !seen[c.key] {
+			seen[c.key] = true
+			pieces = append(pieces, c.p)
+		}
+	}
 	for _, p := range pieces {
 		for _, l := range p.Profile.Layers {
 			if t := p.Profile.LastRecord; ll.lastRecord[l.Digest].Before(t) {

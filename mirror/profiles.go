@@ -58,11 +58,13 @@ const (
 //	# of the conversion, see prefetch.ArtifactType), merge them, and
 //	# convert the source with the merged profile. Default: true.
 //	from_registry = true
-//	# Re-convert an up-to-date image only when the merged profile's
-//	# selected files differ from those of its current conversion by at
-//	# least this fraction of the selected bytes (added plus dropped, over
-//	# the larger selection), 0 to 1; 0 re-converts on any change.
-//	# Default: 0.1.
+//	# A source layer has one prefetch list for all the images containing
+//	# it (merged from the profiles published against any of them); it
+//	# changes, and the images containing it are converted again, only
+//	# when the merged runs select files that differ from its current list
+//	# by at least this fraction of the selected bytes (added plus
+//	# dropped, over the larger selection), 0 to 1; 0 re-converts on any
+//	# change. Default: 0.1.
 //	min_change = 0.1
 //	# Published profiles older than this are not merged. "0s": no limit.
 //	# Default: "720h".
@@ -78,7 +80,9 @@ const (
 //	# (weighted) runs, 0 to 1. Default: 0.
 //	min_fraction = 0.0
 //	# Prefetch budgets, in bytes, per layer and per image, where the
-//	# profile in prefetch_dir sets none (its rules win). Default: 0 (none).
+//	# profile in prefetch_dir sets none (its rules win). image_bytes
+//	# applies only to images with a profile in prefetch_dir: the shared
+//	# list of a layer cannot depend on the image. Default: 0 (none).
 //	layer_bytes = 0
 //	image_bytes = 0
 //
