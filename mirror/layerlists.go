@@ -130,16 +130,25 @@ func (m *Mirror) planLayerLists(ctx context.Context, jobs []Job) *layerLists {
 	wg.Wait()
 
 	// What a merged profile of the mirror folded in already is not
-	// counted again, whichever image it was read from.
-	folded := map[string]bool{}
+	// counted again, whichever image it was read from: for the layers
+	// that merged profile carries (an image carries the runs of its own
+	// layers only; what a folded profile says about other layers still
+	// counts).
+	folded := map[string]map[string]bool{}
 	for _, r := range reads {
 		if r == nil {
 			continue
 		}
 		for _, p := range r.pubs {
-			if p.Annotations[AnnotationMergedProfile] != "" {
-				for _, d := range strings.Split(p.Annotations[AnnotationMergedFrom], ",") {
-					folded[d] = true
+			if p.Annotations[AnnotationMergedProfile] == "" {
+				continue
+			}
+			for _, d := range strings.Split(p.Annotations[AnnotationMergedFrom], ",") {
+				if folded[d] == nil {
+					folded[d] = map[string]bool{}
+				}
+				for _, l := range p.Profile.Layers {
+					folded[d][l.Digest] = true
 				}
 			}
 		}
@@ -161,8 +170,13 @@ func (m *Mirror) planLayerLists(ctx context.Context, jobs []Job) *layerLists {
 		merges := map[string]bool{}
 		var current *prefetch.Published
 		for _, p := range r.pubs {
-			if folded[p.Digest.String()] {
-				continue
+			if f := folded[p.Digest.String()]; f != nil {
+				rest := *p.Profile
+				rest.Layers = slices.DeleteFunc(slices.Clone(rest.Layers), func(l prefetch.Layer) bool { return f[l.Digest] })
+				if len(rest.Layers) == 0 {
+					continue
+				}
+				p.Profile = &rest
 			}
 			if v := p.Annotations[AnnotationMergedProfile]; v != "" {
 				// One copy of a merge published on several platforms.

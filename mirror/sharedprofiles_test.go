@@ -3,7 +3,9 @@ package mirror
 import (
 	"context"
 	"fmt"
+	"path"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -114,15 +116,22 @@ repository = "%s/lib/b"
 	if err != nil {
 		t.Fatal(err)
 	}
+	images := 2
 	run := func(step string) (*Report, converted, converted) {
 		t.Helper()
 		rep, err := newMirror(t, c).Run(context.Background())
-		if err != nil || !rep.OK() || len(rep.Images) != 2 {
+		if err != nil || !rep.OK() || len(rep.Images) != images {
 			t.Fatalf("%s: %v, %+v", step, err, rep)
 		}
 		for _, ir := range rep.Images {
 			t.Logf("%s: %s", step, ir.Summary())
 		}
+		// lib/a:1, lib/b:1, then lib/a:2.
+		key := func(ir ImageReport) string {
+			repo, tag, _ := strings.Cut(path.Base(ir.Destination), ":")
+			return tag + " " + repo
+		}
+		slices.SortStableFunc(rep.Images, func(x, y ImageReport) int { return strings.Compare(key(x), key(y)) })
 		a, b := readConverted(t, rep.Images[0].Destination), readConverted(t, rep.Images[1].Destination)
 		if len(a.layers) != 1 || len(b.layers) != 2 {
 			t.Fatalf("%s: %d and %d layers", step, len(a.layers), len(b.layers))
@@ -133,7 +142,11 @@ repository = "%s/lib/b"
 		return rep, a, b
 	}
 	statuses := func(rep *Report) []string {
-		return []string{rep.Images[0].Status, rep.Images[1].Status}
+		var out []string
+		for _, ir := range rep.Images {
+			out = append(out, ir.Status)
+		}
+		return out
 	}
 	sorted := func(s []string) []string { slices.Sort(s); return s }
 
@@ -184,15 +197,40 @@ repository = "%s/lib/b"
 		t.Fatalf("fourth run: statuses %q", got)
 	}
 
+	// A new image containing the shared layer (lib/a:2, lib/a:1
+	// pushed again) is converted with the layer's current list, not
+	// the slightly changed merge: the same conversion, nothing
+	// converted.
+	ref1, _ := name.ParseReference(src.host + "/lib/a:1")
+	img1, err := remote.Image(ref1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref2, _ := name.ParseReference(src.host + "/lib/a:2")
+	if err := remote.Write(ref2, img1); err != nil {
+		t.Fatal(err)
+	}
+	images = 3
+	rep4, _, _ = run("fourth run, new tag")
+	if got := statuses(rep4); !slices.Equal(got, []string{StatusSkipped, StatusSkipped, StatusConverted}) {
+		t.Fatalf("fourth run, new tag: statuses %q", got)
+	}
+	if rep4.Images[2].Digest != a3.desc.Digest.String() || rep4.Layers.Converted != 0 {
+		t.Fatalf("lib/a:2 converted to %s (%d layers converted), want lib/a:1's %s and none", rep4.Images[2].Digest, rep4.Layers.Converted, a3.desc.Digest)
+	}
+
 	// 5: a material change of the shared layer, published against
-	// lib/a: both converted again, alike; lib/b's own layer keeps its
-	// list (the merged runs are carried forward).
+	// lib/a:1: the three converted again, alike; lib/b's own layer
+	// keeps its list (the merged runs are carried forward).
 	publish(t, c.Destination+"/lib/a:1", a3.desc, sharedProfile("lib/a", map[v1.Hash][]string{
 		a3.layers[0].Digest: {"app/f5", "app/f6", "app/f7"},
 	}))
 	rep5, a5, b5 := run("fifth run")
-	if got := statuses(rep5); !slices.Equal(got, []string{StatusConverted, StatusConverted}) || !rep5.Images[1].Profiles.Reconverted {
+	if got := statuses(rep5); !slices.Equal(got, []string{StatusConverted, StatusConverted, StatusConverted}) || !rep5.Images[1].Profiles.Reconverted {
 		t.Fatalf("fifth run: statuses %q, %+v", got, rep5.Images[1].Profiles)
+	}
+	if rep5.Images[2].Digest != a5.desc.Digest.String() {
+		t.Errorf("fifth run: lib/a:2 is %s, lib/a:1 %s", rep5.Images[2].Digest, a5.desc.Digest)
 	}
 	if a5.layers[0].Digest == a3.layers[0].Digest {
 		t.Fatal("fifth run kept the shared layer's conversion")
@@ -207,7 +245,7 @@ repository = "%s/lib/b"
 	// 6: nothing new again.
 	dst.reset()
 	rep6, _, _ := run("sixth run")
-	if got := statuses(rep6); !slices.Equal(got, []string{StatusSkipped, StatusSkipped}) {
+	if got := statuses(rep6); !slices.Equal(got, []string{StatusSkipped, StatusSkipped, StatusSkipped}) {
 		t.Fatalf("sixth run: statuses %q", got)
 	}
 	if puts := dst.puts(); puts != 0 {
