@@ -62,9 +62,11 @@
 // annotated AnnotationMergedProfile and AnnotationMergedFrom (the
 // artifacts they fold in), and the lists it was made with, annotated
 // AnnotationPrefetchUsed. The next run merges the former like a builder's
-// profile (the same layer's runs carried by several images count once):
-// runs published against an older conversion are carried forward, never
-// counted twice; it compares the layers' lists with the latter.
+// profile (the same layer's runs carried by several images count once),
+// leaving out, for the layers it carries, the artifacts it folds in (what
+// they say about other layers still counts): runs published against an
+// older conversion are carried forward, never counted twice. It compares
+// the layers' lists with the latter.
 //
 // An image for which prefetch_dir has a profile is converted with its own
 // merge instead, as one image: the published profiles of its conversion,

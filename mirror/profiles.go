@@ -36,7 +36,8 @@ const AnnotationMergedProfile = "dev.lazybase.prefetch.merged"
 // AnnotationMergedFrom lists, comma-separated, the digests of the
 // published profiles a merged profile folds in (omitted when longer than
 // maxMergedFrom), so that they are not counted again while they remain
-// referrers of the same conversion.
+// referrers of the same conversion or of another image's: with shared
+// layer lists, for the layers the merged profile carries.
 const AnnotationMergedFrom = "dev.lazybase.prefetch.merged.from"
 
 // maxMergedFrom bounds AnnotationMergedFrom, within
