@@ -2,6 +2,7 @@ package mirror
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -35,7 +36,8 @@ const AnnotationMergedProfile = "dev.lazybase.prefetch.merged"
 // AnnotationMergedFrom lists, comma-separated, the digests of the
 // published profiles a merged profile folds in (omitted when longer than
 // maxMergedFrom), so that they are not counted again while they remain
-// referrers of the same conversion.
+// referrers of the same conversion or of another image's: with shared
+// layer lists, for the layers the merged profile carries.
 const AnnotationMergedFrom = "dev.lazybase.prefetch.merged.from"
 
 // maxMergedFrom bounds AnnotationMergedFrom, within
@@ -57,11 +59,13 @@ const (
 //	# of the conversion, see prefetch.ArtifactType), merge them, and
 //	# convert the source with the merged profile. Default: true.
 //	from_registry = true
-//	# Re-convert an up-to-date image only when the merged profile's
-//	# selected files differ from those of its current conversion by at
-//	# least this fraction of the selected bytes (added plus dropped, over
-//	# the larger selection), 0 to 1; 0 re-converts on any change.
-//	# Default: 0.1.
+//	# A source layer has one prefetch list for all the images containing
+//	# it (merged from the profiles published against any of them); it
+//	# changes, and the images containing it are converted again, only
+//	# when the merged runs select files that differ from its current list
+//	# by at least this fraction of the selected bytes (added plus
+//	# dropped, over the larger selection), 0 to 1; 0 re-converts on any
+//	# change. Default: 0.1.
 //	min_change = 0.1
 //	# Published profiles older than this are not merged. "0s": no limit.
 //	# Default: "720h".
@@ -77,7 +81,9 @@ const (
 //	# (weighted) runs, 0 to 1. Default: 0.
 //	min_fraction = 0.0
 //	# Prefetch budgets, in bytes, per layer and per image, where the
-//	# profile in prefetch_dir sets none (its rules win). Default: 0 (none).
+//	# profile in prefetch_dir sets none (its rules win). image_bytes
+//	# applies only to images with a profile in prefetch_dir: the shared
+//	# list of a layer cannot depend on the image. Default: 0 (none).
 //	layer_bytes = 0
 //	image_bytes = 0
 //
@@ -187,6 +193,9 @@ type profilePlan struct {
 	merged, carry *prefetch.Profile
 	// folded are the digests of the published profiles carry folds in.
 	folded []string
+	// shared is the prefetch source of an image converted with the
+	// shared lists of its layers (nil: converted with its own merge).
+	shared *sharedSource
 	rep    ProfileReport
 }
 
@@ -202,7 +211,11 @@ func (pp *profilePlan) PrefetchFiles(diffID, digest v1.Hash) []string {
 // it merges the published profiles of the destination's current
 // conversion into pp, and reports an up-to-date image as not up to date
 // when the merged profile's selection changed by min_change or more.
-func (m *Mirror) withProfiles(j Job, pp *profilePlan, inner job.UpToDateFunc) job.UpToDateFunc {
+//
+// An image for which prefetch_dir has no list or profile is converted
+// with the shared lists of its layers (see layerLists), and re-converted
+// when the list of one of them changed.
+func (m *Mirror) withProfiles(j Job, pp *profilePlan, ll *layerLists, inner job.UpToDateFunc) job.UpToDateFunc {
 	return func(ctx context.Context, dest imageio.Ref, src *imageio.Source) (string, bool, error) {
 		static := pp.static
 		if static != nil {
@@ -222,9 +235,16 @@ func (m *Mirror) withProfiles(j Job, pp *profilePlan, inner job.UpToDateFunc) jo
 			err  error
 		)
 		if !dest.IsLayout() {
-			// One read of the destination for inner and the profiles.
-			r := &destRead{ref: dest}
-			r.desc, r.body, r.err = m.client.Manifest(ctx, dest)
+			// One read of the destination for inner and the profiles
+			// (planLayerLists read it for the first attempt).
+			var r *destRead
+			if il := ll.images[j.Destination]; il != nil {
+				r = il.takeDest()
+			}
+			if r == nil || r.ref.String() != dest.String() {
+				r = &destRead{ref: dest}
+				r.desc, r.body, r.err = m.client.Manifest(ctx, dest)
+			}
 			ctx = context.WithValue(ctx, destReadKey{}, r)
 		}
 		if inner != nil {
@@ -233,6 +253,9 @@ func (m *Mirror) withProfiles(j Job, pp *profilePlan, inner job.UpToDateFunc) jo
 			}
 		}
 		sp, _ := static.(*prefetch.Profile)
+		if il := ll.images[j.Destination]; sp == nil && il != nil {
+			return m.decideShared(ctx, ll, il, pp, dgst, ok, inner != nil)
+		}
 		current, err := m.mergeProfiles(ctx, dest, sp, pp)
 		if err != nil {
 			// The registry could not tell: an up-to-date image is kept,
@@ -267,6 +290,66 @@ func (m *Mirror) withProfiles(j Job, pp *profilePlan, inner job.UpToDateFunc) jo
 	}
 }
 
+// decideShared decides, for an image converted with the shared lists of
+// its layers, whether its current conversion (dgst, up to date when ok)
+// is kept: when every layer's shared list is the one it was made with.
+func (m *Mirror) decideShared(ctx context.Context, ll *layerLists, il *imageLists, pp *profilePlan, dgst string, ok, checked bool) (string, bool, error) {
+	pp.shared = &sharedSource{ll: ll}
+	pp.src = pp.shared
+	pp.rep.Found, pp.rep.Skipped, pp.rep.Used = il.found, il.skipped, il.used
+	if err := cmp.Or(il.err, ll.err); err != nil {
+		// The registry could not tell: an up-to-date image is kept, a
+		// new conversion is made with the shared lists as they are.
+		log.G(ctx).WithError(err).Warn("reading published prefetch profiles failed; deciding without them")
+		pp.rep.Reason = "published profiles unavailable: " + err.Error()
+		return dgst, ok, nil
+	}
+	files := func(src string) []prefetch.File { return ll.list(src).files }
+	now := profileOf(il.layers, files)
+	was := profileOf(il.layers, func(src string) []prefetch.File { return il.lists[src] })
+	merged := profileOf(il.layers, func(src string) []prefetch.File {
+		g := ll.merged[src]
+		p := &prefetch.Profile{Rules: prefetch.Rules{LayerBytes: ll.layerBytes}, Layers: []prefetch.Layer{g}}
+		return p.Selected()[0]
+	})
+	pp.rep.Files, pp.rep.Bytes = now.SelectedBytes()
+	pp.rep.Change = prefetch.Change(was, merged)
+	var (
+		changed int
+		most    float64
+	)
+	for _, src := range il.layers {
+		l := ll.list(src)
+		if PrefetchFingerprint(paths(l.files)) != PrefetchFingerprint(paths(il.lists[src])) {
+			changed++
+			most = max(most, l.change)
+		}
+	}
+	minChange := *m.cfg.Profiles.MinChange
+	switch {
+	case !ok && checked && dgst != "":
+		pp.rep.Reason = "new conversion (source or format changed)"
+	case !ok:
+		pp.rep.Reason = "new conversion"
+	case changed > 0:
+		pp.rep.Reconverted = true
+		pp.rep.Reason = fmt.Sprintf("re-converted: the shared prefetch lists of %d of its %d layers changed (up to %.1f%% of a layer's selected bytes; min_change %.1f%%)", changed, len(il.layers), 100*most, 100*minChange)
+		return dgst, false, nil
+	default:
+		pp.rep.Reason = fmt.Sprintf("kept: the merged profile changed %.1f%% of the selected bytes (min_change %.1f%% per layer)", 100*pp.rep.Change, 100*minChange)
+	}
+	return dgst, ok, nil
+}
+
+// paths returns the paths of files.
+func paths(files []prefetch.File) []string {
+	out := make([]string, len(files))
+	for i, f := range files {
+		out[i] = f.Path
+	}
+	return out
+}
+
 // mergeProfiles reads the published profiles of the destination's
 // current conversion (every platform manifest of it), merges them with
 // the static profile into pp.merged, and returns the profile the current
@@ -295,7 +378,7 @@ func (m *Mirror) mergeProfiles(ctx context.Context, dest imageio.Ref, static *pr
 			}
 			pp.rep.Skipped += len(skipped)
 			for _, p := range got {
-				if seen[p.Digest] {
+				if seen[p.Digest] || p.Annotations[AnnotationPrefetchUsed] != "" {
 					continue
 				}
 				seen[p.Digest] = true
@@ -470,11 +553,13 @@ func (m *Mirror) platformManifests(ctx context.Context, ref imageio.Ref) ([]plat
 	return out, nil
 }
 
-// publishMerged publishes the profile an image was converted with as a
-// referrer of every platform manifest of the conversion digest in dest's
-// repository, marked with AnnotationMergedProfile. It returns the
-// artifact's digest.
-func (m *Mirror) publishMerged(ctx context.Context, dest string, digest string, p *prefetch.Profile, folded []string) (string, error) {
+// publishMerged publishes the profile an image was converted with (p,
+// nil for none) as a referrer of every platform manifest of the
+// conversion digest in dest's repository, marked with
+// AnnotationMergedProfile, and, when used is not nil, the lists the
+// conversion was made with, marked with AnnotationPrefetchUsed. It
+// returns the digest of p's artifact (else used's).
+func (m *Mirror) publishMerged(ctx context.Context, dest string, digest string, p *prefetch.Profile, folded []string, used *prefetch.Profile) (string, error) {
 	ref, err := m.client.ParseRef(dest)
 	if err != nil {
 		return "", err
@@ -491,33 +576,50 @@ func (m *Mirror) publishMerged(ctx context.Context, dest string, digest string, 
 	if err != nil {
 		return "", err
 	}
-	p, err = fitArtifact(p)
-	if err != nil {
-		return "", err
+	type artifact struct {
+		p   *prefetch.Profile
+		ann map[string]string
 	}
-	created := p.LastRecord
-	if created.IsZero() {
-		created = time.Now().UTC()
-	}
-	var published string
-	for _, c := range children {
-		subject := v1.Descriptor{MediaType: c.desc.MediaType, Digest: c.desc.Digest, Size: c.desc.Size}
+	var arts []artifact
+	if p != nil {
+		if p, err = fitArtifact(p); err != nil {
+			return "", err
+		}
 		ann := map[string]string{AnnotationMergedProfile: digest}
 		if from := strings.Join(folded, ","); from != "" && len(from) <= maxMergedFrom {
 			ann[AnnotationMergedFrom] = from
 		}
-		img, err := profileArtifact(p, subject, created, ann)
-		if err != nil {
+		arts = append(arts, artifact{p, ann})
+	}
+	if used != nil {
+		if used, err = fitArtifact(used); err != nil {
 			return "", err
 		}
-		d, err := img.Digest()
-		if err != nil {
-			return "", err
+		arts = append(arts, artifact{used, map[string]string{AnnotationPrefetchUsed: digest}})
+	}
+	var published string
+	for i, a := range arts {
+		created := a.p.LastRecord
+		if created.IsZero() {
+			created = time.Now().UTC()
 		}
-		if err := remote.Write(repo.Digest(d.String()), img, m.remoteOptions(ctx)...); err != nil {
-			return "", fmt.Errorf("publishing the merged prefetch profile of %s@%s: %w", repo, c.digest, err)
+		for _, c := range children {
+			subject := v1.Descriptor{MediaType: c.desc.MediaType, Digest: c.desc.Digest, Size: c.desc.Size}
+			img, err := profileArtifact(a.p, subject, created, a.ann)
+			if err != nil {
+				return "", err
+			}
+			d, err := img.Digest()
+			if err != nil {
+				return "", err
+			}
+			if err := remote.Write(repo.Digest(d.String()), img, m.remoteOptions(ctx)...); err != nil {
+				return "", fmt.Errorf("publishing the merged prefetch profile of %s@%s: %w", repo, c.digest, err)
+			}
+			if i == 0 {
+				published = d.String()
+			}
 		}
-		published = d.String()
 	}
 	return published, nil
 }

@@ -122,11 +122,17 @@ func destination(t *testing.T, ir ImageReport) (v1.Image, v1.Descriptor, v1.Desc
 // no-prefetch landmark.
 func prefetched(t *testing.T, img v1.Image) []string {
 	t.Helper()
+	return prefetchedLayer(t, img, 0)
+}
+
+// prefetchedLayer is prefetched for layer i of an image.
+func prefetchedLayer(t *testing.T, img v1.Image, i int) []string {
+	t.Helper()
 	ls, err := img.Layers()
 	if err != nil {
 		t.Fatal(err)
 	}
-	rc, err := ls[0].Uncompressed()
+	rc, err := ls[i].Uncompressed()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -41,6 +41,11 @@ func (m *Mirror) Run(ctx context.Context) (*Report, error) {
 	results := make([]ImageReport, len(jobs))
 	sess := m.newSession()
 	defer sess.close()
+	if m.profilesEnabled() {
+		// One prefetch list per source layer for every image of the
+		// run, so that a shared layer is converted once.
+		sess.lists = m.planLayerLists(ctx, jobs)
+	}
 	next := make(chan int)
 	var wg sync.WaitGroup
 	for range min(m.cfg.Concurrency, max(len(jobs), 1)) {
@@ -208,7 +213,11 @@ func (m *Mirror) attempt(ctx context.Context, j Job, st *imageStats, q *imageFai
 	if m.profilesEnabled() {
 		pp = &profilePlan{static: list}
 		req.Prefetch = pp
-		req.UpToDate = m.withProfiles(j, pp, req.UpToDate)
+		ll := st.sess.lists
+		if ll == nil {
+			ll = m.planLayerLists(ctx, []Job{j})
+		}
+		req.UpToDate = m.withProfiles(j, pp, ll, req.UpToDate)
 		st.profiles = &pp.rep
 	}
 	rep, err := job.Run(ctx, req)
@@ -218,10 +227,28 @@ func (m *Mirror) attempt(ctx context.Context, j Job, st *imageStats, q *imageFai
 	case rep.UpToDate:
 		return StatusSkipped, rep.SourceDigest, rep.Digest, nil
 	}
-	if pp != nil && pp.carry != nil && len(pp.carry.Layers) > 0 {
+	if pp != nil && pp.shared != nil {
+		// The merged runs of its layers, carried forward, and the lists
+		// the conversion was made with, which the next run compares with
+		// the layers' shared lists.
+		layers := pp.shared.layers()
+		carry, folded := pp.shared.ll.carry(layers)
+		used := profileOf(layers, func(src string) []prefetch.File { return pp.shared.ll.list(src).files })
+		if len(carry.Layers) == 0 {
+			carry = nil
+		}
+		if carry != nil || len(used.Layers) > 0 {
+			d, err := m.publishMerged(ctx, j.Destination, rep.Digest, carry, folded, used)
+			if err != nil {
+				log.G(ctx).WithError(err).Warn("publishing the merged prefetch profile failed; the next run converts again")
+				pp.rep.Reason += "; publishing the merged profile failed: " + err.Error()
+			}
+			pp.rep.Published = d
+		}
+	} else if pp != nil && pp.carry != nil && len(pp.carry.Layers) > 0 {
 		// The next run reads it as the conversion's profile and carries
 		// the builders' runs forward to it.
-		d, err := m.publishMerged(ctx, j.Destination, rep.Digest, pp.carry, pp.folded)
+		d, err := m.publishMerged(ctx, j.Destination, rep.Digest, pp.carry, pp.folded, nil)
 		if err != nil {
 			log.G(ctx).WithError(err).Warn("publishing the merged prefetch profile failed; the next run converts again")
 			pp.rep.Reason += "; publishing the merged profile failed: " + err.Error()
