@@ -129,6 +129,7 @@ mode = "lazy-only"
 		t.Fatalf("final base layers materialized: %v\n%+v\n%s", err, last, s.Logs(40))
 	}
 	t.Logf("guard wait after the build: %s", time.Since(start).Round(time.Millisecond))
+	checkAccount(ctx, t, s, layerSizes(t, debian.estargz))
 
 	p.SetPhase("export")
 	out := s.Registry.DirectRef("e2e/hello-guard", "latest")
@@ -187,4 +188,51 @@ mode = "lazy-only"
 	}
 
 	requirePushedOnBase(ctx, t, out, debianLayers)
+}
+
+// checkAccount checks the lazybase daemon's CPU and I/O account after a
+// lazy build whose guard materialized the blobs guarded (digest to size):
+// the guard's CPU and the bytes of those blobs are charged to it, the
+// mounts' TOC checks and the build's reads are there, and the accounted
+// CPU is within the daemon's process CPU as /proc tells it. Hashing is
+// not required: containerd hashes the blobs the guard streams into its
+// content store, on its side, and the guard's registry reads no manifest
+// when the snapshot labels name the layers (the account's hashing stays
+// near 0 in the daemon; stargz's chunk verification runs after each
+// on-demand read, in fuse_and_other).
+func checkAccount(ctx context.Context, t *testing.T, s *harness.Stack, guarded map[string]int64) {
+	t.Helper()
+	a, err := s.Snapshotter.Account(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Read after the account: the process's CPU only grows.
+	proc, err := harness.ProcessCPU(s.Snapshotter.Pid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("snapshotter CPU account: %s; /proc: %s", a, proc)
+	var want int64
+	for _, size := range guarded {
+		want += size
+	}
+	if got := a.RegistryBytes["guard"]; got < want {
+		t.Errorf("account: guard fetched %d registry bytes, the guarded blobs have %d", got, want)
+	}
+	if a.CPUSeconds["guard"] <= 0 || a.Units["guard"] == 0 {
+		t.Errorf("account: no guard CPU (%v s in %d units)", a.CPUSeconds["guard"], a.Units["guard"])
+	}
+	if _, ok := a.CPUSeconds["hashing"]; !ok {
+		t.Errorf("account: no hashing entry in %v", a.CPUSeconds)
+	}
+	if a.Units["toc"] == 0 || a.Units["on_demand"] == 0 || a.CPUSeconds["on_demand"] <= 0 {
+		t.Errorf("account: no TOC check or on-demand read: units %v, cpu %v", a.Units, a.CPUSeconds)
+	}
+	if a.RegistryBytes["on_demand"] == 0 || a.RegistryBytes["toc"] == 0 {
+		t.Errorf("account: no registry bytes for the TOC checks or the build's reads: %v", a.RegistryBytes)
+	}
+	// /proc counts in ticks of 10 ms, rounded down.
+	if acc := a.AccountedCPU(); acc > proc+20*time.Millisecond {
+		t.Errorf("account: %s accounted, more than the daemon's process CPU %s", acc, proc)
+	}
 }

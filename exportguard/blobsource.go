@@ -17,6 +17,8 @@ import (
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/lazybase/lazybase/internal/cpuacct"
 )
 
 // PromoteAfterBytes is how many bytes of a layer's blob the lazy filesystem
@@ -191,7 +193,17 @@ func (t *BlobTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	if resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusPartialContent {
 		t.Source.requests.WithLabelValues(sourceRemote).Inc()
-		resp.Body = &countingBody{ReadCloser: resp.Body, count: func(n int64) { t.Source.fetched(dgst, n) }}
+		// The CPU account charges the bytes to the activity (TOC check,
+		// on-demand read, background fetch) whose span made the request.
+		act, inSpan := cpuacct.Default.Current()
+		resp.Body = &countingBody{ReadCloser: resp.Body, count: func(n int64) {
+			t.Source.fetched(dgst, n)
+			if inSpan {
+				cpuacct.Default.AddFetched(act, n)
+			} else {
+				cpuacct.Default.AddFetchedOther(n)
+			}
+		}}
 	}
 	return resp, nil
 }

@@ -16,6 +16,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/lazybase/lazybase/internal/cpuacct"
 )
 
 // Labels the Guard sets on the blobs it commits.
@@ -441,17 +443,25 @@ func (g *Guard) copy(ctx context.Context, w io.Writer, r io.Reader, ref string, 
 	var n, reported int64
 	g.report(Progress{Ref: ref, Digest: desc.Digest, Phase: PhaseFetching, Done: offset, Total: desc.Size})
 	for {
+		// Each chunk, read and written, is one unit of the CPU account.
+		span := cpuacct.Default.Start(cpuacct.Guard)
 		m, rerr := lr.Read(buf)
 		if m > 0 {
-			if _, werr := w.Write(buf[:m]); werr != nil {
+			_, werr := w.Write(buf[:m])
+			span.End()
+			if werr != nil {
 				return n, fmt.Errorf("writing ingest: %w", werr)
 			}
+			cpuacct.Default.AddFetched(cpuacct.Guard, int64(m))
+			cpuacct.Default.AddWritten(cpuacct.Guard, int64(m))
 			n += int64(m)
 			g.m.bytes.Add(float64(m))
 			if n-reported >= reportEvery {
 				reported = n
 				g.report(Progress{Ref: ref, Digest: desc.Digest, Phase: PhaseFetching, Done: offset + n, Total: desc.Size})
 			}
+		} else {
+			span.End()
 		}
 		if rerr == io.EOF {
 			return n, nil

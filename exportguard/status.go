@@ -79,6 +79,11 @@ type LayerStatus struct {
 	Updated time.Time `json:"updated"`
 	// Materialized is true when the layer's blob is in the content store.
 	Materialized bool `json:"materialized"`
+	// TransferStarted is when the guard began to put the blob into the
+	// content store (after its size was known), TransferFinished when
+	// that ended, materialized or failed; zero (omitted) until then.
+	TransferStarted  time.Time `json:"transfer_started,omitzero"`
+	TransferFinished time.Time `json:"transfer_finished,omitzero"`
 }
 
 // layer is a Trigger's internal state of one lazily mounted layer in one
@@ -94,6 +99,9 @@ type layer struct {
 	err     string
 	updated time.Time
 	present bool // the blob is in the content store
+	// transferStarted and transferFinished bound the last transfer
+	// (LayerStatus.TransferStarted, TransferFinished).
+	transferStarted, transferFinished time.Time
 	// checked is set once the content store was asked whether it holds
 	// the blob already; until then LocalBlob asks it. inStore records
 	// that it did: LocalBlob reads it before Ensure holds it.
@@ -108,5 +116,6 @@ func (l *layer) status() LayerStatus {
 	return LayerStatus{
 		Namespace: l.ns, Image: l.image, Layer: l.digest.String(), Mode: l.mode,
 		State: l.state, Size: l.size, Error: l.err, Updated: l.updated, Materialized: l.present,
+		TransferStarted: l.transferStarted, TransferFinished: l.transferFinished,
 	}
 }

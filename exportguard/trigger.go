@@ -349,7 +349,12 @@ func (t *Trigger) materialize(l *layer) {
 		if t.ctx.Err() != nil {
 			return
 		}
-		t.set(l, func(l *layer) { l.state, l.err = StateFailed, err.Error() })
+		t.set(l, func(l *layer) {
+			l.state, l.err = StateFailed, err.Error()
+			if !l.transferStarted.IsZero() {
+				l.transferFinished = time.Now()
+			}
+		})
 		lg.WithError(err).Warn("export guard: blob not materialized; an export of this image fetches it")
 	}
 	ref := stripDigest(l.image)
@@ -384,14 +389,20 @@ func (t *Trigger) materialize(l *layer) {
 	}
 	// A blob found in the store is readable locally from now on, before
 	// Ensure holds it.
-	t.set(l, func(l *layer) { l.size, l.checked, l.inStore = size, true, inStore })
 	start := time.Now()
+	t.set(l, func(l *layer) {
+		l.size, l.checked, l.inStore = size, true, inStore
+		l.transferStarted, l.transferFinished = start, time.Time{}
+	})
 	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: l.digest, Size: size}
 	if err := guard.Ensure(ctx, ref, desc); err != nil {
 		fail(err)
 		return
 	}
-	t.set(l, func(l *layer) { l.state, l.present, l.err = StateMaterialized, true, "" })
+	t.set(l, func(l *layer) {
+		l.state, l.present, l.err = StateMaterialized, true, ""
+		l.transferFinished = time.Now()
+	})
 	lg.WithFields(log.Fields{"size": size, "duration": time.Since(start)}).Info("export guard: blob materialized")
 }
 

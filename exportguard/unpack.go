@@ -20,6 +20,8 @@ import (
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/lazybase/lazybase/internal/cpuacct"
 )
 
 // Names next to a lazily mounted layer's mountpoint (".../N/fs") in its
@@ -508,12 +510,17 @@ func unpackLocal(ctx context.Context, snDir string, layer digest.Digest, ra cont
 		return "", fmt.Errorf("layer %s: %w", layer, err)
 	}
 	err := func() error {
+		// One unit of the CPU account: decompressing and writing the
+		// layer (with unpigz on the PATH, containerd decompresses in a
+		// child process, which the account does not see).
+		span := cpuacct.Default.Start(cpuacct.LocalUnpack)
+		defer span.End()
 		dr, err := compression.DecompressStream(io.NewSectionReader(ra, 0, ra.Size()))
 		if err != nil {
 			return err
 		}
 		defer dr.Close()
-		_, err = archive.Apply(ctx, tmp, dr,
+		_, err = archive.Apply(ctx, tmp, &countingReader{r: dr, act: cpuacct.LocalUnpack},
 			archive.WithConvertWhiteout(archive.OverlayConvertWhiteout),
 			archive.WithFilter(skipEStargzEntries))
 		return err
@@ -530,6 +537,21 @@ func unpackLocal(ctx context.Context, snDir string, layer digest.Digest, ra cont
 		return "", fmt.Errorf("layer %s: unpacking into %s: %w", layer, dir, err)
 	}
 	return dir, nil
+}
+
+// countingReader counts the bytes read through it as written to disk by
+// act in the CPU account (the uncompressed stream a local unpack writes).
+type countingReader struct {
+	r   io.Reader
+	act cpuacct.Activity
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	if n > 0 {
+		cpuacct.Default.AddWritten(c.act, int64(n))
+	}
+	return n, err
 }
 
 // skipEStargzEntries leaves out the entries eStargz adds to a layer, which

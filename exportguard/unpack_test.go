@@ -16,6 +16,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/lazybase/lazybase/internal/cpuacct"
 	"github.com/lazybase/lazybase/internal/eventually"
 	"github.com/lazybase/lazybase/internal/testimage"
 )
@@ -129,11 +130,21 @@ func TestUnpackerActsOnCommit(t *testing.T) {
 	default:
 	}
 
+	acct0 := cpuacct.Default.Snapshot()
 	shelf.put(layer, blob)
 	u.Committed(layer)
 	r := await(t, results, "unpack after the commit")
 	if r.Err != nil || r.Mountpoint != mp || r.Layer != layer {
 		t.Fatalf("unpack result %+v", r)
+	}
+	// The CPU and I/O account has the unpack as one local_unpack unit.
+	acct1 := cpuacct.Default.Snapshot()
+	if acct1.Units["local_unpack"] <= acct0.Units["local_unpack"] || acct1.CPUSeconds["local_unpack"] <= acct0.CPUSeconds["local_unpack"] {
+		t.Errorf("account: no local_unpack unit or CPU: units %d then %d, cpu %v then %v",
+			acct0.Units["local_unpack"], acct1.Units["local_unpack"], acct0.CPUSeconds["local_unpack"], acct1.CPUSeconds["local_unpack"])
+	}
+	if acct1.DiskWrittenBytes["local_unpack"]-acct0.DiskWrittenBytes["local_unpack"] < int64(len("hello\n")) {
+		t.Errorf("account: local_unpack wrote %d bytes", acct1.DiskWrittenBytes["local_unpack"]-acct0.DiskWrittenBytes["local_unpack"])
 	}
 	want := filepath.Join(filepath.Dir(mp), LocalDirName)
 	if r.Dir != want || u.LocalDir(mp) != want {

@@ -30,26 +30,52 @@ type accessRecorder interface {
 }
 
 // accessRecording is the daemon's access recording: stargz's first-access
-// entries, captured by a stargzAccessLog, written to record files.
+// entries, captured by a stargzAccessLog, written to record files and
+// handed to the profile publisher.
 type accessRecording struct {
-	files   *accessFiles
+	files   *accessFiles // nil without access_record_dir
 	capture *stargzAccessLog
 }
 
 // startAccessRecording records the first accesses to the files of the
-// layers fs mounts, from now on, in dir.
-func startAccessRecording(dir string, fs *trackingFS) (*accessRecording, error) {
-	files, err := newAccessFiles(dir)
-	if err != nil {
-		return nil, err
+// layers fs mounts, from now on, in dir (when set) and in the other
+// recorders.
+func startAccessRecording(dir string, fs *trackingFS, others ...accessRecorder) (*accessRecording, error) {
+	var to recorders
+	r := &accessRecording{}
+	if dir != "" {
+		files, err := newAccessFiles(dir)
+		if err != nil {
+			return nil, err
+		}
+		r.files = files
+		to = append(to, files)
 	}
-	return &accessRecording{files: files, capture: captureStargzAccess(files, fs.imageOf)}, nil
+	to = append(to, others...)
+	r.capture = captureStargzAccess(to, fs.imageOf)
+	return r, nil
 }
 
 // stop stops recording and closes the record files.
 func (r *accessRecording) stop() error {
 	r.capture.stop()
+	if r.files == nil {
+		return nil
+	}
 	return r.files.close()
+}
+
+// recorders hands each record to every one of its recorders.
+type recorders []accessRecorder
+
+func (rs recorders) recordAccess(ctx context.Context, rec AccessRecord) error {
+	var errs []error
+	for _, r := range rs {
+		if err := r.recordAccess(ctx, rec); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // accessFiles is the accessRecorder that writes dir/<image>.jsonl, one

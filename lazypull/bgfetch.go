@@ -12,6 +12,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/lazybase/lazybase/exportguard"
+	"github.com/lazybase/lazybase/internal/cpuacct"
 )
 
 // backgroundFetch decides, layer by layer, whether stargz's background
@@ -56,6 +57,8 @@ type backgroundFetch struct {
 	holds func(digest.Digest) (held, known bool)
 	// logged holds the TOC digests whose decline was logged.
 	logged map[digest.Digest]bool
+	// times records when each layer's fetch ran (bgtimes.go).
+	times bgTimes
 }
 
 // bgMount is one lazy mount as backgroundFetch sees it.
@@ -122,6 +125,7 @@ func (b *backgroundFetch) unmounted(mp string) {
 		}
 	}
 	delete(b.logged, m.toc)
+	b.times.forget(m.toc)
 }
 
 // decline reports whether the background fetch of the layers whose TOC
@@ -178,13 +182,18 @@ type backgroundReader struct {
 // the background fetch of the layer is declined.
 func (r *backgroundReader) ForeachChild(id uint32, f func(name string, id uint32, mode os.FileMode) bool) error {
 	toc := r.TOCDigest()
-	return r.checkedReader.ForeachChild(id, func(name string, cid uint32, mode os.FileMode) bool {
+	err := r.checkedReader.ForeachChild(id, func(name string, cid uint32, mode os.FileMode) bool {
 		if layer, ok := r.bg.decline(toc); ok {
 			r.bg.logDecline(toc, layer)
+			r.bg.times.declined(toc)
 			return false
 		}
 		return f(name, cid, mode)
 	})
+	if id == r.RootID() {
+		r.bg.times.walked(toc, time.Now())
+	}
+	return err
 }
 
 // logDecline logs, once per TOC, that the background fetch of layer stops.
@@ -205,7 +214,7 @@ func (r *backgroundReader) OpenFileWithPreReader(id uint32, preRead func(id uint
 	if err != nil {
 		return nil, err
 	}
-	return &backgroundFile{File: f, bg: r.bg}, nil
+	return &backgroundFile{File: f, bg: r.bg, toc: r.TOCDigest()}, nil
 }
 
 // OpenFile is OpenFileWithPreReader without a pre-reader.
@@ -214,7 +223,7 @@ func (r *backgroundReader) OpenFile(id uint32) (metadata.File, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &backgroundFile{File: f, bg: r.bg}, nil
+	return &backgroundFile{File: f, bg: r.bg, toc: r.TOCDigest()}, nil
 }
 
 // Timing of the background fetch's pauses for the build's reads.
@@ -231,11 +240,17 @@ const (
 // (demandFile) are pending and for demandQuiet after them.
 type backgroundFile struct {
 	metadata.File
-	bg *backgroundFetch
+	bg  *backgroundFetch
+	toc digest.Digest
 }
 
 func (f *backgroundFile) ReadAt(p []byte, off int64) (n int, err error) {
 	f.bg.yield()
+	f.bg.times.readStarted(f.toc)
+	defer func() { f.bg.times.readDone(f.toc, time.Now()) }()
+	// One unit of the CPU account: fetching and decompressing the read.
+	span := cpuacct.Default.Start(cpuacct.BackgroundFetch)
+	defer span.End()
 	return f.File.ReadAt(p, off)
 }
 
@@ -268,5 +283,8 @@ func (f *demandFile) ReadAt(p []byte, off int64) (int, error) {
 			f.bg.lastDemand.Store(time.Now().UnixNano())
 		}
 	}()
+	// One unit of the CPU account: fetching and decompressing the read.
+	span := cpuacct.Default.Start(cpuacct.OnDemand)
+	defer span.End()
 	return f.File.ReadAt(p, off)
 }

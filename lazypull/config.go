@@ -68,6 +68,11 @@ type Config struct {
 	// Default "" (off).
 	AccessRecordDir string `toml:"access_record_dir"`
 
+	// Profile configures publishing what the lazy mounts served as
+	// prefetch profiles, for the mirror to convert the next image with
+	// (table "profile").
+	Profile ProfileConfig `toml:"profile"`
+
 	// Registry configures how registries are reached (table "registry").
 	Registry RegistryConfig `toml:"registry"`
 
@@ -108,6 +113,56 @@ type Config struct {
 	// "policy"); the first rule whose Match matches the image reference
 	// decides. Default: none.
 	Policy []PolicyRule `toml:"policy"`
+}
+
+// ProfileConfig configures the closed prefetch loop on the builder's side:
+// per lazily mounted image, the files its lazy mounts served since the
+// last publish become a prefetch profile that the daemon pushes to the
+// registry the image came from (through [registry] mirrors or hosts.toml,
+// mirrors first, with the [auth] credentials) as an OCI artifact whose
+// subject is the image's manifest (the platform manifest of an index);
+// `lazybase mirror` merges the published profiles of many builds and
+// converts the image again with them. The records are kept in memory,
+// bounded, whether or not access_record_dir is set. An image is published
+// once no snapshot over its layers is in use (the build is over) and no
+// access was recorded for Delay, or once no access was recorded for Idle
+// (BuildKit keeps the snapshots of finished steps active), and at a clean
+// shutdown (within Timeout
+// or 10s, whichever is shorter, for all images); at most once per
+// MinInterval. A failed publish is logged with the image and host,
+// counted (lazybase_snapshotter_profile_publish_total{result="failed"})
+// and shown by `lazybase snapshotter status`; it never fails or slows a
+// build, and the records are kept (bounded) for the next attempt.
+type ProfileConfig struct {
+	// Publish turns publishing on (key "profile.publish"). Default true.
+	Publish bool `toml:"publish"`
+
+	// Delay is how long an image must be unused (no snapshot over its
+	// layers in use) and without a new access before it is published (key
+	// "profile.delay"). 0 or more. Default "5s".
+	Delay Duration `toml:"delay"`
+
+	// Idle is how long without a new access before an image is published
+	// even while snapshots over its layers are in use: BuildKit keeps the
+	// snapshot of a finished step active until it needs it committed
+	// (key "profile.idle"). At least Delay. Default "60s".
+	Idle Duration `toml:"idle"`
+
+	// MinInterval is the least time between two publishes of one image,
+	// failed ones included (key "profile.min_interval"). 0 or more.
+	// Default "10m".
+	MinInterval Duration `toml:"min_interval"`
+
+	// MaxFiles bounds the files of one published profile, and the access
+	// records kept per image until it is published (key
+	// "profile.max_files"); a profile is also cut to fit the artifact's
+	// 1 MiB bound. 1 to 1000000. Default 20000.
+	MaxFiles int `toml:"max_files"`
+
+	// Timeout bounds one publish: reading the image's manifests and
+	// pushing the artifact, retries included (key "profile.timeout"). A
+	// positive duration. Default "30s".
+	Timeout Duration `toml:"timeout"`
 }
 
 // RegistryConfig configures how registries are reached, by everything in
@@ -241,12 +296,26 @@ type FUSEConfig struct {
 	Passthrough bool `toml:"passthrough"`
 
 	// AttrTimeout is how long the kernel caches attributes (key
-	// "fuse.attr_timeout"). Whole seconds, at least 1s. Default "1s".
+	// "fuse.attr_timeout"). Whole seconds, at least 1s. Default "1h":
+	// a layer is immutable, so the kernel need not ask again; with stargz's
+	// own 1s, every build step that stats a file more than a second after
+	// the last one costs a FUSE request for it.
 	AttrTimeout Duration `toml:"attr_timeout"`
 
 	// EntryTimeout is how long the kernel caches name lookups (key
-	// "fuse.entry_timeout"). Whole seconds, at least 1s. Default "1s".
+	// "fuse.entry_timeout"). Whole seconds, at least 1s. Default "1h",
+	// for the reason AttrTimeout gives: with 1s, each new container (each
+	// RUN step) looks every name up again through FUSE. Names that do not
+	// exist are not cached: stargz sets no negative-entry timeout.
 	EntryTimeout Duration `toml:"entry_timeout"`
+
+	// ReadOnly remounts each lazily mounted layer read-only (key
+	// "fuse.read_only"). stargz mounts layers read-write, and on a
+	// read-write FUSE file system the kernel asks for a directory's or
+	// file's attributes again after every read of it (its access time
+	// may have changed), whatever AttrTimeout says. Nothing ever writes
+	// to a layer. Default true.
+	ReadOnly bool `toml:"read_only"`
 }
 
 // GuardConfig configures the export guard. The policy decides per image
@@ -395,8 +464,9 @@ func DefaultConfig() Config {
 		},
 		FUSE: FUSEConfig{
 			Passthrough:  passthroughSupported(),
-			AttrTimeout:  Duration(time.Second),
-			EntryTimeout: Duration(time.Second),
+			AttrTimeout:  Duration(time.Hour),
+			EntryTimeout: Duration(time.Hour),
+			ReadOnly:     true,
 		},
 		Guard: GuardConfig{
 			Enable:            true,
@@ -410,6 +480,14 @@ func DefaultConfig() Config {
 		},
 		Local: LocalConfig{
 			Parallelism: 1,
+		},
+		Profile: ProfileConfig{
+			Publish:     true,
+			Delay:       Duration(5 * time.Second),
+			Idle:        Duration(60 * time.Second),
+			MinInterval: Duration(10 * time.Minute),
+			MaxFiles:    20000,
+			Timeout:     Duration(30 * time.Second),
 		},
 		DefaultMode: ModeLazy,
 	}
@@ -606,6 +684,22 @@ func (c *Config) Validate() error {
 		if d <= 0 {
 			bad(key, "%s: want a positive duration such as \"30s\"", d.D())
 		}
+	}
+
+	if c.Profile.Delay < 0 {
+		bad("profile.delay", "%s: must not be negative", c.Profile.Delay.D())
+	}
+	if c.Profile.Idle < c.Profile.Delay {
+		bad("profile.idle", "%s: want at least profile.delay (%s)", c.Profile.Idle.D(), c.Profile.Delay.D())
+	}
+	if c.Profile.MinInterval < 0 {
+		bad("profile.min_interval", "%s: must not be negative", c.Profile.MinInterval.D())
+	}
+	if c.Profile.MaxFiles < 1 || c.Profile.MaxFiles > 1000000 {
+		bad("profile.max_files", "%d: want 1 to 1000000", c.Profile.MaxFiles)
+	}
+	if c.Profile.Timeout <= 0 {
+		bad("profile.timeout", "%s: want a positive duration such as \"30s\"", c.Profile.Timeout.D())
 	}
 
 	if c.Local.Parallelism < 1 || c.Local.Parallelism > 16 {

@@ -133,6 +133,13 @@ func TestParseConfigInvalid(t *testing.T) {
 		{"guard max_bytes negative", "[guard]\nmax_bytes = -1", "guard.max_bytes"},
 		{"guard delay negative", "[guard]\ndelay = \"-1s\"", "guard.delay"},
 		{"guard delay syntax", "[guard]\ndelay = \"later\"", "guard.delay"},
+		{"profile delay negative", "[profile]\ndelay = \"-1s\"", "profile.delay"},
+		{"profile min_interval negative", "[profile]\nmin_interval = \"-1m\"", "profile.min_interval"},
+		{"profile idle below delay", "[profile]\ndelay = \"10s\"\nidle = \"5s\"", "profile.idle"},
+		{"profile max_files zero", "[profile]\nmax_files = 0", "profile.max_files"},
+		{"profile max_files huge", "[profile]\nmax_files = 1000001", "profile.max_files"},
+		{"profile timeout zero", "[profile]\ntimeout = \"0s\"", "profile.timeout"},
+		{"profile unknown key", "[profile]\npublish_to = \"x\"", "profile.publish_to"},
 		{"guard enable type", "[guard]\nenable = 1", "guard.enable"},
 		{"guard unknown key", "[guard]\nnamespace = \"buildkit\"", "guard.namespace"},
 		{"default mode", `default_mode = "sometimes"`, "default_mode"},
@@ -401,14 +408,24 @@ entry_timeout = "3s"
 		NoBackgroundFetch:        true,
 		Debug:                    true,
 		MaxConcurrency:           5,
-		BlobConfig:               config.BlobConfig{ChunkSize: 65536, FetchTimeoutSec: 7, MaxRetries: 3},
-		DirectoryCacheConfig:     config.DirectoryCacheConfig{MaxLRUCacheEntry: 20, MaxCacheFds: 30, Direct: true},
+		// profile.publish is on by default: the publisher needs stargz's
+		// first-access entries.
+		LogFileAccess:        true,
+		BlobConfig:           config.BlobConfig{ChunkSize: 65536, FetchTimeoutSec: 7, MaxRetries: 3},
+		DirectoryCacheConfig: config.DirectoryCacheConfig{MaxLRUCacheEntry: 20, MaxCacheFds: 30, Direct: true},
 		// MergeBufferSize and MergeWorkerCount are stargz's loader defaults.
 		FuseConfig: config.FuseConfig{PassThrough: true, AttrTimeout: 2, EntryTimeout: 3,
 			MergeBufferSize: 419430400, MergeWorkerCount: 10},
 	}
 	if sc.Config != want {
 		t.Errorf("fs config\n got %+v\nwant %+v", sc.Config, want)
+	}
+	off, err := ParseConfig([]byte("[profile]\npublish = false\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if osc, _, err := off.upstream(t.Context(), exportguard.NewBlobSource(), nil); err != nil || osc.Config.LogFileAccess {
+		t.Errorf("profile.publish = false without access_record_dir: LogFileAccess %v (err %v), want false", osc.Config.LogFileAccess, err)
 	}
 	if sc.ResolverConfig.RequestTimeoutSec != 7 {
 		t.Errorf("request timeout = %d", sc.ResolverConfig.RequestTimeoutSec)

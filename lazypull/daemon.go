@@ -36,6 +36,7 @@ type Daemon struct {
 	base   snapshots.Snapshotter
 	sn     snapshots.Snapshotter
 	access *accessRecording
+	pub    *profilePublisher     // nil when profile.publish is false
 	guard  *exportguard.Trigger  // nil when guard.enable is false
 	stores *containerdStores     // the guard's containerd connection
 	local  *exportguard.Unpacker // nil when local.enable or guard.enable is false
@@ -108,11 +109,20 @@ func NewDaemon(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 	}
 	tfs := newTrackingFS(ufs, m)
 	tfs.bg = bg
+	tfs.readOnly = cfg.FUSE.ReadOnly
+	var pub *profilePublisher
+	var others []accessRecorder
+	if cfg.Profile.Publish {
+		creds := dockerCredentials(ctx, cfg.Auth)
+		hosts := cfg.hostsWith(ctx, creds, guardClients(cfg.Guard.Timeouts()))
+		pub = newProfilePublisher(cfg.Profile, newHostsRegistry(hosts, creds), hosts, creds, m)
+		others = append(others, pub)
+	}
 	var access *accessRecording
-	if cfg.AccessRecordDir != "" {
+	if cfg.AccessRecordDir != "" || pub != nil {
 		// Before the snapshotter restores mounts, so that their accesses
 		// are recorded too.
-		if access, err = startAccessRecording(cfg.AccessRecordDir, tfs); err != nil {
+		if access, err = startAccessRecording(cfg.AccessRecordDir, tfs, others...); err != nil {
 			return nil, err
 		}
 	}
@@ -130,12 +140,18 @@ func NewDaemon(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 		return nil, fmt.Errorf("snapshotter at %s: %w", snRoot, err)
 	}
 	psn := &policySnapshotter{Snapshotter: base, policy: policy, m: m}
+	if pub != nil {
+		pub.stat = base.Stat
+		psn.uses = pub
+		pub.start(log.WithLogger(context.Background(), log.G(ctx)))
+	}
 	d := &Daemon{
 		cfg:    cfg,
 		m:      m,
 		fs:     tfs,
 		base:   base,
 		access: access,
+		pub:    pub,
 		sn:     psn,
 		blobs:  blobs,
 		locks:  locks,
@@ -143,6 +159,9 @@ func NewDaemon(ctx context.Context, cfg Config) (_ *Daemon, retErr error) {
 	if cfg.Guard.Enable {
 		if err := d.startGuard(ctx, psn); err != nil {
 			tfs.restore.stop()
+			if pub != nil {
+				pub.stopNow()
+			}
 			d.closeGuard()
 			base.Close()
 			if access != nil {
@@ -343,6 +362,10 @@ func (d *Daemon) Close() error {
 		d.fs.restore.stop()
 		if err := d.closeGuard(); err != nil {
 			d.err = fmt.Errorf("closing export guard: %w", err)
+		}
+		// Before the snapshotter closes: the publisher reads snapshots.
+		if d.pub != nil {
+			d.pub.close(ctx)
 		}
 		// Before the snapshotter removes the snapshot directories.
 		d.keepLocal(ctx)

@@ -340,6 +340,27 @@ func TestLazyMount(t *testing.T) {
 	if l.Size != img.layers[0].Size || l.FetchedBytes <= 0 || l.FetchedPercent <= 0 || l.FetchedPercent > 100 {
 		t.Errorf("status layer sizes %+v (blob size %d)", l, img.layers[0].Size)
 	}
+	// Its CPU and I/O account has the mount's TOC check and the reads
+	// above, within the process's CPU time.
+	if a := st.Account; a == nil {
+		t.Error("status has no account")
+	} else {
+		if a.Units["toc"] == 0 || a.RegistryBytes["toc"] == 0 {
+			t.Errorf("account has no TOC check: units %v, registry bytes %v", a.Units, a.RegistryBytes)
+		}
+		if a.Units["on_demand"] == 0 || a.CPUSeconds["on_demand"] <= 0 {
+			t.Errorf("account has no on-demand read: units %v, cpu %v", a.Units, a.CPUSeconds)
+		}
+		var accounted float64
+		for act, v := range a.CPUSeconds {
+			if act != "fuse_and_other" {
+				accounted += v
+			}
+		}
+		if a.ProcessCPUSeconds <= 0 || accounted > a.ProcessCPUSeconds || a.CPUSeconds["fuse_and_other"] < 0 {
+			t.Errorf("account: %.4fs accounted, process %.4fs, cpu %v", accounted, a.ProcessCPUSeconds, a.CPUSeconds)
+		}
+	}
 
 	// Metrics count what happened.
 	for _, c := range []struct {
@@ -369,6 +390,8 @@ func TestLazyMount(t *testing.T) {
 	}
 	for _, name := range []string{
 		"lazybase_snapshotter_mounted_layers", "lazybase_snapshotter_mount_duration_seconds",
+		"lazybase_snapshotter_cpu_seconds_total", "lazybase_snapshotter_registry_bytes_total",
+		"lazybase_snapshotter_disk_written_bytes_total",
 		metricLayerFetched, metricLayerSize, "stargz_fs_operation_duration_milliseconds",
 	} {
 		if !families[name] {

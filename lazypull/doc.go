@@ -21,6 +21,11 @@
 //   - Prometheus metrics for mounts, fallbacks and policy decisions next to
 //     the upstream filesystem metrics, and a status view of mounted layers
 //     with their fetched percentages;
+//   - a CPU and I/O account of the daemon's own work (internal/cpuacct):
+//     CPU seconds on each unit's thread clock for guard transfers,
+//     hashing, local unpacks, background fetch reads, on-demand reads and
+//     TOC checks, the rest of the process's CPU as fuse_and_other, and
+//     registry bytes by activity (metrics.go, Status.Account);
 //   - access recording: per image, the files its lazily mounted layers
 //     served, in first-access order with their sizes (access_record_dir),
 //     for building prefetch profiles from real builds;

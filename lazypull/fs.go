@@ -24,6 +24,10 @@ type trackingFS struct {
 	// filesystem mounts it (its background fetch starts during Mount).
 	bg *backgroundFetch
 
+	// readOnly remounts each layer read-only once mounted
+	// (fuse.read_only, remountReadOnly).
+	readOnly bool
+
 	mu      sync.Mutex
 	mounts  map[string]mountRecord
 	watcher mountWatcher // told about mounts and unmounts, under mu
@@ -102,6 +106,13 @@ func (t *trackingFS) mount(ctx context.Context, mountpoint string, labels map[st
 		t.m.fallbacks.WithLabelValues(reason).Inc()
 		log.G(ctx).WithError(err).WithField("reason", reason).Warn(msg)
 		return err
+	}
+	if t.readOnly {
+		// Only the kernel's attribute caching depends on it: a layer
+		// left read-write still serves every read.
+		if err := remountReadOnly(mountpoint); err != nil {
+			log.G(ctx).WithError(err).Warn("layer stays mounted read-write; the kernel asks for attributes again after each read")
+		}
 	}
 	d := time.Since(start)
 	t.m.lazyMounts.WithLabelValues("ok").Inc()

@@ -30,6 +30,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/lazybase/lazybase/exportguard"
+	"github.com/lazybase/lazybase/internal/cpuacct"
 	"github.com/lazybase/lazybase/internal/imageio"
 	"github.com/lazybase/lazybase/prefetch"
 )
@@ -404,7 +405,10 @@ func fetchVerified(ctx context.Context, f remotes.Fetcher, desc ocispec.Descript
 	if desc.Size >= 0 && int64(len(b)) != desc.Size {
 		return nil, fmt.Errorf("%s: registry sent %d bytes, descriptor says %d", desc.Digest, len(b), desc.Size)
 	}
-	if got := desc.Digest.Algorithm().FromBytes(b); got != desc.Digest {
+	span := cpuacct.Default.Start(cpuacct.Hashing)
+	got := desc.Digest.Algorithm().FromBytes(b)
+	span.End()
+	if got != desc.Digest {
 		return nil, fmt.Errorf("%s: registry sent content with digest %s", desc.Digest, got)
 	}
 	return b, nil

@@ -19,6 +19,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/lazybase/lazybase/exportguard"
+	"github.com/lazybase/lazybase/internal/cpuacct"
 	"github.com/lazybase/lazybase/internal/eventually"
 	"github.com/lazybase/lazybase/internal/testimage"
 )
@@ -46,6 +47,7 @@ func TestLazyReadsAfterGuardCommitStayLocal(t *testing.T) {
 	if td.d.guard == nil {
 		t.Fatal("the daemon runs no export guard")
 	}
+	acct0 := cpuacct.Default.Snapshot()
 	// containerd's content store, in process, in place of the daemon's
 	// connection to a containerd socket.
 	store, lm := newContentStore(t)
@@ -74,6 +76,32 @@ func TestLazyReadsAfterGuardCommitStayLocal(t *testing.T) {
 		t.Fatalf("blob not in the content store: %v", err)
 	}
 	atCommit := proxy.blobBytes(layer)
+	// The CPU and I/O account charges the transfer to the guard.
+	acct1 := cpuacct.Default.Snapshot()
+	if got := acct1.RegistryBytes["guard"] - acct0.RegistryBytes["guard"]; got != size {
+		t.Errorf("account: guard fetched %d registry bytes, the blob has %d", got, size)
+	}
+	if got := acct1.DiskWrittenBytes["guard"] - acct0.DiskWrittenBytes["guard"]; got != size {
+		t.Errorf("account: guard wrote %d bytes, the blob has %d", got, size)
+	}
+	if acct1.CPUSeconds["guard"] <= acct0.CPUSeconds["guard"] || acct1.Units["guard"] <= acct0.Units["guard"] {
+		t.Errorf("account: no guard CPU or unit for the transfer: %+v then %+v", acct0, acct1)
+	}
+	lazyBytes := func(s cpuacct.Snapshot) int64 {
+		return s.RegistryBytes["toc"] + s.RegistryBytes["on_demand"] + s.RegistryBytes["background_fetch"] + s.RegistryBytes["other"]
+	}
+	// The account counts every blob; the image's other layers (a small
+	// gzip one, whose TOC check fails) add a few probes of their own.
+	var others int64
+	for _, l := range img.layers[1:] {
+		others += l.Size
+	}
+	if got, want := lazyBytes(acct1)-lazyBytes(acct0), atCommit-size; got < want || got > want+2*others {
+		t.Errorf("account: the lazy filesystem fetched %d registry bytes, the registry sent it %d of this layer (%d bytes in other layers)", got, want, others)
+	}
+	if acct1.RegistryBytes["toc"] <= acct0.RegistryBytes["toc"] {
+		t.Errorf("account: no registry bytes charged to the TOC check: %+v", acct1.RegistryBytes)
+	}
 
 	// Read every file of the lazy mount, in full, through FUSE.
 	var read int64

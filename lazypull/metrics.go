@@ -2,6 +2,8 @@ package lazypull
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/lazybase/lazybase/internal/cpuacct"
 )
 
 // metrics are lazypull's own Prometheus collectors. They live in a
@@ -16,6 +18,7 @@ type metrics struct {
 	fallbacks     *prometheus.CounterVec
 	mounted       prometheus.Gauge
 	mountDuration prometheus.Histogram
+	publishes     *prometheus.CounterVec
 }
 
 func newMetrics() *metrics {
@@ -44,13 +47,19 @@ func newMetrics() *metrics {
 			Buckets: prometheus.ExponentialBuckets(0.005, 2, 14),
 		}),
 	}
-	m.reg.MustRegister(m.decisions, m.lazyMounts, m.fallbacks, m.mounted, m.mountDuration)
+	m.publishes = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: ns, Subsystem: sub, Name: "profile_publish_total",
+		Help: "Prefetch profiles published to the registry of their image ([profile]), by result (ok or failed).",
+	}, []string{"result"})
+	m.reg.MustRegister(m.decisions, m.lazyMounts, m.fallbacks, m.mounted, m.mountDuration, m.publishes, newAccountCollector(cpuacct.Default))
 	// Pre-create the series so they read 0 rather than being absent.
 	for _, r := range []string{ReasonPolicy, ReasonNotEStargz, ReasonNoReference, ReasonMountFailed, ReasonInvalidTOC} {
 		m.fallbacks.WithLabelValues(r)
 	}
 	m.lazyMounts.WithLabelValues("ok")
 	m.lazyMounts.WithLabelValues("failed")
+	m.publishes.WithLabelValues(publishOK)
+	m.publishes.WithLabelValues(publishFailed)
 	return m
 }
 
@@ -62,3 +71,47 @@ func (m *metrics) gatherer() prometheus.Gatherer {
 
 // defaultGatherer is where the upstream filesystem registers its metrics.
 func defaultGatherer() prometheus.Gatherer { return prometheus.DefaultGatherer }
+
+// accountCollector serves the process's CPU and I/O account
+// (internal/cpuacct) as counters, read at each scrape.
+type accountCollector struct {
+	acct                *cpuacct.Account
+	cpu, fetched, wrote *prometheus.Desc
+}
+
+func newAccountCollector(a *cpuacct.Account) *accountCollector {
+	const ns, sub = "lazybase", "snapshotter"
+	return &accountCollector{
+		acct: a,
+		cpu: prometheus.NewDesc(prometheus.BuildFQName(ns, sub, "cpu_seconds_total"),
+			"CPU time of the snapshotter by activity (guard, hashing, local_unpack, background_fetch, on_demand, toc), measured on each unit's thread CPU clock; fuse_and_other is the rest of the process's CPU time (FUSE serving by the upstream filesystem, Go runtime, gRPC).",
+			[]string{"activity"}, nil),
+		fetched: prometheus.NewDesc(prometheus.BuildFQName(ns, sub, "registry_bytes_total"),
+			"Bytes fetched from registries by activity (guard, toc, on_demand, background_fetch; other: outside any measured unit, such as stargz's prefetch of the prefetch section).",
+			[]string{"activity"}, nil),
+		wrote: prometheus.NewDesc(prometheus.BuildFQName(ns, sub, "disk_written_bytes_total"),
+			"Bytes written to disk by activity, where known (guard: into containerd's ingest; local_unpack: the uncompressed layer).",
+			[]string{"activity"}, nil),
+	}
+}
+
+// Describe implements prometheus.Collector.
+func (c *accountCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.cpu
+	ch <- c.fetched
+	ch <- c.wrote
+}
+
+// Collect implements prometheus.Collector.
+func (c *accountCollector) Collect(ch chan<- prometheus.Metric) {
+	s := c.acct.Snapshot()
+	for act, v := range s.CPUSeconds {
+		ch <- prometheus.MustNewConstMetric(c.cpu, prometheus.CounterValue, v, act)
+	}
+	for act, v := range s.RegistryBytes {
+		ch <- prometheus.MustNewConstMetric(c.fetched, prometheus.CounterValue, float64(v), act)
+	}
+	for act, v := range s.DiskWrittenBytes {
+		ch <- prometheus.MustNewConstMetric(c.wrote, prometheus.CounterValue, float64(v), act)
+	}
+}

@@ -28,6 +28,17 @@ type policySnapshotter struct {
 	// hideRemote drops the upstream snapshotter's remote-snapshot marker
 	// from what Stat and Walk tell containerd (guard.enable).
 	hideRemote bool
+	// uses, when set, is told about every snapshot put in use over a
+	// parent (Prepare, View) and released (Commit, Remove): the profile
+	// publisher publishes an image once nothing uses it.
+	uses useTracker
+}
+
+// useTracker is told about the snapshots in use; its methods must not
+// block.
+type useTracker interface {
+	using(key, parent string)
+	released(key string)
 }
 
 var _ snapshots.Snapshotter = (*policySnapshotter)(nil)
@@ -46,6 +57,9 @@ func (s *policySnapshotter) Prepare(ctx context.Context, key, parent string, opt
 	plan := planPrepare(s.policy, info.Labels)
 	if !plan.Candidate {
 		mounts, err := s.Snapshotter.Prepare(ctx, key, parent, opts...)
+		if err == nil && s.uses != nil {
+			s.uses.using(key, parent)
+		}
 		return s.localMounts(mounts), err
 	}
 	decidedBy := "default"
@@ -114,7 +128,29 @@ func (s *policySnapshotter) dropDuplicate(ctx context.Context, key string, l *lo
 // lazy mounts.
 func (s *policySnapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
 	mounts, err := s.Snapshotter.View(ctx, key, parent, opts...)
+	if err == nil && s.uses != nil {
+		s.uses.using(key, parent)
+	}
 	return s.localMounts(mounts), err
+}
+
+// Commit is the upstream Commit; the active snapshot key is no longer in
+// use.
+func (s *policySnapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
+	err := s.Snapshotter.Commit(ctx, name, key, opts...)
+	if err == nil && s.uses != nil {
+		s.uses.released(key)
+	}
+	return err
+}
+
+// Remove is the upstream Remove; the snapshot key is no longer in use.
+func (s *policySnapshotter) Remove(ctx context.Context, key string) error {
+	err := s.Snapshotter.Remove(ctx, key)
+	if err == nil && s.uses != nil {
+		s.uses.released(key)
+	}
+	return err
 }
 
 // Mounts is the upstream Mounts with unpacked lazy layers in place of

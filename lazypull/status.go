@@ -11,6 +11,8 @@ import (
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
+
+	"github.com/lazybase/lazybase/internal/cpuacct"
 )
 
 // Upstream filesystem metrics Status reads, per mountpoint.
@@ -27,7 +29,17 @@ type Status struct {
 	// one, says how many are left and which failed (registry down); nil
 	// once every one is mounted.
 	Restore *RestoreStatus `json:"restore,omitempty"`
+	// Account is the daemon's CPU and I/O account since it started: CPU
+	// seconds, measured units, registry bytes and bytes written, by
+	// activity (lazybase_snapshotter_cpu_seconds_total and its kin).
+	Account *Account `json:"account,omitempty"`
+	// Profiles are the images whose prefetch profiles the daemon
+	// publishes ([profile]): records pending and the last publish.
+	Profiles []ProfileStatus `json:"profiles,omitempty"`
 }
+
+// Account is the daemon's CPU and I/O account (see Status.Account).
+type Account = cpuacct.Snapshot
 
 // LayerStatus is one lazily mounted layer.
 type LayerStatus struct {
@@ -49,6 +61,9 @@ type LayerStatus struct {
 	// until then; mounts handed out afterwards use it instead of the lazy
 	// mount.
 	LocalDir string `json:"local_dir,omitempty"`
+	// BackgroundFetch tells when the layer's background fetch ran; absent
+	// when none started.
+	BackgroundFetch *BackgroundFetchStatus `json:"background_fetch,omitempty"`
 }
 
 // Status returns the daemon's lazily mounted layers, sorted by image and
@@ -58,15 +73,20 @@ func (d *Daemon) Status(ctx context.Context) (*Status, error) {
 	if err != nil {
 		return nil, err
 	}
-	st := &Status{Layers: []LayerStatus{}}
+	acct := cpuacct.Default.Snapshot()
+	st := &Status{Layers: []LayerStatus{}, Account: &acct}
 	if rs := d.fs.restore.status(); rs.Pending > 0 {
 		st.Restore = &rs
+	}
+	if d.pub != nil {
+		st.Profiles = d.pub.status()
 	}
 	for mp, rec := range d.fs.snapshot() {
 		ls := LayerStatus{
 			Mountpoint: mp, Image: rec.image, Layer: rec.layer, Mode: rec.mode, MountedAt: rec.mountedAt,
 			Size: -1, FetchedBytes: -1, PrefetchBytes: -1, FetchedPercent: -1,
-			LocalDir: d.local.LocalDir(mp),
+			LocalDir:        d.local.LocalDir(mp),
+			BackgroundFetch: d.fs.bg.fetchStatus(mp),
 		}
 		if s, ok := perMount[mp]; ok {
 			ls.Size, ls.FetchedBytes, ls.PrefetchBytes = s[0], s[1], s[2]

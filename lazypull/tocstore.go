@@ -7,12 +7,14 @@ import (
 	"io"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/containerd/log"
 	stargzfs "github.com/containerd/stargz-snapshotter/fs"
 	"github.com/containerd/stargz-snapshotter/metadata"
 	memorymetadata "github.com/containerd/stargz-snapshotter/metadata/memory"
 
+	"github.com/lazybase/lazybase/internal/cpuacct"
 	"github.com/lazybase/lazybase/internal/toccheck"
 )
 
@@ -50,6 +52,10 @@ type tocCheck struct {
 // not one more fetch.
 func tocCheckingStore(inner metadata.Store, c tocCheck) metadata.Store {
 	return func(sr *io.SectionReader, mopts ...metadata.Option) (metadata.Reader, error) {
+		// One unit of the CPU account: fetching, checking and decoding
+		// the TOC.
+		span := cpuacct.Default.Start(cpuacct.TOC)
+		defer span.End()
 		cached, err := c.check(sr, mopts)
 		if err != nil {
 			return nil, err
@@ -160,6 +166,8 @@ func (r *checkedReader) OpenFileWithPreReader(id uint32, preRead func(id uint32,
 // footer and TOC bytes that passed the check, they are compared, not
 // decoded and validated again.
 func (r *checkedReader) Clone(sr *io.SectionReader) (metadata.Reader, error) {
+	span := cpuacct.Default.Start(cpuacct.TOC)
+	defer span.End()
 	var cached *spanReaderAt
 	if sameTOC(sr, r.size, r.checked) {
 		cached = newSpanReaderAt(sr, r.checked)
@@ -176,6 +184,7 @@ func (r *checkedReader) Clone(sr *io.SectionReader) (metadata.Reader, error) {
 	}
 	cr := &checkedReader{Reader: c, mopts: r.mopts, check: r.check, checked: cached.checked, size: cached.size}
 	if r.check.background != nil {
+		r.check.background.times.started(c.TOCDigest(), time.Now())
 		return &backgroundReader{checkedReader: cr, bg: r.check.background}, nil
 	}
 	return cr, nil

@@ -64,8 +64,9 @@ func (c *Config) upstream(ctx context.Context, src *exportguard.BlobSource, bg *
 	fc.FuseConfig.EntryTimeout = secs(c.FUSE.EntryTimeout)
 
 	// The upstream filesystem logs the first access to each file; the
-	// access recorder turns those entries into records.
-	fc.LogFileAccess = c.AccessRecordDir != ""
+	// access recorder turns those entries into records, for the record
+	// files and the profile publisher.
+	fc.LogFileAccess = c.AccessRecordDir != "" || c.Profile.Publish
 
 	// FUSE request tracing is only wanted at the most verbose level.
 	fc.Debug = c.LogLevel == "trace"

@@ -136,6 +136,20 @@ import (
 //	record_key_file = "/etc/lazybase/record-key"
 //	# record_key_env = "LAZYBASE_MIRROR_RECORD_KEY"
 //
+// The [profiles] table configures the closed prefetch loop: the mirror
+// merges the prefetch profiles builders publish for its conversions and
+// re-converts when the merge changes materially (see ProfilesConfig).
+//
+//	[profiles]
+//	from_registry = true
+//	min_change = 0.1
+//	max_age = "720h"
+//	half_life = "168h"
+//	max_artifacts = 64
+//	min_fraction = 0.0
+//	layer_bytes = 0
+//	image_bytes = 0
+//
 // The [serve] table configures `lazybase mirror serve` (see ServeConfig).
 //
 //	[serve]
@@ -184,6 +198,10 @@ type Config struct {
 	ClaimTTL          string   `toml:"claim_ttl"`
 	QuarantineAfter   *int     `toml:"quarantine_after"`
 	Sources           []Source `toml:"source"`
+
+	// Profiles is the [profiles] table: the closed prefetch loop (see
+	// ProfilesConfig).
+	Profiles ProfilesConfig `toml:"profiles"`
 
 	// Record authentication and the [serve] table (see security.go).
 	RecordAuth
@@ -368,6 +386,9 @@ func (c *Config) validate() error {
 		return fmt.Errorf("claim_ttl: want a duration such as \"2m\" (\"0s\" for no claims), got %q", c.ClaimTTL)
 	}
 	if err := c.validateTimeouts(); err != nil {
+		return err
+	}
+	if err := c.Profiles.validate(); err != nil {
 		return err
 	}
 	global, err := parsePlatforms(c.Platforms)

@@ -178,6 +178,9 @@ func TestExampleConfigsParse(t *testing.T) {
 	if len(c.Sources) != 2 || c.Sources[1].Newest != 3 || !c.Sources[1].MatchTag("1.23.4-bookworm") || c.Sources[1].MatchTag("1.23.4") {
 		t.Errorf("example config: %+v", c.Sources)
 	}
+	if !*c.Profiles.FromRegistry || *c.Profiles.MinChange != 0.1 || c.Profiles.MaxArtifacts != 64 {
+		t.Errorf("example config profiles: %+v", c.Profiles)
+	}
 	// The ConfigMap carries a mirror.toml too.
 	b, err := os.ReadFile("../deploy/kubernetes/mirror-configmap.yaml")
 	if err != nil {

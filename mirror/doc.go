@@ -12,7 +12,8 @@
 // Serve runs it until shutdown and returns a ServeResult. Each job has its
 // file: options.go; mirror.go (the Mirror and its counters); plan.go;
 // run.go, build.go, flight.go and session.go (attempts, converted images,
-// shared layer conversions, layers kept for a run); record.go; claim.go;
+// shared layer conversions, layers kept for a run); profiles.go (the
+// closed prefetch loop); record.go; claim.go;
 // quarantine.go; report.go; events.go, queue.go, server.go and
 // serve.go (notifications); config.go, security.go and tags.go (the
 // config, secrets, tag selection); retry.go.
@@ -25,6 +26,56 @@
 // options is skipped after one manifest request to the destination. (Changing
 // prefetch lists or platforms is not visible in those annotations: run with
 // force to redo images.)
+//
+// # Closed prefetch loop
+//
+// With [profiles] from_registry (the default; see ProfilesConfig), a run
+// first reads, for every image it mirrors, the destination tag's manifest
+// (once: the image's first attempt uses that read for its up-to-date
+// check) and, for every platform manifest of the current conversion, its
+// referrers (the referrers API, or the tag-schema fallback), among them
+// the published prefetch profiles (prefetch.ReadPublished: the newest
+// max_artifacts, bounded and digest-checked; a bad artifact is skipped,
+// logged and counted, never fatal). Builders publish them with the
+// platform manifest of the conversion they mounted as subject
+// (prefetch.ArtifactType). Each is tied to the source layers through the
+// conversion's annotations (prefetch.Profile.Resolve, BySource).
+//
+// A source layer has one prefetch list across all the images of a run
+// (layerLists, layerlists.go): the entries for it of every published
+// profile, whatever image it was published against, merged with
+// prefetch.MergeWeighted (max_age, half_life, min_fraction; the budget
+// layer_bytes). Every image containing the layer converts it with that
+// list, so it has one converted form, converted once (a base image and an
+// image built on it keep sharing their base layer's blob). Min_change acts
+// per layer: a layer keeps the list its newest conversion was made with
+// until the merged runs select files that differ from it by min_change
+// of the selected bytes or more (prefetch.Change); then every image
+// containing it is converted again, alike. An up-to-date image is
+// converted again only when the list of one of its layers is not the one
+// it was made with; otherwise nothing is written. The layers go through
+// conversion records as always, keyed by the prefetch fingerprint of their
+// files, so no layer is converted twice for one file list.
+//
+// After converting an image, the mirror publishes as referrers of every
+// platform manifest of the new conversion the merged runs of its layers,
+// annotated AnnotationMergedProfile and AnnotationMergedFrom (the
+// artifacts they fold in), and the lists it was made with, annotated
+// AnnotationPrefetchUsed. The next run merges the former like a builder's
+// profile (the same layer's runs carried by several images count once),
+// leaving out, for the layers it carries, the artifacts it folds in (what
+// they say about other layers still counts): runs published against an
+// older conversion are carried forward, never counted twice. It compares
+// the layers' lists with the latter.
+//
+// An image for which prefetch_dir has a profile is converted with its own
+// merge instead, as one image: the published profiles of its conversion,
+// after the prefetch_dir profile, whose rules (and image_bytes) apply;
+// it is re-converted when that merge's selection changed by min_change.
+// A simple prefetch list in prefetch_dir turns the loop off for its
+// images. An image mirrored on its own (mirror serve) plans the lists of
+// its own layers alone. Each ImageReport says what happened
+// (ProfileReport: found, used, skipped, change, decision).
 //
 // # Conversion records
 //

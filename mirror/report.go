@@ -46,6 +46,10 @@ type ImageReport struct {
 	LayersShared      int `json:"layersShared"`
 	// Bytes is the size of the converted layers the image refers to.
 	Bytes int64 `json:"bytes"`
+	// Profiles is what the closed prefetch loop did: published profiles
+	// found and used, re-converted or not and why (nil when [profiles]
+	// from_registry is off or the image was not read).
+	Profiles *ProfileReport `json:"profiles,omitempty"`
 }
 
 // Report is the outcome of a run.
@@ -124,10 +128,20 @@ func (r ImageReport) Summary() string {
 		if r.Digest == "" {
 			return fmt.Sprintf("skipped   %s -> %s: %s", r.Source, r.Destination, r.Reason)
 		}
-		return fmt.Sprintf("skipped   %s -> %s (up to date, %s) in %.2fs", r.Source, r.Destination, r.Digest, r.Seconds)
+		return fmt.Sprintf("skipped   %s -> %s (up to date, %s) in %.2fs", r.Source, r.Destination, r.Digest, r.Seconds) + r.Profiles.summary()
 	}
 	return fmt.Sprintf("converted %s -> %s %s in %.1fs: layers %d converted, %d from records, %d shared; %s",
-		r.Source, r.Destination, r.Digest, r.Seconds, r.LayersConverted, r.LayersFromRecords, r.LayersShared, progress.Bytes(r.Bytes))
+		r.Source, r.Destination, r.Digest, r.Seconds, r.LayersConverted, r.LayersFromRecords, r.LayersShared, progress.Bytes(r.Bytes)) + r.Profiles.summary()
+}
+
+// summary is the profile part of an image's summary line, "" without
+// published profiles.
+func (p *ProfileReport) summary() string {
+	if p == nil || p.Found+p.Skipped == 0 {
+		return ""
+	}
+	return fmt.Sprintf("; prefetch profiles: %d found, %d used, %d skipped, %d files (%s): %s",
+		p.Found, p.Used, p.Skipped, p.Files, progress.Bytes(p.Bytes), p.Reason)
 }
 
 func (r *Report) add(ir ImageReport) {

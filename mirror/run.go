@@ -2,6 +2,7 @@ package mirror
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -40,6 +41,11 @@ func (m *Mirror) Run(ctx context.Context) (*Report, error) {
 	results := make([]ImageReport, len(jobs))
 	sess := m.newSession()
 	defer sess.close()
+	if m.profilesEnabled() {
+		// One prefetch list per source layer for every image of the
+		// run, so that a shared layer is converted once.
+		sess.lists = m.planLayerLists(ctx, jobs)
+	}
 	next := make(chan int)
 	var wg sync.WaitGroup
 	for range min(m.cfg.Concurrency, max(len(jobs), 1)) {
@@ -83,6 +89,8 @@ type imageStats struct {
 	repo                           *name.Repository
 	converted, fromRecords, shared atomic.Int64
 	bytes                          atomic.Int64
+	// profiles is what the closed prefetch loop did (nil when off).
+	profiles *ProfileReport
 }
 
 // MirrorImage mirrors one image, with up to image_attempts attempts, and
@@ -141,6 +149,10 @@ func (m *Mirror) tryImage(ctx context.Context, sess *session, j Job, q *imageFai
 		r.SourceDigest, r.Digest, r.Status = src, dgst, status
 		r.LayersConverted, r.LayersFromRecords, r.LayersShared = int(st.converted.Load()), int(st.fromRecords.Load()), int(st.shared.Load())
 		r.Bytes = st.bytes.Load()
+		if st.profiles != nil {
+			pr := *st.profiles
+			r.Profiles = &pr
+		}
 		if err == nil {
 			if status == StatusSkipped {
 				r.Reason = "the destination already holds the conversion of " + src
@@ -197,6 +209,17 @@ func (m *Mirror) attempt(ctx context.Context, j Job, st *imageStats, q *imageFai
 			req.UpToDate = m.upToDateOrQuarantined(j, q)
 		}
 	}
+	var pp *profilePlan
+	if m.profilesEnabled() {
+		pp = &profilePlan{static: list}
+		req.Prefetch = pp
+		ll := st.sess.lists
+		if ll == nil {
+			ll = m.planLayerLists(ctx, []Job{j})
+		}
+		req.UpToDate = m.withProfiles(j, pp, ll, req.UpToDate)
+		st.profiles = &pp.rep
+	}
 	rep, err := job.Run(ctx, req)
 	switch {
 	case err != nil:
@@ -204,12 +227,58 @@ func (m *Mirror) attempt(ctx context.Context, j Job, st *imageStats, q *imageFai
 	case rep.UpToDate:
 		return StatusSkipped, rep.SourceDigest, rep.Digest, nil
 	}
+	if pp != nil && pp.shared != nil {
+		// The merged runs of its layers, carried forward, and the lists
+		// the conversion was made with, which the next run compares with
+		// the layers' shared lists.
+		layers := pp.shared.layers()
+		carry, folded := pp.shared.ll.carry(layers)
+		used := profileOf(layers, func(src string) []prefetch.File { return pp.shared.ll.list(src).files })
+		if len(carry.Layers) == 0 {
+			carry = nil
+		}
+		if carry != nil || len(used.Layers) > 0 {
+			d, err := m.publishMerged(ctx, j.Destination, rep.Digest, carry, folded, used)
+			if err != nil {
+				log.G(ctx).WithError(err).Warn("publishing the merged prefetch profile failed; the next run converts again")
+				pp.rep.Reason += "; publishing the merged profile failed: " + err.Error()
+			}
+			pp.rep.Published = d
+		}
+	} else if pp != nil && pp.carry != nil && len(pp.carry.Layers) > 0 {
+		// The next run reads it as the conversion's profile and carries
+		// the builders' runs forward to it.
+		d, err := m.publishMerged(ctx, j.Destination, rep.Digest, pp.carry, pp.folded, nil)
+		if err != nil {
+			log.G(ctx).WithError(err).Warn("publishing the merged prefetch profile failed; the next run converts again")
+			pp.rep.Reason += "; publishing the merged profile failed: " + err.Error()
+		}
+		pp.rep.Published = d
+	}
 	return StatusConverted, rep.SourceDigest, rep.Digest, nil
 }
 
 // upToDate reads the destination manifest once and tells whether it is the
 // conversion of src with this mirror's format.
 func (m *Mirror) upToDate(ctx context.Context, dest imageio.Ref, src *imageio.Source) (string, bool, error) {
+	if r, ok := ctx.Value(destReadKey{}).(*destRead); ok && r.ref.String() == dest.String() {
+		// withProfiles read it already.
+		if r.err != nil {
+			if errors.Is(r.err, imageio.ErrNotFound) {
+				return "", false, nil
+			}
+			return "", false, r.err
+		}
+		var man struct {
+			Annotations map[string]string `json:"annotations"`
+		}
+		if err := json.Unmarshal(r.body, &man); err != nil {
+			return "", false, fmt.Errorf("manifest %s of %s: %w", r.desc.Digest, dest, err)
+		}
+		ann := man.Annotations
+		ok := ann[convert.AnnotationSourceManifest] == src.Descriptor.Digest.String() && ann[convert.AnnotationFormat] == m.format
+		return r.desc.Digest.String(), ok, nil
+	}
 	d, err := m.client.Open(ctx, dest)
 	if err != nil {
 		if errors.Is(err, imageio.ErrNotFound) {

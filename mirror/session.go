@@ -18,7 +18,10 @@ type session struct {
 	mu     sync.Mutex
 	convs  map[string]*convert.Converter     // prefetch fingerprint -> converter
 	layers map[string]convert.ConvertedLayer // record key -> converted layer
-	done   bool
+	// lists are the shared prefetch lists of the source layers of a
+	// Run's images (nil: planned per image).
+	lists *layerLists
+	done  bool
 }
 
 func (m *Mirror) newSession() *session {

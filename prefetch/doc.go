@@ -25,4 +25,11 @@
 // FindProfile. Both formats are sources for the converter
 // (convert.WithPrefetch) through their PrefetchFiles method; this package
 // does not import the converter.
+//
+// Builders publish profiles to the registry as OCI artifacts (ArtifactType);
+// ReadPublished reads those of a manifest through the ArtifactSource its
+// caller passes (ParseArtifact and ParseArtifactBlob check each), BySource
+// keys them by source layer, MergeWeighted folds them with age limits,
+// decay and a minimum fraction of runs, and Change measures how much two
+// profiles' selections differ.
 package prefetch

@@ -3,14 +3,17 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/containerd/log"
 	"github.com/spf13/cobra"
 
+	"github.com/lazybase/lazybase/internal/cpuacct"
 	"github.com/lazybase/lazybase/lazypull"
 )
 
@@ -128,8 +131,12 @@ func newSnapshotterStatusCmd() *cobra.Command {
 		Long: `List the layers a running lazybase snapshotter has mounted lazily: image,
 layer digest, policy mode, bytes fetched so far (on demand, prefetch and
 background) against the layer's size, whether it is unpacked locally, and
-when it was mounted. While a restarted daemon restores the lazy mounts of
-the previous one, a last line says how many are left and which failed.
+when it was mounted. Then the daemon's CPU and I/O account since it
+started: CPU seconds by activity (guard, hashing, local_unpack,
+background_fetch, on_demand, toc, and fuse_and_other, the rest of the
+process's CPU time), registry bytes by activity and bytes written. While a
+restarted daemon restores the lazy mounts of the previous one, a last line
+says how many are left and which failed.
 
 The daemon is found through its status socket: --status-socket, else the
 status_socket of --config, else the snapshots socket (--socket, or the
@@ -167,6 +174,10 @@ config's socket) with ".status" appended.`,
 			if err := tw.Flush(); err != nil {
 				return err
 			}
+			if a := st.Account; a != nil {
+				printAccount(out, a)
+			}
+			printProfiles(out, st.Profiles)
 			if r := st.Restore; r != nil {
 				fmt.Fprintf(out, "restoring the previous daemon's lazy mounts: %d left, %d failed\n", r.Pending, len(r.Failed))
 				for _, f := range r.Failed {
@@ -182,6 +193,28 @@ config's socket) with ".status" appended.`,
 	f.StringVar(&statusSocket, "status-socket", "", "the daemon's status socket")
 	f.BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
+}
+
+// printAccount prints the daemon's CPU and I/O account: one line of CPU
+// seconds, one of registry bytes, one of bytes written, by activity.
+func printAccount(out io.Writer, a *lazypull.Account) {
+	acts := cpuacct.Activities()
+	var cpu, fetched, written []string
+	for _, act := range acts {
+		n := act.String()
+		cpu = append(cpu, fmt.Sprintf("%s %.2f", n, a.CPUSeconds[n]))
+		if b, ok := a.RegistryBytes[n]; ok {
+			fetched = append(fetched, fmt.Sprintf("%s %s", n, sizeOrUnknown(b)))
+		}
+		if b, ok := a.DiskWrittenBytes[n]; ok {
+			written = append(written, fmt.Sprintf("%s %s", n, sizeOrUnknown(b)))
+		}
+	}
+	cpu = append(cpu, fmt.Sprintf("%s %.2f", cpuacct.Other, a.CPUSeconds[cpuacct.Other]))
+	fetched = append(fetched, fmt.Sprintf("%s %s", cpuacct.OtherBytes, sizeOrUnknown(a.RegistryBytes[cpuacct.OtherBytes])))
+	fmt.Fprintf(out, "cpu seconds (process %.2f, of which Go GC %.2f): %s\n", a.ProcessCPUSeconds, a.GoGCCPUSeconds, strings.Join(cpu, ", "))
+	fmt.Fprintf(out, "registry bytes: %s\n", strings.Join(fetched, ", "))
+	fmt.Fprintf(out, "disk bytes written: %s\n", strings.Join(written, ", "))
 }
 
 func sizeOrUnknown(n int64) string {
@@ -206,4 +239,19 @@ func layerShort(d string) string {
 		return d[:19]
 	}
 	return d
+}
+
+// printProfiles prints a line per image whose prefetch profile the daemon
+// publishes: records pending and the last publish.
+func printProfiles(out io.Writer, profiles []lazypull.ProfileStatus) {
+	for _, p := range profiles {
+		line := fmt.Sprintf("prefetch profile of %s: %d records pending, %d snapshots in use", p.Image, p.PendingRecords, p.InUse)
+		switch p.LastResult {
+		case "ok":
+			line += fmt.Sprintf("; published %s (%d files) to %s at %s", layerShort(p.Artifact), p.Files, p.Host, p.LastAttempt.Format(time.RFC3339))
+		case "failed":
+			line += fmt.Sprintf("; publish to %s failed at %s: %s", p.Host, p.LastAttempt.Format(time.RFC3339), p.LastError)
+		}
+		fmt.Fprintln(out, line)
+	}
 }

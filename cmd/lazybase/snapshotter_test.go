@@ -92,8 +92,16 @@ func TestSnapshotterServeAndStatus(t *testing.T) {
 	if err != nil || !strings.HasPrefix(out, "IMAGE") {
 		t.Errorf("status: %q, %v", out, err)
 	}
+	t.Logf("status:\n%s", out)
+	// The account follows the table: CPU seconds with fuse_and_other,
+	// registry bytes, bytes written.
+	for _, want := range []string{"cpu seconds (process ", "guard 0.", "fuse_and_other ", "registry bytes: guard ", "disk bytes written: guard "} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status lacks %q:\n%s", want, out)
+		}
+	}
 	out, err = runLazybase(t.Context(), "snapshotter", "status", "--socket", sock, "--json")
-	if err != nil || !strings.Contains(out, `"layers": []`) {
+	if err != nil || !strings.Contains(out, `"layers": []`) || !strings.Contains(out, `"cpu_seconds": {`) {
 		t.Errorf("status --json: %q, %v", out, err)
 	}
 	cancel()
