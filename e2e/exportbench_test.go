@@ -131,6 +131,7 @@ mode = %q
 		// PromoteAfterBytes of a layer, the guard fetches the whole blob in
 		// one stream and the rest of the build reads it locally.
 		{"c-lazy", "lazybase with the export guard, final base export-base, builder base lazy, eStargz images (containerd worker)", tagEStargz, lazybase(policy("lazy"))},
+		profiledVariant(shaping, policy("lazy-only")), // (c-prof): exportbench_profile_test.go
 	}
 	if want := os.Getenv(exportBenchVariantsEnv); want != "" {
 		keep := map[string]bool{}
@@ -185,7 +186,7 @@ mode = %q
 	}
 	a, okA := med["a"]
 	b, okB := med["b"]
-	for _, key := range []string{"c", "c-lazy"} {
+	for _, key := range []string{"c", "c-lazy", benchProfiledKey} {
 		c, ok := med[key]
 		if !ok {
 			continue
@@ -201,6 +202,7 @@ mode = %q
 			t.Logf("BENCH 1Gbit/s 20ms: (%s)/(b) %.3f (target < 1) %s", key, cb, verdict(cb < 1))
 		}
 	}
+	reportProfiled(t, med)
 }
 
 func r(d time.Duration) time.Duration { return d.Round(time.Millisecond) }
@@ -210,6 +212,7 @@ func r(d time.Duration) time.Duration { return d.Round(time.Millisecond) }
 func benchOnce(ctx context.Context, t *testing.T, v benchVariant) (benchPhases, []byte) {
 	s := harness.Start(ctx, t, v.opts(t)...)
 	debian, golang := publishAll(ctx, t, s)
+	golang = profiledBuilder(ctx, t, s, v, golang)
 	baseImg := debian.gzip
 	if v.tag == tagEStargz {
 		baseImg = debian.estargz
@@ -273,7 +276,8 @@ func benchOnce(ctx context.Context, t *testing.T, v benchVariant) (benchPhases, 
 		b := all.Blob(d)
 		t.Logf("(%s) builder base layer %s (%d bytes): %d bytes fetched (%.1f%% of it covered)", v.key, d, size, b.Bytes, 100*float64(b.Covered())/float64(size))
 	}
-	if v.key == "c" || v.key == "c-lazy" {
+	benchStep(ctx, t, v, ph, start, progress, events)
+	if v.key == "c" || v.key == "c-lazy" || v.key == benchProfiledKey {
 		// Each blob crosses the link at most once (plus the on-demand
 		// reads before the guard's commit), and none during the export.
 		sizes := layerSizes(t, builderImg)

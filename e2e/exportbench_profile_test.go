@@ -1,0 +1,457 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
+
+	"github.com/lazybase/lazybase/convert"
+	"github.com/lazybase/lazybase/e2e/harness"
+	"github.com/lazybase/lazybase/e2e/shaper"
+	"github.com/lazybase/lazybase/prefetch"
+)
+
+// benchProfiledKey is the key of TestExportBench's profiled variant.
+const benchProfiledKey = "c-prof"
+
+// profBench is the state of the profiled variant and the per-variant
+// figures benchStep collects, in one test process (the bench's subtests
+// run one at a time).
+var profBench struct {
+	sync.Mutex
+	// img is the golang-like image converted with the profile, prof the
+	// profile, layers img's layer TOCs; set once per process.
+	img    v1.Image
+	prof   *prefetch.Profile
+	layers map[string]*proofLayer
+	// access is the access record directory of each run, by test name.
+	access map[string]string
+	// goBuild is the duration of the RUN go build step, fetched the blob
+	// bytes fetched through the shaper (GET), per variant key and run.
+	goBuild map[string][]time.Duration
+	fetched map[string][]int64
+	// runs are the prefetch measurements of the profiled runs.
+	runs []*proofRun
+}
+
+// profiledVariant is TestExportBench's (c-prof): (c) with the builder base
+// converted with a prefetch profile recorded from the bench's own build,
+// what the closed prefetch loop (builders publish their access records,
+// the mirror merges them and converts the base again) gives a builder. The
+// profiled image is made by profiledBase; each measured run records its
+// accesses (access_record_dir) so that benchStep can tell how much of what
+// the build read came through the prefetch. policy is the daemon
+// configuration of (c).
+func profiledVariant(shaping []harness.Option, policy string) benchVariant {
+	return benchVariant{
+		benchProfiledKey,
+		"lazybase with the export guard, final base export-base, builder base lazy-only converted with a prefetch profile of this build, eStargz images (containerd worker)",
+		tagEStargz,
+		func(t *testing.T) []harness.Option {
+			profiledBase(t, policy)
+			access := filepath.Join(t.TempDir(), "access-record")
+			profBench.Lock()
+			if profBench.access == nil {
+				profBench.access = map[string]string{}
+			}
+			profBench.access[t.Name()] = access
+			profBench.Unlock()
+			return append([]harness.Option{
+				harness.WithLazySnapshotter(harness.Lazybase),
+				harness.WithLazybaseConfig(fmt.Sprintf("access_record_dir = %q\n%s", access, policy)),
+				harness.WithBuildkitLazy(),
+			}, shaping...)
+		},
+	}
+}
+
+// profiledBase makes the profiled golang-like image once per process: from
+// the cache ($LAZYBASE_CACHE/e2e/estargz-prof, keyed by the reference
+// images' digests, the source that writes the bench's Dockerfile and
+// program, and the converter's source), else by recording the bench's
+// build on a setup stack (unshaped, the daemon configured as in (c) plus
+// access_record_dir), turning the records into a profile
+// (prefetch.FromRecords, Profile.Resolve against the eStargz image the
+// build ran on) and converting the gzip image with it. It prints how long
+// that took and the profile's size.
+func profiledBase(t *testing.T, policy string) {
+	t.Helper()
+	profBench.Lock()
+	done := profBench.img != nil
+	profBench.Unlock()
+	if done {
+		return
+	}
+	debian, golang := referenceImages(t)
+	root, err := harness.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := profiledKey(root, debian, golang)
+	if err != nil {
+		t.Fatalf("profiled image cache key: %v", err)
+	}
+	cacheDir := filepath.Join(harness.CacheDir(root), "e2e", "estargz-prof")
+	dir := filepath.Join(cacheDir, "golang-"+key)
+	img, prof, err := openProfiled(dir)
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			t.Logf("profiled image cache %s: %v: making it again", dir, err)
+		}
+		start := time.Now()
+		t.Run("setup", func(t *testing.T) {
+			img, prof = recordProfiled(t, policy, debian, golang, cacheDir, dir)
+		})
+		if img == nil {
+			t.FailNow()
+		}
+		t.Logf("BENCH (%s) setup: recorded, profiled and converted the builder base in %s (cached in %s)", benchProfiledKey, r(time.Since(start)), dir)
+	} else {
+		t.Logf("BENCH (%s) setup: profiled builder base from the cache %s", benchProfiledKey, dir)
+	}
+	files, bytes := profileSize(prof)
+	t.Logf("BENCH (%s) profile: %d layers, %d files, %.1f MB", benchProfiledKey, len(prof.Layers), files, mb(bytes))
+	layers := proofLayers(t, t.TempDir(), img)
+	var landmarks int
+	for _, l := range layers {
+		if l.landmark > 0 {
+			landmarks++
+		}
+	}
+	if landmarks == 0 {
+		t.Fatalf("(%s) the profiled builder base has no layer with a prefetch landmark", benchProfiledKey)
+	}
+	profBench.Lock()
+	profBench.img, profBench.prof, profBench.layers = img, prof, layers
+	profBench.Unlock()
+}
+
+// profiledKey is the cache key of the profiled image.
+func profiledKey(root string, debian, golang *refImage) (string, error) {
+	h := sha256.New()
+	fmt.Fprintf(h, "exportbench-prof v1\n")
+	for _, img := range []v1.Image{golang.gzip, golang.estargz, debian.estargz} {
+		d, err := img.Digest()
+		if err != nil {
+			return "", err
+		}
+		fmt.Fprintf(h, "%s\n", d)
+	}
+	// baseline_test.go writes the bench's Dockerfile and program.
+	files := []string{filepath.Join(root, "e2e", "baseline_test.go"), filepath.Join(root, "go.sum")}
+	conv, err := filepath.Glob(filepath.Join(root, "convert", "*.go"))
+	if err != nil {
+		return "", err
+	}
+	files = append(files, conv...)
+	sort.Strings(files)
+	for _, f := range files {
+		if strings.HasSuffix(f, "_test.go") && filepath.Base(f) != "baseline_test.go" {
+			continue
+		}
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return "", err
+		}
+		fmt.Fprintf(h, "%s %d\n", filepath.Base(f), len(b))
+		h.Write(b)
+	}
+	return hex.EncodeToString(h.Sum(nil))[:16], nil
+}
+
+// openProfiled opens a cached profiled image and its profile.
+func openProfiled(dir string) (v1.Image, *prefetch.Profile, error) {
+	prof, err := prefetch.LoadProfile(filepath.Join(dir, "profile.json"))
+	if err != nil {
+		return nil, nil, err
+	}
+	img, err := openLayout(dir)
+	if err != nil {
+		return nil, nil, err
+	}
+	return img, prof, nil
+}
+
+// recordProfiled runs the bench's build once on a setup stack that records
+// accesses, makes the profile from the records, converts golang's gzip
+// image with it, and caches image and profile in dir.
+func recordProfiled(t *testing.T, policy string, debian, golang *refImage, cacheDir, dir string) (v1.Image, *prefetch.Profile) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	access := filepath.Join(t.TempDir(), "access-record")
+	s := harness.Start(ctx, t,
+		harness.WithLazySnapshotter(harness.Lazybase),
+		harness.WithLazybaseConfig(fmt.Sprintf("access_record_dir = %q\n%s", access, policy)),
+		harness.WithBuildkitLazy())
+	publishAll(ctx, t, s)
+	work := multiStageContext(t, s, tagEStargz)
+	out := s.Registry.DirectRef("e2e/bench-prof-setup", "latest")
+	start := time.Now()
+	if _, err := s.Buildkit.Buildctl(ctx, "build",
+		"--frontend", "dockerfile.v0", "--local", "context="+work, "--local", "dockerfile="+work,
+		"--output", "type=image,name="+out+",push=true,registry.insecure=true"); err != nil {
+		t.Fatalf("(%s) setup build: %v\n%s", benchProfiledKey, err, s.Logs(30))
+	}
+	t.Logf("(%s) setup build, recording accesses: %s", benchProfiledKey, r(time.Since(start)))
+
+	// The profile, as the mirror makes it from published records: every
+	// record of the build, resolved against the eStargz image it ran on,
+	// so that it applies to the gzip image it was converted from.
+	prof, err := prefetch.FromRecords("", readAllAccessRecords(ctx, t, access))
+	if err != nil {
+		t.Fatalf("(%s) profile from the access records: %v", benchProfiledKey, err)
+	}
+	m, err := golang.estargz.Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := golang.estargz.Digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := prof.Resolve(d, m); n == 0 {
+		t.Fatalf("(%s) the access records name none of the builder base's layers %v", benchProfiledKey, layerDigests(t, golang.estargz))
+	}
+	for _, l := range prof.Layers {
+		if l.SourceDigest == "" {
+			t.Logf("(%s) profile layer %s (%d files) is not a layer of the builder base: it applies to nothing", benchProfiledKey, l.Digest, len(l.Files))
+		}
+	}
+	if err := prof.Validate(); err != nil {
+		t.Fatalf("(%s) profile: %v", benchProfiledKey, err)
+	}
+	img := convertedWith(ctx, t, golang.gzip, convert.WithPrefetch(prof))
+
+	// Cache both; the converted layers live in the converter's spool,
+	// which closes when this test ends.
+	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	tmp, err := os.MkdirTemp(cacheDir, ".tmp-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(tmp)
+	lp, err := layout.Write(tmp, empty.Index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := lp.AppendImage(img); err != nil {
+		t.Fatalf("caching the profiled image in %s: %v", tmp, err)
+	}
+	b, err := prof.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(tmp, "profile.json"), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	os.RemoveAll(dir)
+	if err := os.Rename(tmp, dir); err != nil {
+		t.Fatal(err)
+	}
+	cached, cachedProf, err := openProfiled(dir)
+	if err != nil {
+		t.Fatalf("profiled image cache %s: %v", dir, err)
+	}
+	return cached, cachedProf
+}
+
+// profileSize returns the number and total size of the files the profile
+// names.
+func profileSize(p *prefetch.Profile) (files int, bytes int64) {
+	for _, l := range p.Layers {
+		for _, f := range l.Files {
+			files++
+			bytes += f.Size
+		}
+	}
+	return files, bytes
+}
+
+// profiledBuilder publishes, for the (c-prof) variant, the profiled
+// golang-like image on s in place of the plain eStargz one (the same
+// repository and tag, on the run's own fresh registry, so the bench's
+// Dockerfile needs no change) and returns golang with it as the eStargz
+// form; for every other variant it returns golang unchanged.
+func profiledBuilder(ctx context.Context, t *testing.T, s *harness.Stack, v benchVariant, golang *refImage) *refImage {
+	t.Helper()
+	if v.key != benchProfiledKey {
+		return golang
+	}
+	profBench.Lock()
+	img := profBench.img
+	profBench.Unlock()
+	if img == nil {
+		t.Fatalf("(%s) no profiled builder base: the variant's options make it", v.key)
+	}
+	publish(ctx, t, s, repoGolang, tagEStargz, img)
+	return &refImage{kind: golang.kind, gzip: golang.gzip, estargz: img}
+}
+
+// benchStep notes, for any variant, the go build step's duration and the
+// blob bytes fetched through the shaper, and for (c-prof) measures how the
+// build's reads arrived: the proxy's events of the builder base's blobs
+// (prefetch: requests from offset 0 within the prefetch region sent before
+// the first RUN started) and the daemon's access records, as the prefetch
+// proof does. start is the build's start, progress buildctl's rawjson
+// output, events the proxy's record of the build and push.
+func benchStep(ctx context.Context, t *testing.T, v benchVariant, ph benchPhases, start time.Time, progress string, events []shaper.Event) {
+	t.Helper()
+	step, err := runStep(progress, "RUN go build")
+	if err != nil {
+		t.Fatalf("(%s) go build step: %v", v.key, err)
+	}
+	var fetched int64
+	for _, e := range events {
+		if e.Kind == shaper.KindBlob && e.Method == "GET" {
+			fetched += e.Bytes
+		}
+	}
+	t.Logf("(%s) go build step %s; %.1f MB of blobs fetched", v.key, r(step), mb(fetched))
+	profBench.Lock()
+	if profBench.goBuild == nil {
+		profBench.goBuild, profBench.fetched = map[string][]time.Duration{}, map[string][]int64{}
+	}
+	profBench.goBuild[v.key] = append(profBench.goBuild[v.key], step)
+	profBench.fetched[v.key] = append(profBench.fetched[v.key], fetched)
+	access, layers := profBench.access[t.Name()], profBench.layers
+	profBench.Unlock()
+	if v.key != benchProfiledKey {
+		return
+	}
+
+	m := &proofRun{}
+	onDemand := m.classifyFetches(t, v.key, layers, events, start.Add(ph.firstRun))
+	m.classifyReads(t, v.key, layers, readAllAccessRecords(ctx, t, access), onDemand)
+	t.Logf("(%s) builder base: read %d files %.1f MB: via prefetch %.1f MB (%.1f%%), on demand %.1f MB, other %.1f MB | blob bytes: prefetch %.1f MB in %d req, on demand %.1f MB in %d req, TOC/footer %.1f MB | prefetch regions %.1f of %.1f MB of layer blobs",
+		v.key, m.readFiles, mb(m.readBytes), mb(m.prefetchedRead), 100*m.prefetchedShare(), mb(m.onDemandRead), mb(m.otherRead),
+		mb(m.netPrefetch), m.reqPrefetch, mb(m.netOnDemand), m.reqOnDemand, mb(m.netMeta), mb(m.regionBytes), mb(m.blobBytes))
+	if m.readBytes == 0 {
+		t.Errorf("(%s) the access records name no file of the builder base the build read", v.key)
+	}
+	if m.netPrefetch == 0 {
+		t.Errorf("(%s) no prefetch request reached the registry before the first RUN", v.key)
+	}
+	profBench.Lock()
+	profBench.runs = append(profBench.runs, m)
+	profBench.Unlock()
+}
+
+// runStep returns the duration of the build step whose name contains
+// step in buildctl's rawjson progress.
+func runStep(progress, step string) (time.Duration, error) {
+	var from, to time.Time
+	dec := json.NewDecoder(strings.NewReader(progress))
+	for {
+		var st struct {
+			Vertexes []rawVertex `json:"vertexes"`
+		}
+		err := dec.Decode(&st)
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return 0, fmt.Errorf("decoding rawjson: %w", err)
+		}
+		for _, v := range st.Vertexes {
+			if !strings.Contains(v.Name, step) {
+				continue
+			}
+			if v.Started != nil && (from.IsZero() || v.Started.Before(from)) {
+				from = *v.Started
+			}
+			if v.Completed != nil && v.Completed.After(to) {
+				to = *v.Completed
+			}
+		}
+	}
+	if from.IsZero() || to.IsZero() {
+		return 0, fmt.Errorf("no completed step %q in the progress", step)
+	}
+	return to.Sub(from), nil
+}
+
+// reportProfiled prints, after TestExportBench's medians med, the go build
+// step and bytes fetched of every variant and (c-prof)'s figures: its
+// ratios to (a), (c) and, when it ran, (w), the builder already holding its
+// base (target ≤ 1.10), its go build step against (w)'s, a warm overlayfs
+// (target ≤ 1.15), and the share of what the build read that came through
+// the prefetch (target ≥ 90%).
+func reportProfiled(t *testing.T, med map[string]benchPhases) {
+	t.Helper()
+	profBench.Lock()
+	defer profBench.Unlock()
+	keys := make([]string, 0, len(profBench.goBuild))
+	for k := range profBench.goBuild {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	step := map[string]time.Duration{}
+	for _, k := range keys {
+		step[k] = medianOf(profBench.goBuild[k])
+		t.Logf("BENCH (%s) median of %d: go build step %s, blobs fetched %.1f MB",
+			k, len(profBench.goBuild[k]), r(step[k]), mb(medianOf(profBench.fetched[k])))
+		record(t, "exportbench-"+k+"-gobuild", step[k])
+	}
+	p, ok := med[benchProfiledKey]
+	if !ok {
+		return
+	}
+	for _, k := range []string{"a", "c", "w"} {
+		o, ok := med[k]
+		if !ok {
+			continue
+		}
+		total := float64(p.total) / float64(o.total)
+		steps := float64(step[benchProfiledKey]) / float64(step[k])
+		switch k {
+		case "w":
+			t.Logf("BENCH 1Gbit/s 20ms: (%s)/(w) %.3f (target <= 1.10) %s; go build step (%s)/(w) %.3f (target <= 1.15) %s",
+				benchProfiledKey, total, verdict(total <= 1.10), benchProfiledKey, steps, verdict(steps <= 1.15))
+		default:
+			t.Logf("BENCH 1Gbit/s 20ms: (%s)/(%s) %.3f; go build step (%s)/(%s) %.3f; first RUN at %s vs %s",
+				benchProfiledKey, k, total, benchProfiledKey, k, steps, r(p.firstRun), r(o.firstRun))
+		}
+	}
+	if len(profBench.runs) == 0 {
+		return
+	}
+	shares := make([]float64, len(profBench.runs))
+	for i, m := range profBench.runs {
+		shares[i] = m.prefetchedShare()
+	}
+	share := medianOf(shares)
+	t.Logf("BENCH (%s) read through the prefetch, median of %d: %.1f%% (target >= 90%%) %s",
+		benchProfiledKey, len(shares), 100*share, verdict(share >= 0.9))
+}
+
+// medianOf returns the median of xs (the mean of the middle two of an even
+// count).
+func medianOf[T int64 | float64 | time.Duration](xs []T) T {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	n := len(s)
+	if n%2 == 0 {
+		return (s[n/2-1] + s[n/2]) / 2
+	}
+	return s[n/2]
+}
