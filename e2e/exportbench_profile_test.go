@@ -342,7 +342,7 @@ func benchStep(ctx context.Context, t *testing.T, v benchVariant, ph benchPhases
 	m := &proofRun{}
 	onDemand := m.classifyFetches(t, v.key, layers, events, start.Add(ph.firstRun))
 	m.classifyReads(t, v.key, layers, readAllAccessRecords(ctx, t, access), onDemand)
-	t.Logf("(%s) builder base: read %d files %.1f MB: via prefetch %.1f MB (%.1f%%), on demand %.1f MB, other %.1f MB | blob bytes: prefetch %.1f MB in %d req, on demand %.1f MB in %d req, TOC/footer %.1f MB | prefetch regions %.1f of %.1f MB of layer blobs",
+	t.Logf("(%s) builder base: read %d files %.1f MB: via prefetch %.1f MB (%.1f%%), on demand %.1f MB, other %.1f MB | blob bytes: prefetch %.1f MB in %d req, on demand or background fetch %.1f MB in %d req, TOC/footer %.1f MB | prefetch regions %.1f of %.1f MB of layer blobs",
 		v.key, m.readFiles, mb(m.readBytes), mb(m.prefetchedRead), 100*m.prefetchedShare(), mb(m.onDemandRead), mb(m.otherRead),
 		mb(m.netPrefetch), m.reqPrefetch, mb(m.netOnDemand), m.reqOnDemand, mb(m.netMeta), mb(m.regionBytes), mb(m.blobBytes))
 	if m.readBytes == 0 {
@@ -454,4 +454,36 @@ func medianOf[T int64 | float64 | time.Duration](xs []T) T {
 		return (s[n/2-1] + s[n/2]) / 2
 	}
 	return s[n/2]
+}
+
+// TestRunStep checks runStep on buildctl rawjson progress: the span of the
+// named step's vertex, its earliest start to its latest completion across
+// updates, and errors for a missing or unfinished step or bad JSON.
+func TestRunStep(t *testing.T) {
+	const progress = `{"vertexes":[{"digest":"sha256:1","name":"[build 1/4] FROM x","started":"2026-01-01T00:00:00Z","completed":"2026-01-01T00:00:01Z"}]}
+{"vertexes":[{"digest":"sha256:2","name":"[build 4/4] RUN go build -o /out/hello main.go","started":"2026-01-01T00:00:02Z"}]}
+{"vertexes":[{"digest":"sha256:2","name":"[build 4/4] RUN go build -o /out/hello main.go","started":"2026-01-01T00:00:02Z","completed":"2026-01-01T00:00:32.5Z"}]}
+`
+	for _, tc := range []struct {
+		name, progress, step string
+		want                 time.Duration
+		wantErr              bool
+	}{
+		{"found", progress, "RUN go build", 30500 * time.Millisecond, false},
+		{"other step", progress, "FROM x", time.Second, false},
+		{"missing", progress, "RUN make", 0, true},
+		{"unfinished", `{"vertexes":[{"digest":"sha256:2","name":"RUN go build","started":"2026-01-01T00:00:02Z"}]}`, "RUN go build", 0, true},
+		{"bad json", `{"vertexes":[`, "RUN go build", 0, true},
+		{"empty", "", "RUN go build", 0, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := runStep(tc.progress, tc.step)
+			if (err != nil) != tc.wantErr {
+				t.Fatalf("runStep: error %v, want error %t", err, tc.wantErr)
+			}
+			if got != tc.want {
+				t.Errorf("runStep = %s, want %s", got, tc.want)
+			}
+		})
+	}
 }
