@@ -38,12 +38,12 @@ const benchProfiledKey = "c-prof"
 var profBench struct {
 	sync.Mutex
 	// img is the golang-like image converted with the profile, prof the
-	// profile, layers img's layer TOCs; set once per process.
+	// profile, layers img's layer TOCs, reads the files the profile names
+	// as access records of img's layers; set once per process.
 	img    v1.Image
 	prof   *prefetch.Profile
 	layers map[string]*proofLayer
-	// access is the access record directory of each run, by test name.
-	access map[string]string
+	reads  []prefetch.AccessRecord
 	// goBuild is the duration of the RUN go build step, fetched the blob
 	// bytes fetched through the shaper (GET), per variant key and run.
 	goBuild map[string][]time.Duration
@@ -56,10 +56,12 @@ var profBench struct {
 // converted with a prefetch profile recorded from the bench's own build,
 // what the closed prefetch loop (builders publish their access records,
 // the mirror merges them and converts the base again) gives a builder. The
-// profiled image is made by profiledBase; each measured run records its
-// accesses (access_record_dir) so that benchStep can tell how much of what
-// the build read came through the prefetch. policy is the daemon
-// configuration of (c).
+// profiled image is made by profiledBase; the measured runs use (c)'s
+// daemon configuration, policy, unchanged: no access recording, which
+// turns the daemon's logger to debug level and costs the build time. What
+// the build reads is the profile itself (the same build on the same base
+// reads the same files), and benchStep tells from the proxy's record how
+// much of it came through the prefetch.
 func profiledVariant(shaping []harness.Option, policy string) benchVariant {
 	return benchVariant{
 		benchProfiledKey,
@@ -67,16 +69,9 @@ func profiledVariant(shaping []harness.Option, policy string) benchVariant {
 		tagEStargz,
 		func(t *testing.T) []harness.Option {
 			profiledBase(t, policy)
-			access := filepath.Join(t.TempDir(), "access-record")
-			profBench.Lock()
-			if profBench.access == nil {
-				profBench.access = map[string]string{}
-			}
-			profBench.access[t.Name()] = access
-			profBench.Unlock()
 			return append([]harness.Option{
 				harness.WithLazySnapshotter(harness.Lazybase),
-				harness.WithLazybaseConfig(fmt.Sprintf("access_record_dir = %q\n%s", access, policy)),
+				harness.WithLazybaseConfig(policy),
 				harness.WithBuildkitLazy(),
 			}, shaping...)
 		},
@@ -139,9 +134,40 @@ func profiledBase(t *testing.T, policy string) {
 	if landmarks == 0 {
 		t.Fatalf("(%s) the profiled builder base has no layer with a prefetch landmark", benchProfiledKey)
 	}
+	reads, err := profileReads(prof, img)
+	if err != nil {
+		t.Fatalf("(%s) %v", benchProfiledKey, err)
+	}
 	profBench.Lock()
-	profBench.img, profBench.prof, profBench.layers = img, prof, layers
+	profBench.img, profBench.prof, profBench.layers, profBench.reads = img, prof, layers, reads
 	profBench.Unlock()
+}
+
+// profileReads returns the files prof names as access records of the
+// layers of img, the image converted with it: each profile layer is
+// matched to the layer of img converted from the same source layer.
+func profileReads(prof *prefetch.Profile, img v1.Image) ([]prefetch.AccessRecord, error) {
+	m, err := img.Manifest()
+	if err != nil {
+		return nil, err
+	}
+	bySource := map[string]string{}
+	for _, l := range m.Layers {
+		if src := l.Annotations[convert.AnnotationSourceLayer]; src != "" {
+			bySource[src] = l.Digest.String()
+		}
+	}
+	var out []prefetch.AccessRecord
+	for _, l := range prof.Layers {
+		d, ok := bySource[l.SourceDigest]
+		if !ok {
+			return nil, fmt.Errorf("profile layer %s (source %q): no layer of the profiled image was converted from it", l.Digest, l.SourceDigest)
+		}
+		for _, f := range l.Files {
+			out = append(out, prefetch.AccessRecord{Layer: d, Path: f.Path, Size: f.Size})
+		}
+	}
+	return out, nil
 }
 
 // profiledKey is the cache key of the profiled image.
@@ -309,12 +335,12 @@ func profiledBuilder(ctx context.Context, t *testing.T, s *harness.Stack, v benc
 
 // benchStep notes, for any variant, the go build step's duration and the
 // blob bytes fetched through the shaper, and for (c-prof) measures how the
-// build's reads arrived: the proxy's events of the builder base's blobs
-// (prefetch: requests from offset 0 within the prefetch region sent before
-// the first RUN started) and the daemon's access records, as the prefetch
-// proof does. start is the build's start, progress buildctl's rawjson
+// build's reads (the files of the profile, recorded from the same build)
+// arrived, from the proxy's events of the builder base's blobs (prefetch:
+// requests from offset 0 within the prefetch region sent before the first
+// RUN started), as the prefetch proof does. start is the build's start, progress buildctl's rawjson
 // output, events the proxy's record of the build and push.
-func benchStep(ctx context.Context, t *testing.T, v benchVariant, ph benchPhases, start time.Time, progress string, events []shaper.Event) {
+func benchStep(t *testing.T, v benchVariant, ph benchPhases, start time.Time, progress string, events []shaper.Event) {
 	t.Helper()
 	step, err := runStep(progress, "RUN go build")
 	if err != nil {
@@ -333,7 +359,7 @@ func benchStep(ctx context.Context, t *testing.T, v benchVariant, ph benchPhases
 	}
 	profBench.goBuild[v.key] = append(profBench.goBuild[v.key], step)
 	profBench.fetched[v.key] = append(profBench.fetched[v.key], fetched)
-	access, layers := profBench.access[t.Name()], profBench.layers
+	layers, reads := profBench.layers, profBench.reads
 	profBench.Unlock()
 	if v.key != benchProfiledKey {
 		return
@@ -341,12 +367,12 @@ func benchStep(ctx context.Context, t *testing.T, v benchVariant, ph benchPhases
 
 	m := &proofRun{}
 	onDemand := m.classifyFetches(t, v.key, layers, events, start.Add(ph.firstRun))
-	m.classifyReads(t, v.key, layers, readAllAccessRecords(ctx, t, access), onDemand)
+	m.classifyReads(t, v.key, layers, reads, onDemand)
 	t.Logf("(%s) builder base: read %d files %.1f MB: via prefetch %.1f MB (%.1f%%), on demand %.1f MB, other %.1f MB | blob bytes: prefetch %.1f MB in %d req, on demand or background fetch %.1f MB in %d req, TOC/footer %.1f MB | prefetch regions %.1f of %.1f MB of layer blobs",
 		v.key, m.readFiles, mb(m.readBytes), mb(m.prefetchedRead), 100*m.prefetchedShare(), mb(m.onDemandRead), mb(m.otherRead),
 		mb(m.netPrefetch), m.reqPrefetch, mb(m.netOnDemand), m.reqOnDemand, mb(m.netMeta), mb(m.regionBytes), mb(m.blobBytes))
 	if m.readBytes == 0 {
-		t.Errorf("(%s) the access records name no file of the builder base the build read", v.key)
+		t.Errorf("(%s) the profile names no file of the builder base", v.key)
 	}
 	if m.netPrefetch == 0 {
 		t.Errorf("(%s) no prefetch request reached the registry before the first RUN", v.key)

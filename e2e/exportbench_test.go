@@ -276,7 +276,7 @@ func benchOnce(ctx context.Context, t *testing.T, v benchVariant) (benchPhases, 
 		b := all.Blob(d)
 		t.Logf("(%s) builder base layer %s (%d bytes): %d bytes fetched (%.1f%% of it covered)", v.key, d, size, b.Bytes, 100*float64(b.Covered())/float64(size))
 	}
-	benchStep(ctx, t, v, ph, start, progress, events)
+	benchStep(t, v, ph, start, progress, events)
 	if v.key == "c" || v.key == "c-lazy" || v.key == benchProfiledKey {
 		// Each blob crosses the link at most once (plus the on-demand
 		// reads before the guard's commit), and none during the export.
