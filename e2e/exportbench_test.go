@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -82,6 +83,9 @@ type benchVariant struct {
 	opts      func(l benchLink) []harness.Option
 	// warm, when set, runs on the stack before the timed build.
 	warm func(ctx context.Context, t *testing.T, s *harness.Stack)
+	// bases, when set, replaces the reference images the variant
+	// publishes and builds from.
+	bases func(t *testing.T, debian, golang *refImage) (*refImage, *refImage)
 }
 
 // TestExportBench is the build-and-push benchmark: the cold
@@ -184,6 +188,9 @@ mode = %q
 		// one stream and the rest of the build reads it locally.
 		{key: "c-lazy", what: "lazybase + export guard, builder base lazy, eStargz images", tag: tagEStargz, opts: lazybase(policy("lazy"))},
 		{key: "w", what: "overlayfs, gzip bases already pulled and unpacked (no pull)", tag: tagGzip, opts: overlayfs, warm: warmBases},
+		// (c) on bases converted with a prefetch profile of this build, as
+		// the closed prefetch loop gives them (exportbench_profile_test.go).
+		profiledVariant(lazybase(policy("lazy-only"))),
 	}
 	if want := os.Getenv(exportBenchVariantsEnv); want != "" {
 		var vs []benchVariant
@@ -199,6 +206,9 @@ mode = %q
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(runs*len(links)*len(variants))*10*time.Minute)
 	defer cancel()
+	if slices.ContainsFunc(variants, func(v benchVariant) bool { return v.key == benchProfiledKey }) {
+		profiledBase(t, policy("lazy-only"))
+	}
 
 	debian, golang := referenceImages(t)
 	estargzBase := distinctLayerBytes(t, debian.estargz, golang.estargz)
@@ -208,6 +218,7 @@ mode = %q
 	for _, l := range links {
 		linkStart := time.Now()
 		results := map[string][]benchfig.Run{}
+		resetProfiledFigures()
 		for round := 1; round <= runs; round++ {
 			roundStart := time.Now()
 			var line []string
@@ -256,6 +267,7 @@ mode = %q
 			record(t, prefix+v.key+"-total", seconds(m.TotalSeconds))
 			record(t, prefix+v.key+"-export", seconds(m.ExportSeconds))
 		}
+		reportProfiled(t, l.name, med)
 		fl.Targets = exportBenchTargets(med, estargzBase)
 		for _, tg := range fl.Targets {
 			t.Logf("BENCH %s: %s", l.name, tg)
@@ -294,6 +306,8 @@ func exportBenchTargets(med map[string]benchfig.Run, estargzBase int64) []benchf
 	ratio("c", "b", "", 0.8, total)
 	ratio("c-lazy", "a", "", 0.7, total)
 	ratio("c", "w", "", 1.10, total)
+	ratio(benchProfiledKey, "a", "", 0.6, total)
+	ratio(benchProfiledKey, "w", "", 1.10, total)
 	ratio("c", "a", "export ", 1, func(r benchfig.Run) float64 { return r.ExportSeconds })
 	if c, ok := med["c"]; ok {
 		out = append(out, benchfig.NewTarget("bytes fetched by (c) / eStargz bases", "bytes", float64(c.FetchedBytes), float64(estargzBase)))
@@ -379,6 +393,9 @@ func warmBases(ctx context.Context, t *testing.T, s *harness.Stack) {
 func benchOnce(ctx context.Context, t *testing.T, l benchLink, v benchVariant) (benchfig.Run, []byte) {
 	s := harness.Start(ctx, t, v.opts(l)...)
 	debian, golang := referenceImages(t)
+	if v.bases != nil {
+		debian, golang = v.bases(t, debian, golang)
+	}
 	// Only the form the variant builds from: half the publishing.
 	publish(ctx, t, s, repoDebian, v.tag, pick(v.tag, debian))
 	publish(ctx, t, s, repoGolang, v.tag, pick(v.tag, golang))
@@ -473,7 +490,8 @@ func benchOnce(ctx context.Context, t *testing.T, l benchLink, v benchVariant) (
 			}
 		}
 	}
-	if v.key == "c" || v.key == "c-lazy" {
+	benchStep(t, v, ph, start, progress, events)
+	if v.key == "c" || v.key == "c-lazy" || v.key == benchProfiledKey {
 		// Each blob crosses the link at most once (plus the on-demand
 		// reads before the guard's commit), and none during the export.
 		sizes := layerSizes(t, builderImg)

@@ -195,8 +195,20 @@ func measureProofBuild(ctx context.Context, t *testing.T, dir, src, name string,
 	}
 	t.Logf("%s: pull %s, container start to build end %s", name, m.pull.Round(time.Millisecond), m.build.Round(time.Millisecond))
 
-	// The proxy's record from the pull on, per layer blob.
-	events := proxy.Events()[mark:]
+	onDemand := m.classifyFetches(t, name, layers, proxy.Events()[mark:], containerStart)
+	m.classifyReads(t, name, layers, readAllAccessRecords(ctx, t, access), onDemand)
+	return m
+}
+
+// classifyFetches sorts the proxy's events for the blobs of layers into
+// metadata (the registry client's probe, footer and TOC), prefetch
+// (requests from offset 0 that stay within the layer's prefetch region,
+// sent before the time before) and on demand (everything else), adds their
+// bytes and request counts to m, sets m's region and blob sizes and
+// whether the prefetch covered every layer's region, and returns the blob
+// spans fetched on demand, by layer digest.
+func (m *proofRun) classifyFetches(t *testing.T, name string, layers map[string]*proofLayer, events []shaper.Event, before time.Time) map[string][]span {
+	t.Helper()
 	onDemand := map[string][]span{}
 	prefetched := map[string][]span{}
 	logged := 0
@@ -223,7 +235,7 @@ func measureProofBuild(ctx context.Context, t *testing.T, dir, src, name string,
 		// of the footer and TOC at mount, which are aligned to the
 		// daemon's chunk size and so may start a little before the TOC.
 		meta := e.Range == "bytes=0-1"
-		inPrefetch := !meta && l.landmark > 0 && rs[0].start == 0 && e.Time.Before(containerStart)
+		inPrefetch := !meta && l.landmark > 0 && rs[0].start == 0 && e.Time.Before(before)
 		reachesTOC := true
 		for _, r := range rs {
 			if r.end <= l.tocOffset {
@@ -265,9 +277,16 @@ func measureProofBuild(ctx context.Context, t *testing.T, dir, src, name string,
 			m.prefetchCovered = false
 		}
 	}
+	return onDemand
+}
 
-	// The files the build read, from the daemon's access records.
-	recs := readAllAccessRecords(ctx, t, access)
+// classifyReads adds to m the files of layers the access records recs
+// name, by how their content arrived: with the prefetch (the file lies
+// before its layer's landmark, the prefetch covered the region, and no
+// on-demand request touched it), on demand (a request in onDemand fetched
+// part of it), or other.
+func (m *proofRun) classifyReads(t *testing.T, name string, layers map[string]*proofLayer, recs []prefetch.AccessRecord, onDemand map[string][]span) {
+	t.Helper()
 	seen := map[string]bool{}
 	for _, r := range recs {
 		l, ok := layers[r.Layer]
@@ -292,7 +311,6 @@ func measureProofBuild(ctx context.Context, t *testing.T, dir, src, name string,
 			t.Logf("%s: %s (%d bytes) in layer %s: neither prefetched nor fetched on demand", name, r.Path, r.Size, r.Layer)
 		}
 	}
-	return m
 }
 
 func anyOverlap(a, b []span) bool {
