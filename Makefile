@@ -74,7 +74,7 @@ clean:
 # against real daemons. Needs root. See e2e/README.md.
 e2e:
 	LAZYBASE_CACHE=$(CACHE) bash hack/e2e-deps.sh
-	LAZYBASE_CACHE=$(CACHE) $(GO) test -tags e2e -count=1 -timeout 60m -v ./e2e/...
+	LAZYBASE_CACHE=$(CACHE) $(GO) test -tags e2e -count=1 -timeout 75m -v ./e2e/...
 
 # soak: the long-lived builder benchmark of issue #15 (e2e TestSoak): one
 # stack, SOAK_ROUNDS build-and-push rounds with rotating bases and changing
