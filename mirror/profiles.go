@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"cmp"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -14,10 +13,7 @@ import (
 
 	"github.com/containerd/log"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/partial"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/static"
-	"github.com/google/go-containerregistry/pkg/v1/types"
 
 	"github.com/lazybase/lazybase/convert/job"
 	"github.com/lazybase/lazybase/internal/imageio"
@@ -669,33 +665,7 @@ func profileArtifact(p *prefetch.Profile, subject v1.Descriptor, created time.Ti
 	if err != nil {
 		return nil, err
 	}
-	layer := static.NewLayer(blob, prefetch.ArtifactType)
-	ld, err := partial.Descriptor(layer)
-	if err != nil {
-		return nil, err
-	}
-	ann := map[string]string{prefetch.AnnotationCreated: created.UTC().Format(time.RFC3339)}
-	for k, v := range annotations {
-		ann[k] = v
-	}
-	man := v1.Manifest{
-		SchemaVersion: 2,
-		MediaType:     types.OCIManifestSchema1,
-		ArtifactType:  prefetch.ArtifactType,
-		Config: v1.Descriptor{
-			MediaType: types.OCIEmptyJSON,
-			Size:      2,
-			Digest:    sha256Of([]byte("{}")),
-		},
-		Layers:      []v1.Descriptor{{MediaType: prefetch.ArtifactType, Size: ld.Size, Digest: ld.Digest}},
-		Subject:     &subject,
-		Annotations: ann,
-	}
-	raw, err := json.Marshal(man)
-	if err != nil {
-		return nil, err
-	}
-	return partial.CompressedToImage(&rawImage{manifest: raw, config: []byte("{}"), layers: map[v1.Hash]partial.CompressedLayer{ld.Digest: layer}})
+	return prefetch.NewArtifact(subject, blob, created, annotations)
 }
 
 // artifactSource reads referrers, manifests and blobs through the

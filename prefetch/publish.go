@@ -47,28 +47,7 @@ func BuildArtifact(subject v1.Descriptor, p *Profile, maxFiles int) (v1.Image, *
 	if fileCount(cp) == 0 {
 		return nil, nil, errors.New("the profile holds no file")
 	}
-	bh, bn, err := v1.SHA256(bytes.NewReader(body))
-	if err != nil {
-		return nil, nil, err
-	}
-	ch, cn, err := v1.SHA256(bytes.NewReader(emptyJSON))
-	if err != nil {
-		return nil, nil, err
-	}
-	m := v1.Manifest{
-		SchemaVersion: 2,
-		MediaType:     types.OCIManifestSchema1,
-		ArtifactType:  ArtifactType,
-		Config:        v1.Descriptor{MediaType: types.OCIEmptyJSON, Digest: ch, Size: cn},
-		Layers:        []v1.Descriptor{{MediaType: ArtifactType, Digest: bh, Size: bn}},
-		Subject:       &v1.Descriptor{MediaType: subject.MediaType, Digest: subject.Digest, Size: subject.Size},
-		Annotations:   map[string]string{AnnotationCreated: cp.LastRecord.UTC().Format(time.RFC3339Nano)},
-	}
-	raw, err := json.Marshal(m)
-	if err != nil {
-		return nil, nil, fmt.Errorf("encoding the artifact manifest: %w", err)
-	}
-	img, err := partial.CompressedToImage(&artifactImage{manifest: raw, body: body, bodyDigest: bh})
+	img, err := NewArtifact(subject, body, cp.LastRecord, nil)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -160,6 +139,45 @@ func firstFiles(p *Profile, k int) *Profile {
 		cp.Layers = append(cp.Layers, l)
 	}
 	return &cp
+}
+
+// NewArtifact returns the artifact of a published profile whose JSON is
+// body (at most MaxArtifactBytes), as the wire format above describes:
+// subject is the image manifest it refers to, created the time of the
+// profile's latest record (AnnotationCreated), annotations more manifest
+// annotations (they may not replace AnnotationCreated). The same
+// arguments give the same digest.
+func NewArtifact(subject v1.Descriptor, body []byte, created time.Time, annotations map[string]string) (v1.Image, error) {
+	if len(body) > MaxArtifactBytes {
+		return nil, fmt.Errorf("profile of %d bytes: over the %d-byte limit of a published profile", len(body), MaxArtifactBytes)
+	}
+	bh, bn, err := v1.SHA256(bytes.NewReader(body))
+	if err != nil {
+		return nil, err
+	}
+	ch, cn, err := v1.SHA256(bytes.NewReader(emptyJSON))
+	if err != nil {
+		return nil, err
+	}
+	ann := map[string]string{}
+	for k, v := range annotations {
+		ann[k] = v
+	}
+	ann[AnnotationCreated] = created.UTC().Format(time.RFC3339Nano)
+	m := v1.Manifest{
+		SchemaVersion: 2,
+		MediaType:     types.OCIManifestSchema1,
+		ArtifactType:  ArtifactType,
+		Config:        v1.Descriptor{MediaType: types.OCIEmptyJSON, Digest: ch, Size: cn},
+		Layers:        []v1.Descriptor{{MediaType: ArtifactType, Digest: bh, Size: bn}},
+		Subject:       &v1.Descriptor{MediaType: subject.MediaType, Digest: subject.Digest, Size: subject.Size},
+		Annotations:   ann,
+	}
+	raw, err := json.Marshal(m)
+	if err != nil {
+		return nil, fmt.Errorf("encoding the artifact manifest: %w", err)
+	}
+	return partial.CompressedToImage(&artifactImage{manifest: raw, body: body, bodyDigest: bh})
 }
 
 // artifactImage is a published profile as go-containerregistry's
